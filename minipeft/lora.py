@@ -188,6 +188,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig, layer_class=LoRALinear) -> 
     ``config.bias`` decides which biases are unfrozen. ``config.fan_in_fan_out`` is set from the layers.
     """
     config.validate()
+    if config.use_dora:
+        from minipeft.dora import DoRALinear  # imported here: minipeft.dora imports this module
+
+        layer_class = DoRALinear
     if config.target_modules is None:
         config.target_modules = default_target_modules(model)
     names = find_target_modules(model, config.target_modules, config.layers_to_transform, config.layers_pattern)
