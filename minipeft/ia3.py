@@ -94,7 +94,11 @@ class IA3Linear(nn.Module):
         self.in_features, self.out_features, self.fan_in_fan_out = layer_features(base_layer)
         self.is_feedforward = is_feedforward
         shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)  # peft's shapes
-        initial = torch.ones(shape) if init_ia3_weights else 1.0 + 0.1 * torch.randn(shape)
+        device = base_layer.weight.device
+        if init_ia3_weights:
+            initial = torch.ones(shape, device=device)  # identity
+        else:
+            initial = 1.0 + 0.1 * torch.randn(shape, device=device)  # a non-trivial adapter, for tests
         self.ia3_l = nn.Parameter(initial)  # float32, like every adapter weight here
         self.merged = False
         self.adapter_enabled = True
