@@ -15,7 +15,7 @@ COMMANDS = {
     "train": ("minipeft.training.cli", "fine-tune a model with a PEFT method (the training loop)"),
     "data": ("minipeft.data.cli", "load, template, tokenize and batch instruction data; show samples"),
     "generate": ("minipeft.generation_cli", "generate text with a base model and an adapter"),
-    "merge": ("minipeft.merge_cli", "merge an adapter into its base model and export a plain HF model"),
+    "merge": ("minipeft.merge", "merge an adapter into its base model and export a plain HF model"),
     "compare": ("minipeft.compare", "train several methods on the same budget and tabulate the results"),
 }
 
