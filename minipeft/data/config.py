@@ -1,0 +1,156 @@
+"""The data pipeline's settings: one dataclass, its command-line flags, and the checks on their values.
+
+Every flag maps to one field of :class:`DataConfig` with the same name, so ``train_llm.py`` and
+``data_pipeline.py`` share them through :func:`add_data_arguments` and :func:`data_config_from_args`.
+"""
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from minipeft.errors import UserError
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/minipeft/data`` (``~/.cache/minipeft/data``): outside the checkout, so never committed."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return str(Path(cache_home) / "minipeft" / "data")
+
+
+@dataclass
+class DataConfig:
+    """How instruction records become batches.
+
+    Args:
+        dataset_path: JSON array, JSON Lines or CSV file of Alpaca records; None means the built-in data set.
+        template: ``"alpaca"``, ``"plain"`` or ``"chat"`` (the tokenizer's own chat template), see
+            :mod:`minipeft.data.templates`.
+        max_length: most tokens per record (and per packed sequence); longer records are truncated.
+        train_on_inputs: keep the prompt tokens in the loss (default: only the response and its EOS).
+        padding: ``"longest"`` pads each batch to its longest record; ``"max_length"`` pads every batch to
+            ``max_length`` (the seed's behaviour, kept for comparison).
+        pad_to_multiple_of: round the padded length up to a multiple of this (8 suits tensor cores).
+        padding_side: ``"right"`` for training, ``"left"`` as used for batched generation.
+        group_by_length: batch records of similar length together (less padding), in a seeded random order.
+        shuffle: reshuffle the training batches every epoch (seeded by ``seed`` and the epoch).
+        packing: concatenate several records into one sequence of up to ``max_length`` tokens, each record
+            still attending only to itself.
+        val_size: records held out for validation: an int is a count, a float in [0, 1) a fraction.
+        batch_size: records (or packed sequences) per training batch, per process.
+        eval_batch_size: per validation batch; None means ``batch_size``.
+        seed: seeds the split, the shuffling and the length grouping.
+        instruction_column, input_column, output_column: the field names in the file.
+        max_invalid_fraction: the run fails if more than this share of records is unusable.
+        cache_dir: where tokenized data sets are cached; None turns the cache off.
+        num_workers: DataLoader worker processes (0: load in the main process).
+    """
+
+    dataset_path: str | None = None
+    template: str = "alpaca"
+    max_length: int = 256
+    train_on_inputs: bool = False
+    padding: str = "longest"
+    pad_to_multiple_of: int | None = None
+    padding_side: str = "right"
+    group_by_length: bool = True
+    shuffle: bool = True
+    packing: bool = False
+    val_size: int | float = 0.1
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    seed: int = 42
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    max_invalid_fraction: float = 0.1
+    cache_dir: str | None = field(default_factory=default_cache_dir)
+    num_workers: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` naming the flag when a value cannot work."""
+        from minipeft.data.templates import TEMPLATES
+
+        if self.template not in TEMPLATES:
+            raise UserError(f"--template {self.template}: unknown template; choose one of {', '.join(TEMPLATES)}")
+        choices = {"padding": ("longest", "max_length"), "padding_side": ("right", "left")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name} {getattr(self, name)}: choose one of {', '.join(allowed)}")
+        if self.max_length < 2:
+            raise UserError(f"--max_length {self.max_length}: must be at least 2 (a prompt token and a response token)")
+        for name in ("batch_size", "eval_batch_size", "pad_to_multiple_of"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name} {value}: must be a positive integer")
+        if self.num_workers < 0:
+            raise UserError(f"--num_workers {self.num_workers}: must be 0 or more")
+        if not 0.0 <= self.max_invalid_fraction <= 1.0:
+            raise UserError(f"--max_invalid_fraction {self.max_invalid_fraction}: must be between 0 and 1")
+        if isinstance(self.val_size, float) and not 0.0 <= self.val_size < 1.0:
+            raise UserError(f"--val_size {self.val_size}: a fraction must be in [0, 1); use an integer for a count")
+        if isinstance(self.val_size, int) and self.val_size < 0:
+            raise UserError(f"--val_size {self.val_size}: a count must be 0 or more")
+
+
+def parse_val_size(text: str) -> int | float:
+    """``"200"`` -> 200 records; ``"0.1"`` -> 10 % of the records."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count (200) nor a fraction (0.1)") from None
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the data flags (one per :class:`DataConfig` field) to ``parser`` and return it."""
+    defaults = DataConfig()
+    group = parser.add_argument_group("data")
+    add = group.add_argument
+    add("--dataset_path", default=None,
+        help="JSON array, JSON Lines (.jsonl) or CSV file of instruction/input/output records "
+             "(default: the built-in data set)")
+    add("--template", default=defaults.template, choices=["alpaca", "plain", "chat"],
+        help="prompt template; chat uses the tokenizer's own chat template (default: %(default)s)")
+    add("--max_length", type=int, default=defaults.max_length,
+        help="most tokens per record; longer records are truncated, keeping the response (default: %(default)s)")
+    add("--train_on_inputs", action="store_true", help="also train on the prompt tokens (default: response only)")
+    add("--padding", default=defaults.padding, choices=["longest", "max_length"],
+        help="pad each batch to its longest record, or every batch to --max_length as the seed did "
+             "(default: %(default)s)")
+    add("--pad_to_multiple_of", type=int, default=None, help="round padded lengths up to a multiple of this (e.g. 8)")
+    add("--padding_side", default=defaults.padding_side, choices=["right", "left"],
+        help="where padding goes (default: %(default)s)")
+    add("--no_group_by_length", dest="group_by_length", action="store_false",
+        help="do not batch records of similar length together")
+    add("--no_shuffle", dest="shuffle", action="store_false", help="keep the training batches in a fixed order")
+    add("--packing", action="store_true",
+        help="pack several records into each sequence of --max_length tokens (no attention across records)")
+    add("--val_size", type=parse_val_size, default=defaults.val_size,
+        help="validation records: a count (200) or a fraction (0.1) (default: %(default)s)")
+    add("--batch_size", type=int, default=defaults.batch_size, help="training batch size (default: %(default)s)")
+    add("--eval_batch_size", type=int, default=None, help="validation batch size (default: --batch_size)")
+    add("--seed", type=int, default=defaults.seed, help="seed for the split and shuffling (default: %(default)s)")
+    add("--instruction_column", default=defaults.instruction_column, help="field holding the instruction")
+    add("--input_column", default=defaults.input_column, help="field holding the optional input")
+    add("--output_column", default=defaults.output_column, help="field holding the response")
+    add("--max_invalid_fraction", type=float, default=defaults.max_invalid_fraction,
+        help="fail when more than this share of records is unusable (default: %(default)s)")
+    add("--cache_dir", default=defaults.cache_dir, help="cache for tokenized data (default: %(default)s)")
+    add("--no_cache", action="store_true", help="do not read or write the tokenization cache")
+    add("--num_workers", type=int, default=defaults.num_workers, help="DataLoader worker processes (default: 0)")
+    return parser
+
+
+def data_config_from_args(args: argparse.Namespace) -> DataConfig:
+    """The :class:`DataConfig` described by the parsed flags of :func:`add_data_arguments`."""
+    values = {field.name: getattr(args, field.name) for field in fields(DataConfig)}
+    if getattr(args, "no_cache", False):
+        values["cache_dir"] = None
+    return DataConfig(**values)

@@ -1,0 +1,77 @@
+"""Packing: several short records in one sequence of up to ``max_length`` tokens, without padding between them.
+
+Three records of 5, 3 and 4 tokens packed into one row of 12::
+
+    input_ids     [ a a a a a | b b b | c c c c ]
+    position_ids  [ 0 1 2 3 4 | 0 1 2 | 0 1 2 3 ]      positions restart for every record
+    labels        [ - . . . . | - . . | - . . . ]      "-": -100 on each record's first token
+
+No record may attend to another, or its loss would depend on its neighbours. The attention mask that
+says so is block-diagonal and causal::
+
+    a: causal over a's 5 tokens     b: causal over b's 3    c: causal over c's 4     (zeros elsewhere)
+
+transformers builds that mask itself from the restarts in ``position_ids`` when no 2-D ``attention_mask``
+is given (``masking_utils.find_packed_sequence_indices``, used by GPT-2 and Llama with eager, SDPA and
+flash attention), which is why :func:`minipeft.data.batching.model_inputs` drops the attention mask of
+a packed batch. The first label of each record is -100 (it is never a target in an unpacked batch either),
+so a record's loss is the same packed or not; the tests check that on GPT-2 and Llama.
+
+Which records share a sequence is decided once, by best-fit decreasing bin packing (longest record first,
+into the fullest sequence it still fits); the sampler then shuffles the packed sequences every epoch.
+"""
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from minipeft.data.batching import InstructionDataset
+
+
+def pack_by_length(lengths, max_length: int) -> list[list[int]]:
+    """Group example indices into bins whose lengths sum to at most ``max_length`` (best-fit decreasing).
+
+    Every length must be <= ``max_length``. Free space is bucketed by size, so finding the fullest bin that
+    still fits an example costs at most ``max_length`` steps.
+    """
+    lengths = np.asarray(lengths)
+    if len(lengths) and lengths.max() > max_length:
+        raise ValueError(f"an example of {lengths.max()} tokens does not fit in max_length {max_length}")
+    bins: list[list[int]] = []
+    bins_with_free = [[] for _ in range(max_length + 1)]  # bins_with_free[f]: ids of bins with f tokens free
+    for index in np.argsort(-lengths, kind="stable").tolist():
+        length = int(lengths[index])
+        free = next((f for f in range(length, max_length + 1) if bins_with_free[f]), None)
+        if free is None:  # fits in no open bin: open a new one
+            bin_id, free = len(bins), max_length
+            bins.append([])
+        else:
+            bin_id = bins_with_free[free].pop()
+        bins[bin_id].append(index)
+        bins_with_free[free - length].append(bin_id)
+    return bins
+
+
+class PackedDataset(Dataset):
+    """Packed sequences of the examples of an :class:`InstructionDataset`; items carry ``position_ids``."""
+
+    def __init__(self, examples: InstructionDataset, max_length: int):
+        self.examples = examples
+        self.bins = pack_by_length(examples.lengths, max_length)
+        self._lengths = np.array([examples.lengths[bin_].sum() for bin_ in self.bins], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(len(self),) tokens per packed sequence."""
+        return self._lengths
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        packed = {"input_ids": [], "labels": [], "position_ids": []}
+        for example_index in self.bins[index]:
+            example = self.examples[example_index]
+            packed["input_ids"] += example["input_ids"]
+            packed["labels"] += example["labels"]
+            packed["position_ids"] += range(len(example["input_ids"]))
+        return packed

@@ -1,0 +1,228 @@
+"""Tokenizing records into ``prompt ids + response ids + EOS``, truncating, and caching the result on disk.
+
+For one record, with P prompt tokens and R response tokens (EOS included)::
+
+    input_ids  [ p0  p1  ...  p(P-1)  r0  r1  ...  EOS ]
+    labels     [ -100 -100 ... -100   r0  r1  ...  EOS ]     (train_on_inputs: labels = input_ids)
+
+Labels stay *aligned* with input_ids here (the Hugging Face convention): the training loss shifts them by one,
+once, so that the logits at position t are scored against the token at t+1. The first token of a record is
+never a target after that shift, so its label is always -100; that also keeps a packed record from being
+asked to predict the first token of the next one.
+
+The prompt and the response are tokenized separately, so the prompt ids are exactly the ids generation
+feeds the model (:func:`encode_prompt`), and the mask boundary is exact. The real EOS is found by position,
+never by id, so it stays a target even when the tokenizer pads with its EOS id (GPT-2, SmolLM2).
+
+Truncation to ``max_length`` keeps the response where possible: the prompt keeps at least
+``min(P, max_length // 2)`` tokens (more if the response is short), losing tokens from its start but keeping
+a leading BOS; the response loses tokens from its end (and then has no EOS: the model is not taught to stop
+in mid-sentence).
+
+Results are cached in ``cache_dir`` as ``.npz`` files keyed by a hash of the records, the tokenizer, the
+template and ``max_length``; a second run with the same inputs loads them instead of tokenizing.
+"""
+
+import hashlib
+import itertools
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minipeft.data.templates import TEMPLATES, format_prompt, prompt_and_response
+from minipeft.errors import UserError
+
+CACHE_VERSION = "minipeft-data-1"  # change when the layout or the meaning of a cache file changes
+IGNORE_INDEX = -100  # label of a token that is not trained on (PyTorch cross_entropy's ignore_index)
+ENCODE_CHUNK = 4096  # texts per call to the tokenizer (and per step of the progress bar)
+PROGRESS_MIN_RECORDS = 10_000  # show a progress bar from this many records on
+
+
+@dataclass
+class TokenizedRecords:
+    """All records as one flat array of token ids, without padding.
+
+    Record ``i`` is ``token_ids[offsets[i]:offsets[i + 1]]``; its first ``prompt_lengths[i]`` tokens are the
+    prompt. ``truncated[i]``: the record was cut to ``max_length``; ``response_cut[i]``: its response lost
+    tokens (and its EOS).
+    """
+
+    token_ids: np.ndarray  # (total_tokens,) int32
+    offsets: np.ndarray  # (n + 1,) int64
+    prompt_lengths: np.ndarray  # (n,) int32
+    truncated: np.ndarray  # (n,) bool
+    response_cut: np.ndarray  # (n,) bool
+    cache_path: str | None = None
+    from_cache: bool = False
+
+    def __len__(self) -> int:
+        return len(self.prompt_lengths)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(n,) tokens per record."""
+        return np.diff(self.offsets)
+
+    def example(self, index: int, train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of one record, unpadded and aligned (see the module docstring)."""
+        input_ids = self.token_ids[self.offsets[index]:self.offsets[index + 1]].tolist()
+        masked = 1 if train_on_inputs else max(1, int(self.prompt_lengths[index]))
+        labels = [IGNORE_INDEX] * masked + input_ids[masked:]
+        return input_ids, labels
+
+
+def eos_token_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; every response must end with one "
+                        "so that the model learns to stop")
+    return tokenizer.eos_token_id
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id. Padding is masked by position, so sharing the EOS id is safe.
+
+    The tokenizer itself is left as it is (no ``pad_token`` is set on the caller's object).
+    """
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id(tokenizer)
+
+
+def encode_texts(tokenizer, texts: list[str], add_special_tokens: bool, progress: bool = False) -> list[list[int]]:
+    """Token ids of many texts, in batches.
+
+    A fast tokenizer's Rust backend encodes each batch on all cores (``encode_batch_fast`` skips the offsets
+    we do not need); the result equals ``tokenizer(texts)["input_ids"]``. A backend configured to truncate
+    or pad, or a slow tokenizer, goes through the Python tokenizer instead.
+    """
+    from tqdm.auto import tqdm
+
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    use_backend = backend is not None and backend.truncation is None and backend.padding is None
+    ids = []
+    chunks = range(0, len(texts), ENCODE_CHUNK)
+    for start in tqdm(chunks, desc="tokenizing", unit="chunk", disable=not progress, leave=False):
+        chunk = texts[start:start + ENCODE_CHUNK]
+        if use_backend:
+            ids.extend(encoding.ids for encoding in backend.encode_batch_fast(chunk, add_special_tokens=add_special_tokens))
+        else:
+            ids.extend(tokenizer(chunk, add_special_tokens=add_special_tokens)["input_ids"])
+    return ids
+
+
+def encode_prompt(instruction: str, input: str, template: str, tokenizer) -> list[int]:
+    """The prompt's token ids exactly as in training: what generation should feed the model."""
+    prompt = format_prompt(instruction, input, template, tokenizer)
+    return encode_texts(tokenizer, [prompt], add_special_tokens=template != "chat")[0]
+
+
+def truncate_example(prompt_ids: list[int], response_ids: list[int], max_length: int,
+                     bos_id: int | None = None) -> tuple[list[int], list[int]]:
+    """Fit ``prompt + response`` into ``max_length`` tokens, keeping the response where possible."""
+    if len(prompt_ids) + len(response_ids) <= max_length:
+        return prompt_ids, response_ids
+    keep_prompt = min(len(prompt_ids), max(max_length - len(response_ids), max_length // 2))
+    if keep_prompt < len(prompt_ids):  # cut the prompt's start; a leading BOS stays first
+        head = prompt_ids[:1] if bos_id is not None and prompt_ids[0] == bos_id else []
+        prompt_ids = head + prompt_ids[len(prompt_ids) - keep_prompt + len(head):]
+    return prompt_ids, response_ids[:max_length - keep_prompt]
+
+
+def tokenize_records(records, tokenizer, template: str = "alpaca", max_length: int = 256,
+                     cache_dir: str | None = None, progress: bool = True) -> TokenizedRecords:
+    """Tokenize, append EOS, and truncate every record; load from / save to the cache when ``cache_dir`` is set."""
+    eos = eos_token_id(tokenizer)
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / f"tokenized-{cache_key(records, tokenizer, template, max_length)}.npz"
+        cached = _load_cache(cache_path)
+        if cached is not None:
+            return cached
+
+    pairs = [prompt_and_response(record, template, tokenizer) for record in records]
+    show = progress and len(records) >= PROGRESS_MIN_RECORDS
+    # Chat prompts already contain their special tokens as text; the others get the tokenizer's own (e.g. BOS).
+    prompts = encode_texts(tokenizer, [prompt for prompt, _ in pairs], add_special_tokens=template != "chat",
+                           progress=show)
+    responses = encode_texts(tokenizer, [response for _, response in pairs], add_special_tokens=False, progress=show)
+
+    examples, truncated, response_cut = [], [], []
+    for prompt_ids, response_ids in zip(prompts, responses):
+        if not response_ids or response_ids[-1] != eos:  # a chat template may already end the turn with EOS
+            response_ids = response_ids + [eos]
+        kept_prompt, kept_response = truncate_example(prompt_ids, response_ids, max_length, tokenizer.bos_token_id)
+        examples.append((kept_prompt, kept_response))
+        truncated.append(len(kept_prompt) + len(kept_response) < len(prompt_ids) + len(response_ids))
+        response_cut.append(len(kept_response) < len(response_ids))
+
+    lengths = np.array([len(p) + len(r) for p, r in examples], dtype=np.int64)
+    tokenized = TokenizedRecords(
+        token_ids=np.fromiter(itertools.chain.from_iterable(p + r for p, r in examples), dtype=np.int32,
+                              count=int(lengths.sum())),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        prompt_lengths=np.array([len(p) for p, _ in examples], dtype=np.int32),
+        truncated=np.array(truncated, dtype=bool),
+        response_cut=np.array(response_cut, dtype=bool),
+        cache_path=str(cache_path) if cache_path else None,
+    )
+    if cache_path is not None:
+        _save_cache(cache_path, tokenized)
+    return tokenized
+
+
+def cache_key(records, tokenizer, template: str, max_length: int) -> str:
+    """sha256 (first 32 hex digits) of everything the tokenized result depends on."""
+    digest = hashlib.sha256()
+    for part in (CACHE_VERSION, repr(TEMPLATES[template]), str(max_length), tokenizer_fingerprint(tokenizer)):
+        digest.update(part.encode() + b"\x00")
+    for record in records:
+        digest.update(f"{record.instruction}\x1f{record.input}\x1f{record.output}\x1e".encode())
+    return digest.hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full definition (vocabulary, merges, special tokens, chat template)."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    if getattr(tokenizer, "is_fast", False):
+        digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    specials = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                getattr(tokenizer, "chat_template", None))
+    digest.update(repr(specials).encode())
+    return digest.hexdigest()
+
+
+_CACHE_ARRAYS = ("token_ids", "offsets", "prompt_lengths", "truncated", "response_cut")
+
+
+def _load_cache(path: Path) -> TokenizedRecords | None:
+    """The cached result, or None when there is none; an unreadable cache file is ignored and rewritten."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as arrays:
+            loaded = {name: arrays[name] for name in _CACHE_ARRAYS}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    return TokenizedRecords(**loaded, cache_path=str(path), from_cache=True)
+
+
+def _save_cache(path: Path, tokenized: TokenizedRecords) -> None:
+    """Write to a temporary file and rename it, so a cache file is never half-written."""
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(descriptor, "wb") as handle:
+            np.savez(handle, **{name: getattr(tokenized, name) for name in _CACHE_ARRAYS})
+        os.replace(temporary, path)
+    except OSError as error:  # a read-only or full cache directory costs speed, not the run
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
+        print(f"warning: could not write the tokenization cache {path}: {error.strerror or error}", file=sys.stderr)
+        tokenized.cache_path = None
