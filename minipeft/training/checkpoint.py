@@ -1,0 +1,263 @@
+"""Training checkpoints: everything needed to continue a run exactly, written so that a kill cannot break one.
+
+A checkpoint is a directory ``output_dir/checkpoints/step-N/``::
+
+    step-N/
+      adapter/adapter_config.json         the adapter, as every adapter is saved (never the frozen base)
+      adapter/adapter_model.safetensors
+      optimizer.safetensors               AdamW's moments and step counts, one tensor per (parameter, key)
+      rng_state.safetensors               torch (CPU, CUDA), Python and NumPy generator states, per process
+      trainer_state.json                  the rest: step, epoch, position in the epoch, best eval loss,
+                                          optimizer hyper-parameters, grad-scaler scalars, RNG scalars
+
+No pickle is written or read: tensors go to safetensors, everything else to JSON.
+
+**Atomic.** The files are written into a hidden temporary directory beside the final one, each file is
+``fsync``-ed, then the directory is renamed into place (a rename is atomic on POSIX file systems) and the
+parent directory is ``fsync``-ed. A process killed at any moment leaves either no ``step-N`` or a complete one,
+so the previous checkpoint always stays loadable; leftover ``.tmp-*`` directories are removed on the next run.
+
+**Resume.** ``--resume latest`` (or a path) loads the adapter tensors into the freshly built adapter
+(strictly: a missing or misshaped tensor is an error, never a silently re-initialised adapter), the
+optimizer state, the grad scaler, and the position in the data; the RNG states are restored once the loop has
+skipped to that position, so an interrupted and resumed run computes bit for bit what an uninterrupted one
+does (on CPU, same settings).
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minipeft.adapter_io import WEIGHTS_NAME, load_peft_state_dict
+from minipeft.errors import UserError
+
+FORMAT = "minipeft-checkpoint/1"
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+RNG_NAME = "rng_state.safetensors"
+ADAPTER_DIR = "adapter"
+CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
+
+
+# -- atomic directories ------------------------------------------------------------------------------------
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_directory_atomically(final: Path, write) -> Path:
+    """Call ``write(temporary_dir)``, fsync what it wrote, and rename the directory to ``final``.
+
+    An existing ``final`` is replaced (moved aside first, deleted after the rename).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    try:
+        write(temporary)
+        for path in sorted(temporary.rglob("*")):
+            _fsync(path)  # files: their bytes; subdirectories: their entries
+        _fsync(temporary)
+        previous = None
+        if final.exists():
+            previous = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.rename(final, previous)
+        os.rename(temporary, final)
+        _fsync(final.parent)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+    return final
+
+
+def remove_incomplete(directory: Path) -> None:
+    """Delete ``.tmp-*`` / ``.old-*`` directories that a killed process left in ``directory``."""
+    if Path(directory).is_dir():
+        for path in Path(directory).iterdir():
+            if path.name.startswith((".tmp-", ".old-")) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+# -- random number generators ------------------------------------------------------------------------------
+def capture_rng_state() -> tuple:
+    """``(tensors, scalars)``: this process's generator states, as safetensors-ready tensors plus JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{index}"] = state
+    python_version, python_words, python_gauss = random.getstate()
+    tensors["python"] = torch.tensor(python_words, dtype=torch.int64)  # 624 words + position, all < 2**32
+    numpy_kind, numpy_words, numpy_position, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(numpy_words.astype(np.int64))
+    scalars = {"python": [python_version, python_gauss],
+               "numpy": [numpy_kind, int(numpy_position), int(numpy_has_gauss), float(numpy_gauss)]}
+    return tensors, scalars
+
+
+def restore_rng_state(tensors: dict, scalars: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda_states = [tensors[key] for key in sorted(tensors, key=str) if key.startswith("torch_cuda_")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
+    python_version, python_gauss = scalars["python"]
+    random.setstate((python_version, tuple(tensors["python"].tolist()), python_gauss))
+    numpy_kind, numpy_position, numpy_has_gauss, numpy_gauss = scalars["numpy"]
+    np.random.set_state((numpy_kind, tensors["numpy"].numpy().astype(np.uint32), numpy_position,
+                         numpy_has_gauss, numpy_gauss))
+
+
+# -- optimizer ---------------------------------------------------------------------------------------------
+def optimizer_state_to_files(optimizer: torch.optim.Optimizer, parameter_names: dict) -> tuple:
+    """``(tensors, json_values)`` for ``optimizer.state_dict()``; ``parameter_names`` maps ``id(p)`` -> name.
+
+    Tensors are keyed ``state.<index>.<key>`` (``state.3.exp_avg``); the parameter behind each index is
+    recorded by name, so that loading into a differently built model fails loudly instead of mixing moments.
+    """
+    state_dict = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state_dict["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    names = [parameter_names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+    groups = [{key: list(value) if isinstance(value, tuple) else value for key, value in group.items()}
+              for group in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "parameter_names": names, "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, values: dict, parameter_names: dict,
+                         source: str) -> None:
+    names = [parameter_names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+    if names != values["parameter_names"]:
+        raise UserError(f"{source}: the optimizer state was saved for other trainable parameters "
+                        "(another --modification_type or method flags?); resume with the run's own settings")
+    state = {}
+    for key, tensor in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = tensor
+    for key, value in values["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{key: tuple(value) if key == "betas" else value for key, value in group.items()}
+              for group in values["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+def save_checkpoint(directory: Path, peft_model, optimizer, scaler, trainer_state: dict, rng_states: list,
+                    adapter_metadata: dict) -> Path:
+    """Write a checkpoint atomically (see the module docstring); ``rng_states`` holds one
+    ``(tensors, scalars)`` pair per process, rank 0 first."""
+    parameter_names = {id(parameter): name for name, parameter in peft_model.named_parameters()}
+    optimizer_tensors, optimizer_values = optimizer_state_to_files(optimizer, parameter_names)
+    rng_tensors = {f"rank{rank}.{key}": tensor for rank, (tensors, _) in enumerate(rng_states)
+                   for key, tensor in tensors.items()}
+    state = {
+        "format": FORMAT,
+        "trainer": trainer_state,
+        "optimizer": optimizer_values,
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": [scalars for _, scalars in rng_states],
+    }
+
+    def write(temporary: Path) -> None:
+        peft_model.save_adapter(temporary / ADAPTER_DIR, **adapter_metadata)  # refuses an empty adapter
+        save_file(optimizer_tensors, temporary / OPTIMIZER_NAME, metadata={"format": "pt"})
+        save_file(rng_tensors, temporary / RNG_NAME, metadata={"format": "pt"})
+        (temporary / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")  # written last
+
+    return write_directory_atomically(directory, write)
+
+
+def _read_tensors(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 0) -> dict:
+    """Load a checkpoint into a freshly built ``peft_model``, ``optimizer`` and ``scaler``.
+
+    Returns the trainer state (a dict) with ``"rng"`` = this process's ``(tensors, scalars)``, or None when the
+    checkpoint has no state for this rank (a different number of processes).
+    """
+    directory = Path(directory)
+    state_path = directory / STATE_NAME
+    if not state_path.is_file():
+        raise UserError(f"--resume {directory}: not a checkpoint (no {STATE_NAME}); "
+                        "checkpoints are the step-N directories under <output_dir>/checkpoints")
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{state_path}: not valid JSON ({error})") from None
+    if state.get("format") != FORMAT:
+        raise UserError(f"{state_path}: format {state.get('format')!r}, expected {FORMAT!r}")
+    weights = directory / ADAPTER_DIR / WEIGHTS_NAME
+    load_peft_state_dict(peft_model, _read_tensors(weights), source=str(weights))
+    parameter_names = {id(parameter): name for name, parameter in peft_model.named_parameters()}
+    load_optimizer_state(optimizer, _read_tensors(directory / OPTIMIZER_NAME), state["optimizer"],
+                         parameter_names, str(directory / OPTIMIZER_NAME))
+    if scaler is not None and state["grad_scaler"]:
+        scaler.load_state_dict(state["grad_scaler"])
+    rng_tensors = _read_tensors(directory / RNG_NAME)
+    prefix = f"rank{rank}."
+    mine = {key[len(prefix):]: tensor for key, tensor in rng_tensors.items() if key.startswith(prefix)}
+    trainer = dict(state["trainer"])
+    trainer["rng"] = (mine, state["rng"][rank]) if mine and rank < len(state["rng"]) else None
+    return trainer
+
+
+def checkpoint_step(path: Path):
+    match = CHECKPOINT_PATTERN.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list:
+    """Complete checkpoints under ``checkpoints_dir``, oldest first."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [path for path in checkpoints_dir.iterdir()
+             if checkpoint_step(path) is not None and (path / STATE_NAME).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def resolve_resume(flag: str, output_dir: Path) -> Path:
+    """``--resume latest`` -> the newest checkpoint of ``output_dir``; a run directory -> its newest; else the
+    checkpoint directory itself."""
+    path = Path(output_dir) if flag == "latest" else Path(flag)
+    if (path / STATE_NAME).is_file():
+        return path
+    checkpoints = list_checkpoints(path / "checkpoints")
+    if not checkpoints:
+        where = f"{path / 'checkpoints'}" if flag == "latest" else str(path)
+        raise UserError(f"--resume {flag}: no checkpoint in {where} (expected step-N directories with {STATE_NAME})")
+    return checkpoints[-1]
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep_last: int, keep_steps=()) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and those at ``keep_steps`` (the best one)."""
+    checkpoints = list_checkpoints(checkpoints_dir)
+    for path in checkpoints[:-keep_last] if keep_last > 0 else checkpoints:
+        if checkpoint_step(path) not in set(keep_steps):
+            doomed = path.with_name(f".old-{path.name}-{os.getpid()}")
+            os.rename(path, doomed)  # first out of sight (atomic), so a kill never leaves half a checkpoint
+            shutil.rmtree(doomed, ignore_errors=True)

@@ -1,0 +1,106 @@
+"""The training loop's settings: one dataclass, one field per ``train_llm.py`` flag of the same name.
+
+The data flags (``--batch_size``, ``--seed``, ``--max_length``, ...) belong to :class:`minipeft.data.DataConfig`
+and the method flags (``--modification_type``, ``--lora_rank``, ...) to :mod:`minipeft.methods`.
+"""
+
+from dataclasses import dataclass
+
+from minipeft.errors import UserError
+from minipeft.training.schedule import SCHEDULES
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainingConfig:
+    """How the adapter is trained.
+
+    Args:
+        output_dir: where the adapter, checkpoints and metrics go (layout: :mod:`minipeft.training.loop`).
+        epochs: passes over the training data (ignored when ``max_steps`` is given).
+        max_steps: optimizer steps to take, overriding ``epochs``.
+        gradient_accumulation_steps: micro-batches per optimizer step; the loss is normalised by the target
+            tokens of the whole window, so ``batch b × k`` trains exactly like one batch of ``b·k``.
+        learning_rate: peak learning rate, reached after warmup.
+        lr_schedule: ``constant``, ``linear`` or ``cosine`` (decaying to ``min_lr``).
+        warmup_steps / warmup_ratio: linear warmup, in optimizer steps or as a fraction of them (one of them).
+        min_lr: where ``linear`` and ``cosine`` end.
+        weight_decay: AdamW's decoupled weight decay, applied only where it belongs (see
+            :mod:`minipeft.training.optimizer`).
+        max_grad_norm: clip the global gradient norm to this (0: no clipping; the norm is logged either way).
+        precision: ``fp32``; ``bf16`` (autocast, CPU or CUDA); ``fp16`` (autocast + grad scaler, CUDA only);
+            ``auto``: bf16 on a GPU that supports it, else fp32.
+        tf32: let CUDA matmuls use TensorFloat-32 (no effect on CPU).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        gradient_checkpointing: recompute activations in backward (less memory, ~30% more time).
+        eval_every: evaluate every N optimizer steps and at the end (None: 5 evaluations per run).
+        eval_max_batches: evaluate on at most this many validation batches (None: all of them).
+        log_every: print the log line every N optimizer steps.
+        save_every: write a checkpoint every N steps (None: at every evaluation); always at the end.
+        save_total_limit: keep this many most recent checkpoints (the best one is kept as well).
+        early_stopping_patience: stop after N evaluations without a better eval loss (0: never).
+        max_nonfinite_steps: stop after N optimizer steps in a row whose loss was NaN or infinite.
+        resume: ``latest`` or a checkpoint (or run) directory to continue from.
+        overwrite_output_dir: start afresh in an ``output_dir`` that holds an earlier run's checkpoints.
+        seed: seeds the adapter's initialisation and dropout (the data pipeline uses the same flag).
+    """
+
+    output_dir: str = "outputs"
+    epochs: int = 3
+    max_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-3
+    lr_schedule: str = "cosine"
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    tf32: bool = True
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    eval_every: int | None = None
+    eval_max_batches: int | None = None
+    log_every: int = 10
+    save_every: int | None = None
+    save_total_limit: int = 2
+    early_stopping_patience: int = 0
+    max_nonfinite_steps: int = 5
+    resume: str | None = None
+    overwrite_output_dir: bool = False
+    seed: int = 42
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` naming the flag when a value cannot work."""
+        positive = ["epochs", "gradient_accumulation_steps", "log_every", "save_total_limit", "max_nonfinite_steps"]
+        positive_or_none = ["max_steps", "eval_every", "eval_max_batches", "save_every"]
+        for name in positive + positive_or_none:
+            value = getattr(self, name)
+            if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
+                raise UserError(f"--{name} {value}: must be a positive integer")
+        if not self.learning_rate > 0:
+            raise UserError(f"--learning_rate {self.learning_rate}: must be positive")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise UserError(f"--min_lr {self.min_lr}: must be between 0 and --learning_rate {self.learning_rate}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} {getattr(self, name)}: must be 0 or more")
+        if self.early_stopping_patience < 0:
+            raise UserError(f"--early_stopping_patience {self.early_stopping_patience}: must be 0 (off) or more")
+        if self.lr_schedule not in SCHEDULES:
+            raise UserError(f"--lr_schedule {self.lr_schedule}: choose one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise UserError("--warmup_steps and --warmup_ratio: give one of them, not both")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise UserError(f"--warmup_steps {self.warmup_steps}: must be 0 or more")
+        if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:
+            raise UserError(f"--warmup_ratio {self.warmup_ratio}: must be in [0, 1)")
+        if self.resume is not None and self.overwrite_output_dir:
+            raise UserError("--resume and --overwrite_output_dir: continue a run or start it over, not both")

@@ -1,0 +1,127 @@
+"""Devices and data parallelism: one process, or ``torchrun --nproc_per_node=N`` with DistributedDataParallel.
+
+``torchrun`` starts N copies of the script and sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; each copy
+builds the same model, reads its own shard of every batch (the data pipeline's distributed sampler), and DDP
+averages the gradients across processes during ``backward``. Only rank 0 writes files and prints.
+
+- backend: ``nccl`` between GPUs, ``gloo`` on CPU;
+- only parameters with ``requires_grad`` are synchronised, so the frozen base costs no communication;
+  every trainable parameter is used in every forward (the loop checks it after the first steps), which is
+  why ``find_unused_parameters`` stays off;
+- gradient accumulation: all but the last micro-batch of a window run under ``no_sync()``, so gradients are
+  exchanged once per optimizer step.
+"""
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from minipeft.errors import UserError
+
+
+@dataclass
+class DistributedContext:
+    """Where this process runs and which part of the job it is."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_sum(self, values: list) -> list:
+        """Sum a few numbers over all processes (float64 on this process's device); the same list alone."""
+        if not self.is_distributed:
+            return [float(value) for value in values]
+        tensor = torch.tensor([float(value) for value in values], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def all_gather_objects(self, value) -> list:
+        """``[value of rank 0, value of rank 1, ...]`` (small Python objects, e.g. RNG states)."""
+        if not self.is_distributed:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+
+def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
+    """``--device``: ``auto`` picks CUDA (this process's GPU under torchrun), then Apple MPS, then CPU."""
+    if flag == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise UserError(f"--device {flag}: not a device; use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {flag}: CUDA is not available on this machine; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {flag}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def init_distributed(device_flag: str = "auto") -> DistributedContext:
+    """Read torchrun's environment and start the process group; a plain run gets a one-process context."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_flag, local_rank)
+    if world_size > 1:
+        if device.type == "mps":
+            raise UserError("--device mps: distributed training needs CUDA (nccl) or CPU (gloo)")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    rank=rank, world_size=world_size)
+    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def wrap_for_data_parallel(model: torch.nn.Module, context: DistributedContext) -> torch.nn.Module:
+    """``DistributedDataParallel(model)`` under torchrun, else ``model`` itself."""
+    if not context.is_distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [context.device.index] if context.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Context for one micro-batch's backward: DDP exchanges gradients only when ``sync`` (the last one)."""
+    if sync or not hasattr(model, "no_sync"):
+        return nullcontext()
+    return model.no_sync()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP (what is saved and evaluated)."""
+    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,133 @@
+"""Seeing a run: the log line, ``metrics.jsonl`` (one record per step and per evaluation), ``metrics.json``
+(the summary), and the loss-curve PNG.
+
+``metrics.jsonl`` records (one JSON object a line, appended and flushed as the run goes, so a crashed run
+still has its curve; a resumed run first drops the records after its checkpoint's step)::
+
+    {"kind": "train", "step": 10, "epoch": 0, "loss": 2.31, "lr": 0.002, "grad_norm": 0.83,
+     "target_tokens": 1712, "tokens": 4010, "tokens_per_s": 9120.4, "seconds": 4.4}
+    {"kind": "eval", "step": 50, "epoch": 0, "eval_loss": 1.87, "eval_perplexity": 6.49, "eval_tokens": 9180}
+
+The plot needs the ``plot`` extra (matplotlib, imported only here and only when plotting).
+"""
+
+import json
+import os
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def write_json_atomically(path: Path, value) -> Path:
+    """Write ``value`` as indented JSON via a temporary file and ``os.replace``: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(value, file, indent=2)
+            file.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metrics(path: Path) -> list:
+    """The records of a ``metrics.jsonl`` (a line cut short by a kill is skipped)."""
+    records = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
+
+
+class MetricsLog:
+    """Appends records to ``metrics.jsonl``; does nothing on processes other than rank 0."""
+
+    def __init__(self, path: Path, enabled: bool = True, resume_step: int = None):
+        self.path = Path(path)
+        self.enabled = enabled
+        if not enabled:
+            return
+        if resume_step is None:  # a new run starts a new file
+            self.path.unlink(missing_ok=True)
+        else:  # a resumed run keeps the curve up to its checkpoint, so it continues without a seam
+            kept = [record for record in read_metrics(self.path) if record["step"] <= resume_step]
+            handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+            with os.fdopen(handle, "w") as file:
+                file.writelines(json.dumps(record) + "\n" for record in kept)
+            os.replace(temporary, self.path)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as file:
+                file.write(json.dumps(record) + "\n")
+
+
+def format_log_line(epoch: int, step: int, total_steps: int, loss: float, perplexity: float, lr: float,
+                    grad_norm: float, tokens_per_s: float) -> str:
+    """The seed's line, plus gradient norm and throughput:
+    ``Epoch 0 | Step 10/6501 | Loss: 8.5234 | PPL: 4123.45 | LR: 1.00e-05 | Grad norm: 1.234 | Tokens/s: 9,120``"""
+    return (f"Epoch {epoch} | Step {step}/{total_steps} | Loss: {loss:.4f} | PPL: {perplexity:.2f} | "
+            f"LR: {lr:.2e} | Grad norm: {grad_norm:.3f} | Tokens/s: {tokens_per_s:,.0f}")
+
+
+def format_eval_line(step: int, total_steps: int, eval_loss: float, eval_perplexity: float, best: bool) -> str:
+    return (f"Eval | Step {step}/{total_steps} | Eval loss: {eval_loss:.4f} | Eval PPL: {eval_perplexity:.2f}"
+            + (" | best so far" if best else ""))
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory of this process: CUDA's largest allocation on a GPU, else the peak resident set size."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_kind": "cuda_allocated"}
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    megabytes = kilobytes / 2**20 if sys.platform == "darwin" else kilobytes / 2**10
+    return {"peak_memory_mb": megabytes, "peak_memory_kind": "process_peak_rss"}
+
+
+def directory_size(path: Path) -> int:
+    """Bytes of all files under ``path``."""
+    return sum(file.stat().st_size for file in Path(path).rglob("*") if file.is_file())
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path):
+    """Train loss per step and eval loss per evaluation, as a PNG; returns its path, or None (with a
+    one-line notice) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: loss curve not drawn: matplotlib is not installed (pip install 'minipeft[plot]'); "
+              f"the numbers are in {metrics_path}")
+        return None
+    records = read_metrics(metrics_path)
+    train = [(record["step"], record["loss"]) for record in records if record["kind"] == "train"]
+    evals = [(record["step"], record["eval_loss"]) for record in records if record["kind"] == "eval"]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    if train:
+        axes.plot(*zip(*train), label="train loss (per step)", linewidth=1, alpha=0.8)
+    if evals:
+        axes.plot(*zip(*evals), "o-", label="eval loss", linewidth=2)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("cross-entropy per target token")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    png_path = Path(png_path)
+    handle, temporary = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".png")
+    os.close(handle)
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    os.replace(temporary, png_path)
+    return png_path
