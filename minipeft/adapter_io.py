@@ -146,6 +146,15 @@ def load_adapter(base_model, directory, is_trainable: bool = False):
     """
     from minipeft.peft_model import get_peft_model
 
+    config, state, source = read_adapter(directory)
+    peft_model = get_peft_model(base_model, config)
+    load_peft_state_dict(peft_model, state, source=source)
+    peft_model.set_trainable(is_trainable)
+    return peft_model
+
+
+def read_adapter(directory):
+    """``(config, tensors, weights file name)`` of an adapter directory, not yet applied to any model."""
     directory = Path(directory)
     config = config_from_dict(read_adapter_config(directory), str(directory / CONFIG_NAME))
     weights_path = directory / WEIGHTS_NAME
@@ -158,10 +167,7 @@ def load_adapter(base_model, directory, is_trainable: bool = False):
         state = load_file(weights_path)
     except (SafetensorError, OSError) as error:
         raise UserError(f"{weights_path}: not a readable safetensors file ({error})") from None
-    peft_model = get_peft_model(base_model, config)
-    load_peft_state_dict(peft_model, state, source=str(weights_path))
-    peft_model.set_trainable(is_trainable)
-    return peft_model
+    return config, state, str(weights_path)
 
 
 @torch.no_grad()
