@@ -13,6 +13,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread pool's
+# spin-waits made each op ~60x slower (a tiny GPT-2 forward: 250 ms with 2 threads, 4 ms with 1).
+torch.set_num_threads(1)
+
 
 def make_gpt2_tiny(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
