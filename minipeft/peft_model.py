@@ -124,8 +124,9 @@ class PeftModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """A plain transformers model with the adapter merged in, built on a copy (this model is unchanged).
 
-        Trained ``modules_to_save`` copies replace their originals. If the trained copy is an output head
-        that was tied to the input embedding, the result's config says ``tie_word_embeddings=False``.
+        Trained ``modules_to_save`` copies replace their originals. If the trained copy (or an adapted layer)
+        is an output head that was tied to the input embedding, the head is untied and the result's config
+        says ``tie_word_embeddings=False``; otherwise tied weights stay tied.
         """
         self._mergeable_layers()  # raises for methods that cannot merge
         model = copy.deepcopy(self.base_model)
@@ -135,6 +136,11 @@ class PeftModel(nn.Module):
                 if module.original_module.weight is model.get_input_embeddings().weight:
                     model.config.tie_word_embeddings = False
             elif hasattr(module, "adapter_enabled") and hasattr(module, "merge"):
+                if module.base_layer.weight is model.get_input_embeddings().weight:
+                    # An adapted output head tied to the input embedding: merging into the shared tensor would
+                    # change the embedding too, so the head gets its own copy first (and the config says so).
+                    module.base_layer.weight = nn.Parameter(module.base_layer.weight.detach().clone())
+                    model.config.tie_word_embeddings = False
                 module.merge()
                 replace_module(model, name, module.base_layer)
         for parameter in model.parameters():
