@@ -174,6 +174,35 @@ class GradientCheck:
         return True
 
 
+def accumulate_gradients(model, window: list, context: DistributedContext, autocast, scaler=None) -> tuple:
+    """Forward and backward over one accumulation window (a list of micro-batches).
+
+    Each micro-batch's loss is its NLL *sum* divided by the target tokens of the whole window on all
+    processes, so the gradients that add up in ``.grad`` are those of ``total NLL / total target tokens``:
+    batch b × accumulation k gives the gradient of one batch of b·k, whatever the token counts and however
+    short the window. Under DDP the loss is multiplied by the world size, because DDP *averages* gradients.
+
+    Returns ``(window NLL, target tokens, input tokens)``, each summed over all processes.
+    """
+    device = context.device
+    # 1) target tokens in the whole window, all processes: the loss's denominator
+    (n_targets,) = context.all_reduce_sum([sum(count_target_tokens(batch) for batch in window)])
+    loss_scale = context.world_size / max(n_targets, 1)
+    # 2) forward and backward one micro-batch at a time; DDP exchanges gradients after the last one only
+    window_nll = torch.zeros((), device=device)
+    for index, batch in enumerate(window):
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with gradient_sync(model, sync=index == len(window) - 1):
+            with autocast:
+                nll_sum, _ = causal_lm_loss_sum(model, batch)
+            loss = nll_sum * loss_scale
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        window_nll += nll_sum.detach()
+    n_tokens = sum(int(batch["attention_mask"].sum()) for batch in window)
+    window_nll, n_tokens = context.all_reduce_sum([window_nll.item(), n_tokens])
+    return window_nll, int(n_targets), int(n_tokens)
+
+
 @torch.no_grad()
 def evaluate(model, loader, context: DistributedContext, autocast, max_batches: int = None) -> tuple:
     """``(loss, perplexity, target_tokens)`` over the validation set: loss = total NLL / total target tokens
@@ -326,23 +355,10 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
                 if not window:
                     break
                 started = time.perf_counter()
-                # 1) target tokens in the whole window, all processes: the loss's denominator
-                n_tokens_here = sum(int(batch["attention_mask"].sum()) for batch in window)
-                (n_targets,) = context.all_reduce_sum([sum(count_target_tokens(batch) for batch in window)])
-                loss_scale = context.world_size / max(n_targets, 1)  # DDP averages gradients over processes
-                # 2) forward and backward, one micro-batch at a time; gradients add up in .grad
-                window_nll = torch.zeros((), device=device)
-                for index, batch in enumerate(window):
-                    batch = {key: value.to(device) for key, value in batch.items()}
-                    with gradient_sync(ddp_model, sync=index == len(window) - 1):
-                        with autocast:
-                            nll_sum, _ = causal_lm_loss_sum(ddp_model, batch)
-                        loss = nll_sum * loss_scale
-                        (scaler.scale(loss) if scaler is not None else loss).backward()
-                    window_nll += nll_sum.detach()
-                window_nll, n_tokens, stop_votes = context.all_reduce_sum(
-                    [window_nll.item(), n_tokens_here, float(stop.requested)])
+                # 1-2) forward and backward over the window: .grad = ∇ (window NLL / window target tokens)
+                window_nll, n_targets, n_tokens = accumulate_gradients(ddp_model, window, context, autocast, scaler)
                 step_loss = window_nll / n_targets if n_targets else float("nan")
+                (stop_votes,) = context.all_reduce_sum([stop.requested])  # any process asked: all stop together
                 # 3) gradient norm before clipping (clipping to inf only measures), then clip
                 if scaler is not None:
                     scaler.unscale_(optimizer)

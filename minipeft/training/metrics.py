@@ -12,6 +12,7 @@ The plot needs the ``plot`` extra (matplotlib, imported only here and only when 
 """
 
 import json
+import math
 import os
 import resource
 import sys
@@ -67,7 +68,10 @@ class MetricsLog:
             os.replace(temporary, self.path)
 
     def write(self, record: dict) -> None:
+        """Append one record; a NaN or infinite number is written as null (JSON has no NaN)."""
         if self.enabled:
+            record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                      for key, value in record.items()}
             with open(self.path, "a") as file:
                 file.write(json.dumps(record) + "\n")
 
@@ -112,8 +116,10 @@ def plot_loss_curve(metrics_path: Path, png_path: Path):
               f"the numbers are in {metrics_path}")
         return None
     records = read_metrics(metrics_path)
-    train = [(record["step"], record["loss"]) for record in records if record["kind"] == "train"]
-    evals = [(record["step"], record["eval_loss"]) for record in records if record["kind"] == "eval"]
+    train = [(record["step"], record["loss"]) for record in records
+             if record["kind"] == "train" and record["loss"] is not None]  # skipped non-finite steps: null
+    evals = [(record["step"], record["eval_loss"]) for record in records
+             if record["kind"] == "eval" and record["eval_loss"] is not None]
     figure, axes = plt.subplots(figsize=(7, 4))
     if train:
         axes.plot(*zip(*train), label="train loss (per step)", linewidth=1, alpha=0.8)
