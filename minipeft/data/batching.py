@@ -125,20 +125,23 @@ class PaddingCollator:
         return {name: torch.from_numpy(array) for name, array in batch.items()}
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """The keyword arguments for ``model(**model_inputs(batch))``: everything but the labels.
 
     * Unpacked batches: ``position_ids`` are counted over real tokens only (``cumsum(attention_mask) - 1``),
-      so a left-padded record gets the same positions, and the same loss, as a right-padded one (GPT-2 and
-      Llama otherwise number positions from the first column, padding included).
+      so a left-padded record sits at the same positions, and has the same loss, as a right-padded one
+      (GPT-2 otherwise numbers positions from the first column, padding included).
     * Packed batches carry ``position_ids`` that restart at 0 for each record and are passed without an
-      ``attention_mask``: transformers (>= 4.53, ``masking_utils.find_packed_sequence_indices``) then reads
-      the restarts and builds a block-diagonal causal mask, so no record attends to another.
+      ``attention_mask``: transformers (``masking_utils.find_packed_sequence_indices``) then reads the
+      restarts and builds a block-diagonal causal mask, so no record attends to another.
+    * ``use_cache=False``: training needs no key/value cache, and with one transformers skips the
+      detection of packed sequences (records would silently attend to each other).
     """
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "position_ids": position_ids}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "position_ids": position_ids, "use_cache": False}
 
 
 class LengthGroupedBatchSampler(Sampler):
