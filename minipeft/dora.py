@@ -8,7 +8,7 @@ direction with an ordinary LoRA update, the magnitude with one number per output
 - ``W`` is the frozen weight seen as ``(out, in)``; ``‖·‖_c`` is the L2 norm of each output row, taken over
   the input dimension (the paper calls it the column norm of ``W`` stored ``(in, out)``; we follow peft and
   compute it on the ``(out, in)`` view, for ``nn.Linear`` and GPT-2 ``Conv1D`` alike). Shape ``(out,)``.
-- ``m`` (``lora_magnitude_vector.weight``, shape ``(out,)``) starts at ``‖W + s·B A‖_c``. With B = 0 that is
+- ``m`` (``lora_magnitude_vector``, shape ``(out,)``) starts at ``‖W + s·B A‖_c``. With B = 0 that is
   ``‖W‖_c``, so ``W' = W`` and a fresh adapter leaves the outputs unchanged.
 - The norm is treated as a constant in the backward pass (section 4.3 of the paper: "we suggest treating
   ‖V + ΔV‖_c as a constant, thereby detaching it from the gradient graph"), exactly as peft does; it still
@@ -19,25 +19,15 @@ direction with an ordinary LoRA update, the magnitude with one number per output
 
 Select it as peft does, with ``LoRAConfig(use_dora=True)`` (``--modification_type dora``): :func:`apply_lora`
 then builds :class:`DoRALinear` layers instead of :class:`LoRALinear`. Saved tensors are LoRA's plus
-``...lora_magnitude_vector.weight`` ``[out_features]``, the names peft uses, so the files load in peft.
+``...lora_magnitude_vector`` ``[out_features]``, with no ``.weight``: that is what peft 0.21 writes to disk
+(in memory peft keeps it as ``lora_magnitude_vector.default.weight`` and strips the suffix when saving), so
+files cross over in both directions.
 """
 
 import torch
 from torch import nn
 
 from minipeft.lora import LoRALinear
-
-
-class MagnitudeVector(nn.Module):
-    """Holds DoRA's magnitude ``m`` as ``.weight`` ``(out,)`` so the saved name is peft's
-    (``lora_magnitude_vector.weight``)."""
-
-    def __init__(self, magnitude: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(magnitude)
-
-    def extra_repr(self) -> str:
-        return f"out_features={self.weight.shape[0]}"
 
 
 class DoRALinear(LoRALinear):
@@ -56,7 +46,8 @@ class DoRALinear(LoRALinear):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool = True):
         super().__init__(base_layer, r, alpha, dropout, use_rslora, init_lora_weights)
-        self.lora_magnitude_vector = MagnitudeVector(self.weight_norm())  # m starts at ‖W + s·B A‖_c
+        # m, shape (out,), starts at ‖W + s·B A‖_c. A plain parameter, so the file key is peft's on-disk name.
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
 
     def base_weight_out_in(self) -> torch.Tensor:
         """The frozen weight as ``(out, in)`` in float32 (``Conv1D`` stores it ``(in, out)``)."""
@@ -80,7 +71,7 @@ class DoRALinear(LoRALinear):
             base_output = self.base_layer(lora_input.to(x.dtype)).to(lora_input.dtype)  # W·dropout(x) + b
         bias = self.base_layer.bias
         weight_times_input = base_output - bias if bias is not None else base_output  # W x, (..., out)
-        scale = self.lora_magnitude_vector.weight / self.weight_norm()  # (out,), broadcasts over (..., out)
+        scale = self.lora_magnitude_vector / self.weight_norm()  # (out,), broadcasts over (..., out)
         lora_output = self.lora_B(self.lora_A(lora_input)) * self.scaling  # (..., out)
         update = (scale - 1) * weight_times_input + scale * lora_output
         return result + update.to(result.dtype)
@@ -95,7 +86,7 @@ class DoRALinear(LoRALinear):
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
         direction = self.base_weight_out_in() + delta  # (out, in)
         norm = torch.linalg.norm(direction, dim=1, keepdim=True)  # (out, 1)
-        merged = self.lora_magnitude_vector.weight.view(-1, 1) / norm * direction  # (out, in)
+        merged = self.lora_magnitude_vector.view(-1, 1) / norm * direction  # (out, in)
         weight.copy_((merged.T if self.fan_in_fan_out else merged).to(weight.dtype))
         self.merged = True
 

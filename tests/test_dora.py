@@ -47,8 +47,8 @@ def test_magnitude_starts_at_row_norms_of_w(kind):
     layer = make_layer(kind)
     dora = DoRALinear(layer, r=4, alpha=8)
     weight_out_in = layer.weight if kind == "linear" else layer.weight.T  # Conv1D stores (in, out)
-    assert dora.lora_magnitude_vector.weight.shape == (24,)
-    torch.testing.assert_close(dora.lora_magnitude_vector.weight, weight_out_in.norm(dim=1), rtol=0, atol=1e-6)
+    assert dora.lora_magnitude_vector.shape == (24,)
+    torch.testing.assert_close(dora.lora_magnitude_vector, weight_out_in.norm(dim=1), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
@@ -56,11 +56,11 @@ def test_forward_is_the_papers_formula(kind):
     layer = make_layer(kind)
     dora = DoRALinear(layer, r=4, alpha=8, init_lora_weights=False)  # B random: a real direction change
     with torch.no_grad():
-        dora.lora_magnitude_vector.weight.mul_(1.5)
+        dora.lora_magnitude_vector.mul_(1.5)
     x = torch.randn(3, 5, 16)
     weight = layer.weight if kind == "linear" else layer.weight.T  # (out, in)
     direction = weight + dora.scaling * dora.lora_B.weight @ dora.lora_A.weight  # W + s·B A
-    adapted = dora.lora_magnitude_vector.weight[:, None] * direction / direction.norm(dim=1, keepdim=True)
+    adapted = dora.lora_magnitude_vector[:, None] * direction / direction.norm(dim=1, keepdim=True)
     expected = x @ adapted.T + layer.bias  # m · (W + s·BA) / ‖W + s·BA‖_c x + b
     torch.testing.assert_close(dora(x), expected, rtol=0, atol=1e-5)
 
@@ -77,7 +77,7 @@ def test_norm_is_a_constant_in_backward():
         direction = layer.weight + dora.scaling * dora.lora_B.weight.detach() @ lora_a
         norm = direction.norm(dim=1, keepdim=True)
         norm = norm.detach() if detach_norm else norm
-        y = x @ (dora.lora_magnitude_vector.weight.detach()[:, None] * direction / norm).T + layer.bias
+        y = x @ (dora.lora_magnitude_vector.detach()[:, None] * direction / norm).T + layer.bias
         y.pow(2).sum().backward()
         return lora_a.grad
 
@@ -130,7 +130,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_frozen(tiny_model_factory,
     peft_model = get_peft_model(model, dora_config(model))
     losses = train_steps(peft_model, sample_batch)
     assert losses[-1] < losses[0]
-    magnitudes = [m for n, m in peft_model.named_parameters() if n.endswith("lora_magnitude_vector.weight")]
+    magnitudes = [m for n, m in peft_model.named_parameters() if n.endswith("lora_magnitude_vector")]
     assert magnitudes and all(m.requires_grad for m in magnitudes)
     base_now = {k.replace("base_layer.", ""): v for k, v in model.state_dict().items()}
     assert all(torch.equal(base_now[k], v) for k, v in base_state.items())
@@ -169,8 +169,9 @@ def test_save_load_and_continue_training(tiny_model_factory, sample_batch, tmp_p
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    magnitude_keys = [k for k in saved if k.endswith(".lora_magnitude_vector.weight")]
+    magnitude_keys = [k for k in saved if k.endswith(".lora_magnitude_vector")]
     assert magnitude_keys and all(k.startswith("base_model.model.") for k in saved)
+    assert all(saved[k].dim() == 1 for k in magnitude_keys)  # (out_features,), peft's on-disk name and shape
 
     loaded = load_adapter(tiny_model_factory(), tmp_path)
     assert torch.equal(loaded(**sample_batch).logits, peft_model(**sample_batch).logits)
