@@ -102,11 +102,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor = None
         for step in range(max_new_tokens):
             token = next_token_from_logits(outputs.logits[:, -1, :], do_sample, temperature, top_k, top_p,
                                            generator)  # (B,)
-            token = token.masked_fill(finished, pad_token_id)
-            new_tokens.append(token)
+            shown = token.masked_fill(finished, pad_token_id)  # a stopped row shows padding (its input stays a token)
+            new_tokens.append(shown)
             if streamer is not None:
-                streamer(token)
-            finished |= torch.isin(token, eos_ids)
+                streamer(shown)
+            finished |= torch.isin(shown, eos_ids)
             if finished.all() or step == max_new_tokens - 1:
                 break
             # Decode: one token per row; the cache holds everything before it.
