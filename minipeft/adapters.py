@@ -17,7 +17,7 @@ and half the cost::
     h = out + up(act(down(out)))      # then dropout and the block's own residual add, unchanged
 
 - ``up`` starts at zero (weight and bias), so ``h = out`` and a fresh adapter leaves the model's outputs
-  bit-identical; ``down`` starts like an ``nn.Linear`` (kaiming-uniform). Houlsby initialise near identity for
+  bit-identical; ``down`` starts like an ``nn.Linear`` (kaiming-uniform). Houlsby et al. start near identity for
   the same reason.
 - Parameters per adapter: ``2·d·m + d + m`` (down weight ``m·d`` + bias ``m``, up weight ``d·m`` + bias
   ``d``). GPT-2 small, Houlsby, m = 64, d = 768: 99,136 per adapter × 24 adapters (2 per block × 12) =

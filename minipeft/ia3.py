@@ -55,7 +55,7 @@ class IA3Config:
         feedforward_modules: which targets scale their *input* instead of their output; must be among the
             targets when both are lists (``--feedforward_modules``). None: the family's default.
         fan_in_fan_out: set automatically: True for GPT-2 ``Conv1D`` targets.
-        init_ia3_weights: True starts ``l`` at ones (identity); False starts it random (tests only).
+        init_ia3_weights: True starts ``l`` at ones (identity); False starts it at 1 + 0.1·N(0, 1) (tests only).
         modules_to_save: modules trained in full beside the adapter, e.g. ``["lm_head"]``.
     """
 
