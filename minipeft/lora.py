@@ -121,8 +121,9 @@ class LoRALinear(nn.Module):
         self.r = r
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         # Adapter weights are float32 even on a bf16 base: they are what the optimizer updates.
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, dtype=torch.float32)
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=torch.float32, device=device)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, dtype=torch.float32, device=device)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters(init_lora_weights)
         self.merged = False

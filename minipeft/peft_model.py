@@ -36,12 +36,16 @@ class PeftModel(nn.Module):
         adapter_parameter_names: names, in ``self.named_parameters()``, of what the adapter trains and saves.
     """
 
-    def __init__(self, base_model: nn.Module, peft_config, prompt_encoder: nn.Module = None):
+    def __init__(self, base_model: nn.Module, peft_config, prompt_encoder: nn.Module = None,
+                 in_place_parameter_names=()):
         super().__init__()
         self.base_model = base_model
         self.prompt_encoder = prompt_encoder
         self.peft_config = peft_config
         self.adapter_parameter_names = [name for name, p in self.named_parameters() if p.requires_grad]
+        # Base weights the method trains where they are (selective freezing, BitFit, LoRA's bias modes):
+        # there is no untouched copy of them to switch back to.
+        self.in_place_parameter_names = list(in_place_parameter_names)
 
     @property
     def config(self):
@@ -69,6 +73,9 @@ class PeftModel(nn.Module):
         layers = adapter_layers(self)
         if any(getattr(layer, "merged", False) for layer in layers):
             raise UserError("cannot disable a merged adapter: call unmerge_adapter() first")
+        if self.in_place_parameter_names:
+            raise UserError(f"cannot disable this adapter: it trains base weights in place "
+                            f"({self.in_place_parameter_names[0]}, ...), so no untouched base model is kept")
         previous = [layer.adapter_enabled for layer in layers]
         for layer in layers:
             layer.adapter_enabled = False
@@ -175,10 +182,13 @@ def get_peft_model(model: nn.Module, config) -> PeftModel:
     method = method_for_config(config)
     config = copy.deepcopy(config)
     freeze(model)
+    base_parameters = {id(parameter) for parameter in model.parameters()}
     prompt_encoder = method.apply(model, config)
     if getattr(config, "modules_to_save", None):
         wrap_modules_to_save(model, config.modules_to_save)
-    peft_model = PeftModel(model, config, prompt_encoder)
+    in_place = [f"base_model.{name}" for name, parameter in model.named_parameters()
+                if parameter.requires_grad and id(parameter) in base_parameters]
+    peft_model = PeftModel(model, config, prompt_encoder, in_place)
     if not peft_model.adapter_parameter_names:
         raise UserError(f"--modification_type {method.name}: these settings leave no parameter to train")
     return peft_model

@@ -194,3 +194,18 @@ def test_merge_helpers_on_plain_module(gpt2_tiny, sample_batch):
     assert (peft_model(**sample_batch).logits - expected).abs().max() < 1e-5
     unmerge_lora(peft_model)
     assert torch.equal(peft_model(**sample_batch).logits, expected)
+
+
+def test_disable_refuses_when_base_weights_train_in_place(gpt2_tiny):
+    """bias="all" trains the model's own biases: there is no untouched base to switch back to."""
+    peft_model = get_peft_model(gpt2_tiny, LoRAConfig(r=2, bias="all"))
+    assert "base_model.transformer.h.0.ln_1.bias" in peft_model.in_place_parameter_names
+    with pytest.raises(UserError, match="trains base weights in place"):
+        with peft_model.disable_adapters():
+            pass
+
+
+def test_adapter_follows_the_base_layer_device_and_keeps_float32():
+    layer = nn.Linear(8, 8, dtype=torch.bfloat16, device="meta")
+    lora = LoRALinear(layer, r=2, alpha=4)
+    assert lora.lora_A.weight.device.type == "meta" and lora.lora_A.weight.dtype == torch.float32
