@@ -94,7 +94,8 @@ def per_record_losses_packed(model, packed_dataset, batch):
     return result
 
 
-@pytest.mark.parametrize("architecture, attention", [("gpt2", "eager"), ("gpt2", "sdpa"), ("llama", "eager"), ("llama", "sdpa")])
+@pytest.mark.parametrize("architecture, attention",
+                         [("gpt2", "eager"), ("gpt2", "sdpa"), ("llama", "eager"), ("llama", "sdpa")])
 def test_packing_gives_the_same_per_record_loss_as_unpacked_batches(tokenized, architecture, attention):
     model = MODELS[architecture](vocab_size=400, attention=attention)
     examples = InstructionDataset(tokenized, range(len(tokenized)), train_on_inputs=True)

@@ -144,7 +144,8 @@ def test_cli_turns_a_bad_file_into_one_line_and_exit_code_2(tmp_path, tokenizer_
 
 def test_data_pipeline_script_exits_2_on_a_missing_file(tmp_path, tokenizer_dir, monkeypatch, capsys):  # noqa: F811
     missing = tmp_path / "nope.json"
-    monkeypatch.setattr(sys, "argv", ["data_pipeline.py", "--dataset_path", str(missing), "--model", str(tokenizer_dir)])
+    argv = ["data_pipeline.py", "--dataset_path", str(missing), "--model", str(tokenizer_dir)]
+    monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(REPO / "data_pipeline.py"), run_name="__main__")
     assert exit_info.value.code == 2

@@ -75,7 +75,8 @@ def test_a_tokenizer_without_eos_is_refused():
 def test_backend_batch_encoding_equals_the_tokenizer_call(tiny_tokenizer):  # noqa: F811
     texts = [format_prompt(r.instruction, r.input, "alpaca") for r in RECORD_OBJECTS] + ["", " x  y\n\n"]
     for special in (True, False):
-        assert encode_texts(tiny_tokenizer, texts, special) == tiny_tokenizer(texts, add_special_tokens=special)["input_ids"]
+        expected = tiny_tokenizer(texts, add_special_tokens=special)["input_ids"]
+        assert encode_texts(tiny_tokenizer, texts, special) == expected
 
 
 @pytest.mark.parametrize("prompt_length, response_length, max_length, kept_prompt, kept_response", [

@@ -33,10 +33,11 @@ def load_tokenizer(name: str):
     if name == "builtin":
         try:
             from minipeft.builtin import load_builtin_tokenizer
-        except ImportError:
-            raise UserError("--model builtin: the built-in tokenizer is not available (minipeft.builtin); "
-                            "pass --model DIR with a tokenizer") from None
-        return load_builtin_tokenizer()
+
+            return load_builtin_tokenizer()
+        except (ImportError, OSError) as error:
+            raise UserError(f"--model builtin: the built-in tokenizer is not available ({str(error).splitlines()[0]}); "
+                            "pass --model with a tokenizer directory or smollm2-135m") from None
     from minipeft.models import SMOLLM2_NAME, smollm2_gguf_path
 
     if name == SMOLLM2_NAME:

@@ -150,7 +150,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def data_config_from_args(args: argparse.Namespace) -> DataConfig:
     """The :class:`DataConfig` described by the parsed flags of :func:`add_data_arguments`."""
-    values = {field.name: getattr(args, field.name) for field in fields(DataConfig)}
+    values = {item.name: getattr(args, item.name) for item in fields(DataConfig)}
     if getattr(args, "no_cache", False):
         values["cache_dir"] = None
     return DataConfig(**values)

@@ -14,8 +14,9 @@ says so is block-diagonal and causal::
 transformers builds that mask itself from the restarts in ``position_ids`` when no 2-D ``attention_mask``
 is given and no key/value cache is in use (``masking_utils.find_packed_sequence_indices``, used by GPT-2
 and Llama with eager, SDPA and flash attention), which is why :func:`minipeft.data.batching.model_inputs`
-drops the attention mask of a packed batch and passes ``use_cache=False``. The first label of each record is -100 (it is never a target in an unpacked batch either),
-so a record's loss is the same packed or not; the tests check that on GPT-2 and Llama.
+drops the attention mask of a packed batch and passes ``use_cache=False``. The first label of each record
+is -100 (it is never a target in an unpacked batch either), so a record's loss is the same packed or not;
+the tests check that on GPT-2 and Llama.
 
 Which records share a sequence is decided once, by best-fit decreasing bin packing (longest record first,
 into the fullest sequence it still fits); the sampler then shuffles the packed sequences every epoch.

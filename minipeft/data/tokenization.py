@@ -108,7 +108,8 @@ def encode_texts(tokenizer, texts: list[str], add_special_tokens: bool, progress
     for start in tqdm(chunks, desc="tokenizing", unit="chunk", disable=not progress, leave=False):
         chunk = texts[start:start + ENCODE_CHUNK]
         if use_backend:
-            ids.extend(encoding.ids for encoding in backend.encode_batch_fast(chunk, add_special_tokens=add_special_tokens))
+            encodings = backend.encode_batch_fast(chunk, add_special_tokens=add_special_tokens)
+            ids.extend(encoding.ids for encoding in encodings)
         else:
             ids.extend(tokenizer(chunk, add_special_tokens=add_special_tokens)["input_ids"])
     return ids

