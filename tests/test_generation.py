@@ -172,3 +172,12 @@ def test_right_padding_is_refused(gpt2_tiny):
 
 def test_zero_new_tokens(gpt2_tiny):
     assert generate(gpt2_tiny, PROMPTS[0][None], max_new_tokens=0).shape == (1, 0)
+
+
+def test_plain_model_matches_transformers_generate(tiny_model_factory):
+    model = lively(tiny_model_factory())
+    input_ids, attention_mask = left_padded(PROMPTS)
+    ours = generate(model, input_ids, attention_mask, max_new_tokens=8)
+    theirs = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8, min_new_tokens=8,
+                            do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours, theirs[:, input_ids.shape[1]:])

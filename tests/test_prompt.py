@@ -172,7 +172,8 @@ def test_a_wrong_tensor_is_a_user_error(llama_tiny):
         model.prompt_encoder.load_peft_state_dict({}, "f.safetensors")
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_factory):
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_factory, use_reentrant):
     gradients = []
     for checkpointing in (False, True):
         model = get_peft_model(without_dropout(tiny_model_factory()), PromptTuningConfig(num_virtual_tokens=3))
@@ -180,7 +181,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_factory):
         with torch.no_grad():
             model.prompt_encoder.embedding.weight.normal_()
         if checkpointing:
-            model.base_model.gradient_checkpointing_enable()
+            model.base_model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
         model.train()
         model(input_ids=TOKENS, labels=TOKENS).loss.backward()
         gradients.append(model.prompt_encoder.embedding.weight.grad)
