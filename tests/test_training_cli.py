@@ -1,0 +1,151 @@
+"""train_llm.py end to end: every method trains, the outputs are where the docs say, user mistakes are one line
+with exit status 2, Ctrl-C saves a checkpoint and exits cleanly, and the default (built-in) run works."""
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from data_fixtures import RECORDS, make_tokenizer, write_json
+from training_fixtures import one_thread  # noqa: F401
+
+from minipeft.adapter_io import load_adapter
+from minipeft.cli import run
+from minipeft.methods import METHODS
+from minipeft.training.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_run_inputs(tmp_path_factory):
+    """A tiny GPT-2 directory with a real tokenizer (``--model DIR``) and an Alpaca JSON file."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    directory = tmp_path_factory.mktemp("tiny_run")
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=256,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(directory / "model")
+    tokenizer.save_pretrained(directory / "model")
+    return directory / "model", write_json(directory / "records.json", RECORDS * 2)
+
+
+def tiny_args(inputs, output_dir, *extra) -> list:
+    model_dir, records = inputs
+    return ["--model", str(model_dir), "--dataset_path", str(records), "--no_cache", "--output_dir", str(output_dir),
+            "--batch_size", "4", "--max_steps", "3", "--log_every", "1", *extra]
+
+
+METHOD_FLAGS = {"selective": ["--freeze_layers", "0"], "prefix": ["--prefix_length", "4"],
+                "prompt": ["--num_virtual_tokens", "4"], "adapter": ["--adapter_size", "8"]}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_through_train_llm(tiny_run_inputs, tmp_path, capsys, method):
+    if importlib.util.find_spec(METHODS[method].module) is None:
+        pytest.skip(f"{METHODS[method].module} does not exist yet")
+    argv = tiny_args(tiny_run_inputs, tmp_path, "--modification_type", method, *METHOD_FLAGS.get(method, []))
+    assert run(main, argv) == 0
+    out = capsys.readouterr().out
+    assert "Epoch 0 | Step 1/3 | Loss: " in out and f"adapter:      {tmp_path / 'adapter'}" in out
+
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["steps"] == 3 and summary["modification_type"] == method
+    assert summary["trainable_params"] > 0 and 0 < summary["trainable_ratio_percent"] < 100
+    for key in ("eval_loss_before", "eval_loss", "eval_perplexity", "train_loss", "train_minutes",
+                "peak_memory_mb", "adapter_size_bytes", "train_tokens_per_s", "inference_tokens_per_s"):
+        assert summary[key] is not None and summary[key] > 0, key
+    assert summary["eval_perplexity"] == pytest.approx(math.exp(summary["eval_loss"]), rel=1e-12)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [record["step"] for record in records if record["kind"] == "train"] == [1, 2, 3]
+    config = json.loads((tmp_path / "train_config.json").read_text())
+    assert config["plan"]["total_steps"] == 3 and config["training"]["max_steps"] == 3
+
+    # the saved adapter is the trained one: it loads strictly onto a fresh base and carries its metadata
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == METHODS[method].peft_type
+    assert adapter_config["minipeft"]["template"] == "alpaca"
+    assert adapter_config["minipeft"]["training"]["max_steps"] == 3
+    from transformers import AutoModelForCausalLM
+
+    load_adapter(AutoModelForCausalLM.from_pretrained(tiny_run_inputs[0]), tmp_path / "adapter")
+    assert (tmp_path / "best" / "adapter_model.safetensors").is_file()
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-3"]  # last 2
+
+
+def test_resume_from_the_command_line_continues_the_run(tiny_run_inputs, tmp_path, capsys):
+    assert run(main, tiny_args(tiny_run_inputs, tmp_path, "--lr_schedule", "constant")) == 0
+    assert run(main, tiny_args(tiny_run_inputs, tmp_path)) == 2
+    assert "holds checkpoints of an earlier run; pass --resume latest" in capsys.readouterr().err
+    argv = tiny_args(tiny_run_inputs, tmp_path, "--lr_schedule", "constant", "--resume", "latest")
+    argv[argv.index("--max_steps") + 1] = "5"
+    assert run(main, argv) == 0
+    assert "resumed from" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a CUDA GPU"),
+    (["--resume", "latest"], "--resume latest: no checkpoint in"),
+    (["--lora_rank", "0"], "--lora_rank"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: must be a positive integer"),
+    (["--warmup_steps", "2", "--warmup_ratio", "0.1"], "give one of them, not both"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--min_lr", "1"], "--"),
+    (["--modification_type", "prefix", "--gradient_checkpointing"], "--gradient_checkpointing cannot be used"),
+])
+def test_user_mistakes_are_one_line_and_exit_status_2(tiny_run_inputs, tmp_path, capsys, extra, message):
+    assert run(main, tiny_args(tiny_run_inputs, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_run_inputs, tmp_path):
+    argv = tiny_args(tiny_run_inputs, tmp_path)
+    argv[argv.index("--max_steps") + 1] = "100000"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_llm.py"), *argv, "--save_every", "100000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and '"kind": "train"' in metrics.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "SIGINT: finishing this step and saving a checkpoint" in out + err
+    assert "interrupted at step" in out and "--resume latest" in out
+    checkpoints = list((tmp_path / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def builtin_model_available() -> bool:
+    try:
+        from minipeft.builtin import MODEL_DIR, default_dataset_path
+    except ImportError:
+        return False
+    return (Path(MODEL_DIR) / "config.json").is_file() and Path(default_dataset_path()).is_file()
+
+
+@pytest.mark.skipif(not builtin_model_available(), reason="the built-in model (minipeft/builtin/model) is not built")
+def test_the_seed_command_runs_on_the_builtin_model(tmp_path, capsys):
+    argv = ["--modification_type", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--epochs", "3",
+            "--learning_rate", "1e-5", "--output_dir", str(tmp_path), "--max_steps", "3", "--no_cache",
+            "--eval_max_batches", "2"]
+    assert run(main, argv) == 0
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["model"] == "builtin" and summary["steps"] == 3
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == "builtin"
