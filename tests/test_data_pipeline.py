@@ -42,6 +42,14 @@ def test_build_dataloaders_end_to_end(records_file, tiny_tokenizer, tmp_path):  
     assert "Loaded 12 records" in lines and "Split (seed 42): 9 train / 3 validation records" in lines
 
 
+def test_worker_processes_give_the_same_batches(records_file, tiny_tokenizer, tmp_path):  # noqa: F811
+    in_process, _, _ = build_dataloaders(config_for(records_file, tmp_path, packing=True), tiny_tokenizer)
+    workers, _, _ = build_dataloaders(config_for(records_file, tmp_path, packing=True, num_workers=1), tiny_tokenizer)
+    assert workers.num_workers == 1
+    for a, b in zip(in_process, workers, strict=True):
+        assert all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_same_seed_and_epoch_give_the_same_batches(records_file, tiny_tokenizer, tmp_path):  # noqa: F811
     config = config_for(records_file, tmp_path, batch_size=2)
     first, _, _ = build_dataloaders(config, tiny_tokenizer)

@@ -71,8 +71,9 @@ class DataReport:
         trained_on = "prompt + response + EOS" if self.train_on_inputs else "response + EOS (prompt labels -100)"
         lines += [
             f"Template {self.template}; max_length {self.max_length}; loss on the {trained_on}",
-            f"Tokenized {self.records_loaded:,} records: {self.tokens_total:,} tokens; tokens per record "
-            f"min {p['min']}, p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, max {p['max']} (mean {p['mean']})",
+            f"Tokenized shape: {self.records_loaded:,} records x {p['min']}..{p['max']} tokens (unpadded; "
+            f"{self.tokens_total:,} tokens); per record p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, "
+            f"mean {p['mean']}",
             f"Truncated {self.truncated:,} records to {self.max_length} tokens "
             f"({self.response_cut:,} of them lost response tokens and their EOS)",
         ]
