@@ -122,7 +122,13 @@ def plot_loss_curve(metrics_path: Path, png_path: Path):
              if record["kind"] == "eval" and record["eval_loss"] is not None]
     figure, axes = plt.subplots(figsize=(7, 4))
     if train:
-        axes.plot(*zip(*train), label="train loss (per step)", linewidth=1, alpha=0.8)
+        steps, losses = zip(*train)
+        axes.plot(steps, losses, label="train loss (per step)", linewidth=0.8, alpha=0.4)
+        window = max(1, len(losses) // 25)  # a running mean, so that the trend shows through the noise
+        if window > 1:
+            smoothed = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                        for i in range(len(losses))]
+            axes.plot(steps, smoothed, label=f"train loss (mean of {window} steps)", linewidth=1.5)
     if evals:
         axes.plot(*zip(*evals), "o-", label="eval loss", linewidth=2)
     axes.set_xlabel("optimizer step")
