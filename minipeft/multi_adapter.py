@@ -417,7 +417,7 @@ class MultiLoRALinear(nn.Module):
                 lora_a[slot, :layer.r] = layer.lora_A.weight
                 lora_b[slot, :, :layer.r] = layer.lora_B.weight * layer.scaling
                 if hasattr(layer, "lora_magnitude_vector"):
-                    magnitude_scale[slot] = layer.lora_magnitude_vector.weight / layer.weight_norm()
+                    magnitude_scale[slot] = layer.lora_magnitude_vector / layer.weight_norm()
         self.register_buffer("lora_A", lora_a, persistent=False)
         self.register_buffer("lora_B", lora_b, persistent=False)
         self.register_buffer("magnitude_scale", magnitude_scale, persistent=False)
