@@ -65,6 +65,7 @@ def test_every_method_trains_through_train_llm(tiny_run_inputs, tmp_path, capsys
                 "peak_memory_mb", "adapter_size_bytes", "train_tokens_per_s", "inference_tokens_per_s"):
         assert summary[key] is not None and summary[key] > 0, key
     assert summary["eval_perplexity"] == pytest.approx(math.exp(summary["eval_loss"]), rel=1e-12)
+    assert summary["eval_loss"] != summary["eval_loss_before"]  # the adapter trained
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [record["step"] for record in records if record["kind"] == "train"] == [1, 2, 3]
     config = json.loads((tmp_path / "train_config.json").read_text())

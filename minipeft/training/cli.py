@@ -205,6 +205,7 @@ def run(args, config: TrainingConfig, data_config, context) -> int:
         "trainable_params": stats.trainable,
         "total_params": stats.total,
         "trainable_ratio_percent": stats.ratio,
+        # the last epoch's (or the current partial epoch's) loss: total NLL / total target tokens of its steps
         "train_loss": state["epoch_nll"] / state["epoch_target_tokens"] if state["epoch_target_tokens"] else None,
         "eval_loss_before": state["eval_loss_before"],
         "eval_perplexity_before": state["eval_perplexity_before"],
