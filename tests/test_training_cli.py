@@ -150,3 +150,20 @@ def test_the_seed_command_runs_on_the_builtin_model(tmp_path, capsys):
     assert summary["model"] == "builtin" and summary["steps"] == 3
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == "builtin"
+
+
+def test_loss_curve_is_drawn_with_matplotlib_and_explained_without(tmp_path, capsys, monkeypatch):
+    from minipeft.training.metrics import MetricsLog, plot_loss_curve
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(1, 60):
+        log.write({"kind": "train", "step": step, "loss": 3.0 / step, "lr": 1e-3})
+    log.write({"kind": "train", "step": 60, "loss": float("nan"), "lr": 1e-3})  # a skipped step: null
+    log.write({"kind": "eval", "step": 60, "eval_loss": 0.5})
+    pytest.importorskip("matplotlib")
+    png = plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss_curve.png")
+    assert png == tmp_path / "loss_curve.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plot extra were not installed
+    assert plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "other.png") is None
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "matplotlib is not installed" in out[0] and not (tmp_path / "other.png").exists()
