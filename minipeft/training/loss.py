@@ -18,7 +18,6 @@ validation set, for the same reason.
 
 import math
 
-import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100

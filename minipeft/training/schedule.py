@@ -3,14 +3,13 @@
 Steps are *optimizer* steps (one per accumulation window), counted from 0. The lr is set on the optimizer
 before every step, so the schedule has no state of its own: a resumed run only needs the step number.
 
-::
+With ``w = warmup_steps``, ``T = total_steps`` and ``progress = (step - w) / (T - w)`` (0 -> 1 after warmup)::
 
-    lr ▲  warmup      constant ───────────────────────────────
-       │   ╱‾‾‾‾‾‾‾‾‾‾‾╲ linear ─────────╲___
-       │  ╱              ╲ cosine ────────╲___
-       │ ╱                                    ╲___ min_lr
-       └──────┴──────────────────────────────────────► step
-            warmup_steps                          total_steps
+    step       0 ........ w ........................ T
+    warmup     lr/(w+1) ↗ lr        (every schedule)
+    constant              lr ─────────────────────── lr
+    linear                lr ╲______________________ min_lr      straight line
+    cosine                lr ‾‾‾‾‾‾╲╲╲______________ min_lr      ½(1 + cos π·progress): flat at both ends
 
 - warmup (every schedule): ``lr · (step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps``; it never
   gives 0, so the first step already trains (and the gradient check after it has something to check);
