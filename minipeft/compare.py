@@ -337,8 +337,11 @@ def check_method_flags(args, methods: list) -> None:
 def check_positions(args, methods: list, model_config) -> None:
     """``--max_length`` plus the virtual tokens of prompt/prefix tuning must fit the model's positions."""
     positions = getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
-    virtual = max([args.num_virtual_tokens or 20] * ("prompt" in methods) + [args.prefix_length or 20] * ("prefix" in methods)
-                  + [0])
+    virtual = 0  # tokens put in front of every record (20 by default)
+    if "prompt" in methods:
+        virtual = max(virtual, args.num_virtual_tokens or 20)
+    if "prefix" in methods:
+        virtual = max(virtual, args.prefix_length or 20)
     if positions is not None and args.max_length + virtual > positions:
         raise UserError(f"--max_length {args.max_length}" + (f" + {virtual} virtual tokens" if virtual else "")
                         + f" exceeds the model's {positions} positions; lower --max_length")

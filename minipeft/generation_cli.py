@@ -278,7 +278,8 @@ def check_sampling_flags(args) -> None:
     """Sampling flags without ``--do_sample`` would be ignored: say so instead."""
     given = [f"--{name}" for name in ("temperature", "top_k", "top_p", "seed") if getattr(args, name) is not None]
     if given and not args.do_sample:
-        raise UserError(f"{', '.join(given)} only apply when sampling; add --do_sample (greedy decoding is the default)")
+        raise UserError(f"{', '.join(given)} only apply when sampling; add --do_sample "
+                        "(greedy decoding is the default)")
 
 
 def load_for_generation(model_name: str, adapter_dir, dtype, device):

@@ -31,7 +31,8 @@ def comparison(workspace):
     root, model_dir = workspace
     out = root / "out"
     arguments = ["--model", str(model_dir), "--dataset_path", str(root / "data.json"), "--methods", "lora,prompt,ia3",
-                 "--max_records", "40", "--val_size", "8", "--max_length", "100", "--max_steps", "4", "--batch_size", "4",
+                 "--max_records", "40", "--val_size", "8", "--max_length", "100", "--max_steps", "4",
+                 "--batch_size", "4",
                  "--learning_rate", "lora=5e-3", "--lora_rank", "2", "--speed_tokens", "4", "--device", "cpu",
                  "--output_dir", str(out)]
     assert compare_main(arguments) == 0

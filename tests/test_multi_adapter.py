@@ -144,7 +144,8 @@ def test_mixed_adapter_generation_equals_each_row_alone():
     names = ["a", None, "b"]
     width = max(len(p) for p in prompts)
     input_ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
-    mask = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), torch.ones_like(p)]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), torch.ones_like(p)])
+                        for p in prompts])
     mixed = model.generate(input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=6)
     assert model.active_adapter == "b"  # restored afterwards
     for row, (prompt, name) in enumerate(zip(prompts, names)):
