@@ -152,10 +152,11 @@ def tokenize_records(records, tokenizer, template: str = "alpaca", max_length: i
     responses = encode_texts(tokenizer, [response for _, response in pairs], add_special_tokens=False, progress=show)
 
     examples, truncated, response_cut = [], [], []
+    bos = tokenizer.bos_token_id
     for prompt_ids, response_ids in zip(prompts, responses):
         if not response_ids or response_ids[-1] != eos:  # a chat template may already end the turn with EOS
             response_ids = response_ids + [eos]
-        kept_prompt, kept_response = truncate_example(prompt_ids, response_ids, max_length, tokenizer.bos_token_id)
+        kept_prompt, kept_response = truncate_example(prompt_ids, response_ids, max_length, bos)
         examples.append((kept_prompt, kept_response))
         truncated.append(len(kept_prompt) + len(kept_response) < len(prompt_ids) + len(response_ids))
         response_cut.append(len(kept_response) < len(response_ids))
