@@ -129,7 +129,7 @@ def test_the_report_cli_shows_samples_and_their_mask(records_file, tokenizer_dir
     assert status == 0
     assert "Loaded 12 records from" in out and "columns: input, instruction, output" in out
     assert "DataLoader batch: input_ids (4, " in out
-    assert "pad every batch to max_length 256 (the seed)" in out and "grouped by length" in out
+    assert "pad every batch to max_length 256 (the seed's way)" in out and "grouped by length" in out
     assert out.count("--- sample ") == 2 and "trained on (labels != -100):" in out
     assert "<|endoftext|>" in out and " x\n" in out and " .\n" in out  # the EOS and both kinds of rows
 

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         raise UserError(f"--num_samples {args.num_samples}: must be 0 or more")
     config = data_config_from_args(args)
     tokenizer = load_tokenizer(args.model)
-    train_loader, val_loader, report = build_dataloaders(config, tokenizer)
+    train_loader, _, report = build_dataloaders(config, tokenizer)
     print("\n".join(report.summary_lines()))
 
     batch = next(iter(train_loader))
@@ -68,8 +68,13 @@ def main(argv=None) -> int:
 
     for number in range(min(args.num_samples, len(train_examples))):
         example = train_examples[number]
-        print()
+        record_index = train_examples.indices[number]
         title = f"sample {number + 1} of {args.num_samples} (train)"
+        if train_examples.tokenized.response_cut[record_index]:
+            title += f", truncated to {config.max_length} inside the response (no EOS)"
+        elif train_examples.tokenized.truncated[record_index]:
+            title += f", prompt truncated to fit {config.max_length}"
+        print()
         print("\n".join(describe_sample(title, train_examples.record(number), example["input_ids"],
                                         example["labels"], tokenizer)))
     return 0

@@ -122,7 +122,7 @@ def padding_by_mode(lengths, config) -> list[tuple[str, float, int]]:
     lengths = np.asarray(lengths)
     packed_lengths = np.array([lengths[bin_].sum() for bin_ in pack_by_length(lengths, config.max_length)])
     modes = [  # (name, lengths of the sequences, padding, group_by_length)
-        (f"pad every batch to max_length {config.max_length} (the seed)", lengths, "max_length", False),
+        (f"pad every batch to max_length {config.max_length} (the seed's way)", lengths, "max_length", False),
         ("pad to the longest in the batch, random batches", lengths, "longest", False),
         ("pad to the longest in the batch, grouped by length", lengths, "longest", True),
         (f"packing into {config.max_length}-token sequences, grouped by length", packed_lengths, "longest", True),
