@@ -85,9 +85,14 @@ def shown(path: Path) -> str:
         return str(path)
 
 
+# Measured, machine-dependent figures (speed, memory) live in docs/benchmarks.md, written by the benchmarks in
+# bench/; this checker neither regenerates nor checks that page.
+NOT_CHECKED = {"benchmarks.md"}
+
+
 def pages() -> list:
-    """Every Markdown page under docs/, in a stable order."""
-    return sorted(DOCS_DIR.rglob("*.md"))
+    """Every Markdown page under docs/ (except :data:`NOT_CHECKED`), in a stable order."""
+    return sorted(path for path in DOCS_DIR.rglob("*.md") if path.name not in NOT_CHECKED)
 
 
 def read_fence(lines: list, start: int, page: Path):
@@ -106,13 +111,30 @@ def read_fence(lines: list, start: int, page: Path):
     return info, index + 1, end
 
 
+def fenced_lines(lines: list) -> set:
+    """Indices of the lines inside fenced blocks, fence lines included (```` fences may hold ``` ones)."""
+    inside, opening = set(), None
+    for number, line in enumerate(lines):
+        run = re.match(r"^(`{3,})", line)
+        if opening is None and run:
+            opening = run.group(1)
+        elif opening is not None:
+            if line.rstrip() == opening:
+                opening = None
+        else:
+            continue
+        inside.add(number)
+    return inside
+
+
 def parse_page(page: Path) -> list:
-    """The checked blocks of ``page``, in order."""
+    """The checked blocks of ``page``, in order (a marker inside a fenced block is an example, not a block)."""
     lines = page.read_text(encoding="utf-8").split("\n")
+    in_fence = fenced_lines(lines)
     blocks = []
     for number, line in enumerate(lines):
         match = MARKER.match(line)
-        if not match:
+        if not match or number in in_fence:
             continue
         spec = match.group("spec").strip()
         if spec == "python":
@@ -225,13 +247,8 @@ def prose_and_outputs(page: Path):
     lines = page.read_text(encoding="utf-8").split("\n")
     blocks = parse_page(page)
     outputs = "\n".join(block.expected for block in blocks)
-    prose, inside = [], False
-    for line in lines:
-        if FENCE.match(line) or (inside and line.rstrip() == "```"):
-            inside = not inside
-            continue
-        if not inside and not MARKER.match(line):
-            prose.append(line)
+    in_fence = fenced_lines(lines)
+    prose = [line for number, line in enumerate(lines) if number not in in_fence and not MARKER.match(line)]
     return "\n".join(prose), outputs
 
 
