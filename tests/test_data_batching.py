@@ -82,6 +82,19 @@ def test_left_and_right_padding_give_the_same_loss(tokenized, architecture):
     assert (naive - right_loss).abs().max() > 1e-3
 
 
+def test_model_inputs_pass_positions_only_where_the_defaults_are_wrong(tokenized):
+    indices = list(range(len(tokenized)))
+    right, left = (model_inputs(collate(tokenized, indices, padding_side=side)) for side in ("right", "left"))
+    assert set(right) == {"input_ids", "attention_mask"}
+    assert set(left) == {"input_ids", "attention_mask", "position_ids"}
+    first_real = left["attention_mask"].argmax(1)
+    assert (left["position_ids"].gather(1, first_real[:, None]) == 0).all()
+    examples = InstructionDataset(tokenized, indices)
+    packed = PackedDataset(examples, max_length=256)
+    packed_inputs = model_inputs(PaddingCollator(0)([packed[i] for i in range(len(packed))]))
+    assert set(packed_inputs) == {"input_ids", "position_ids", "use_cache"} and packed_inputs["use_cache"] is False
+
+
 def per_record_losses_packed(model, packed_dataset, batch):
     """{example index: summed loss} from a packed batch, splitting each row at the restarts of position_ids."""
     losses = token_losses(model, batch)  # (B, T-1)

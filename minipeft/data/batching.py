@@ -126,22 +126,24 @@ class PaddingCollator:
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
-    """The keyword arguments for ``model(**model_inputs(batch))``: everything but the labels.
+    """The keyword arguments for ``model(**model_inputs(batch))``: everything the model needs, no labels.
 
-    * Unpacked batches: ``position_ids`` are counted over real tokens only (``cumsum(attention_mask) - 1``),
-      so a left-padded record sits at the same positions, and has the same loss, as a right-padded one
-      (GPT-2 otherwise numbers positions from the first column, padding included).
-    * Packed batches carry ``position_ids`` that restart at 0 for each record and are passed without an
-      ``attention_mask``: transformers (``masking_utils.find_packed_sequence_indices``) then reads the
-      restarts and builds a block-diagonal causal mask, so no record attends to another.
-    * ``use_cache=False``: training needs no key/value cache, and with one transformers skips the
-      detection of packed sequences (records would silently attend to each other).
+    * Right-padded batches: ``input_ids`` and ``attention_mask``, nothing more (the model's default
+      positions 0, 1, 2, ... are already right).
+    * Left-padded batches (some row starts with padding): also ``position_ids`` counted over real tokens
+      only (``cumsum(attention_mask) - 1``), so a record sits at the same positions, and has the same
+      loss, as when right-padded; GPT-2 would otherwise number positions from the first column.
+    * Packed batches: ``position_ids`` that restart at 0 for each record, and no ``attention_mask``:
+      transformers (``masking_utils.find_packed_sequence_indices``) then reads the restarts and builds a
+      block-diagonal causal mask, so no record attends to another. ``use_cache=False``: with a key/value
+      cache transformers skips that detection, and the records would silently attend to each other.
     """
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "position_ids": position_ids, "use_cache": False}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if (batch["attention_mask"][:, 0] == 0).any():
+        inputs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return inputs
 
 
 class LengthGroupedBatchSampler(Sampler):
