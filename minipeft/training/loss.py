@@ -20,6 +20,8 @@ import math
 
 import torch.nn.functional as F
 
+from minipeft.data.batching import model_inputs
+
 IGNORE_INDEX = -100
 
 
@@ -42,7 +44,9 @@ def causal_lm_loss_sum(model, batch: dict):
         ``n_target_tokens``: a long scalar tensor.
     """
     labels = batch["labels"]
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    # Packed batches go in without their 2-D mask (transformers then builds the block-diagonal one from
+    # position_ids), left-padded ones with position_ids: see minipeft.data.batching.model_inputs.
+    inputs = model_inputs(batch)
     logits = model(**inputs).logits  # (B, T', V); T' = T, or P + T when prompt tuning prepends P virtual tokens
     logits = logits[:, -labels.shape[1]:, :]  # (B, T, V): the positions that line up with the labels
     shift_logits = logits[:, :-1, :]  # (B, T-1, V): position t predicts token t+1 ...
