@@ -22,6 +22,7 @@ bad byte into a lone surrogate character (U+DC80 + byte); a record holding one i
 with its byte.
 """
 
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ def load_records(path, instruction_column: str = "instruction", input_column: st
 
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        file_format, rows = "csv", _read_csv(path, separator="\t" if suffix == ".tsv" else ",")
+        file_format, rows = "csv", _read_csv(path, raw, separator="\t" if suffix == ".tsv" else ",")
     elif suffix in (".jsonl", ".ndjson") or (suffix != ".json" and text.lstrip().startswith("{")):
         file_format, rows = "jsonl", _read_json_lines(path, text)
     elif text.lstrip().startswith("[") or suffix == ".json":
@@ -138,12 +139,12 @@ def _read_json_lines(path: Path, text: str):
     return rows
 
 
-def _read_csv(path: Path, separator: str):
+def _read_csv(path: Path, raw: bytes, separator: str):
     """Every cell read as text (empty cells stay ``""``, never NaN); rows numbered from 1 after the header."""
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False,
+        frame = pd.read_csv(io.BytesIO(raw), sep=separator, dtype=str, keep_default_na=False,
                             encoding="utf-8", encoding_errors="surrogateescape")
     except (pd.errors.EmptyDataError, pd.errors.ParserError, ValueError, UnicodeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
