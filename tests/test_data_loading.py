@@ -78,8 +78,8 @@ def test_bad_records_are_skipped_counted_and_explained(tmp_path):
     reasons = dict(loaded.skipped)
     assert reasons[f"record {len(RECORDS)}"] == "no 'output' field"
     assert reasons[f"record {len(RECORDS) + 1}"] == "empty 'output'"
-    assert reasons[f"record {len(RECORDS) + 2}"] == "field 'instruction' is a int, expected text"
-    assert reasons[f"record {len(RECORDS) + 3}"].startswith("is a JSON str")
+    assert reasons[f"record {len(RECORDS) + 2}"] == "field 'instruction' is a JSON number, expected a string"
+    assert reasons[f"record {len(RECORDS) + 3}"].startswith("is a JSON string")
     with pytest.raises(UserError, match=r"4 of 16 records \(25%\) are unusable, more than --max_invalid_fraction "
                                         r"0.1; first: record 12: no 'output' field"):
         load_records(path, max_invalid_fraction=0.1)
@@ -109,7 +109,7 @@ BAD_FILES = [
     ("empty.json", b"  \n", "empty.json: the file is empty"),
     ("broken.json", b'[{"instruction": "a", "output": "b"},', "broken.json: not valid JSON (line 1 column 38"),
     ("object.json", b'{"data": [1, 2]}', "object.json: expected a JSON array of records"),
-    ("number.json", b"42", "number.json: expected a JSON array of records, found a JSON int"),
+    ("number.json", b"42", "number.json: expected a JSON array of records, found a JSON number"),
     ("columns.json", b'[{"question": "a", "answer": "b"}]',
      "columns.json: no 'instruction' column (columns found: answer, question); name the right one with "
      "--instruction_column"),

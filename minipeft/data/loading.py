@@ -119,7 +119,7 @@ def _read_json(path: Path, text: str):
         raise UserError(f"{path}: expected a JSON array of records (or one record per line, JSON Lines), "
                         f"found one object with keys: {keys}")
     if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON array of records, found a JSON {type(data).__name__}")
+        raise UserError(f"{path}: expected a JSON array of records, found a JSON {_json_type(data)}")
     return "json", [(f"record {index}", row) for index, row in enumerate(data)]
 
 
@@ -177,9 +177,9 @@ def _records_from_row(where: str, row, columns: tuple[str, str, str]):
         yield where, row.reason
         return
     if not isinstance(row, dict):
-        yield where, f"is a JSON {type(row).__name__}, expected an object with {columns[0]!r} and {columns[2]!r}"
+        yield where, f"is a JSON {_json_type(row)}, expected an object with {columns[0]!r} and {columns[2]!r}"
         return
-    instruction_column, input_column, output_column = columns
+    instruction_column, _, output_column = columns
     if "instances" in row and output_column not in row:
         instances = row["instances"]
         if not isinstance(instances, list) or not instances:
@@ -188,7 +188,7 @@ def _records_from_row(where: str, row, columns: tuple[str, str, str]):
         for number, instance in enumerate(instances, start=1):
             here = f"{where}, instance {number}"
             if not isinstance(instance, dict):
-                yield here, f"is a JSON {type(instance).__name__}, expected an object"
+                yield here, f"is a JSON {_json_type(instance)}, expected an object"
                 continue
             yield _make_record(here, {**instance, instruction_column: row.get(instruction_column)}, columns)
         return
@@ -206,7 +206,7 @@ def _make_record(where: str, row: dict, columns: tuple[str, str, str]):
         if value is None:
             return where, f"no {column!r} field"
         if not isinstance(value, str):
-            return where, f"field {column!r} is a {type(value).__name__}, expected text"
+            return where, f"field {column!r} is a JSON {_json_type(value)}, expected a string"
         bad = _LONE_SURROGATE.search(value)
         if bad:
             return where, f"field {column!r} is not valid UTF-8 ({_describe_surrogate(bad.group())} " \
@@ -215,6 +215,12 @@ def _make_record(where: str, row: dict, columns: tuple[str, str, str]):
     if not values[output_column].strip():
         return where, f"empty {output_column!r}"
     return Record(values[instruction_column], values[input_column], values[output_column], where)
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _describe_surrogate(character: str) -> str:
