@@ -115,10 +115,15 @@ def encode_texts(tokenizer, texts: list[str], add_special_tokens: bool, progress
     return ids
 
 
+def prompt_needs_special_tokens(template: str) -> bool:
+    """Chat prompts already hold their special tokens as text; the others get the tokenizer's own (e.g. BOS)."""
+    return template != "chat"
+
+
 def encode_prompt(instruction: str, input: str, template: str, tokenizer) -> list[int]:
     """The prompt's token ids exactly as in training: what generation should feed the model."""
     prompt = format_prompt(instruction, input, template, tokenizer)
-    return encode_texts(tokenizer, [prompt], add_special_tokens=template != "chat")[0]
+    return encode_texts(tokenizer, [prompt], prompt_needs_special_tokens(template))[0]
 
 
 def truncate_example(prompt_ids: list[int], response_ids: list[int], max_length: int,
@@ -146,8 +151,7 @@ def tokenize_records(records, tokenizer, template: str = "alpaca", max_length: i
 
     pairs = [prompt_and_response(record, template, tokenizer) for record in records]
     show = progress and len(records) >= PROGRESS_MIN_RECORDS
-    # Chat prompts already contain their special tokens as text; the others get the tokenizer's own (e.g. BOS).
-    prompts = encode_texts(tokenizer, [prompt for prompt, _ in pairs], add_special_tokens=template != "chat",
+    prompts = encode_texts(tokenizer, [prompt for prompt, _ in pairs], prompt_needs_special_tokens(template),
                            progress=show)
     responses = encode_texts(tokenizer, [response for _, response in pairs], add_special_tokens=False, progress=show)
 
