@@ -313,6 +313,8 @@ def write_jsonl_atomically(path, rows: list) -> None:
 
 
 def main(argv=None) -> int:
+    from transformers.utils import logging as transformers_logging
+
     args = build_parser().parse_args(argv)
     check_sampling_flags(args)
     if args.input and not args.prompt:
@@ -320,6 +322,7 @@ def main(argv=None) -> int:
     prompts = ([Prompt(text, args.input) for text in args.prompt] if args.prompt
                else read_prompts_file(args.prompts_file))
     model_name = resolve_model_name(args.model, args.adapter)
+    transformers_logging.disable_progress_bar()
     model, tokenizer = load_for_generation(model_name, args.adapter, DTYPES[args.dtype], resolve_device(args.device))
     template = resolve_template(args.template, args.adapter, model_name, tokenizer)
     stream = sys.stdout if len(prompts) == 1 and not args.no_stream else None

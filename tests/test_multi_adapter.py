@@ -66,6 +66,9 @@ def test_switching_between_methods_equals_each_adapter_alone(family, batch, tmp_
         with model.disable_adapters():
             assert torch.equal(model(**batch).logits, base_logits)
         assert model.active_adapter == name
+        if name == "prefix":  # generation goes through the active adapter too (its prefix in the KV cache)
+            expected_tokens = load_adapter(factory(), directories[name]).generate(batch["input_ids"], max_new_tokens=3)
+            assert torch.equal(model.generate(batch["input_ids"], max_new_tokens=3), expected_tokens)
     model.set_adapter(None)
     assert torch.equal(model(**batch).logits, base_logits)
 
