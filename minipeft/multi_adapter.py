@@ -142,7 +142,7 @@ class MultiAdapterModel(nn.Module):
         device = next(self.base_model.parameters()).device
         try:
             peft_model = get_peft_model(self.base_model, config)
-            peft_model.to(device)  # new adapter layers are built on the CPU; dtypes are kept
+            peft_model.to(device)  # in case a method built its layers on the CPU; dtypes are kept
             adapter = NamedAdapter(peft_model, replaced_modules(self.base_model, modules_before))
             for parameter_name, parameter in peft_model.adapter_parameters().items():
                 if id(parameter) in parameters_before:  # a base parameter this method trains in place
