@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from minipeft.data.templates import TEMPLATES
 from minipeft.errors import UserError
 
 
@@ -72,8 +73,6 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the flag when a value cannot work."""
-        from minipeft.data.templates import TEMPLATES
-
         if self.template not in TEMPLATES:
             raise UserError(f"--template {self.template}: unknown template; choose one of {', '.join(TEMPLATES)}")
         choices = {"padding": ("longest", "max_length"), "padding_side": ("right", "left")}
