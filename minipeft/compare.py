@@ -150,6 +150,8 @@ def compare_method(name: str, base_model, tokenizer, loaders, args, template: st
     result = train(peft_model, train_loader, val_loader, config,
                    adapter_metadata={"base_model_name_or_path": args.model, "template": template})
     wall_seconds = time.perf_counter() - started
+    if result["outcome"] == "interrupted":  # Ctrl-C or SIGTERM: the loop saved a checkpoint; stop comparing
+        raise KeyboardInterrupt
     peak = memory.peak_mb()
     state = result["state"]
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)  # the optimizer state is not compared
