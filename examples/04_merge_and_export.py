@@ -52,7 +52,8 @@ assert reloaded_difference < 1e-4
 # 3) transformers' own generate on the exported model writes what minipeft's generate writes with the adapter.
 eos = tokenizer.eos_token_id
 ours = peft_model.generate(prompt, max_new_tokens=12, eos_token_id=eos)[0]
-theirs = plain.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos)[0, prompt.shape[1]:]
+theirs = plain.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+theirs = theirs[0, prompt.shape[1]:]                                  # transformers returns prompt + new tokens
 print("base + adapter (minipeft): ", repr(tokenizer.decode(ours)))
 print("merged model (transformers):", repr(tokenizer.decode(theirs)))
 assert torch.equal(ours[:len(theirs)], theirs)
