@@ -108,6 +108,46 @@ def test_a_documented_command_prints_the_same_in_a_real_process():
     assert check_docs.normalise(result.stdout) == check_docs.normalise(block.expected)
 
 
+SCRIPTS = {"train_llm.py": "minipeft.training.cli", "modify_llm.py": "minipeft.modify",
+           "data_pipeline.py": "minipeft.data.cli"}
+
+
+def documented_commands(page: Path) -> list:
+    """Every command line in the page's ```bash blocks (continuation lines joined, comments dropped)."""
+    commands, inside = [], False
+    for line in re.sub(r"\\\n\s*", " ", page.read_text(encoding="utf-8")).split("\n"):
+        if line.startswith("```"):
+            inside = line.strip() == "```bash"
+        elif inside and line.strip():
+            commands.append(shlex.split(line, comments=True))
+    return commands
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_documented_command_lines_parse_with_todays_flags(page):
+    """A renamed flag or script breaks the commands a reader copies; argparse exits on an unknown flag."""
+    import importlib
+
+    from minipeft.cli import COMMANDS
+
+    for argv in documented_commands(page):
+        if argv[0] == "torchrun":
+            argv = ["python"] + [arg for arg in argv[1:] if not arg.startswith("--nproc")]
+        assert argv[0] == "python", argv
+        if argv[1] == "-m" and argv[2:3] == ["pytest"]:
+            continue
+        if argv[1] == "-m":
+            assert argv[2] == "minipeft" and argv[3] in COMMANDS, argv
+            module, arguments = COMMANDS[argv[3]][0], argv[4:]
+        elif argv[1] in SCRIPTS:
+            module, arguments = SCRIPTS[argv[1]], argv[2:]
+            assert (ROOT / argv[1]).is_file()
+        else:  # an example or the docs checker
+            assert (ROOT / argv[1]).is_file(), argv
+            continue
+        importlib.import_module(module).build_parser().parse_args(arguments)
+
+
 STALE_PAGE = """# A page
 
 <!-- doc-check: python -->
