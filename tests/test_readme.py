@@ -1,0 +1,50 @@
+"""The README's methods table states what the code computes: every count is recomputed here."""
+
+import argparse
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from minipeft import get_peft_model
+from minipeft.methods import add_method_arguments, config_from_args
+from minipeft.models import build_from_known_config
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def methods_table_rows():
+    """``(flags, trainable, ratio)`` for each row of the README's methods table."""
+    rows = []
+    for line in README.read_text().splitlines():
+        match = re.match(r"\| `(?P<flags>[^`]+)`.*\| (?P<count>[\d,]+) \((?P<ratio>[\d.]+)%\) \|", line)
+        if match:
+            rows.append((match["flags"], int(match["count"].replace(",", "")), match["ratio"]))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def gpt2_small_meta():
+    """GPT-2 small on the meta device: exact shapes, no memory, built instantly."""
+    with torch.device("meta"):
+        yield build_from_known_config("gpt2")
+
+
+def test_the_table_has_a_row_per_method():
+    flags = [row[0].split()[0] for row in methods_table_rows()]
+    assert set(flags) == {"lora", "dora", "ia3", "adapter", "prefix", "prompt", "selective", "bitfit"}
+
+
+@pytest.mark.parametrize("flags, trainable, ratio", methods_table_rows())
+def test_count_and_ratio_are_what_the_code_computes(gpt2_small_meta, flags, trainable, ratio):
+    parser = argparse.ArgumentParser()
+    add_method_arguments(parser)
+    args = parser.parse_args(["--modification_type"] + shlex.split(flags))
+    with torch.device("meta"):
+        model = copy.deepcopy(gpt2_small_meta)
+        stats = get_peft_model(model, config_from_args(args, model, None)).parameter_stats()
+    assert stats.trainable == trainable
+    assert f"{stats.ratio:.4f}" == ratio
