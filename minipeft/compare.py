@@ -21,7 +21,9 @@ Columns of the table (``comparison.md``, ``comparison.json``, and ``comparison.p
 - trainable parameters and their share of the total (tied weights counted once);
 - train time: seconds spent in training steps (evaluation excluded); peak memory: the process's peak
   resident memory during this method's run on CPU (Linux resets the high-water mark between methods through
-  ``/proc/self/clear_refs``), or the peak CUDA allocation on a GPU;
+  ``/proc/self/clear_refs``), or the peak CUDA allocation on a GPU. Either includes the untouched base model
+  that the comparison keeps for the next method (one model's size more than a single training run needs), so
+  compare the differences between rows;
 - train loss: mean over the last 10 steps (token-weighted); eval loss before → after, eval perplexity
   ``exp(total NLL / target tokens)`` after;
 - adapter size on disk (``adapter_model.safetensors`` + config);
