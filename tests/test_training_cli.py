@@ -80,7 +80,8 @@ def test_every_method_trains_through_train_llm(tiny_run_inputs, tmp_path, capsys
 
     load_adapter(AutoModelForCausalLM.from_pretrained(tiny_run_inputs[0]), tmp_path / "adapter")
     assert (tmp_path / "best" / "adapter_model.safetensors").is_file()
-    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-3"]  # last 2
+    kept = {path.name for path in (tmp_path / "checkpoints").iterdir()}
+    assert kept == {"step-2", "step-3", f"step-{summary['best_step']}"}  # the last 2 and the best
 
 
 def test_resume_from_the_command_line_continues_the_run(tiny_run_inputs, tmp_path, capsys):

@@ -108,7 +108,7 @@ def test_accumulated_window_has_the_gradient_of_one_big_batch():
 def test_b_times_k_trains_like_one_batch_of_bk_including_a_short_last_window(tmp_path):
     micro_batches = make_batches(5, rows=2, length=12, seed=8)  # k=2: windows of 2, 2 and 1 micro-batches
     big_batches = [concatenate(micro_batches[0:2]), concatenate(micro_batches[2:4]), micro_batches[4]]
-    settings = dict(epochs=2, max_grad_norm=0.0, eval_every=3, lr_schedule="linear", warmup_steps=1)
+    settings = dict(epochs=2, max_grad_norm=0.0, lr_schedule="linear", warmup_steps=1)
 
     accumulated = tiny_peft_model()
     train(accumulated, ListLoader(micro_batches, shuffle=False), None,
