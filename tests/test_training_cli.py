@@ -105,6 +105,8 @@ def test_resume_from_the_command_line_continues_the_run(tiny_run_inputs, tmp_pat
     (["--warmup_steps", "2", "--warmup_ratio", "0.1"], "give one of them, not both"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--min_lr", "1"], "--"),
     (["--modification_type", "prefix", "--gradient_checkpointing"], "--gradient_checkpointing cannot be used"),
+    (["--val_size", "0", "--early_stopping_patience", "2"], "--early_stopping_patience needs a validation set"),
+    (["--val_size", "0", "--eval_every", "2"], "--eval_every needs a validation set"),
 ])
 def test_user_mistakes_are_one_line_and_exit_status_2(tiny_run_inputs, tmp_path, capsys, extra, message):
     assert run(main, tiny_args(tiny_run_inputs, tmp_path, *extra)) == 2

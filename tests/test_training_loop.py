@@ -316,8 +316,3 @@ def test_early_stopping_and_best_adapter(tmp_path):
     assert (tmp_path / "best" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "checkpoints" / f"step-{state['best_step']}").is_dir()  # the best checkpoint is kept
 
-
-def test_evaluation_flags_without_a_validation_set_are_refused(tmp_path):
-    for flag in ("early_stopping_patience", "eval_every", "eval_max_batches"):
-        with pytest.raises(UserError, match=f"--{flag} needs a validation set"):
-            train(tiny_peft_model(), ListLoader(make_batches(2)), None, run_config(tmp_path, **{flag: 2}))

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from minipeft.adapter_io import config_to_dict
+from minipeft.errors import UserError
 from minipeft.training.config import PRECISIONS, TrainingConfig
 from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.loop import train
@@ -170,6 +171,10 @@ def run(args, config: TrainingConfig, data_config, context) -> int:
     train_loader, val_loader, report = build_dataloaders(data_config, tokenizer, context.rank, context.world_size,
                                                          progress=context.is_main)
     say("\n".join(report.summary_lines()))
+    if val_loader is None:  # a flag that would silently do nothing is an error
+        for flag in ("early_stopping_patience", "eval_every", "eval_max_batches"):
+            if getattr(config, flag):
+                raise UserError(f"--{flag} needs a validation set, and this run has none (--val_size 0)")
     torch.manual_seed(config.seed + context.rank)  # dropout: its own random stream on each process
 
     # 3) the settings, before training (a crashed run still says what it was)

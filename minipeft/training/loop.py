@@ -246,10 +246,6 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
     k = config.gradient_accumulation_steps
     if len(train_loader) == 0:
         raise UserError("the training set is empty: no batch to train on")
-    if val_loader is None:
-        for flag in ("early_stopping_patience", "eval_every", "eval_max_batches"):
-            if getattr(config, flag):
-                raise UserError(f"--{flag} needs a validation set, and this run has none (--val_size 0)")
     steps_per_epoch = math.ceil(len(train_loader) / k)  # the last window of an epoch may be short
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     warmup_steps = warmup_steps_for(total_steps, config.warmup_steps, config.warmup_ratio)
