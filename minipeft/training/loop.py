@@ -26,8 +26,8 @@ Only rank 0 writes files and prints; every process runs the same steps.
 
 import itertools
 import math
-import signal
 import shutil
+import signal
 import sys
 import threading
 import time
