@@ -411,6 +411,7 @@ def main(argv=None) -> int:
         write_text_atomically(output_dir / "comparison.md", table + "\n")
         settings = {"model": args.model, "dataset_path": args.dataset_path, "max_records": args.max_records,
                     "max_length": args.max_length, "max_steps": args.max_steps, "batch_size": args.batch_size,
+                    "eval_max_batches": args.eval_max_batches,
                     "template": template, "train_records": report.train_records, "eval_records": report.val_records,
                     "device": str(device), "precision": args.precision, "seed": args.seed,
                     "command": "python -m minipeft compare " + " ".join(sys.argv[2:] if argv is None else argv)}
