@@ -25,7 +25,8 @@ from minipeft.adapter_io import config_to_dict
 from minipeft.errors import UserError
 from minipeft.training.config import PRECISIONS, TrainingConfig
 from minipeft.training.distributed import init_distributed, shutdown_distributed
-from minipeft.training.loop import train
+from minipeft.training.checkpoint import resolve_resume
+from minipeft.training.loop import check_output_dir, train
 from minipeft.training.metrics import directory_size, peak_memory, plot_loss_curve, write_json_atomically
 from minipeft.training.schedule import SCHEDULES
 
@@ -154,6 +155,9 @@ def run(args, config: TrainingConfig, data_config, context) -> int:
             print(message, flush=True)
 
     output_dir = Path(config.output_dir)
+    check_output_dir(config)  # before minutes of loading, not after
+    if config.resume:
+        resolve_resume(config.resume, output_dir)  # fails now if there is nothing to resume
     arguments = {key: value for key, value in vars(args).items()}
     if config.resume and context.is_main:
         warn_about_changed_settings(output_dir, arguments)

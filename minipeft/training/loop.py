@@ -108,6 +108,14 @@ def enable_gradient_checkpointing(peft_model) -> None:
     base_model.config.use_cache = False
 
 
+def check_output_dir(config: TrainingConfig) -> None:
+    """A new run does not silently replace the checkpoints of an earlier one."""
+    output_dir = Path(config.output_dir)
+    if not config.resume and not config.overwrite_output_dir and list_checkpoints(output_dir / "checkpoints"):
+        raise UserError(f"--output_dir {output_dir}: holds checkpoints of an earlier run; pass --resume latest "
+                        "to continue it, --overwrite_output_dir to start over, or another --output_dir")
+
+
 def set_epoch(loader, epoch: int) -> None:
     """Tell the loader's sampler which epoch it is (its shuffle order is a function of seed and epoch)."""
     for owner in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
@@ -283,9 +291,8 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
         if rng_to_restore is None:
             say("note: the checkpoint has no random state for this process (another number of processes?); "
                 "dropout will differ from the original run")
-    elif list_checkpoints(checkpoints_dir) and not config.overwrite_output_dir:
-        raise UserError(f"--output_dir {output_dir}: holds checkpoints of an earlier run; pass --resume latest "
-                        "to continue it, --overwrite_output_dir to start over, or another --output_dir")
+    else:
+        check_output_dir(config)
     if context.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_incomplete(checkpoints_dir)
