@@ -91,6 +91,10 @@ def _load_smollm2(dtype):
     # transformers dequantizes the Q4_1 weights to float32 while loading (~20 s on 2 cores).
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # The weights are plain float tensors now; drop transformers' "quantized with gguf" marks, or the model
+    # refuses save_pretrained (a merged export) and .half() although nothing in it is quantized.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
     model.config.name_or_path = SMOLLM2_NAME
     model.name_or_path = SMOLLM2_NAME
     return model, tokenizer
