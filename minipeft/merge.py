@@ -119,6 +119,11 @@ def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca"
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
         raise UserError(f"--out {out_dir}: already exists; choose another directory or pass --overwrite")
+    quantizer = getattr(peft_model.base_model, "hf_quantizer", None)
+    if quantizer is not None:
+        method = getattr(quantizer.quantization_config, "quant_method", "?")
+        raise UserError(f"the base model is quantized ({getattr(method, 'value', method)}); merging needs its float "
+                        "weights: load it without quantization")
     peft_model.eval()
     merged = peft_model.merge_and_unload().eval()  # on a copy; raises UserError for methods that cannot merge
     device = next(merged.parameters()).device
