@@ -14,11 +14,12 @@ from minipeft.errors import UserError
 from minipeft.inject import ParameterStats, count_parameters
 from minipeft.lora import LoRAConfig, LoRALinear
 from minipeft.models import load_model_and_tokenizer
+from minipeft.multi_adapter import MultiAdapterModel
 from minipeft.peft_model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRAConfig", "LoRALinear", "ParameterStats", "PeftModel", "UserError", "count_parameters",
+    "LoRAConfig", "LoRALinear", "MultiAdapterModel", "ParameterStats", "PeftModel", "UserError", "count_parameters",
     "get_peft_model", "load_adapter", "load_model_and_tokenizer", "save_adapter",
 ]
