@@ -231,7 +231,8 @@ def run_trainer(args, model, tokenizer) -> list:
         training_args = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=args.batch_size,
             gradient_accumulation_steps=args.accumulation, max_steps=args.warmup + args.steps, learning_rate=2e-4,
-            train_sampling_strategy="group_by_length", bf16=args.precision == "bf16", use_cpu=True, report_to=[], save_strategy="no",
+            train_sampling_strategy="group_by_length", bf16=args.precision == "bf16", use_cpu=True, report_to=[],
+            save_strategy="no",
             logging_strategy="no", dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
         trainer = Trainer(model=peft_model, args=training_args, train_dataset=examples, data_collator=collate,
                           callbacks=[StepTimer()])
@@ -323,8 +324,8 @@ def main() -> int:
     table = {side: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
              for side, runs in results.items() if runs}
     print()
-    print(f"| side | real tokens/s | s / optimizer step | peak RSS (GiB) | achieved GFLOP/s | share of {args.precision} "
-          f"matmul peak |")
+    print(f"| side | real tokens/s | s / optimizer step | peak RSS (GiB) | achieved GFLOP/s "
+          f"| share of {args.precision} matmul peak |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for side, figures in table.items():
         print(f"| {side} | {figures['tokens_per_s']:.1f} | {figures['seconds_per_step']:.2f} | "
