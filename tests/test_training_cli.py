@@ -170,3 +170,17 @@ def test_loss_curve_is_drawn_with_matplotlib_and_explained_without(tmp_path, cap
     assert plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "other.png") is None
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "matplotlib is not installed" in out[0] and not (tmp_path / "other.png").exists()
+
+
+def test_cpu_threads_one_for_a_small_model_unless_told_otherwise(monkeypatch):
+    from minipeft.errors import UserError
+    from minipeft.training.cli import SMALL_MODEL_PARAMETERS, choose_cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert choose_cpu_threads(None, SMALL_MODEL_PARAMETERS - 1) == 1
+    assert choose_cpu_threads(None, SMALL_MODEL_PARAMETERS) == torch.get_num_threads()
+    assert choose_cpu_threads(3, 1_000) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert choose_cpu_threads(None, 1_000) == torch.get_num_threads()
+    with pytest.raises(UserError, match="--num_threads 0"):
+        choose_cpu_threads(0, 1_000)

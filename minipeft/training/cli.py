@@ -15,6 +15,7 @@ write ``metrics.json`` and the loss curve -> say where everything went.
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -65,6 +66,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     add("--tf32", action=argparse.BooleanOptionalAction, default=defaults.tf32,
         help="TensorFloat-32 matmuls on CUDA (default: on; no effect on CPU)")
     add("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    add("--num_threads", type=int, default=None,
+        help="CPU threads for PyTorch (default: 1 for models under 20M parameters, else one per core; "
+             "OMP_NUM_THREADS, when set, wins)")
     add("--gradient_checkpointing", action="store_true",
         help="recompute activations during backward: less memory, more time")
     add("--eval_every", type=int, default=None,
@@ -83,6 +87,22 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     add("--overwrite_output_dir", action="store_true",
         help="start afresh in an --output_dir that holds an earlier run's checkpoints")
     return parser
+
+
+# Below this size a model's matmuls are too small to split across cores: one thread is about as fast, and on a
+# busy machine two spinning OpenMP threads per process make training several times slower.
+SMALL_MODEL_PARAMETERS = 20_000_000
+
+
+def choose_cpu_threads(num_threads, total_parameters: int) -> int:
+    """``--num_threads``, else 1 for a small model, else PyTorch's default (or ``OMP_NUM_THREADS``)."""
+    if num_threads is not None:
+        if num_threads < 1:
+            raise UserError(f"--num_threads {num_threads}: must be a positive integer")
+        return num_threads
+    if "OMP_NUM_THREADS" in os.environ or total_parameters >= SMALL_MODEL_PARAMETERS:
+        return torch.get_num_threads()
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,8 +188,11 @@ def run(args, config: TrainingConfig, data_config, context) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model)
     peft_model = get_peft_model(model, config_from_args(args, model, tokenizer))
     stats = peft_model.parameter_stats()
+    if context.device.type == "cpu" or args.num_threads is not None:
+        torch.set_num_threads(choose_cpu_threads(args.num_threads, stats.total))
     say(f"Model: {args.model} ({type(model).__name__}) | method: {args.modification_type} | "
-        f"trainable params: {stats.trainable:,} of {stats.total:,} ({stats.ratio:.4f}%)")
+        f"trainable params: {stats.trainable:,} of {stats.total:,} ({stats.ratio:.4f}%)"
+        + (f" | {torch.get_num_threads()} CPU thread(s)" if context.device.type == "cpu" else ""))
 
     # 2) data: each process reads its own shard of every batch
     train_loader, val_loader, report = build_dataloaders(data_config, tokenizer, context.rank, context.world_size,
