@@ -87,3 +87,25 @@ def fresh_smollm2(smollm2):
 
     model, tokenizer = smollm2
     return copy.deepcopy(model), tokenizer
+
+
+def randomise_adapter(peft_model, seed: int = 1, scale: float = 0.1) -> None:
+    """Give every adapter tensor non-trivial values: a fresh adapter is (by design) the identity, so a test
+    of saving, merging or disabling on a fresh adapter would prove nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in peft_model.adapter_parameters().values():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def train_steps(peft_model, batch, steps: int = 5, lr: float = 1e-2) -> list:
+    """A few plain AdamW steps on ``batch`` (labels = input ids); returns the losses."""
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = peft_model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

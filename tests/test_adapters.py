@@ -7,6 +7,7 @@ import torch
 from minipeft import UserError, get_peft_model, load_adapter
 from minipeft.adapters import AdapterConfig, BottleneckAdapter, ProjectionWithAdapter
 from minipeft.models import build_from_known_config
+from tests.conftest import randomise_adapter, train_steps
 
 
 def adapter_count(d, m):
@@ -16,26 +17,6 @@ def adapter_count(d, m):
 def wrapped_names(peft_model):
     return sorted(name.removeprefix("base_model.") for name, module in peft_model.named_modules()
                   if isinstance(module, ProjectionWithAdapter))
-
-
-def randomise_adapter(peft_model, seed=1):
-    """Non-zero ``up`` weights: a fresh adapter is the identity and would prove nothing."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in peft_model.adapter_parameters().values():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-
-
-def train_steps(peft_model, batch, steps=5, lr=1e-2):
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = peft_model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 def test_adapter_module_is_a_zero_initialised_residual_mlp():

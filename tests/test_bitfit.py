@@ -8,18 +8,7 @@ from torch import nn
 from minipeft import UserError, get_peft_model, load_adapter
 from minipeft.bitfit import BitFitConfig, LinearWithAddedBias
 from minipeft.models import build_from_known_config
-
-
-def train_steps(peft_model, batch, steps=5, lr=1e-2):
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = peft_model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+from tests.conftest import train_steps
 
 
 def test_gpt2_small_trains_every_existing_bias():

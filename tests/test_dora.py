@@ -9,32 +9,13 @@ from transformers.pytorch_utils import Conv1D
 from minipeft import LoRAConfig, get_peft_model, load_adapter
 from minipeft.dora import DoRALinear
 from minipeft.models import build_from_known_config
+from tests.conftest import randomise_adapter, train_steps
 
 TARGETS = {"GPT2LMHeadModel": ["c_attn", "mlp.c_proj"], "LlamaForCausalLM": ["q_proj", "v_proj", "down_proj"]}
 
 
 def dora_config(model, **overrides):
     return LoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS[type(model).__name__], use_dora=True, **overrides)
-
-
-def randomise_adapter(peft_model, seed=1):
-    """Non-trivial adapter values: a fresh DoRA is the identity and would prove nothing."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in peft_model.adapter_parameters().values():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-
-
-def train_steps(peft_model, batch, steps=5, lr=1e-2):
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = peft_model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 def make_layer(kind, seed=0):

@@ -9,26 +9,7 @@ from transformers.pytorch_utils import Conv1D
 from minipeft import UserError, get_peft_model, load_adapter
 from minipeft.ia3 import IA3Config, IA3Linear
 from minipeft.models import build_from_known_config
-
-
-def randomise_adapter(peft_model, seed=1):
-    """Non-trivial scalings: a fresh IA3 is the identity and would prove nothing."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in peft_model.adapter_parameters().values():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-
-
-def train_steps(peft_model, batch, steps=5, lr=5e-2):
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = peft_model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+from tests.conftest import randomise_adapter, train_steps
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
@@ -101,7 +82,7 @@ def test_fresh_adapter_leaves_logits_identical(tiny_model_factory, sample_batch)
 def test_training_lowers_the_loss_and_disable_gives_base(tiny_model_factory, sample_batch):
     expected = tiny_model_factory()(**sample_batch).logits
     peft_model = get_peft_model(tiny_model_factory(), IA3Config())
-    losses = train_steps(peft_model, sample_batch)
+    losses = train_steps(peft_model, sample_batch, lr=5e-2)
     assert losses[-1] < losses[0]
     with peft_model.disable_adapters():
         assert torch.equal(peft_model(**sample_batch).logits, expected)
@@ -129,5 +110,5 @@ def test_save_load_and_continue_training(tiny_model_factory, sample_batch, tmp_p
     assert torch.equal(loaded(**sample_batch).logits, peft_model(**sample_batch).logits)
     trainable = load_adapter(tiny_model_factory(), tmp_path, is_trainable=True)
     assert trainable.parameter_stats() == peft_model.parameter_stats()
-    losses = train_steps(trainable, sample_batch, steps=3)
+    losses = train_steps(trainable, sample_batch, steps=3, lr=5e-2)
     assert losses[-1] < losses[0]
