@@ -125,15 +125,15 @@ def color_document(rng: random.Random) -> str:
 def number_document(rng: random.Random) -> str:
     sentences = []
     for _ in range(4):
-        a, b = rng.randint(0, 10), rng.randint(0, 10)
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
         high, low = max(a, b), min(a, b)
-        n, w = rng.randint(0, 98), rng.randint(0, 20)
+        n = rng.randint(0, 98)
         sentences.append(rng.choice([
             f"{a} plus {b} is {a + b}.",
             f"{a} + {b} = {a + b}.",
             f"{high} minus {low} is {high - low}.",
             f"{capitalize(number_word(a))} plus {number_word(b)} makes {number_word(a + b)}.",
-            f"The number {w} is written {number_word(w)}.",
+            f"The number {a} is written {number_word(a)}.",
             f"After {n} comes {n + 1}.",
             f"The number before {n + 1} is {n}.",
             f"Counting up: {', '.join(str(k) for k in range(n, n + rng.randint(3, 6)))}.",
@@ -158,7 +158,7 @@ def alphabet_document(rng: random.Random) -> str:
 def list_document(rng: random.Random) -> str:
     """A list of words and what can be said about it: count, ends, order, reversal, an odd one out."""
     category = rng.choice(sorted(LIST_WORDS))
-    words = rng.sample(LIST_WORDS[category], rng.randint(3, 4))
+    words = rng.sample(LIST_WORDS[category], rng.randint(3, 5))
     name = rng.choice(NAMES)
     sentences = [
         f"{name} wrote a list of {category}: {', '.join(words)}.",
@@ -199,7 +199,7 @@ def story_document(rng: random.Random) -> str:
 
 
 def _sum_row(rng: random.Random) -> str:
-    a, b = rng.randint(0, 10), rng.randint(0, 10)
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
     return f"{a} + {b} = {a + b}"
 
 
@@ -265,7 +265,7 @@ DOCUMENT_KINDS = {
     "color": (color_document, 2),
     "number": (number_document, 3),
     "alphabet": (alphabet_document, 1),
-    "list": (list_document, 5),
+    "list": (list_document, 4),
     "story": (story_document, 2),
     "table": (table_document, 4),
     "writing": (writing_document, 1),

@@ -47,10 +47,10 @@ def animal_task(rng: random.Random) -> tuple[str, str, str]:
     ]
     if sound:
         choices += [(f"What sound does {a_animal} make?", "", f"{capitalize(a_animal)} says {sound}."),
-                    ("Write the sound this animal makes.", animal, f"{capitalize(a_animal)} says {sound}.")]
+                    ("Write the sound this animal makes.", animal, sound)]
     if young:
         choices += [(f"What is a baby {animal} called?", "", f"A baby {animal} is called {with_article(young)}."),
-                    ("Name the young of this animal.", animal, f"A baby {animal} is called {with_article(young)}.")]
+                    ("Name the young of this animal.", animal, young)]
     return rng.choice(choices)
 
 
@@ -60,8 +60,8 @@ def antonym_task(rng: random.Random) -> tuple[str, str, str]:
         word, opposite = opposite, word
     return rng.choice([
         (f"What is the opposite of {word}?", "", f"The opposite of {word} is {opposite}."),
-        (f"Give the opposite of {word}.", "", opposite),
-        ("What is the opposite of this word?", word, f"The opposite of {word} is {opposite}."),
+        ("Write the antonym of the word below.", word, opposite),
+        (f"Give a word that means the opposite of \"{word}\".", "", opposite),
     ])
 
 
@@ -71,7 +71,7 @@ def plural_task(rng: random.Random) -> tuple[str, str, str]:
     return rng.choice([
         (f"What is the plural of {noun}?", "", f"The plural of {noun} is {plural}."),
         ("Write the plural form of this noun.", noun, plural),
-        ("What is the plural of this noun?", noun, f"The plural of {noun} is {plural}."),
+        ("Write the singular of this noun.", plural, noun),
     ])
 
 
@@ -79,12 +79,12 @@ def color_task(rng: random.Random) -> tuple[str, str, str]:
     thing, color = rng.choice(COLORS)
     return rng.choice([
         (f"What color is {thing}?", "", f"{capitalize(thing)} is {color}."),
-        ("What color is this?", thing, f"{capitalize(thing)} is {color}."),
+        ("Name the color of the following.", thing, color),
     ])
 
 
 def arithmetic_task(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(0, 10), rng.randint(0, 10)
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
     high, low = max(a, b), min(a, b)
     return rng.choice([
         (f"What is {a} plus {b}?", "", f"{a} plus {b} is {a + b}."),
@@ -98,9 +98,9 @@ def number_task(rng: random.Random) -> tuple[str, str, str]:
     n = rng.randint(0, 98)
     small = rng.randint(0, 20)
     return rng.choice([
-        (f"What number comes after {n}?", "", f"After {n} comes {n + 1}."),
+        (f"What number comes after {n}?", "", str(n + 1)),
         (f"What number comes before {n + 1}?", "", str(n)),
-        ("Write this number in words.", str(small), f"The number {small} is written {number_word(small)}."),
+        ("Write this number in words.", str(small), number_word(small)),
     ])
 
 
@@ -109,14 +109,14 @@ def letter_task(rng: random.Random) -> tuple[str, str, str]:
     return rng.choice([
         (f"Which letter comes after {ALPHABET[i]} in the alphabet?", "",
          f"The letter after {ALPHABET[i]} is {ALPHABET[i + 1]}."),
-        ("Which letter comes before this one?", ALPHABET[i + 1], f"The letter before {ALPHABET[i + 1]} is {ALPHABET[i]}."),
+        ("Which letter comes before this one?", ALPHABET[i + 1], ALPHABET[i]),
     ])
 
 
 def list_task(rng: random.Random) -> tuple[str, str, str]:
-    """A task about a comma-separated list of 3-4 words given as input."""
+    """A task about a comma-separated list of 3-5 words given as input."""
     category = rng.choice(sorted(LIST_WORDS))
-    words = rng.sample(LIST_WORDS[category], rng.randint(3, 4))
+    words = rng.sample(LIST_WORDS[category], rng.randint(3, 5))
     listed = ", ".join(words)
     other = rng.choice([c for c in sorted(LIST_WORDS) if c != category])
     odd = rng.choice(LIST_WORDS[other])
@@ -142,7 +142,7 @@ TASK_KINDS = {
     "arithmetic": (arithmetic_task, 3),
     "number": (number_task, 2),
     "letter": (letter_task, 1),
-    "list": (list_task, 3),
+    "list": (list_task, 4),
 }
 
 
