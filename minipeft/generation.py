@@ -8,12 +8,13 @@
     │ Once upon a time  , │  KV cache   │   model(token, cache, mask, position) ◄┘        │
     └─────────────────────┘             └── a row that produced EOS gets pad from then on ┘
 
-- Prefill: the whole prompt in one forward; the model returns its KV cache (``past_key_values``).
+- Prefill: the whole prompt in one forward; the model returns its KV cache
+  (:func:`minipeft.transformers_api.cache_of`).
 - Decode: one token per step; the cache supplies every earlier key and value, so a step costs one
   token's forward. The attention mask grows by one column per step.
 - Left padding: positions count real tokens only (``cumsum(mask) - 1``), so a padded row gets the
   same positions, and so the same tokens, as when it runs alone.
-- Any method: this calls ``model(input_ids=, attention_mask=, position_ids=, past_key_values=)``. Methods
+- Any method: this calls ``model(input_ids=, attention_mask=, position_ids=, cache=)``. Methods
   that edit layers (LoRA, IA3, ...) need nothing more; prompt and prefix tuning put their virtual tokens
   in front inside :class:`minipeft.PeftModel`'s forward (in the cache at prefill, so later steps find them
   there). Only new tokens are returned, never the prompt or virtual tokens.
@@ -25,6 +26,7 @@
 import torch
 
 from minipeft.errors import UserError
+from minipeft.transformers_api import cache_keyword_argument, cache_of
 
 
 def next_token_from_logits(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
@@ -113,7 +115,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor = None
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=1)  # (B, T+s+1)
             position = attention_mask.long().sum(-1, keepdim=True) - 1  # (B, 1)
             outputs = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
-                            past_key_values=outputs.past_key_values, use_cache=True)
+                            use_cache=True, **cache_keyword_argument(cache_of(outputs)))
     finally:
         for module, training in modes.items():
             module.training = training

@@ -12,10 +12,11 @@ as keys and values (nothing is computed *for* them)::
     mask:      1 … 1 (n ones)  | mask of the real tokens
     positions: (taken by the prefix: 0 … n-1) | n, n+1, … for the real tokens
 
-- The prefix enters through the model's own KV-cache interface (``past_key_values``): a transformers
-  ``DynamicCache`` that already holds ``n`` positions per layer is exactly "n tokens seen before", so the
-  model's causal mask (built by ``transformers.masking_utils`` from the cache length, not by SDPA's
-  ``is_causal``, which would align the triangle to the wrong corner) lets every real token see the prefix.
+- The prefix enters through the model's own KV-cache interface (the forward's cache keyword; see
+  :mod:`minipeft.transformers_api`): a transformers ``DynamicCache`` that already holds ``n`` positions
+  per layer is exactly "n tokens seen before", so the model's causal mask (built by
+  ``transformers.masking_utils`` from the cache length, not by SDPA's ``is_causal``, which would align the
+  triangle to the wrong corner) lets every real token see the prefix.
   Real tokens take positions ``n … n+T-1``, as peft does (starting them at 0 changes the logits).
 - One flat table holds all prefixes (peft's layout, so files are interchangeable):
   ``E (n, 2L · H_kv · hd)``; ``E.view(n, 2L, H_kv, hd)[:, 2i]`` is layer i's key, ``[:, 2i+1]`` its value.
@@ -29,7 +30,7 @@ as keys and values (nothing is computed *for* them)::
   ``h = encoder_hidden_size`` (default ``td``). After training only ``E`` matters: the adapter file stores
   ``E`` (:meth:`PrefixEncoder.prefix_embeddings`, the MLP folded into plain prefixes), the same shape
   either way, and a loaded adapter is a plain table (no MLP; peft does the same).
-- Gradient checkpointing: not possible. The checkpointed layers of transformers drop ``past_key_values``
+- Gradient checkpointing: not possible. The checkpointed layers of transformers drop the KV cache
   in training mode (``GradientCheckpointingLayer``; GPT-2's model drops it before its blocks), because a
   recomputed layer would write the cache a second time, so the prefix would never reach attention.
   :meth:`PrefixEncoder.prepare_inputs` raises a :class:`UserError` saying so.
@@ -43,6 +44,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from minipeft.errors import UserError
+from minipeft.transformers_api import cache_keyword_argument, is_activation_checkpointing, pop_cache
 from minipeft.prompt import extend_mask_and_positions, is_continuing, load_prompt_embeddings
 
 
@@ -136,7 +138,7 @@ class PrefixEncoder(nn.Module):
         return [(prefixes[2 * i], prefixes[2 * i + 1]) for i in range(layers)]
 
     def prepare_inputs(self, base_model, input_ids=None, attention_mask=None, labels=None, position_ids=None,
-                       past_key_values=None, inputs_embeds=None, **kwargs) -> dict:
+                       inputs_embeds=None, **kwargs) -> dict:
         """The keyword arguments for ``base_model(**kwargs)``: a cache holding the prefix, the mask with n
         ones in front, real-token positions starting at n. Labels are not extended (the prefix produces no
         outputs). A forward that continues from a KV cache (generation) finds the prefix already in it.
@@ -144,23 +146,24 @@ class PrefixEncoder(nn.Module):
         Raises:
             UserError: in training mode with gradient checkpointing on (see the module docstring).
         """
-        if base_model.training and getattr(base_model, "is_gradient_checkpointing", False):
+        if base_model.training and is_activation_checkpointing(base_model):
             raise UserError("--gradient_checkpointing cannot be used with prefix tuning: the prefix reaches "
-                            "attention through past_key_values, and transformers' checkpointed layers drop "
-                            "past_key_values in training mode (a recomputed layer would write the cache twice); "
+                            "attention through the KV cache, and transformers' checkpointed layers drop "
+                            "the KV cache in training mode (a recomputed layer would write the cache twice); "
                             "turn gradient checkpointing off, or use prompt tuning or LoRA")
+        cache = pop_cache(kwargs)  # given by a decode step; None in training and prefill
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch_size, length = tokens.shape[:2]
-        if not is_continuing(past_key_values):
+        if not is_continuing(cache):
             dtype = inputs_embeds.dtype if inputs_embeds is not None else base_model.get_input_embeddings().weight.dtype
-            past_key_values = DynamicCache(self.key_values(batch_size, dtype), config=base_model.config)
+            cache = DynamicCache(self.key_values(batch_size, dtype), config=base_model.config)
         if attention_mask is None:
-            seen = past_key_values.get_seq_length() - self.num_virtual_tokens
+            seen = cache.get_seq_length() - self.num_virtual_tokens
             attention_mask = torch.ones(batch_size, seen + length, dtype=torch.long, device=tokens.device)
         attention_mask, position_ids = extend_mask_and_positions(self.num_virtual_tokens, attention_mask,
                                                                  position_ids, length)
         return dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                    position_ids=position_ids, labels=labels, past_key_values=past_key_values, **kwargs)
+                    position_ids=position_ids, labels=labels, **cache_keyword_argument(cache), **kwargs)
 
     def peft_state_dict(self) -> dict:
         """``{"prompt_embeddings": E (n, 2L · token_dim)}``; with the MLP, its output (peft saves the same)."""

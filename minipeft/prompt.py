@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from minipeft.errors import UserError
+from minipeft.transformers_api import cache_keyword_argument, pop_cache
 
 PROMPT_TUNING_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
@@ -108,9 +109,9 @@ def extend_mask_and_positions(num_virtual_tokens: int, attention_mask: torch.Ten
     return full_mask, positions[:, -query_length:]
 
 
-def is_continuing(past_key_values) -> bool:
+def is_continuing(cache) -> bool:
     """True when a KV cache from an earlier forward is given: the virtual tokens are already in it."""
-    return past_key_values is not None and past_key_values.get_seq_length() > 0
+    return cache is not None and cache.get_seq_length() > 0
 
 
 class PromptEmbedding(nn.Module):
@@ -132,18 +133,19 @@ class PromptEmbedding(nn.Module):
         self.adapter_enabled = True
 
     def prepare_inputs(self, base_model, input_ids=None, attention_mask=None, labels=None, position_ids=None,
-                       past_key_values=None, inputs_embeds=None, **kwargs) -> dict:
+                       inputs_embeds=None, **kwargs) -> dict:
         """The keyword arguments for ``base_model(**kwargs)``: ``inputs_embeds = cat(P, wte(ids))`` etc.
 
         In a forward that continues from a KV cache (generation), ``P`` is already in the cache: only the mask
         and positions are extended.
         """
+        cache = pop_cache(kwargs)  # given by a decode step; None in training and prefill
         if inputs_embeds is None:
             inputs_embeds = base_model.get_input_embeddings()(input_ids)  # (B, T, d)
         batch_size, length = inputs_embeds.shape[:2]
         n = self.num_virtual_tokens
         query_length = length
-        if not is_continuing(past_key_values):
+        if not is_continuing(cache):
             prompts = self.embedding.weight.to(inputs_embeds.dtype)  # (n, d)
             prompts = prompts.unsqueeze(0).expand(batch_size, -1, -1)  # (B, n, d)
             inputs_embeds = torch.cat([prompts, inputs_embeds], dim=1)  # (B, n + T, d)
@@ -151,11 +153,11 @@ class PromptEmbedding(nn.Module):
             if labels is not None:  # virtual tokens are never targets
                 labels = torch.cat([labels.new_full((batch_size, n), -100), labels], dim=1)  # (B, n + T)
         if attention_mask is None:
-            seen = past_key_values.get_seq_length() - n if is_continuing(past_key_values) else 0
+            seen = cache.get_seq_length() - n if is_continuing(cache) else 0
             attention_mask = torch.ones(batch_size, seen + length, dtype=torch.long, device=inputs_embeds.device)
         attention_mask, position_ids = extend_mask_and_positions(n, attention_mask, position_ids, query_length)
         return dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                    labels=labels, past_key_values=past_key_values, **kwargs)
+                    labels=labels, **cache_keyword_argument(cache), **kwargs)
 
     def peft_state_dict(self) -> dict:
         """``{"prompt_embeddings": (n, d)}``, peft's tensor name and shape."""

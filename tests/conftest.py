@@ -5,6 +5,7 @@ them (GPT-2's fused ``c_attn`` Conv1D, Llama's grouped-query attention, tied emb
 """
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,26 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+
+class DeprecationLogRecord(logging.Handler):
+    """Turns a deprecation that transformers *logs* (rather than warns) into an error at the call site.
+
+    transformers announces some renames with ``logger.warning_once(...)`` instead of ``warnings.warn``
+    (for example reading ``outputs.past_key_values``), which ``filterwarnings = error`` in setup.cfg does
+    not see. Raising here fails the test that made the deprecated call, so the next rename breaks a test,
+    not a user's run.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "deprecat" in message.lower():
+            raise AssertionError(f"transformers logged a deprecation (minipeft must use the current API): "
+                                 f"{message}")
+
+
+logging.getLogger("transformers").addHandler(DeprecationLogRecord(level=logging.WARNING))
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread pool's
 # spin-waits made each op ~60x slower (a tiny GPT-2 forward: 250 ms with 2 threads, 4 ms with 1).

@@ -8,6 +8,7 @@ from transformers import DynamicCache
 from minipeft import UserError, get_peft_model, load_adapter
 from minipeft.models import build_from_known_config
 from minipeft.prefix import PrefixTuningConfig, key_value_shape
+from minipeft.transformers_api import cache_keyword_argument, cache_of, enable_activation_checkpointing
 
 TOKENS = torch.tensor([[5, 17, 256, 3, 999, 42, 8], [700, 11, 64, 1, 2, 3, 4]])
 
@@ -74,7 +75,7 @@ def test_a_prefix_is_the_keys_and_values_of_tokens_seen_before(tiny_model_factor
     base = tiny_model_factory()
     context = torch.tensor([[31, 415, 9, 600, 77]])
     with torch.no_grad():
-        cache = base(input_ids=context, use_cache=True).past_key_values
+        cache = cache_of(base(input_ids=context, use_cache=True))
         expected = base(input_ids=torch.cat([context.expand(2, -1), TOKENS], dim=1)).logits[:, 5:]
     model = get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=5))
     with torch.no_grad():
@@ -204,7 +205,7 @@ def test_gradient_checkpointing_is_refused_in_training_and_harmless_in_eval(tiny
     model = get_peft_model(without_dropout(tiny_model_factory()), PrefixTuningConfig(num_virtual_tokens=3))
     model.eval()
     expected = model(input_ids=TOKENS).logits
-    model.base_model.gradient_checkpointing_enable({"use_reentrant": False})  # as --gradient_checkpointing does
+    enable_activation_checkpointing(model.base_model)  # as --gradient_checkpointing does
     torch.testing.assert_close(model(input_ids=TOKENS).logits, expected)  # eval mode: no checkpointing
     model.train()
     with pytest.raises(UserError, match="gradient_checkpointing cannot be used with prefix tuning"):
@@ -212,7 +213,7 @@ def test_gradient_checkpointing_is_refused_in_training_and_harmless_in_eval(tiny
 
 
 def test_why_transformers_checkpointing_loses_the_prefix(tiny_model_factory):
-    """The reason for the refusal: in training mode, checkpointed layers drop ``past_key_values``, so a
+    """The reason for the refusal: in training mode, checkpointed layers drop the KV cache, so a
     prefix cache never reaches attention (here the mask, sized for n + T keys, then meets T keys).
     If this test fails, transformers keeps the cache now and prefix tuning could allow checkpointing."""
     base = without_dropout(tiny_model_factory())
@@ -221,10 +222,10 @@ def test_why_transformers_checkpointing_loses_the_prefix(tiny_model_factory):
     inputs = dict(input_ids=TOKENS, attention_mask=torch.ones(2, 3 + TOKENS.shape[1], dtype=torch.long),
                   position_ids=torch.arange(3, 3 + TOKENS.shape[1])[None])
     base.train()
-    expected = base(**inputs, past_key_values=DynamicCache(prefix, config=base.config)).logits
-    base.gradient_checkpointing_enable()
+    expected = base(**inputs, **cache_keyword_argument(DynamicCache(prefix, config=base.config))).logits
+    enable_activation_checkpointing(base)
     try:
-        logits = base(**inputs, past_key_values=DynamicCache(prefix, config=base.config)).logits
+        logits = base(**inputs, **cache_keyword_argument(DynamicCache(prefix, config=base.config))).logits
     except RuntimeError:
         return  # the prefix was dropped and the mask no longer fits
     assert not torch.allclose(logits, expected, atol=1e-4)

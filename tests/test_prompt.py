@@ -9,6 +9,7 @@ import torch
 from minipeft import UserError, get_peft_model, load_adapter
 from minipeft.models import build_from_known_config
 from minipeft.prompt import PromptTuningConfig
+from minipeft.transformers_api import enable_activation_checkpointing
 
 TOKENS = torch.tensor([[5, 17, 256, 3, 999, 42, 8], [700, 11, 64, 1, 2, 3, 4]])
 
@@ -181,7 +182,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_factory, use
         with torch.no_grad():
             model.prompt_encoder.embedding.weight.normal_()
         if checkpointing:
-            model.base_model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+            enable_activation_checkpointing(model.base_model, use_reentrant=use_reentrant)
         model.train()
         model(input_ids=TOKENS, labels=TOKENS).loss.backward()
         gradients.append(model.prompt_encoder.embedding.weight.grad)

@@ -48,6 +48,7 @@ from minipeft.training.loss import causal_lm_loss_sum, count_target_tokens, perp
 from minipeft.training.metrics import MetricsLog, format_eval_line, format_log_line
 from minipeft.training.optimizer import build_optimizer
 from minipeft.training.schedule import get_lr, warmup_steps_for
+from minipeft.transformers_api import enable_activation_checkpointing
 
 # LoRA's B (and an adapter's up-projection) starts at zero, so on the first step A's gradient is exactly
 # zero; from the second step on every trainable parameter must have had a non-zero gradient.
@@ -104,7 +105,7 @@ def enable_gradient_checkpointing(peft_model) -> None:
     base_model = peft_model.base_model
     if not getattr(base_model, "supports_gradient_checkpointing", False):
         raise UserError(f"--gradient_checkpointing: {type(base_model).__name__} does not support it")
-    base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(base_model, use_reentrant=False)
     base_model.config.use_cache = False
 
 

@@ -1,0 +1,34 @@
+"""minipeft.transformers_api: the current transformers names where they exist, without a deprecation."""
+
+import warnings
+
+import pytest
+import torch
+
+from minipeft.transformers_api import (CACHE_KEYWORD, cache_keyword_argument, cache_of,
+                                       enable_activation_checkpointing, is_activation_checkpointing, pop_cache)
+
+
+def test_the_cache_round_trip_and_activation_checkpointing_raise_no_deprecation(gpt2_tiny):
+    tokens = torch.tensor([[1, 2, 3]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning, not only deprecations
+        with torch.no_grad():
+            cache = cache_of(gpt2_tiny(input_ids=tokens, use_cache=True))
+            assert cache.get_seq_length() == 3
+            step = gpt2_tiny(input_ids=tokens[:, :1], use_cache=True, **cache_keyword_argument(cache))
+        assert cache_of(step).get_seq_length() == 4
+        assert not is_activation_checkpointing(gpt2_tiny)
+        enable_activation_checkpointing(gpt2_tiny)
+        assert is_activation_checkpointing(gpt2_tiny)
+        assert not is_activation_checkpointing(torch.nn.Linear(2, 2))  # not a transformers model
+
+
+def test_pop_cache_takes_either_name_and_refuses_both():
+    assert CACHE_KEYWORD in ("cache", "past_key_values")
+    for name in ("cache", "past_key_values"):
+        kwargs = {name: "the cache", "use_cache": True}
+        assert pop_cache(kwargs) == "the cache" and kwargs == {"use_cache": True}
+    assert pop_cache({}) is None
+    with pytest.raises(TypeError, match="not both"):
+        pop_cache({"cache": 1, "past_key_values": 2})
