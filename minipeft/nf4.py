@@ -404,12 +404,31 @@ def memory_stats(model: nn.Module) -> MemoryStats:
 
 # --- command-line flags and the checks that go with them ------------------------------------------------------
 
-def add_quantize_arguments(parser) -> None:
-    parser.add_argument("--quantize", default="none",
-                        help="none (default) or nf4: store the frozen base's linear layers in 4-bit NormalFloat "
-                             "(QLoRA); embeddings, norms and the LM head stay in full precision")
-    parser.add_argument("--quantize_lm_head", action="store_true",
+def add_quantize_arguments(parser, from_adapter: bool = False) -> None:
+    """``--quantize`` and ``--quantize_lm_head``. With ``from_adapter`` (generate, merge) the default is what
+    the adapter was trained on (recorded in its ``adapter_config.json``), else none."""
+    default = "the adapter's, else none" if from_adapter else "none"
+    parser.add_argument("--quantize", default=None if from_adapter else "none",
+                        help=f"none or nf4: store the frozen base's linear layers in 4-bit NormalFloat (QLoRA); "
+                             f"embeddings, norms and the LM head stay in full precision (default: {default})")
+    parser.add_argument("--quantize_lm_head", action="store_true", default=None if from_adapter else False,
                         help="with --quantize nf4: quantize the output head too")
+
+
+def resolve_quantize(args, adapter_dir=None, log=print) -> None:
+    """Fill ``args.quantize``/``args.quantize_lm_head`` left unset from the adapter's record (generate, merge)."""
+    recorded = {}
+    if adapter_dir is not None:
+        from minipeft.adapter_io import read_adapter_config
+
+        recorded = (read_adapter_config(adapter_dir).get("minipeft") or {}).get("quantization") or {}
+    if args.quantize is None:
+        args.quantize = recorded.get("quantize", "none")
+        if args.quantize != "none":
+            log(f"--quantize {args.quantize}: the adapter was trained on a {args.quantize} base "
+                "(adapter_config.json); pass --quantize none for the full-precision base")
+    if args.quantize_lm_head is None:
+        args.quantize_lm_head = bool(recorded.get("quantize_lm_head", False)) and args.quantize == "nf4"
 
 
 def check_quantize_arguments(args) -> bool:
