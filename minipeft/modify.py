@@ -13,7 +13,8 @@ import argparse
 from minipeft.adapter_io import config_to_dict
 from minipeft.methods import add_method_arguments, config_from_args
 from minipeft.models import load_model_for_counting
-from minipeft.nf4 import add_quantize_arguments, check_quantize_arguments, memory_stats, quantize_model
+from minipeft.nf4 import (add_quantize_arguments, check_not_quantized_folder, check_quantize_arguments, memory_stats,
+                          quantize_model)
 from minipeft.peft_model import get_peft_model
 
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quantize = check_quantize_arguments(args)
+    check_not_quantized_folder(args.model)
     model, tokenizer = load_model_for_counting(args.model)
     base_stats_total = sum(p.numel() for p in model.parameters())
     if quantize:

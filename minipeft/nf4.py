@@ -207,9 +207,12 @@ def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype = torch.float32) -> tor
     if absmax is None:  # double quantization: absmax ≈ dequantized 8-bit code + offset
         absmax = dequantize_8bit_dynamic(weight.absmax_codes, weight.absmax_scales) + weight.absmax_offset
     n = math.prod(weight.shape)
-    values = PAIR_LEVELS.to(weight.packed.device)[weight.packed.long()].reshape(-1)  # (2·bytes,) float32
-    values = F.pad(values[:n], (0, -n % weight.blocksize)).view(-1, weight.blocksize)  # (n_blocks, 64)
-    return (values * absmax[:, None]).reshape(-1)[:n].view(weight.shape).to(dtype)
+    pairs = PAIR_LEVELS.to(weight.packed.device).index_select(0, weight.packed.int())  # (bytes, 2) float32
+    values = pairs.view(-1)  # (2·bytes,): one more than n when n is odd
+    if values.numel() != n or n % weight.blocksize:
+        values = F.pad(values[:n], (0, -n % weight.blocksize))  # whole blocks
+    values = values.view(-1, weight.blocksize) * absmax[:, None]  # (n_blocks, 64) · (n_blocks, 1)
+    return values.view(-1)[:n].view(weight.shape).to(dtype)
 
 
 def default_compute_dtype(device=None) -> torch.dtype:
@@ -425,7 +428,7 @@ def resolve_quantize(args, adapter_dir=None, log=print) -> None:
     if args.quantize is None:
         args.quantize = recorded.get("quantize", "none")
         if args.quantize != "none":
-            log(f"--quantize {args.quantize}: the adapter was trained on a {args.quantize} base "
+            log(f"--quantize {args.quantize}: the adapter was trained on a 4-bit ({args.quantize}) base "
                 "(adapter_config.json); pass --quantize none for the full-precision base")
     if args.quantize_lm_head is None:
         args.quantize_lm_head = bool(recorded.get("quantize_lm_head", False)) and args.quantize == "nf4"
