@@ -78,3 +78,46 @@ def test_dequantized_error_is_bounded_by_half_a_level_gap():
     half_gap = (NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max() / 2
     assert (error <= quantized.absmax * half_gap * (1 + 1e-6)).all()
     assert isinstance(quantized, NF4Weight) and quantized.packed.numel() == weight.numel() // 2
+
+
+@pytest.mark.slow
+def test_lora_trained_on_nf4_is_an_ordinary_peft_file(tmp_path, sample_batch):
+    """The adapter loads in peft onto the float base (logits differ by the quantization error only) and onto
+    a peft + bitsandbytes 4-bit base, where the logits are ours exactly."""
+    peft = pytest.importorskip("peft")
+    from conftest import make_llama_tiny
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from minipeft.lora import LoRAConfig
+    from minipeft.nf4 import quantize_model
+    from minipeft.peft_model import get_peft_model
+
+    make_llama_tiny().save_pretrained(tmp_path / "base")
+    model = make_llama_tiny()
+    quantize_model(model, compute_dtype=torch.float32)
+    ours = get_peft_model(model, LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        ours(**sample_batch, labels=sample_batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    ours.save_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        our_logits = ours.eval()(**sample_batch).logits
+
+    float_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    on_float = peft.PeftModel.from_pretrained(float_base, tmp_path / "adapter").eval()
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+    bnb_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config,
+                                                    device_map="cpu", dtype=torch.float32)
+    # train mode: bitsandbytes' CPU layer then dequantizes and multiplies in float32 (in eval mode, on a CPU
+    # with AVX512-BF16, it repacks the weight for its own bfloat16 kernel); no dropout in these models
+    on_4bit = peft.PeftModel.from_pretrained(bnb_base, tmp_path / "adapter").train()
+    with torch.no_grad():
+        float_difference = (on_float(**sample_batch).logits - our_logits).abs().max().item()
+        bnb_difference = (on_4bit(**sample_batch).logits - our_logits).abs().max().item()
+    print(f"max |logit| difference: peft on the float base {float_difference:.3e}, "
+          f"peft on bitsandbytes' 4-bit base {bnb_difference:.3e}")
+    assert 1e-3 < float_difference < 0.5  # the 4-bit rounding of the base, nothing else
+    assert bnb_difference < 1e-5
