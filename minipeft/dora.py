@@ -27,7 +27,7 @@ files cross over in both directions.
 import torch
 from torch import nn
 
-from minipeft.lora import LoRALinear
+from minipeft.lora import LoRALinear, refuse_4bit_merge
 
 
 class DoRALinear(LoRALinear):
@@ -81,6 +81,7 @@ class DoRALinear(LoRALinear):
         """Replace ``W`` by ``W' = m · (W + ΔW) / ‖W + ΔW‖_c``; :meth:`unmerge` restores ``W`` exactly."""
         if self.merged:
             return
+        refuse_4bit_merge(self.base_layer)
         weight = self.base_layer.weight
         self.weight_before_merge = weight.detach().clone()
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from minipeft.errors import UserError
+from minipeft.nf4 import add_quantize_arguments, check_quantize_arguments, resolve_quantize
 
 TEMPLATE_CHOICES = ["alpaca", "plain", "chat", "none"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_file", default=None, help="also write one JSON object per prompt (JSONL)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add_quantize_arguments(parser, from_adapter=True)
     return parser
 
 
@@ -282,12 +284,14 @@ def check_sampling_flags(args) -> None:
                         "(greedy decoding is the default)")
 
 
-def load_for_generation(model_name: str, adapter_dir, dtype, device):
-    """``(model or PeftModel, tokenizer)`` in eval mode on ``device``."""
+def load_for_generation(model_name: str, adapter_dir, dtype, device, quantize: str = "none",
+                        quantize_lm_head: bool = False):
+    """``(model or PeftModel, tokenizer)`` in eval mode on ``device``; linear layers in NF4 with ``quantize``."""
     from minipeft.adapter_io import load_adapter
-    from minipeft.models import load_model_and_tokenizer
+    from minipeft.nf4 import load_base_model
 
-    model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype)
+    model, tokenizer = load_base_model(model_name, quantize, quantize_lm_head, dtype=dtype,
+                                       log=lambda message: print(message, file=sys.stderr))
     if tokenizer is None:
         raise UserError(f"--model {model_name}: has no tokenizer; generation needs one")
     if adapter_dir is not None:
@@ -323,7 +327,10 @@ def main(argv=None) -> int:
                else read_prompts_file(args.prompts_file))
     model_name = resolve_model_name(args.model, args.adapter)
     transformers_logging.disable_progress_bar()
-    model, tokenizer = load_for_generation(model_name, args.adapter, DTYPES[args.dtype], resolve_device(args.device))
+    resolve_quantize(args, args.adapter, log=lambda message: print(message, file=sys.stderr))
+    check_quantize_arguments(args)
+    model, tokenizer = load_for_generation(model_name, args.adapter, DTYPES[args.dtype], resolve_device(args.device),
+                                           args.quantize, args.quantize_lm_head)
     template = resolve_template(args.template, args.adapter, model_name, tokenizer)
     stream = sys.stdout if len(prompts) == 1 and not args.no_stream else None
     print(f"model: {model_name}" + (f" + adapter {args.adapter}" if args.adapter else "") + f"; template: {template}; "

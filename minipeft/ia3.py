@@ -28,7 +28,8 @@ from transformers.pytorch_utils import Conv1D
 
 from minipeft.errors import UserError
 from minipeft.inject import find_target_modules, module_matches, replace_module
-from minipeft.lora import default_target_modules, layer_features
+from minipeft.lora import default_target_modules, layer_features, refuse_4bit_merge
+from minipeft.nf4 import Linear4bit
 
 # peft's defaults (TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and ..._FEEDFORWARD_MODULES_MAPPING).
 DEFAULT_TARGETS = {
@@ -117,6 +118,7 @@ class IA3Linear(nn.Module):
         """Scale ``W`` (and, on the output side, ``b``) by ``l``; the branch is skipped until :meth:`unmerge`."""
         if self.merged:
             return
+        refuse_4bit_merge(self.base_layer)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         self.weight_before_merge = weight.detach().clone()
         self.bias_before_merge = bias.detach().clone() if bias is not None else None
@@ -168,9 +170,9 @@ def apply_ia3(model: nn.Module, config: IA3Config) -> None:
         config.feedforward_modules = default_feedforward_modules(model, config.target_modules)
     for name in find_target_modules(model, config.target_modules):
         layer = model.get_submodule(name)
-        if not isinstance(layer, (nn.Linear, Conv1D)):
+        if not isinstance(layer, (nn.Linear, Conv1D, Linear4bit)):
             raise UserError(f"--target_modules: {name} is a {type(layer).__name__}; IA3 adapts nn.Linear "
-                            "and GPT-2's Conv1D layers only")
-        config.fan_in_fan_out = isinstance(layer, Conv1D)
+                            "and GPT-2's Conv1D layers only (or their 4-bit versions)")
+        config.fan_in_fan_out = layer_features(layer)[2]
         is_feedforward = module_matches(name, config.feedforward_modules)
         replace_module(model, name, IA3Linear(layer, is_feedforward, config.init_ia3_weights))

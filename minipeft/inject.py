@@ -147,10 +147,18 @@ class ParameterStats:
 
 def count_parameters(model: nn.Module) -> ParameterStats:
     """Total and trainable parameter counts; tied parameters counted once (same as peft's
-    ``get_nb_trainable_parameters()``)."""
+    ``get_nb_trainable_parameters()``).
+
+    A 4-bit base layer (:class:`minipeft.nf4.Linear4bit`) holds its frozen weight as packed bytes, not as a
+    parameter; it is counted as peft counts it, 2 weights per packed byte (so the total equals the float
+    model's, plus one for an odd-sized weight's padding). The real bytes: :func:`minipeft.nf4.memory_stats`.
+    """
+    from minipeft.nf4 import Linear4bit
+
     parameters = list(model.parameters())  # ``parameters()`` yields a shared tensor once
+    packed_4bit = sum(2 * module.packed.numel() for module in model.modules() if isinstance(module, Linear4bit))
     return ParameterStats(trainable=sum(p.numel() for p in parameters if p.requires_grad),
-                          total=sum(p.numel() for p in parameters))
+                          total=sum(p.numel() for p in parameters) + packed_4bit)
 
 
 def parameter_table(model: nn.Module, group_layers: bool = True) -> list:

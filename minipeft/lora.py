@@ -29,6 +29,7 @@ from transformers.pytorch_utils import Conv1D
 
 from minipeft.errors import UserError
 from minipeft.inject import find_target_modules, replace_module
+from minipeft.nf4 import Linear4bit
 
 # What LoRA targets when the user names nothing (the attention projections; peft's defaults).
 DEFAULT_TARGETS = {
@@ -99,6 +100,8 @@ def layer_features(layer: nn.Module):
     if isinstance(layer, Conv1D):
         in_features, out_features = layer.weight.shape  # Conv1D keeps its weight as (in, out)
         return in_features, out_features, True
+    if isinstance(layer, Linear4bit):  # a 4-bit base (QLoRA) keeps the layout of the layer it replaced
+        return layer.in_features, layer.out_features, layer.fan_in_fan_out
     raise TypeError(type(layer).__name__)
 
 
@@ -156,6 +159,7 @@ class LoRALinear(nn.Module):
         """Fold ``ΔW`` into the base weight: the branch is skipped until :meth:`unmerge`."""
         if self.merged:
             return
+        refuse_4bit_merge(self.base_layer)
         weight = self.base_layer.weight
         self.weight_before_merge = weight.detach().clone()
         weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))  # add in float32
@@ -172,6 +176,13 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+def refuse_4bit_merge(base_layer: nn.Module) -> None:
+    """A 4-bit weight cannot take ``ΔW`` in place (its ``weight`` is a dequantized copy): say what to do."""
+    if isinstance(base_layer, Linear4bit):
+        raise UserError("cannot merge into a 4-bit (NF4) base layer; dequantize the base first "
+                        "(minipeft.nf4.dequantize_model; `python -m minipeft merge` does it and says so)")
 
 
 def default_target_modules(model: nn.Module, defaults: dict = DEFAULT_TARGETS) -> list:
@@ -198,10 +209,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig, layer_class=LoRALinear) -> 
     names = find_target_modules(model, config.target_modules, config.layers_to_transform, config.layers_pattern)
     for name in names:
         layer = model.get_submodule(name)
-        if not isinstance(layer, (nn.Linear, Conv1D)):
+        if not isinstance(layer, (nn.Linear, Conv1D, Linear4bit)):
             raise UserError(f"--target_modules: {name} is a {type(layer).__name__}; LoRA adapts nn.Linear "
-                            "and GPT-2's Conv1D layers only")
-        config.fan_in_fan_out = isinstance(layer, Conv1D)
+                            "and GPT-2's Conv1D layers only (or their 4-bit versions)")
+        config.fan_in_fan_out = layer_features(layer)[2]
         replace_module(model, name, layer_class(layer, config.r, config.lora_alpha, config.lora_dropout,
                                                 config.use_rslora, config.init_lora_weights))
     if config.bias == "all":

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from minipeft.errors import UserError
+from minipeft.nf4 import add_quantize_arguments
 
 MERGE_INFO_NAME = "minipeft_merge.json"
 SAMPLE_INSTRUCTIONS = ("What is the capital of France?", "Name the opposite of hot.",
@@ -101,7 +102,7 @@ class MergeReport:
 
 def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca", save_dtype=torch.float32,
                         overwrite: bool = False, tolerance: float = 1e-5, extra_info: dict = None,
-                        log=print) -> MergeReport:
+                        log=print, requantize: bool = False) -> MergeReport:
     """Merge ``peft_model``'s adapter into a copy of its base model and write a plain HF model directory.
 
     ``peft_model`` should be in float32 (the merge happens in its dtype). The check of merged against
@@ -109,6 +110,10 @@ def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca"
     rounding grows with the logits (SmolLM2's reach ~40 and merging leaves ~1e-4 there, ~3e-6 of their size;
     a wrong merge is off by far more). The reloaded directory must pass too when ``save_dtype`` is float32
     (in lower precision its difference is reported, not enforced).
+
+    ``requantize``: after the check, quantize the merged linear layers to NF4 again (what merging into a 4-bit
+    base does: peft's "Merge lora module to 4-bit linear may get different generations due to rounding
+    errors"), print the measured logit change, and write the float32 values of those 4-bit weights.
 
     Raises:
         UserError: for a method that cannot merge, an existing ``out_dir`` without ``overwrite``, or a
@@ -140,6 +145,16 @@ def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca"
                         f"{tolerance:g} x max |logit|); nothing written to {out_dir}")
     tying = describe_tying(peft_model.base_model, merged)
     log(tying)
+    requantized_difference = None
+    if requantize:
+        from minipeft.nf4 import dequantize_model, quantize_model
+
+        quantize_model(merged, compute_dtype=torch.float32)
+        requantized_difference = (real_position_logits(merged, batch) - unmerged_logits).abs().max().item()
+        dequantize_model(merged)  # the float32 values of the 4-bit weights: a plain model that loads anywhere
+        log(f"requantize: the merged linear layers are NF4 again; max |logit(requantized) - logit(base + adapter)| "
+            f"= {requantized_difference:.2e} (the rounding of merging into a 4-bit base; written as float32 "
+            "values of the 4-bit weights)")
 
     merged.to(save_dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -154,11 +169,12 @@ def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca"
         del reloaded
         log(f"check: max |logit(reloaded from disk, {str(save_dtype).replace('torch.', '')}) - logit(base + adapter)|"
             f" = {reloaded_difference:.2e}")
-        if save_dtype == torch.float32 and not reloaded_difference <= limit:
+        if save_dtype == torch.float32 and not requantize and not reloaded_difference <= limit:
             raise UserError(f"the written model, loaded back, differs from base + adapter by {reloaded_difference:.2e}"
                             f" > {limit:.1e}; nothing written to {out_dir}")
         info = dict(extra_info or {}, template=template, max_abs_logit_difference=difference,
                     max_abs_logit_difference_reloaded=reloaded_difference, save_dtype=str(save_dtype),
+                    max_abs_logit_difference_requantized=requantized_difference,
                     embeddings=tying)
         (temporary / MERGE_INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         replace_directory(temporary, out_dir)
@@ -196,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest accepted |logit difference| between merged and unmerged, as a fraction of "
                              "the largest |logit| (default 1e-5)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_quantize_arguments(parser, from_adapter=True)
+    parser.add_argument("--requantize", action="store_true",
+                        help="quantize the merged linear layers to NF4 again, print the logit change, and write "
+                             "the float32 values of the 4-bit weights")
     return parser
 
 
@@ -205,23 +225,31 @@ def main(argv=None) -> int:
     from minipeft.adapter_io import load_adapter
     from minipeft.generation_cli import resolve_model_name, resolve_template
     from minipeft.methods import method_for_config
-    from minipeft.models import load_model_and_tokenizer
+    from minipeft.nf4 import check_quantize_arguments, dequantize_model, load_base_model, resolve_quantize
 
     args = build_parser().parse_args(argv)
     if not args.tolerance > 0:
         raise UserError(f"--tolerance must be positive, got {args.tolerance}")
     transformers_logging.disable_progress_bar()
     model_name = resolve_model_name(args.model, args.adapter)
-    model, tokenizer = load_model_and_tokenizer(model_name, dtype=torch.float32)
+    resolve_quantize(args, args.adapter)
+    check_quantize_arguments(args)
+    model, tokenizer = load_base_model(model_name, args.quantize, args.quantize_lm_head, dtype=torch.float32)
     peft_model = load_adapter(model, args.adapter)
     method = method_for_config(peft_model.peft_config)
     template = resolve_template(args.template, args.adapter, model_name, tokenizer)
+    if args.quantize == "nf4":
+        # The adapter learned against the 4-bit weights, so the merge starts from exactly those values.
+        count = dequantize_model(peft_model.base_model, torch.float32)
+        print(f"the base is NF4: its {count} 4-bit linear layers are dequantized to float32 (the values the adapter "
+              "was trained on) and ΔW is added in float32; the merged model is full precision"
+              + ("" if args.requantize else " (--requantize to quantize it again)"))
     print(f"merging the {method.name} adapter {args.adapter} into {model_name} (float32, on a copy)")
     report = export_merged_model(peft_model, tokenizer, args.out, template=template,
                                  save_dtype=SAVE_DTYPES[args.save_dtype], overwrite=args.overwrite,
-                                 tolerance=args.tolerance,
+                                 tolerance=args.tolerance, requantize=args.requantize,
                                  extra_info={"base_model": model_name, "adapter": str(args.adapter),
-                                             "method": method.name})
+                                             "method": method.name, "quantize": args.quantize})
     size = sum(path.stat().st_size for path in report.out_dir.iterdir()) / 1e6
     print(f"wrote {report.out_dir} ({size:.1f} MB): {', '.join(report.files)}")
     print(f"load it with: AutoModelForCausalLM.from_pretrained({str(report.out_dir)!r})", file=sys.stdout)

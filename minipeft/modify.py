@@ -13,6 +13,8 @@ import argparse
 from minipeft.adapter_io import config_to_dict
 from minipeft.methods import add_method_arguments, config_from_args
 from minipeft.models import load_model_for_counting
+from minipeft.nf4 import (add_quantize_arguments, check_not_quantized_folder, check_quantize_arguments, memory_stats,
+                          quantize_model)
 from minipeft.peft_model import get_peft_model
 
 
@@ -24,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--table", choices=["layers", "full", "none"], default="layers",
                         help="trainability table: one row per parameter kind with blocks grouped (default), "
                              "one row per parameter, or none")
+    add_quantize_arguments(parser)
     parser.add_argument("--save_adapter", metavar="DIR",
                         help="also write the freshly initialised adapter to DIR (peft format)")
     return parser
@@ -31,8 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    quantize = check_quantize_arguments(args)
+    check_not_quantized_folder(args.model)
     model, tokenizer = load_model_for_counting(args.model)
     base_stats_total = sum(p.numel() for p in model.parameters())
+    if quantize:
+        quantize_model(model, args.quantize_lm_head)
+        base_memory = memory_stats(model)  # the base alone, before the method adds its parameters
     config = config_from_args(args, model, tokenizer)
     peft_model = get_peft_model(model, config)
 
@@ -45,6 +53,10 @@ def main(argv=None) -> int:
         print(peft_model.parameter_table(group_layers=args.table == "layers"))
     print()
     print(peft_model.parameter_stats())
+    if quantize:
+        print("(with --quantize nf4 the totals count each packed byte of a 4-bit weight as 2 parameters, as peft does)")
+        print()
+        print("\n".join(base_memory.lines()))
     if args.save_adapter:
         peft_model.save_adapter(args.save_adapter, base_model_name_or_path=args.model)
         print(f"Adapter written to {args.save_adapter}")

@@ -108,6 +108,7 @@ def choose_cpu_threads(num_threads, total_parameters: int) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from minipeft.data.config import add_data_arguments
     from minipeft.methods import add_method_arguments
+    from minipeft.nf4 import add_quantize_arguments
 
     parser = argparse.ArgumentParser(
         prog="python train_llm.py",
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="builtin, gpt2, smollm2-135m, a Hugging Face id or a local directory "
                              "(default: %(default)s)")
     add_method_arguments(parser)
+    add_quantize_arguments(parser)
     add_training_arguments(parser)
     add_data_arguments(parser)  # includes --batch_size and --seed
     return parser
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
 def run(args, config: TrainingConfig, data_config, context) -> int:
     from minipeft.data import build_dataloaders
     from minipeft.methods import config_from_args
-    from minipeft.models import load_model_and_tokenizer
+    from minipeft.nf4 import check_quantize_arguments, load_base_model
     from minipeft.peft_model import get_peft_model
 
     def say(message: str = "") -> None:
@@ -175,6 +177,7 @@ def run(args, config: TrainingConfig, data_config, context) -> int:
             print(message, flush=True)
 
     output_dir = Path(config.output_dir)
+    check_quantize_arguments(args)
     check_output_dir(config)  # before minutes of loading, not after
     if config.resume:
         resolve_resume(config.resume, output_dir)  # fails now if there is nothing to resume
@@ -185,7 +188,7 @@ def run(args, config: TrainingConfig, data_config, context) -> int:
 
     # 1) model + method. The seed makes the adapter's initialisation identical on every process.
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_base_model(args.model, args.quantize, args.quantize_lm_head, log=say)
     peft_model = get_peft_model(model, config_from_args(args, model, tokenizer))
     stats = peft_model.parameter_stats()
     if context.device.type == "cpu" or args.num_threads is not None:
@@ -216,6 +219,8 @@ def run(args, config: TrainingConfig, data_config, context) -> int:
                         "training": {key: value for key, value in arguments.items()
                                      if key in {field.name for field in fields(TrainingConfig)}
                                      or key in ("batch_size", "max_length", "seed", "dataset_path")}}
+    if args.quantize != "none":  # generate and merge read it back, to rebuild the base the adapter was trained on
+        adapter_metadata["quantization"] = {"quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head}
 
     # 4) train
     result = train(peft_model, train_loader, val_loader, config, context, adapter_metadata)

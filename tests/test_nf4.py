@@ -1,0 +1,222 @@
+"""QLoRA's 4-bit base: Linear4bit computes x·W_nf4ᵀ + b for nn.Linear and Conv1D, LoRA/DoRA/IA3 train on it,
+the memory arithmetic of the docstring holds, counts follow peft, merging dequantizes, and misuse is one line
+with exit status 2. (Bit-for-bit equality with bitsandbytes: test_nf4_oracle.py.)"""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from training_fixtures import one_thread  # noqa: F401
+from transformers.pytorch_utils import Conv1D
+
+from minipeft.cli import run
+from minipeft.errors import UserError
+from minipeft.ia3 import IA3Config
+from minipeft.inject import count_parameters
+from minipeft.lora import LoRAConfig
+from minipeft.nf4 import (Linear4bit, dequantize_model, dequantize_nf4, memory_stats, quantize_model,
+                          quantize_nf4)
+from minipeft.peft_model import get_peft_model
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_linear4bit_computes_with_the_dequantized_weight_in_the_original_layout(kind):
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 96) if kind == "linear" else Conv1D(96, 128)  # both: in 128, out 96
+    quantized = Linear4bit(layer, compute_dtype=torch.float32)
+    weight_out_in = layer.weight.T if kind == "conv1d" else layer.weight  # (96, 128)
+    assert torch.equal(quantized.dequantize(), dequantize_nf4(quantize_nf4(weight_out_in.detach())))
+    assert quantized.weight.shape == layer.weight.shape  # the original layout, (in, out) for Conv1D
+    x = torch.randn(2, 5, 128, requires_grad=True)
+    expected = x @ quantized.dequantize().T + layer.bias
+    result = quantized(x)
+    assert result.shape == (2, 5, 96)
+    assert torch.allclose(result, expected, atol=1e-5)
+    # the error of 4 bits is small but real: compare with the float layer
+    assert 0 < (result - layer(x)).abs().max() < 0.1 * layer(x).abs().max()
+    # backward: only x gets a gradient, and it is W_nf4ᵀ · grad
+    result.sum().backward()
+    assert torch.allclose(x.grad, torch.ones(2, 5, 96) @ quantized.dequantize(), atol=1e-5)
+    assert [name for name, _ in quantized.named_parameters()] == ["bias"]
+    assert not quantized.bias.requires_grad
+    dense = quantized.to_dense()
+    assert type(dense) is type(layer) and torch.equal(dense.weight, quantized.weight)
+
+
+def test_compute_dtype_bf16_returns_the_input_dtype():
+    layer = Linear4bit(nn.Linear(64, 32), compute_dtype=torch.bfloat16)
+    x = torch.randn(3, 64)
+    result = layer(x)
+    assert result.dtype == torch.float32
+    expected = (x.bfloat16() @ layer.dequantize(torch.bfloat16).T + layer.bias.bfloat16()).float()
+    assert torch.equal(result, expected)
+
+
+def test_memory_is_four_bits_plus_double_quantized_scales():
+    weight = torch.randn(1536, 576)  # SmolLM2's MLP shape: n = 884,736 weights, 13,824 blocks
+    n = weight.numel()
+    nf4 = quantize_nf4(weight, double_quant=True)
+    assert nf4.nbytes() == n // 2 + n // 64 + 4 * math.ceil(n / 64 / 256) + 4  # codes, 8-bit absmax, scales, offset
+    assert 8 * nf4.nbytes() / n == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=2e-3)  # ≈ 4.127 bits
+    assert 8 * quantize_nf4(weight, double_quant=False).nbytes() / n == 4 + 32 / 64  # 4.5 bits
+
+
+def test_quantize_model_keeps_embeddings_norms_and_the_head_unless_asked(tiny_model_factory):
+    model = tiny_model_factory()
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
+    names = quantize_model(model)
+    head = model.get_output_embeddings()
+    assert not isinstance(head, Linear4bit) and set(names) == set(linear_names) - {"lm_head"}
+    assert all(isinstance(model.get_submodule(name), Linear4bit) for name in names)
+    assert isinstance(tiny_model_factory(), nn.Module)
+    model = tiny_model_factory()
+    assert "lm_head" in quantize_model(model, quantize_lm_head=True)
+    assert isinstance(model.get_output_embeddings(), Linear4bit)
+
+
+def test_counts_follow_peft_and_memory_stats_are_real_bytes(tiny_model_factory):
+    model = tiny_model_factory()
+    float_total = count_parameters(model).total
+    quantize_model(model)
+    # peft counts a packed byte as 2 parameters: the total is the float model's (every weight count is even here)
+    assert count_parameters(model).total == float_total
+    stats = memory_stats(model)
+    assert stats.float_params_total == float_total
+    buffers = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Linear4bit)
+                  for b in m.buffers())
+    assert stats.linear_nf4_bytes == buffers
+    assert stats.linear_float_bytes == 4 * stats.linear_params
+    lines = "\n".join(stats.lines())
+    assert "real bytes" in lines and "2 per byte" in lines
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_adapters_train_on_a_4bit_base_and_leave_it_unchanged(tiny_model_factory, sample_batch, method):
+    model = tiny_model_factory()
+    quantize_model(model, compute_dtype=torch.float32)
+    frozen = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    config = IA3Config() if method == "ia3" else LoRAConfig(r=4, lora_alpha=8, use_dora=method == "dora")
+    peft_model = get_peft_model(model, config)
+    adapted = [m for m in peft_model.modules() if hasattr(m, "adapter_enabled")]
+    assert adapted and all(isinstance(m.base_layer, Linear4bit) for m in adapted)
+    learning_rate = 0.1 if method == "ia3" else 1e-2  # IA3's few scales need a larger step
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=learning_rate)
+    batch = dict(sample_batch, labels=sample_batch["input_ids"])
+    losses = []
+    for _ in range(8):
+        loss = peft_model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    for name, buffer in peft_model.base_model.named_buffers():
+        key = name.replace(".base_layer", "")
+        if key in frozen:
+            assert torch.equal(buffer, frozen[key]), name
+
+
+def test_merging_into_4bit_refuses_and_dequantizing_first_merges_exactly(tiny_model_factory, sample_batch):
+    model = tiny_model_factory()
+    quantize_model(model, compute_dtype=torch.float32)
+    peft_model = get_peft_model(model, LoRAConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    with pytest.raises(UserError, match="cannot merge into a 4-bit"):
+        peft_model.merge_and_unload()
+    with torch.no_grad():
+        before = peft_model(**sample_batch).logits
+        assert dequantize_model(peft_model.base_model) > 0
+        assert torch.allclose(peft_model(**sample_batch).logits, before, atol=1e-5)  # same weights, float layers
+        merged = peft_model.merge_and_unload()
+        assert torch.allclose(merged(**sample_batch).logits, before, atol=1e-4)
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory):
+    from data_fixtures import RECORDS, make_tokenizer, write_json
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    directory = tmp_path_factory.mktemp("tiny_nf4")
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=256,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(directory / "model")
+    tokenizer.save_pretrained(directory / "model")
+    return directory / "model", write_json(directory / "records.json", RECORDS * 2)
+
+
+def train_args(inputs, output_dir, *extra):
+    model_dir, records = inputs
+    return ["--model", str(model_dir), "--dataset_path", str(records), "--no_cache", "--output_dir", str(output_dir),
+            "--batch_size", "4", "--max_steps", "3", "--log_every", "1", *extra]
+
+
+def test_train_generate_and_merge_on_nf4(tiny_inputs, tmp_path, capsys):
+    from minipeft.generation_cli import main as generate_main
+    from minipeft.merge import main as merge_main
+    from minipeft.training.cli import main as train_main
+
+    assert run(train_main, train_args(tiny_inputs, tmp_path / "run", "--quantize", "nf4")) == 0
+    out = capsys.readouterr().out
+    assert "Quantized 8 linear layers to NF4" in out
+    adapter = tmp_path / "run" / "adapter"
+    recorded = json.loads((adapter / "adapter_config.json").read_text())
+    assert recorded["minipeft"]["quantization"] == {"quantize": "nf4", "quantize_lm_head": False}
+    assert recorded["fan_in_fan_out"] is True  # GPT-2's Conv1D, as on the float base
+
+    assert run(generate_main, ["--adapter", str(adapter), "--prompt", "hi", "--max_new_tokens", "3",
+                               "--no_stream"]) == 0
+    err = capsys.readouterr().err
+    assert "the adapter was trained on a 4-bit (nf4) base" in err and "Quantized 8 linear layers" in err
+
+    assert run(merge_main, ["--adapter", str(adapter), "--out", str(tmp_path / "merged"), "--requantize"]) == 0
+    out = capsys.readouterr().out
+    assert "dequantized to float32" in out and "ΔW is added in float32" in out
+    requantized = json.loads((tmp_path / "merged" / "minipeft_merge.json").read_text())
+    assert requantized["max_abs_logit_difference"] < 1e-3  # merge into the dequantized base: exact
+    assert requantized["max_abs_logit_difference_requantized"] > 1e-3  # re-quantizing rounds: measured
+    assert f"{requantized['max_abs_logit_difference_requantized']:.2e}" in out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--quantize", "nf8"], "--quantize 'nf8': choose none or nf4"),
+    (["--quantize_lm_head"], "--quantize_lm_head needs --quantize nf4"),
+    (["--quantize", "nf4", "--modification_type", "selective", "--freeze_layers", "0"], "selective trains base"),
+    (["--quantize", "nf4", "--modification_type", "bitfit"], "bitfit trains the biases"),
+    (["--quantize", "nf4", "--lora_bias", "all"], "--lora_bias all"),
+])
+def test_quantize_mistakes_are_one_line_and_exit_status_2(tiny_inputs, tmp_path, capsys, extra, message):
+    from minipeft.training.cli import main as train_main
+
+    assert run(train_main, train_args(tiny_inputs, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_a_quantized_or_adapter_folder_is_refused_as_base_model(tiny_inputs, tmp_path, capsys):
+    from minipeft.modify import main as modify_main
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert run(modify_main, ["--model", str(adapter), "--quantize", "nf4"]) == 2
+    assert "is an adapter folder, not a base model" in capsys.readouterr().err
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    (quantized / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes"}}))
+    assert run(modify_main, ["--model", str(quantized), "--quantize", "nf4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has a quantization_config (bitsandbytes)" in err[0]
+
+
+def test_modify_prints_bytes_per_parameter_before_and_after(tiny_inputs, capsys):
+    from minipeft.modify import main as modify_main
+
+    assert run(modify_main, ["--model", str(tiny_inputs[0]), "--quantize", "nf4", "--table", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "Bytes per base parameter: 4.000 ->" in out and "bits per weight" in out
+    assert "as peft does" in out
