@@ -28,6 +28,17 @@ class CommandLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"error: {message}\n(see {self.prog} --help)\n")
 
 
+# command name -> (module holding ``main(argv) -> int``, one-line help)
+COMMANDS = {
+    "modify": ("minipeft.modify", "apply a PEFT method to a model and print exact parameter statistics"),
+    "train": ("minipeft.training.cli", "fine-tune a model with a PEFT method (the training loop)"),
+    "data": ("minipeft.data.cli", "load, template, tokenize and batch instruction data; show samples"),
+    "generate": ("minipeft.generation_cli", "generate text with a base model and an adapter"),
+    "merge": ("minipeft.merge", "merge an adapter into its base model and export a plain HF model"),
+    "compare": ("minipeft.compare", "train several methods on the same budget and tabulate the results"),
+}
+
+
 def run(main, argv=None) -> int:
     """Call ``main(argv)``; a :class:`UserError` becomes ``error: ...`` on stderr and exit status 2."""
     try:

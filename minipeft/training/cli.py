@@ -31,9 +31,12 @@ from minipeft.safe_files import OutputLock, check_apart, loads_json, read_input_
 from minipeft.training.config import PRECISIONS, TrainingConfig
 from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.checkpoint import resolve_resume
-from minipeft.training.loop import check_output_dir, prepare_output_dir, train
+from minipeft.training.loop import RUN_OUTPUTS, check_output_dir, prepare_output_dir, train
 from minipeft.training.metrics import directory_size, peak_memory, plot_loss_curve
 from minipeft.training.schedule import SCHEDULES
+
+# What this command writes into --output_dir besides what the training loop writes.
+CLI_OUTPUTS = ("metrics.json", "train_config.json", "loss_curve.png")
 
 # Settings that may change between an interrupted run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = {"resume", "overwrite_output_dir", "max_steps", "epochs", "log_every", "eval_every",
@@ -175,7 +178,7 @@ def main(argv=None) -> int:
 def run(args, config: TrainingConfig, data_config, context) -> int:
     """Check the output directory, take its lock, and train (see :func:`train_and_report`)."""
     output_dir = Path(config.output_dir)
-    check_output_dir(config)  # before minutes of loading, not after
+    check_output_dir(config, RUN_OUTPUTS + CLI_OUTPUTS)  # before minutes of loading, not after
     check_apart(output_dir, "--output_dir", {"--dataset_path": data_config.dataset_path,
                                              "--model": args.model if Path(args.model).exists() else None},
                 may_contain=True)  # a data file in the run's folder is fine: a run writes only its own names

@@ -110,16 +110,16 @@ def enable_gradient_checkpointing(peft_model) -> None:
     base_model.config.use_cache = False
 
 
-# What a run writes into --output_dir (a new run there would replace these).
-RUN_OUTPUTS = ("adapter", "best", "checkpoints", "metrics.json", "metrics.jsonl", "train_config.json", "loss_curve.png")
+# What :func:`train` writes into --output_dir (a new run there would replace these); train_llm.py adds its own.
+RUN_OUTPUTS = ("adapter", "best", "checkpoints", "metrics.jsonl")
 
 
-def check_output_dir(config: TrainingConfig) -> None:
-    """A new run does not silently replace an earlier run's outputs, and never files minipeft did not write."""
+def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> None:
+    """A new run does not silently replace an earlier run's ``outputs``, and never files minipeft did not write."""
     output_dir = Path(config.output_dir)
     if (output_dir.exists() or output_dir.is_symlink()) and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir}: is a file, expected a directory")
-    found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    found = [name for name in outputs if (output_dir / name).exists()]
     if config.resume or not found:
         return
     if not config.overwrite_output_dir:
@@ -150,8 +150,9 @@ def divergence_message(what: str, steps: int, precision: str, checkpoints: list)
     remedies = "lower --learning_rate" + (" or use --precision fp32" if precision != "fp32" else "")
     where = (f"the last good checkpoint (finite weights) is {checkpoints[-1]}" if checkpoints
              else "no checkpoint was saved before it")
-    return (f"training diverged: the {what} was not finite for {steps} steps in a row (--max_nonfinite_steps); "
-            f"{remedies}; {where}")
+    what, _, note = what.partition(" (")
+    return (f"training diverged: the {what} was not finite for {steps} steps in a row (--max_nonfinite_steps)"
+            f"{' (' + note if note else ''}; {remedies}; {where}")
 
 
 def set_epoch(loader, epoch: int) -> None:
@@ -435,10 +436,10 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
                     state.epoch_target_tokens += int(n_targets)
                 else:
                     state.nonfinite_in_a_row += 1
-                    what = " and ".join(name for name, value in (("loss", step_loss), ("gradient norm", grad_norm))
-                                        if not math.isfinite(value))
-                    say(f"warning: step {state.step + 1}: the {what} is not finite (loss {step_loss}, grad norm "
-                        f"{grad_norm}); step skipped ({state.nonfinite_in_a_row} in a row)", file=sys.stderr)
+                    # a NaN loss always makes the gradient NaN too; a finite loss with an overflowing gradient is rarer
+                    what = "loss" if not math.isfinite(step_loss) else "gradient norm (the loss was finite)"
+                    say(f"warning: step {state.step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite; "
+                        f"step skipped ({state.nonfinite_in_a_row} in a row)", file=sys.stderr)
                     if scaler is not None:
                         scaler.update()  # lowers the scale
                     if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
