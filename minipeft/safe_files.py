@@ -152,6 +152,13 @@ def _fsync(path) -> None:
         os.close(descriptor)
 
 
+def _usual_mode(directory: bool) -> int:
+    """The permissions ``open``/``mkdir`` would give (mkstemp and mkdtemp make private 0600/0700 ones)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def cannot_write(path, error: OSError) -> UserError:
     """The one line for a write the environment refused: a read-only or full disk, a file in the way."""
     reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
@@ -180,10 +187,13 @@ def write_file_atomically(path, write) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a file name")
+    if path.exists() and not path.is_file():  # /dev/full, a FIFO: renaming over it would replace the device node
+        raise UserError(f"{path}: is not a regular file (a device or a FIFO); refusing to replace it")
     make_directory(path.parent)
     try:
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(handle)
+        os.chmod(temporary, _usual_mode(directory=False))
     except OSError as error:
         raise cannot_write(path, error) from None
     try:
@@ -269,6 +279,7 @@ def write_directory_atomically(final, write, flag: str = "") -> Path:
     make_directory(final.parent)
     try:
         temporary = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+        os.chmod(temporary, _usual_mode(directory=True))
     except OSError as error:
         raise cannot_write(final, error) from None
     previous = None

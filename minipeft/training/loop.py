@@ -150,9 +150,9 @@ def divergence_message(what: str, steps: int, precision: str, checkpoints: list)
     remedies = "lower --learning_rate" + (" or use --precision fp32" if precision != "fp32" else "")
     where = (f"the last good checkpoint (finite weights) is {checkpoints[-1]}" if checkpoints
              else "no checkpoint was saved before it")
-    what, _, note = what.partition(" (")
-    return (f"training diverged: the {what} was not finite for {steps} steps in a row (--max_nonfinite_steps)"
-            f"{' (' + note if note else ''}; {remedies}; {where}")
+    note = ", while the loss was finite" if what == "gradient norm" else ""
+    return (f"training diverged: the {what} was not finite for {steps} steps in a row{note} "
+            f"(--max_nonfinite_steps); {remedies}; {where}")
 
 
 def set_epoch(loader, epoch: int) -> None:
@@ -340,6 +340,7 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
         check_output_dir(config)
     if context.is_main:
         prepare_output_dir(output_dir)
+        prepare_output_dir(checkpoints_dir)
         remove_incomplete(checkpoints_dir)
         remove_incomplete(output_dir)
         if config.overwrite_output_dir:  # the earlier run's checkpoints and best adapter are not this run's
@@ -437,7 +438,7 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
                 else:
                     state.nonfinite_in_a_row += 1
                     # a NaN loss always makes the gradient NaN too; a finite loss with an overflowing gradient is rarer
-                    what = "loss" if not math.isfinite(step_loss) else "gradient norm (the loss was finite)"
+                    what = "loss" if not math.isfinite(step_loss) else "gradient norm"
                     say(f"warning: step {state.step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite; "
                         f"step skipped ({state.nonfinite_in_a_row} in a row)", file=sys.stderr)
                     if scaler is not None:
