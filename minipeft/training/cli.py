@@ -27,7 +27,8 @@ from minipeft.adapter_io import config_to_dict
 from minipeft.cli import CommandLineParser
 from minipeft.errors import UserError
 from minipeft.finite import finite_float, nonfinite_to_none
-from minipeft.safe_files import OutputLock, check_apart, loads_json, read_input_text, write_json_atomically
+from minipeft.safe_files import (MARKER_NAME, OutputLock, check_apart, check_input_file, loads_json, read_input_text,
+                                 remove_our_directory, write_json_atomically)
 from minipeft.training.config import PRECISIONS, TrainingConfig
 from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.checkpoint import resolve_resume
@@ -176,19 +177,33 @@ def main(argv=None) -> int:
 
 
 def run(args, config: TrainingConfig, data_config, context) -> int:
-    """Check the output directory, take its lock, and train (see :func:`train_and_report`)."""
+    """Check the inputs and the output directory, take its lock, and train (see :func:`train_and_report`)."""
     output_dir = Path(config.output_dir)
-    check_output_dir(config, RUN_OUTPUTS + CLI_OUTPUTS)  # before minutes of loading, not after
+    if (output_dir.exists() or output_dir.is_symlink()) and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir}: is a file, expected a directory")
     check_apart(output_dir, "--output_dir", {"--dataset_path": data_config.dataset_path,
                                              "--model": args.model if Path(args.model).exists() else None},
                 may_contain=True)  # a data file in the run's folder is fine: a run writes only its own names
-    if config.resume:
-        resolve_resume(config.resume, output_dir)  # fails now if there is nothing to resume
+    if data_config.dataset_path is not None:
+        check_input_file(data_config.dataset_path, "--dataset_path")  # a FIFO or /dev/zero: refused before anything
+
+    def check_and_train() -> int:
+        check_output_dir(config, RUN_OUTPUTS + CLI_OUTPUTS)  # before minutes of loading, not after
+        if config.resume:
+            resolve_resume(config.resume, output_dir)  # fails now if there is nothing to resume
+        return train_and_report(args, config, data_config, context)
+
     if not context.is_main:
-        return train_and_report(args, config, data_config, context)
+        return check_and_train()
+    created = not output_dir.exists()
     prepare_output_dir(output_dir)
-    with OutputLock(output_dir, "--output_dir"):  # one run at a time writes into output_dir
-        return train_and_report(args, config, data_config, context)
+    try:
+        with OutputLock(output_dir, "--output_dir"):  # one run at a time writes into output_dir
+            return check_and_train()
+    except BaseException:
+        if created and {path.name for path in output_dir.iterdir()} <= {MARKER_NAME}:
+            remove_our_directory(output_dir)  # a run that failed before writing anything leaves no empty folder
+        raise
 
 
 def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
