@@ -188,7 +188,8 @@ def run(args, config: TrainingConfig, data_config, context) -> int:
         check_input_file(data_config.dataset_path, "--dataset_path")  # a FIFO or /dev/zero: refused before anything
 
     def check_and_train() -> int:
-        check_output_dir(config, RUN_OUTPUTS + CLI_OUTPUTS)  # before minutes of loading, not after
+        if context.is_main:  # (only rank 0 writes; the others would race with its first files)
+            check_output_dir(config, RUN_OUTPUTS + CLI_OUTPUTS)  # before minutes of loading, not after
         if config.resume:
             resolve_resume(config.resume, output_dir)  # fails now if there is nothing to resume
         return train_and_report(args, config, data_config, context)

@@ -336,7 +336,7 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
         if rng_to_restore is None:
             say("note: the checkpoint has no random state for this process (another number of processes?); "
                 "dropout will differ from the original run")
-    else:
+    elif context.is_main:
         check_output_dir(config)
     if context.is_main:
         prepare_output_dir(output_dir)
