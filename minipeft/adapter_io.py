@@ -89,7 +89,8 @@ def config_from_dict(values: dict, source: str = CONFIG_NAME):
     fields = {field.name: field for field in dataclasses.fields(config_class)}
     given = {key: value for key, value in values.items() if key in fields}
     for key, value in given.items():
-        _check_number_field(key, value, fields[key].type, source)
+        if value is not None or fields[key].default is not None:  # `token_dim: int = None` may be null
+            _check_number_field(key, value, fields[key].type, source)
     try:
         return config_class(**given)
     except TypeError as error:
