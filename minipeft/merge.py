@@ -41,7 +41,6 @@ How, so that the result can be trusted:
 """
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
