@@ -28,11 +28,14 @@ Errors are :class:`~minipeft.errors.UserError` lines naming the path; the comman
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import stat
 import tempfile
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from minipeft.errors import UserError
 
@@ -159,13 +162,24 @@ def _usual_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
-def cannot_write(path, error: OSError) -> UserError:
+def is_write_failure(error: BaseException) -> bool:
+    """An ``OSError``, or a library's wrapping of one (safetensors reports "I/O error: ... (os error 28)")."""
+    return isinstance(error, OSError) or (isinstance(error, SafetensorError) and "I/O error" in str(error))
+
+
+def cannot_write(path, error: Exception) -> UserError:
     """The one line for a write the environment refused: a read-only or full disk, a file in the way."""
+    number = getattr(error, "errno", None)
+    if number is None:  # safetensors says "I/O error: No space left on device (os error 28)"
+        match = re.search(r"os error (\d+)", str(error))
+        number = int(match.group(1)) if match else None
     reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-              errno.ENOTDIR: "a part of the path is a file, not a directory",
-              errno.EISDIR: "it is a directory", errno.EDQUOT: "the disk quota is exceeded"}.get(error.errno)
-    return UserError(f"{path}: cannot be written ({reason or error.strerror or error}); nothing there was changed")
+              errno.ENOTDIR: "a part of the path is a file, not a directory", errno.EISDIR: "it is a directory",
+              errno.EDQUOT: "the disk quota is exceeded",
+              errno.EFBIG: "the file is larger than the file system or a size limit allows"}.get(number)
+    return UserError(f"{path}: cannot be written ({reason or getattr(error, 'strerror', None) or error}); "
+                     "nothing there was changed")
 
 
 def make_directory(directory) -> Path:
@@ -201,11 +215,10 @@ def write_file_atomically(path, write) -> Path:
         _fsync(temporary)
         os.replace(temporary, path)
         _fsync(path.parent)
-    except OSError as error:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
-        raise cannot_write(path, error) from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        if is_write_failure(error):
+            raise cannot_write(path, error) from None
         raise
     return path
 
@@ -298,7 +311,7 @@ def write_directory_atomically(final, write, flag: str = "") -> Path:
         shutil.rmtree(temporary, ignore_errors=True)
         if previous is not None and not final.exists():
             os.rename(previous, final)  # put the old version back
-        if isinstance(error, OSError):
+        if is_write_failure(error):
             raise cannot_write(final, error) from None
         raise
     if previous is not None:

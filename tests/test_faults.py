@@ -376,6 +376,22 @@ def test_a_full_disk_leaves_the_previous_output_file_intact(finished_run, tmp_pa
     assert digests(answers) == before and sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl"]
 
 
+@pytest.mark.slow
+def test_a_full_disk_during_training_keeps_every_earlier_checkpoint_and_adapter(run_copy):
+    kept = [run_copy / name for name in ("adapter", "best", "checkpoints", "train_config.json", "metrics.json")]
+    before = digests(*kept)
+
+    def small_files_only():  # adapter files (~80 kB) no longer fit
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    result = script("train_llm.py", *TINY_RUN, "--max_steps", "4", "--output_dir", run_copy, "--resume", "latest",
+                    preexec_fn=small_files_only)
+    one_error(result.returncode, result.stderr, f"{run_copy}/", "cannot be written", "nothing there was changed")
+    assert digests(*kept) == before
+    assert not [path for path in run_copy.rglob(".tmp-*")] and not (run_copy / ".minipeft.lock").exists()
+
+
 def unshare_available() -> bool:
     try:
         return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10).returncode == 0

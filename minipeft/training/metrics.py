@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from minipeft.safe_files import write_file_atomically, write_json_atomically, write_text_atomically  # noqa: F401
+from minipeft.safe_files import (cannot_write, write_file_atomically, write_json_atomically,  # noqa: F401
+                                 write_text_atomically)
 
 
 def read_metrics(path: Path) -> list:
@@ -53,8 +54,11 @@ class MetricsLog:
         if self.enabled:
             record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
                       for key, value in record.items()}
-            with open(self.path, "a") as file:
-                file.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as file:
+                    file.write(json.dumps(record) + "\n")
+            except OSError as error:  # a full disk: one line naming the file
+                raise cannot_write(self.path, error) from None
 
 
 def format_log_line(epoch: int, step: int, total_steps: int, loss: float, perplexity: float, lr: float,
