@@ -324,6 +324,13 @@ def test_output_file_that_is_a_directory_and_a_missing_local_model(finished_run,
     code, _, err = in_process(GENERATE, "--adapter", finished_run / "adapter",
                               "--prompt", "Hi", "--output_file", tmp_path, capsys=capsys)
     one_error(code, err, f"--output_file {tmp_path}: is a directory")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Name a color.\n")
+    before = digests(prompts)
+    code, _, err = in_process(GENERATE, "--adapter", finished_run / "adapter", "--prompts_file", prompts,
+                              "--output_file", prompts, capsys=capsys)
+    one_error(code, err, f"--output_file {prompts}: is --prompts_file")
+    assert digests(prompts) == before
     missing = tmp_path / "no" / "such" / "model"
     code, _, err = in_process(train_main, *TINY_RUN, "--model", missing, "--output_dir", tmp_path / "out",
                               capsys=capsys)
