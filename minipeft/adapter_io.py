@@ -16,9 +16,9 @@ adapters, selective freezing, BitFit) use ``peft_type`` values of our own, docum
 """
 
 import dataclasses
-import json
-import os
-import tempfile
+import hashlib
+import types
+import typing
 from pathlib import Path
 
 import torch
@@ -26,7 +26,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minipeft.errors import UserError
+from minipeft.finite import first_nonfinite_tensor, require_finite
 from minipeft.methods import method_for_config, method_for_peft_type
+from minipeft.safe_files import (check_input_file, duplicate_keys, json_text, loads_json, read_input_text,
+                                 write_directory_atomically)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -74,28 +77,40 @@ def config_to_dict(config, **metadata) -> dict:
 
 
 def config_from_dict(values: dict, source: str = CONFIG_NAME):
-    """The config dataclass for a saved config; unknown keys are ignored, missing ones take the defaults."""
+    """The config dataclass for a saved config; unknown keys are ignored, missing ones take the defaults.
+
+    Numeric fields are checked against the dataclass's annotations before the config is built, so a file's
+    mistake is reported in the file's terms (``adapter_config.json: "r" must be an integer, got '8'``).
+    """
     if not isinstance(values, dict) or "peft_type" not in values:
         raise UserError(f"{source}: not an adapter config (no 'peft_type' key)")
     method = method_for_peft_type(values["peft_type"], source)
     config_class = method.config_class
-    names = {field.name for field in dataclasses.fields(config_class)}
+    fields = {field.name: field for field in dataclasses.fields(config_class)}
+    given = {key: value for key, value in values.items() if key in fields}
+    for key, value in given.items():
+        if value is not None or fields[key].default is not None:  # `token_dim: int = None` may be null
+            _check_number_field(key, value, fields[key].type, source)
     try:
-        return config_class(**{key: value for key, value in values.items() if key in names})
+        return config_class(**given)
     except TypeError as error:
+        raise UserError(f"{source}: {error}") from None
+    except UserError as error:
         raise UserError(f"{source}: {error}") from None
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Write via a temporary file in the same directory and ``os.replace``: never a half-written file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def _check_number_field(key: str, value, annotation, source: str) -> None:
+    """An ``int`` or ``float`` field (or ``int | None``...) must hold a (finite) number of that kind."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = set(typing.get_args(annotation)) if union else {annotation}
+    if value is None and type(None) in kinds:
+        return
+    numbers = kinds - {type(None)}
+    if numbers == {int}:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f'{source}: "{key}" must be an integer, got {value!r}')
+    elif numbers and numbers <= {int, float}:
+        require_finite(f'"{key}"', value, source)
 
 
 def save_adapter(peft_model, directory, **metadata) -> Path:
@@ -103,21 +118,28 @@ def save_adapter(peft_model, directory, **metadata) -> Path:
 
     ``metadata`` may hold ``base_model_name_or_path`` and anything minipeft should remember (template...).
 
+    The directory is written atomically and marked as minipeft's (:mod:`minipeft.safe_files`): an existing
+    ``directory`` is replaced only when minipeft wrote it, never a user's own directory.
+
     Raises:
-        UserError: when the adapter holds no tensor (an empty adapter is always a mistake upstream).
+        UserError: when the adapter holds no tensor (an empty adapter is always a mistake upstream), or a
+            tensor that is not finite (a diverged adapter is never saved as if it were one).
     """
     state = peft_state_dict(peft_model)
     if not state:
         raise UserError(f"{directory}: refusing to save an adapter with no tensors")
     state = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
+    bad = first_nonfinite_tensor(state)
+    if bad is not None:
+        raise UserError(f"{directory}: refusing to save an adapter whose tensor {bad} holds NaN or infinity")
     metadata.setdefault("base_model_name_or_path", getattr(peft_model.config, "name_or_path", None) or None)
-    config = config_to_dict(peft_model.peft_config, **metadata)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
-    _write_atomically(directory / CONFIG_NAME,
-                      lambda path: Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    return directory
+    config_text = json_text(config_to_dict(peft_model.peft_config, **metadata), sort_keys=True)
+
+    def write(temporary: Path) -> None:
+        save_file(state, temporary / WEIGHTS_NAME, metadata={"format": "pt"})
+        (temporary / CONFIG_NAME).write_text(config_text)
+
+    return write_directory_atomically(directory, write)
 
 
 def read_adapter_config(directory) -> dict:
@@ -129,9 +151,15 @@ def read_adapter_config(directory) -> dict:
     if not config_path.is_file():
         raise UserError(f"{directory}: no {CONFIG_NAME} (is this an adapter directory?)")
     try:
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        values = loads_json(read_input_text(config_path))
+    except ValueError as error:  # json.JSONDecodeError is a ValueError
         raise UserError(f"{config_path}: not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        kind = {list: "an array", str: "a string"}.get(type(values), "a " + type(values).__name__)
+        raise UserError(f"{config_path}: expected a JSON object of settings, found {kind}")
+    if duplicate_keys(values):
+        raise UserError(f"{config_path}: the key {duplicate_keys(values)[0]!r} is given twice; keep one")
+    return dict(values)
 
 
 def load_adapter(base_model, directory, is_trainable: bool = False):
@@ -163,11 +191,35 @@ def read_adapter(directory):
             raise UserError(f"{directory / PICKLE_WEIGHTS_NAME}: pickled adapter weights are not read "
                             "(they can run code); re-save the adapter with safetensors")
         raise UserError(f"{directory}: no {WEIGHTS_NAME}")
+    check_input_file(weights_path)
     try:
         state = load_file(weights_path)
     except (SafetensorError, OSError) as error:
         raise UserError(f"{weights_path}: not a readable safetensors file ({error})") from None
+    check_adapter_tensors(state, str(weights_path))
     return config, state, str(weights_path)
+
+
+def check_adapter_tensors(state: dict, source: str) -> None:
+    """Adapter tensors are finite floating-point numbers: an integer tensor would be rounded into the adapter's
+    float parameters in silence, and a NaN would make every answer empty."""
+    for key in sorted(state):
+        if not state[key].is_floating_point():
+            raise UserError(f"{source}: tensor {key} has dtype {str(state[key].dtype).replace('torch.', '')}; "
+                            "adapter tensors are floating point (is the file damaged, or not an adapter?)")
+    bad = first_nonfinite_tensor(state)
+    if bad is not None:
+        raise UserError(f"{source}: tensor {bad} holds NaN or infinity (the training that wrote it diverged); "
+                        "use an earlier checkpoint's adapter")
+
+
+def adapter_fingerprint(directory) -> str:
+    """sha256 of an adapter's weights file: which adapter a merged model holds (see :mod:`minipeft.merge`)."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS_NAME, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @torch.no_grad()

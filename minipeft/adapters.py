@@ -39,6 +39,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from minipeft.errors import UserError
+from minipeft.finite import require_finite
 from minipeft.freeze import is_norm_layer
 from minipeft.inject import find_target_modules, layer_index, replace_module
 from minipeft.lora import default_target_modules, layer_features
@@ -98,6 +99,8 @@ class AdapterConfig:
         if self.bottleneck_size is not None and (not isinstance(self.bottleneck_size, int)
                                                  or self.bottleneck_size <= 0):
             raise UserError(f"--adapter_size must be a positive integer, got {self.bottleneck_size!r}")
+        if self.reduction_factor is not None:
+            require_finite("--adapter_reduction_factor", self.reduction_factor)
         if self.reduction_factor is not None and not self.reduction_factor > 0:
             raise UserError(f"--adapter_reduction_factor must be positive, got {self.reduction_factor!r}")
 

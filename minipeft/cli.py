@@ -1,13 +1,32 @@
 """Command-line entry points: ``python -m minipeft <command>`` and the three task scripts.
 
 Every command is a ``main(argv) -> int`` function in the module that owns it; this file only dispatches
-and turns :class:`~minipeft.errors.UserError` into one line on stderr and exit status 2.
+and turns a user's mistake into one line on stderr:
+
+- :class:`~minipeft.errors.UserError` (bad input) and ``OSError`` (the environment: a full or read-only disk, a
+  file where a directory should be) -> ``error: ...`` naming the file or flag, exit status 2;
+- a mistyped flag -> ``error: ...`` and a hint to ``--help`` (:class:`CommandLineParser`), exit status 2;
+- Ctrl-C -> exit status 130; SIGTERM -> exit status 143 (128 + the signal's number, as shells report it).
 """
 
+import argparse
 import importlib
+import signal
 import sys
 
 from minipeft.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, except that a usage mistake prints one ``error:`` line and where to look, not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {message}\n(see {self.prog} --help)\n")
+
 
 # command name -> (module holding ``main(argv) -> int``, one-line help)
 COMMANDS = {
@@ -26,10 +45,14 @@ def run(main, argv=None) -> int:
         return main(sys.argv[1:] if argv is None else argv) or 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except OSError as error:  # the environment, not the code: name the path and the reason
+        where = f"{error.filename}: " if error.filename is not None else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def main(argv=None) -> int:
@@ -40,8 +63,8 @@ def main(argv=None) -> int:
         print("\n".join(lines), file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"error: unknown command {argv[0]!r}", file=sys.stderr)
-            return 2
+            return EXIT_USER_ERROR
         return 0
     module_name, _ = COMMANDS[argv[0]]
-    command_main = importlib.import_module(module_name).main
-    return run(command_main, argv[1:])
+    # the import goes inside run(): Ctrl-C while torch and transformers load is exit 130 too, not a traceback
+    return run(lambda arguments: importlib.import_module(module_name).main(arguments), argv[1:])

@@ -38,7 +38,6 @@ import copy
 import gc
 import json
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -46,8 +45,11 @@ from pathlib import Path
 
 import torch
 
+from minipeft.cli import CommandLineParser
 from minipeft.errors import UserError
+from minipeft.finite import nonfinite_to_none
 from minipeft.methods import METHOD_FLAGS, METHODS
+from minipeft.safe_files import remove_our_directory, write_json_atomically, write_text_atomically
 
 DEFAULT_METHODS = ["lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit", "selective"]
 # Learning rates for short runs (AdamW), from the papers' and peft's examples: matrices added beside frozen
@@ -156,7 +158,7 @@ def compare_method(name: str, base_model, tokenizer, loaders, args, template: st
         raise KeyboardInterrupt
     peak = memory.peak_mb()
     state = result["state"]
-    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)  # the optimizer state is not compared
+    remove_our_directory(output_dir / "checkpoints")  # the optimizer state is not compared
     peft_model.eval()
     speed_unmerged = generation_speed(peft_model, speed_prompt, args.speed_tokens)
     mergeable = method_for_config(peft_model.peft_config).mergeable
@@ -249,20 +251,6 @@ def plot_comparison(rows: list, path: Path):
     return path
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 # --- command line ---------------------------------------------------------------------------------------------------
 
 def parse_methods(text: str) -> list:
@@ -298,7 +286,7 @@ def parse_learning_rates(text, methods: list) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minipeft compare",
+    parser = CommandLineParser(prog="python -m minipeft compare",
                                      description="Train several PEFT methods on the same model, data and budget "
                                                  "and write a comparison table (Markdown, JSON) and plot.")
     parser.add_argument("--model", default="builtin", help="builtin | smollm2-135m | ... (default: builtin)")
@@ -415,8 +403,7 @@ def main(argv=None) -> int:
                     "template": template, "train_records": report.train_records, "eval_records": report.val_records,
                     "device": str(device), "precision": args.precision, "seed": args.seed,
                     "command": "python -m minipeft compare " + " ".join(sys.argv[2:] if argv is None else argv)}
-        write_text_atomically(output_dir / "comparison.json",
-                              json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+        write_json_atomically(output_dir / "comparison.json", nonfinite_to_none({"settings": settings, "rows": rows}))
     plot = plot_comparison(rows, output_dir / "comparison.png")
     print("\n" + table)
     print(f"\nwrote {output_dir / 'comparison.md'}, {output_dir / 'comparison.json'}"

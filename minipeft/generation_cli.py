@@ -34,8 +34,11 @@ from pathlib import Path
 
 import torch
 
+from minipeft.cli import CommandLineParser
 from minipeft.errors import UserError
+from minipeft.finite import finite_float
 from minipeft.nf4 import add_quantize_arguments, check_quantize_arguments, resolve_quantize
+from minipeft.safe_files import check_apart, read_input_text, write_text_atomically
 
 TEMPLATE_CHOICES = ["alpaca", "plain", "chat", "none"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,11 +73,11 @@ def resolve_template(template_flag, adapter_dir, model_name: str, tokenizer) -> 
         recorded = adapter_metadata(adapter_dir).get("template")
         if recorded:
             return recorded
-    merge_info = Path(model_name) / "minipeft_merge.json"  # a model written by `python -m minipeft merge`
-    if merge_info.is_file():
-        recorded = json.loads(merge_info.read_text(encoding="utf-8")).get("template")
-        if recorded:
-            return recorded
+    from minipeft.merge import read_merge_info
+
+    recorded = read_merge_info(model_name).get("template")  # a model written by `python -m minipeft merge`
+    if recorded:
+        return recorded
     if model_name != "builtin" and getattr(tokenizer, "chat_template", None):
         return "chat"
     return "alpaca"
@@ -96,10 +99,7 @@ def read_prompts_file(path) -> list:
         UserError: naming the file (and the item) when it cannot be read or holds no prompt.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"--prompts_file {path}: cannot be read ({error})") from None
+    text = read_input_text(path, "--prompts_file")
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -235,7 +235,7 @@ def generate_texts(model, tokenizer, prompts: list, template: str, max_new_token
 # --- command line ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minipeft generate",
+    parser = CommandLineParser(prog="python -m minipeft generate",
                                      description="Generate text with a base model and (optionally) an adapter.")
     parser.add_argument("--model", default=None,
                         help="builtin | smollm2-135m | gpt2 | a HF id or directory (default: the adapter's base "
@@ -251,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "tokenizer's chat template when it has one); none = raw text")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="at most this many new tokens (default 64)")
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
+    parser.add_argument("--temperature", type=finite_float, default=None, help="sampling temperature (default 1.0)")
     parser.add_argument("--top_k", type=int, default=None, help="sample from the k likeliest tokens (default off)")
-    parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold (default off)")
+    parser.add_argument("--top_p", type=finite_float, default=None, help="nucleus sampling threshold (default off)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per batch (default 8)")
     parser.add_argument("--no_stream", action="store_true", help="do not stream a single prompt's reply")
@@ -288,6 +288,7 @@ def load_for_generation(model_name: str, adapter_dir, dtype, device, quantize: s
                         quantize_lm_head: bool = False):
     """``(model or PeftModel, tokenizer)`` in eval mode on ``device``; linear layers in NF4 with ``quantize``."""
     from minipeft.adapter_io import load_adapter
+    from minipeft.merge import check_not_merged_already
     from minipeft.nf4 import load_base_model
 
     model, tokenizer = load_base_model(model_name, quantize, quantize_lm_head, dtype=dtype,
@@ -295,25 +296,14 @@ def load_for_generation(model_name: str, adapter_dir, dtype, device, quantize: s
     if tokenizer is None:
         raise UserError(f"--model {model_name}: has no tokenizer; generation needs one")
     if adapter_dir is not None:
+        check_not_merged_already(model_name, adapter_dir)
         model = load_adapter(model, adapter_dir)
     return model.to(device).eval(), tokenizer
 
 
 def write_jsonl_atomically(path, rows: list) -> None:
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            for row in rows:
-                file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+    write_text_atomically(path, text)
 
 
 def main(argv=None) -> int:
@@ -326,6 +316,11 @@ def main(argv=None) -> int:
     prompts = ([Prompt(text, args.input) for text in args.prompt] if args.prompt
                else read_prompts_file(args.prompts_file))
     model_name = resolve_model_name(args.model, args.adapter)
+    if args.output_file:  # before minutes of generating, not after
+        check_apart(args.output_file, "--output_file", {"--prompts_file": args.prompts_file, "--adapter": args.adapter,
+                                                        "--model": model_name if Path(model_name).exists() else None})
+        if Path(args.output_file).is_dir():
+            raise UserError(f"--output_file {args.output_file}: is a directory, expected a file name")
     transformers_logging.disable_progress_bar()
     resolve_quantize(args, args.adapter, log=lambda message: print(message, file=sys.stderr))
     check_quantize_arguments(args)

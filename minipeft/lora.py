@@ -28,6 +28,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from minipeft.errors import UserError
+from minipeft.finite import require_finite
 from minipeft.inject import find_target_modules, replace_module
 from minipeft.nf4 import Linear4bit
 
@@ -83,6 +84,8 @@ class LoRAConfig:
     def validate(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
             raise UserError(f"--lora_rank (r) must be a positive integer, got {self.r!r}")
+        require_finite("--lora_alpha", self.lora_alpha)
+        require_finite("--lora_dropout", self.lora_dropout)
         if self.lora_alpha <= 0:
             raise UserError(f"--lora_alpha must be positive, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:

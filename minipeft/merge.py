@@ -32,23 +32,27 @@ How, so that the result can be trusted:
    adapter did not touch the head. When it trained the head (``modules_to_save=["lm_head"]``, or LoRA on
    ``lm_head``), the head is untied, ``tie_word_embeddings`` is set to false, and the report says so:
    keeping the tie would either lose the trained head or overwrite the input embedding with it.
-4. **Never half-written**: everything is written into a temporary directory beside ``--out`` and renamed
-   into place only after the reload check passed.
+4. **Never half-written, never someone else's**: everything is written into a temporary directory beside
+   ``--out`` and renamed into place only after the reload check passed (:mod:`minipeft.safe_files`).
+   ``--overwrite`` replaces only a directory minipeft wrote; ``--out`` may not be, contain or lie inside
+   the adapter or the base model's directory.
+5. **Which adapter it holds**: ``minipeft_merge.json`` records the adapter's sha256, so that applying the
+   same adapter to the merged model again (which would add its update twice) is refused.
 """
 
 import argparse
-import json
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from minipeft.cli import CommandLineParser
 from minipeft.errors import UserError
+from minipeft.finite import finite_float
 from minipeft.nf4 import add_quantize_arguments
+from minipeft.safe_files import (check_apart, check_replaceable, is_empty_directory, json_text, loads_json,
+                                 read_input_text, write_directory_atomically)
 
 MERGE_INFO_NAME = "minipeft_merge.json"
 SAMPLE_INSTRUCTIONS = ("What is the capital of France?", "Name the opposite of hot.",
@@ -122,8 +126,10 @@ def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca"
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
-        raise UserError(f"--out {out_dir}: already exists; choose another directory or pass --overwrite")
+    if (out_dir.exists() or out_dir.is_symlink()) and not is_empty_directory(out_dir):
+        if not overwrite:
+            raise UserError(f"--out {out_dir}: already exists; choose another directory or pass --overwrite")
+        check_replaceable(out_dir, "--out")  # --overwrite replaces only what minipeft wrote
     quantizer = getattr(peft_model.base_model, "hf_quantizer", None)
     if quantizer is not None:
         method = getattr(quantizer.quantization_config, "quant_method", "?")
@@ -157,9 +163,8 @@ def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca"
             "values of the 4-bit weights)")
 
     merged.to(save_dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+
+    def write(temporary: Path) -> None:
         merged.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
         if not (temporary / "generation_config.json").is_file() and merged.generation_config is not None:
@@ -176,28 +181,40 @@ def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca"
                     max_abs_logit_difference_reloaded=reloaded_difference, save_dtype=str(save_dtype),
                     max_abs_logit_difference_requantized=requantized_difference,
                     embeddings=tying)
-        (temporary / MERGE_INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        replace_directory(temporary, out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+        (temporary / MERGE_INFO_NAME).write_text(json_text(info, sort_keys=True))
+        checks.append(reloaded_difference)
+
+    checks = []
+    write_directory_atomically(out_dir, write, "--out")
     files = sorted(path.name for path in out_dir.iterdir())
-    return MergeReport(out_dir, difference, reloaded_difference, tying, files)
+    return MergeReport(out_dir, difference, checks[0], tying, files)
 
 
-def replace_directory(source: Path, target: Path) -> None:
-    """Move the finished ``source`` directory to ``target``, replacing what was there only at the very end."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old / "previous")
-        os.replace(source, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(source, target)
+def read_merge_info(model_name) -> dict:
+    """The ``minipeft_merge.json`` of a merged model directory, or {} for any other model."""
+    path = Path(model_name) / MERGE_INFO_NAME
+    if not path.is_file():
+        return {}
+    try:
+        info = loads_json(read_input_text(path))
+    except ValueError as error:
+        raise UserError(f"{path}: not valid JSON ({error})") from None
+    return info if isinstance(info, dict) else {}
+
+
+def check_not_merged_already(model_name, adapter_dir) -> None:
+    """Refuse to apply an adapter to a model that already holds it merged (its update would count twice)."""
+    from minipeft.adapter_io import WEIGHTS_NAME, adapter_fingerprint
+
+    recorded = read_merge_info(model_name).get("adapter_sha256")
+    if recorded and (Path(adapter_dir) / WEIGHTS_NAME).is_file() and adapter_fingerprint(adapter_dir) == recorded:
+        raise UserError(f"--adapter {adapter_dir}: --model {model_name} already holds this adapter merged "
+                        f"(see its {MERGE_INFO_NAME}); applying it again would add its update twice: use the "
+                        "merged model without --adapter")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minipeft merge",
+    parser = CommandLineParser(prog="python -m minipeft merge",
                                      description="Merge an adapter (LoRA, DoRA, IA3) into its base model and write "
                                                  "a standard Hugging Face model directory.")
     parser.add_argument("--model", default=None,
@@ -208,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the saved weights; the merge itself is always float32 (default float32)")
     parser.add_argument("--template", choices=["alpaca", "plain", "chat", "none"], default=None,
                         help="template of the check prompts and the one recorded (default: the adapter's)")
-    parser.add_argument("--tolerance", type=float, default=1e-5,
+    parser.add_argument("--tolerance", type=finite_float, default=1e-5,
                         help="largest accepted |logit difference| between merged and unmerged, as a fraction of "
                              "the largest |logit| (default 1e-5)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -227,11 +244,16 @@ def main(argv=None) -> int:
     from minipeft.methods import method_for_config
     from minipeft.nf4 import check_quantize_arguments, dequantize_model, load_base_model, resolve_quantize
 
+    from minipeft.adapter_io import adapter_fingerprint
+
     args = build_parser().parse_args(argv)
     if not args.tolerance > 0:
         raise UserError(f"--tolerance must be positive, got {args.tolerance}")
     transformers_logging.disable_progress_bar()
     model_name = resolve_model_name(args.model, args.adapter)
+    check_apart(args.out, "--out", {"--adapter": args.adapter,
+                                    "--model": model_name if Path(model_name).exists() else None})
+    check_not_merged_already(model_name, args.adapter)
     resolve_quantize(args, args.adapter)
     check_quantize_arguments(args)
     model, tokenizer = load_base_model(model_name, args.quantize, args.quantize_lm_head, dtype=torch.float32)
@@ -249,6 +271,7 @@ def main(argv=None) -> int:
                                  save_dtype=SAVE_DTYPES[args.save_dtype], overwrite=args.overwrite,
                                  tolerance=args.tolerance, requantize=args.requantize,
                                  extra_info={"base_model": model_name, "adapter": str(args.adapter),
+                                             "adapter_sha256": adapter_fingerprint(args.adapter),
                                              "method": method.name, "quantize": args.quantize})
     size = sum(path.stat().st_size for path in report.out_dir.iterdir()) / 1e6
     print(f"wrote {report.out_dir} ({size:.1f} MB): {', '.join(report.files)}")

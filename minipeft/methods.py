@@ -11,6 +11,7 @@ import importlib
 from dataclasses import dataclass
 
 from minipeft.errors import UserError
+from minipeft.finite import finite_float
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,14 @@ def method_for_peft_type(peft_type: str, source: str = "adapter_config.json") ->
 METHOD_FLAGS = {
     # flag: (methods it applies to, argparse keyword arguments)
     "--lora_rank": (("lora", "dora"), dict(type=int, help="LoRA rank r (default 8)")),
-    "--lora_alpha": (("lora", "dora"), dict(type=float, help="LoRA scale numerator alpha; update x alpha/r (default 16)")),
-    "--lora_dropout": (("lora", "dora"), dict(type=float, help="dropout on the LoRA branch input (default 0)")),
+    "--lora_alpha": (("lora", "dora"), dict(type=finite_float, help="LoRA scale numerator alpha; update x alpha/r (default 16)")),
+    "--lora_dropout": (("lora", "dora"), dict(type=finite_float, help="dropout on the LoRA branch input (default 0)")),
     "--lora_bias": (("lora", "dora"), dict(choices=["none", "all", "lora_only"], help="which biases train (default none)")),
     "--use_rslora": (("lora", "dora"), dict(action="store_true", default=None, help="scale by alpha/sqrt(r)")),
     "--layers_to_transform": (("lora", "dora"), dict(help='only these blocks, e.g. "0-5,-1"')),
     "--adapter_type": (("adapter",), dict(choices=["houlsby", "pfeiffer"], help="placement (default houlsby)")),
     "--adapter_size": (("adapter",), dict(type=int, help="bottleneck size m (default 64)")),
-    "--adapter_reduction_factor": (("adapter",), dict(type=float, help="bottleneck m = hidden / factor")),
+    "--adapter_reduction_factor": (("adapter",), dict(type=finite_float, help="bottleneck m = hidden / factor")),
     "--adapter_activation": (("adapter",), dict(choices=["relu", "gelu", "silu", "tanh"], help="default relu")),
     "--adapter_train_layernorms": (("adapter",), dict(action="store_true", default=None, help="also train block norms")),
     "--prefix_length": (("prefix",), dict(type=int, help="number of prefix key/value vectors per layer (default 20)")),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
 from minipeft.errors import UserError
@@ -106,7 +107,14 @@ def _load_pretrained(name: str, dtype):
         if not (Path(name) / "config.json").is_file():
             raise UserError(f"--model {name}: the directory has no config.json (is it a model directory?)")
         return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype), AutoTokenizer.from_pretrained(name))
-    cached_config = try_to_load_from_cache(name, "config.json")
+    if Path(name).exists():
+        raise UserError(f"--model {name}: is a file, expected a model directory or a Hugging Face id")
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise UserError(f"--model {name}: no such directory (a Hugging Face id looks like owner/name)")
+    try:
+        cached_config = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:
+        raise UserError(f"--model {name}: neither a local directory nor a valid Hugging Face id") from None
     if isinstance(cached_config, str):  # in the local cache: load the snapshot directory, no network at all
         snapshot = str(Path(cached_config).parent)
         return (AutoModelForCausalLM.from_pretrained(snapshot, dtype=dtype), AutoTokenizer.from_pretrained(snapshot))

@@ -9,17 +9,21 @@ had (offline) the architecture is built from its config with random weights, and
 """
 
 import argparse
+from pathlib import Path
 
 from minipeft.adapter_io import config_to_dict
+from minipeft.cli import CommandLineParser
+from minipeft.errors import UserError
 from minipeft.methods import add_method_arguments, config_from_args
 from minipeft.models import load_model_for_counting
 from minipeft.nf4 import (add_quantize_arguments, check_not_quantized_folder, check_quantize_arguments, memory_stats,
                           quantize_model)
 from minipeft.peft_model import get_peft_model
+from minipeft.safe_files import is_empty_directory
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modify_llm.py", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="modify_llm.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt2",
                         help="gpt2 (default), smollm2-135m, builtin, a Hugging Face id or a local directory")
     add_method_arguments(parser)
@@ -36,6 +40,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quantize = check_quantize_arguments(args)
     check_not_quantized_folder(args.model)
+    if args.save_adapter and Path(args.save_adapter).exists() and not is_empty_directory(args.save_adapter):
+        raise UserError(f"--save_adapter {args.save_adapter}: already exists (a trained adapter would be replaced by "
+                        "a fresh one); choose a new directory")
     model, tokenizer = load_model_for_counting(args.model)
     base_stats_total = sum(p.numel() for p in model.parameters())
     if quantize:

@@ -32,7 +32,7 @@ def test_round_trip_gives_identical_logits(tiny_model_factory, sample_batch, tmp
 def test_file_layout_is_peft_layout(gpt2_tiny, tmp_path):
     trained_lora(gpt2_tiny, target_modules=["c_attn"]).save_adapter(tmp_path, base_model_name_or_path="tiny",
                                                                       template="alpaca")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".minipeft", "adapter_config.json", "adapter_model.safetensors"]
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert sorted(tensors) == [f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{m}.weight"
                                for i in range(2) for m in "AB"]

@@ -106,7 +106,7 @@ def test_non_utf8_bytes_are_reported_with_their_line_or_record(tmp_path):
 
 BAD_FILES = [
     ("missing.json", None, "missing.json: cannot be read"),
-    ("empty.json", b"  \n", "empty.json: the file is empty"),
+    ("empty.json", b"  \n", "empty.json: holds no records (the file is empty)"),
     ("broken.json", b'[{"instruction": "a", "output": "b"},', "broken.json: not valid JSON (line 1 column 38"),
     ("object.json", b'{"data": [1, 2]}', "object.json: expected a JSON array of records"),
     ("number.json", b"42", "number.json: expected a JSON array of records, found a JSON number"),

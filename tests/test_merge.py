@@ -100,14 +100,18 @@ def test_existing_output_and_failed_check_leave_nothing_half_written(model_dirs,
     (out / "keep.txt").write_text("mine")
     assert cli_main(["merge", "--adapter", str(adapter), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    # --overwrite replaces only a directory minipeft wrote: the user's directory and file stay as they were.
+    assert cli_main(["merge", "--adapter", str(adapter), "--out", str(out), "--overwrite"]) == 2
+    assert "holds files minipeft did not write" in capsys.readouterr().err
+    assert [path.name for path in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     # A check that cannot pass: nothing is written and no temporary directory stays behind.
-    assert cli_main(["merge", "--adapter", str(adapter), "--out", str(out), "--overwrite",
-                     "--tolerance", "1e-30"]) == 2
+    fresh = tmp_path / "fresh"
+    assert cli_main(["merge", "--adapter", str(adapter), "--out", str(fresh), "--tolerance", "1e-30"]) == 2
     assert "nothing written" in capsys.readouterr().err
-    assert [path.name for path in out.iterdir()] == ["keep.txt"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter", "merged"]
-    assert cli_main(["merge", "--adapter", str(adapter), "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert cli_main(["merge", "--adapter", str(adapter), "--out", str(fresh)]) == 0
+    assert cli_main(["merge", "--adapter", str(adapter), "--out", str(fresh), "--overwrite"]) == 0  # minipeft's own
+    assert (fresh / "model.safetensors").is_file() and (fresh / ".minipeft").is_file()
 
 
 def test_bfloat16_export_reports_its_rounding(model_dirs, tmp_path, capsys):

@@ -99,4 +99,5 @@ def test_save_adapter_writes_peft_files(capsys, tmp_path):
     code, out, _ = run_modify(capsys, "--modification_type", "lora", "--lora_rank", "2", "--save_adapter",
                               str(tmp_path / "a"))
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".minipeft", "adapter_config.json",
+                                                                  "adapter_model.safetensors"]

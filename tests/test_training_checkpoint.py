@@ -10,6 +10,7 @@ import pytest
 import torch
 from training_fixtures import adapter_tensors, make_batches, one_thread, tiny_peft_model  # noqa: F401
 
+from minipeft import safe_files
 from minipeft.errors import UserError
 from minipeft.training import checkpoint
 from minipeft.training.checkpoint import (capture_rng_state, list_checkpoints, load_checkpoint, prune_checkpoints,
@@ -43,8 +44,8 @@ def test_round_trip_restores_adapter_optimizer_and_rng_exactly(tmp_path):
     path = save(tmp_path / "step-2", peft_model, optimizer, 2)
     expected_draws = (torch.rand(3), random.random(), np.random.rand())
 
-    assert sorted(p.name for p in path.iterdir()) == ["adapter", "optimizer.safetensors", "rng_state.safetensors",
-                                                      "trainer_state.json"]
+    assert sorted(p.name for p in path.iterdir()) == [".minipeft", "adapter", "optimizer.safetensors",
+                                                      "rng_state.safetensors", "trainer_state.json"]
     assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))  # no pickle anywhere
     fresh = tiny_peft_model(seed=9)  # another random init, replaced by the checkpoint's
     fresh_optimizer = build_optimizer(fresh, 1e-2, 0.01)
@@ -126,7 +127,7 @@ def test_a_kill_while_writing_leaves_a_loadable_checkpoint(tmp_path, where, coun
                     return original(*args, **kwargs)
                 return wrapper
 
-            checkpoint._fsync = die_at("fsync", checkpoint._fsync)
+            safe_files._fsync = die_at("fsync", safe_files._fsync)
             checkpoint.save_file = die_at("mid_write", checkpoint.save_file)
             checkpoint.shutil.rmtree = die_at("rmtree", checkpoint.shutil.rmtree)
             save(checkpoints / "step-2", second_model, second_optimizer, 2)
@@ -144,4 +145,4 @@ def test_a_kill_while_writing_leaves_a_loadable_checkpoint(tmp_path, where, coun
     assert all(torch.equal(adapter_tensors(fresh)[name], tensor)
                for name, tensor in adapter_tensors(expected_model).items())
     remove_incomplete(checkpoints)
-    assert all(not path.name.startswith(".") for path in checkpoints.iterdir())
+    assert all(not path.name.startswith(".tmp-") and not path.name.startswith(".old-") for path in checkpoints.iterdir())

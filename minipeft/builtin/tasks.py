@@ -14,13 +14,13 @@ Rebuild the committed file with ``python -m minipeft.builtin.tasks`` (a test che
 """
 
 import json
-import os
 import random
 import sys
 from pathlib import Path
 
 from minipeft.builtin.corpus import animal_legs, capitalize, number_word, with_article
 from minipeft.builtin.facts import ALPHABET, ANIMALS, ANTONYMS, COLORS, COUNTRIES, LIST_WORDS, PLURALS
+from minipeft.safe_files import write_text_atomically
 
 NUM_RECORDS = 2000
 SEED = 1234
@@ -168,9 +168,7 @@ def default_data_text() -> str:
 
 def write_default_data(path: Path) -> None:
     """Write :func:`default_data_text` to ``path`` atomically (temporary file, then ``os.replace``)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(default_data_text(), encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomically(path, default_data_text())
 
 
 def main(argv=None) -> int:

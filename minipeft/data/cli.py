@@ -7,6 +7,7 @@ batch, the share of padding under each way of batching, and a few samples with t
 import argparse
 from pathlib import Path
 
+from minipeft.cli import CommandLineParser
 from minipeft.data.config import add_data_arguments, data_config_from_args
 from minipeft.data.pipeline import build_dataloaders
 from minipeft.data.report import describe_sample, padding_by_mode
@@ -14,7 +15,7 @@ from minipeft.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="python data_pipeline.py",
         description="Load, template, tokenize and batch instruction data; show samples, their loss mask, "
                     "and how much of each batch is padding.")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from minipeft.data.templates import TEMPLATES
 from minipeft.errors import UserError
+from minipeft.finite import finite_float, require_finite
 
 
 def default_cache_dir() -> str:
@@ -87,6 +88,8 @@ class DataConfig:
                 raise UserError(f"--{name} {value}: must be a positive integer")
         if self.num_workers < 0:
             raise UserError(f"--num_workers {self.num_workers}: must be 0 or more")
+        for name in ("max_invalid_fraction", "val_size"):
+            require_finite(f"--{name}", getattr(self, name))
         if not 0.0 <= self.max_invalid_fraction <= 1.0:
             raise UserError(f"--max_invalid_fraction {self.max_invalid_fraction}: must be between 0 and 1")
         if isinstance(self.val_size, float) and not 0.0 <= self.val_size < 1.0:
@@ -102,8 +105,8 @@ def parse_val_size(text: str) -> int | float:
     except ValueError:
         pass
     try:
-        return float(text)
-    except ValueError:
+        return finite_float(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a count (200) nor a fraction (0.1)") from None
 
 
@@ -139,7 +142,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     add("--instruction_column", default=defaults.instruction_column, help="field holding the instruction")
     add("--input_column", default=defaults.input_column, help="field holding the optional input")
     add("--output_column", default=defaults.output_column, help="field holding the response")
-    add("--max_invalid_fraction", type=float, default=defaults.max_invalid_fraction,
+    add("--max_invalid_fraction", type=finite_float, default=defaults.max_invalid_fraction,
         help="fail when more than this share of records is unusable (default: %(default)s)")
     add("--cache_dir", default=defaults.cache_dir, help="cache for tokenized data (default: %(default)s)")
     add("--no_cache", action="store_true", help="do not read or write the tokenization cache")

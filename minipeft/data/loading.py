@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minipeft.errors import UserError
+from minipeft.safe_files import duplicate_keys, loads_json, read_input_bytes
 
 SHOWN_REASONS = 5  # how many skip reasons an error message or a report quotes
 
@@ -72,13 +73,11 @@ def load_records(path, instruction_column: str = "instruction", input_column: st
     """
     path = Path(path)
     columns = (instruction_column, input_column, output_column)
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise UserError(f"{path}: cannot be read ({error.strerror or error})") from None
+    raw = read_input_bytes(path)  # a regular file within the size limit: never /dev/zero or a FIFO
     text = raw.decode("utf-8-sig", errors="surrogateescape")
     if not text.strip():
-        raise UserError(f"{path}: the file is empty; expected Alpaca records (JSON array, JSON Lines or CSV)")
+        raise UserError(f"{path}: holds no records (the file is empty); expected Alpaca records "
+                        "(JSON array, JSON Lines or CSV)")
 
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
@@ -90,6 +89,8 @@ def load_records(path, instruction_column: str = "instruction", input_column: st
     else:
         raise UserError(f"{path}: unknown format; expected a .json array, .jsonl (JSON Lines) or .csv file")
 
+    if not rows:
+        raise UserError(f"{path}: holds no records (an empty {'JSON array' if file_format == 'json' else file_format.upper()})")
     found = sorted({key for _, row in rows if isinstance(row, dict) for key in row})
     _check_columns(path, found, columns)
     loaded = LoadedRecords(str(path), file_format, found, records=[])
@@ -106,7 +107,7 @@ def load_records(path, instruction_column: str = "instruction", input_column: st
 def _read_json(path: Path, text: str):
     """A JSON array of records; a ``.json`` file that holds JSON Lines is read as such."""
     try:
-        data = json.loads(text)
+        data = loads_json(text)
     except json.JSONDecodeError as error:
         if error.msg == "Extra data" and text.lstrip().startswith("{"):
             return "jsonl", _read_json_lines(path, text)
@@ -130,7 +131,7 @@ def _read_json_lines(path: Path, text: str):
         if not line.strip():
             continue
         try:
-            rows.append((f"line {number}", json.loads(line)))
+            rows.append((f"line {number}", loads_json(line)))
         except json.JSONDecodeError as error:
             rows.append((f"line {number}", _Unparsable(f"not valid JSON (column {error.colno}: {error.msg}"
                                                        f"{_bad_byte_hint(line, error.pos)})")))
@@ -198,6 +199,9 @@ def _records_from_row(where: str, row, columns: tuple[str, str, str]):
 def _make_record(where: str, row: dict, columns: tuple[str, str, str]):
     """A :class:`Record`, or ``(where, why)``. A missing or null input means no input, as in Alpaca."""
     instruction_column, input_column, output_column = columns
+    twice = [key for key in duplicate_keys(row) if key in columns]
+    if twice:  # which of the two values was meant is a guess: skip the record rather than pick one
+        return where, f"the field {twice[0]!r} is given twice"
     values = {}
     for column in columns:
         value = row.get(column)
@@ -219,8 +223,8 @@ def _make_record(where: str, row: dict, columns: tuple[str, str, str]):
 
 def _json_type(value) -> str:
     """The JSON name of a parsed value's type, for messages."""
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
-    return names.get(type(value), type(value).__name__)
+    names = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "array"), (dict, "object"))
+    return next((name for kind, name in names if isinstance(value, kind)), type(value).__name__)
 
 
 def _describe_surrogate(character: str) -> str:

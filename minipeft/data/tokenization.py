@@ -26,9 +26,7 @@ template and ``max_length``; a second run with the same inputs loads them instea
 import hashlib
 import itertools
 import json
-import os
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ import numpy as np
 
 from minipeft.data.templates import TEMPLATES, format_prompt, prompt_and_response
 from minipeft.errors import UserError
+from minipeft.safe_files import write_file_atomically
 
 CACHE_VERSION = "minipeft-data-1"  # change when the layout or the meaning of a cache file changes
 IGNORE_INDEX = -100  # label of a token that is not trained on (PyTorch cross_entropy's ignore_index)
@@ -220,15 +219,12 @@ def _load_cache(path: Path) -> TokenizedRecords | None:
 
 def _save_cache(path: Path, tokenized: TokenizedRecords) -> None:
     """Write to a temporary file and rename it, so a cache file is never half-written."""
-    temporary = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(descriptor, "wb") as handle:
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as handle:
             np.savez(handle, **{name: getattr(tokenized, name) for name in _CACHE_ARRAYS})
-        os.replace(temporary, path)
-    except OSError as error:  # a read-only or full cache directory costs speed, not the run
-        if temporary is not None and os.path.exists(temporary):
-            os.unlink(temporary)
-        print(f"warning: could not write the tokenization cache {path}: {error.strerror or error}", file=sys.stderr)
+
+    try:
+        write_file_atomically(path, write)
+    except UserError as error:  # a read-only or full cache directory costs speed, not the run
+        print(f"warning: could not write the tokenization cache: {error}", file=sys.stderr)
         tokenized.cache_path = None

@@ -14,8 +14,10 @@ No pickle is written or read: tensors go to safetensors, everything else to JSON
 
 **Atomic.** The files are written into a hidden temporary directory beside the final one, each file is
 ``fsync``-ed, then the directory is renamed into place (a rename is atomic on POSIX file systems) and the
-parent directory is ``fsync``-ed. A process killed at any moment leaves either no ``step-N`` or a complete one,
-so the previous checkpoint always stays loadable; leftover ``.tmp-*`` directories are removed on the next run.
+parent directory is ``fsync``-ed (:func:`minipeft.safe_files.write_directory_atomically`). A process killed at
+any moment leaves either no ``step-N`` or a complete one, so the previous checkpoint always stays loadable;
+leftover ``.tmp-*`` directories are removed on the next run. The training loop saves a checkpoint only when
+the adapter's weights are finite, so every checkpoint is one to go back to.
 
 **Resume.** ``--resume latest`` (or a path) loads the adapter tensors into the freshly built adapter
 (strictly: a missing or misshaped tensor is an error, never a silently re-initialised adapter), the
@@ -29,7 +31,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,8 @@ from safetensors.torch import load_file, save_file
 
 from minipeft.adapter_io import WEIGHTS_NAME, load_peft_state_dict
 from minipeft.errors import UserError
+from minipeft.finite import nonfinite_to_none
+from minipeft.safe_files import json_text, remove_incomplete, write_directory_atomically  # noqa: F401 (re-exported)
 
 FORMAT = "minipeft-checkpoint/1"
 STATE_NAME = "trainer_state.json"
@@ -46,51 +49,6 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng_state.safetensors"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
-
-
-# -- atomic directories ------------------------------------------------------------------------------------
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to the disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_directory_atomically(final: Path, write) -> Path:
-    """Call ``write(temporary_dir)``, fsync what it wrote, and rename the directory to ``final``.
-
-    An existing ``final`` is replaced (moved aside first, deleted after the rename).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
-    try:
-        write(temporary)
-        for path in sorted(temporary.rglob("*")):
-            _fsync(path)  # files: their bytes; subdirectories: their entries
-        _fsync(temporary)
-        previous = None
-        if final.exists():
-            previous = final.with_name(f".old-{final.name}-{os.getpid()}")
-            os.rename(final, previous)
-        os.rename(temporary, final)
-        _fsync(final.parent)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
-    return final
-
-
-def remove_incomplete(directory: Path) -> None:
-    """Delete ``.tmp-*`` / ``.old-*`` directories that a killed process left in ``directory``."""
-    if Path(directory).is_dir():
-        for path in Path(directory).iterdir():
-            if path.name.startswith((".tmp-", ".old-")) and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
 
 
 # -- random number generators ------------------------------------------------------------------------------
@@ -171,7 +129,7 @@ def save_checkpoint(directory: Path, peft_model, optimizer, scaler, trainer_stat
                    for key, tensor in tensors.items()}
     state = {
         "format": FORMAT,
-        "trainer": trainer_state,
+        "trainer": nonfinite_to_none(trainer_state),  # an eval loss over no tokens is NaN: null in JSON
         "optimizer": optimizer_values,
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
         "rng": [scalars for _, scalars in rng_states],
@@ -181,7 +139,7 @@ def save_checkpoint(directory: Path, peft_model, optimizer, scaler, trainer_stat
         peft_model.save_adapter(temporary / ADAPTER_DIR, **adapter_metadata)  # refuses an empty adapter
         save_file(optimizer_tensors, temporary / OPTIMIZER_NAME, metadata={"format": "pt"})
         save_file(rng_tensors, temporary / RNG_NAME, metadata={"format": "pt"})
-        (temporary / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")  # written last
+        (temporary / STATE_NAME).write_text(json_text(state, indent=1))  # written last
 
     return write_directory_atomically(directory, write)
 

@@ -14,8 +14,9 @@ write ``metrics.json`` and the loss curve -> say where everything went.
 """
 
 import argparse
-import json
 import os
+import signal
+import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -23,13 +24,20 @@ from pathlib import Path
 import torch
 
 from minipeft.adapter_io import config_to_dict
+from minipeft.cli import CommandLineParser
 from minipeft.errors import UserError
+from minipeft.finite import finite_float, nonfinite_to_none
+from minipeft.safe_files import (MARKER_NAME, OutputLock, check_apart, check_input_file, loads_json, read_input_text,
+                                 remove_our_directory, write_json_atomically)
 from minipeft.training.config import PRECISIONS, TrainingConfig
 from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.checkpoint import resolve_resume
-from minipeft.training.loop import check_output_dir, train
-from minipeft.training.metrics import directory_size, peak_memory, plot_loss_curve, write_json_atomically
+from minipeft.training.loop import RUN_OUTPUTS, check_output_dir, prepare_output_dir, train
+from minipeft.training.metrics import directory_size, peak_memory, plot_loss_curve
 from minipeft.training.schedule import SCHEDULES
+
+# What this command writes into --output_dir besides what the training loop writes.
+CLI_OUTPUTS = ("metrics.json", "train_config.json", "loss_curve.png")
 
 # Settings that may change between an interrupted run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = {"resume", "overwrite_output_dir", "max_steps", "epochs", "log_every", "eval_every",
@@ -48,17 +56,17 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     add("--max_steps", type=int, default=None, help="optimizer steps to take; overrides --epochs")
     add("--gradient_accumulation_steps", type=int, default=defaults.gradient_accumulation_steps,
         help="micro-batches per optimizer step (default: %(default)s)")
-    add("--learning_rate", type=float, default=defaults.learning_rate,
+    add("--learning_rate", type=finite_float, default=defaults.learning_rate,
         help="peak learning rate (default: %(default)s)")
     add("--lr_schedule", default=defaults.lr_schedule, choices=SCHEDULES,
         help="learning-rate schedule after warmup (default: %(default)s)")
     add("--warmup_steps", type=int, default=None, help="linear warmup over this many optimizer steps")
-    add("--warmup_ratio", type=float, default=None, help="linear warmup over this fraction of the steps")
-    add("--min_lr", type=float, default=defaults.min_lr,
+    add("--warmup_ratio", type=finite_float, default=None, help="linear warmup over this fraction of the steps")
+    add("--min_lr", type=finite_float, default=defaults.min_lr,
         help="where linear and cosine schedules end (default: %(default)s)")
-    add("--weight_decay", type=float, default=defaults.weight_decay,
+    add("--weight_decay", type=finite_float, default=defaults.weight_decay,
         help="AdamW weight decay on the matrices a method adds (default: %(default)s)")
-    add("--max_grad_norm", type=float, default=defaults.max_grad_norm,
+    add("--max_grad_norm", type=finite_float, default=defaults.max_grad_norm,
         help="clip the global gradient norm; 0: no clipping (default: %(default)s)")
     add("--precision", default=defaults.precision, choices=PRECISIONS,
         help="fp32; bf16 autocast (CPU or CUDA); fp16 autocast with a grad scaler (CUDA); "
@@ -110,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     from minipeft.methods import add_method_arguments
     from minipeft.nf4 import add_quantize_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="python train_llm.py",
         description="Fine-tune a causal language model with a parameter-efficient method. With no arguments: "
                     "LoRA on the built-in tiny GPT-2 and its instruction data, offline.")
@@ -134,13 +142,17 @@ def warn_about_changed_settings(output_dir: Path, current: dict) -> None:
     if not path.is_file():
         return
     try:
-        before = json.loads(path.read_text()).get("arguments", {})
-    except json.JSONDecodeError:
+        before = loads_json(read_input_text(path)).get("arguments", {})
+    except (ValueError, AttributeError, UserError):
         return
     changed = [f"--{key} {current[key]} (was {before[key]})" for key in sorted(current)
                if key in before and key not in RESUMABLE_CHANGES and current[key] != before[key]]
     if changed:
         print("note: resuming with settings that differ from the original run's: " + ", ".join(changed))
+    if "eval_max_batches" in before and current.get("eval_max_batches") != before["eval_max_batches"]:
+        print(f"warning: --eval_max_batches {current.get('eval_max_batches')} (was {before['eval_max_batches']}): "
+              "from here on the eval loss is measured on another set of batches than the eval loss before "
+              "training and the best so far; they no longer compare", file=sys.stderr)
 
 
 @torch.no_grad()
@@ -167,9 +179,43 @@ def main(argv=None) -> int:
 
 
 def run(args, config: TrainingConfig, data_config, context) -> int:
+    """Check the inputs and the output directory, take its lock, and train (see :func:`train_and_report`)."""
+    from minipeft.nf4 import check_quantize_arguments
+
+    check_quantize_arguments(args)
+    output_dir = Path(config.output_dir)
+    if (output_dir.exists() or output_dir.is_symlink()) and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir}: is a file, expected a directory")
+    check_apart(output_dir, "--output_dir", {"--dataset_path": data_config.dataset_path,
+                                             "--model": args.model if Path(args.model).exists() else None},
+                may_contain=True)  # a data file in the run's folder is fine: a run writes only its own names
+    if data_config.dataset_path is not None:
+        check_input_file(data_config.dataset_path, "--dataset_path")  # a FIFO or /dev/zero: refused before anything
+
+    def check_and_train() -> int:
+        if context.is_main:  # (only rank 0 writes; the others would race with its first files)
+            check_output_dir(config, RUN_OUTPUTS + CLI_OUTPUTS)  # before minutes of loading, not after
+        if config.resume:
+            resolve_resume(config.resume, output_dir)  # fails now if there is nothing to resume
+        return train_and_report(args, config, data_config, context)
+
+    if not context.is_main:
+        return check_and_train()
+    created = not output_dir.exists()
+    prepare_output_dir(output_dir)
+    try:
+        with OutputLock(output_dir, "--output_dir"):  # one run at a time writes into output_dir
+            return check_and_train()
+    except BaseException:
+        if created and {path.name for path in output_dir.iterdir()} <= {MARKER_NAME}:
+            remove_our_directory(output_dir)  # a run that failed before writing anything leaves no empty folder
+        raise
+
+
+def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
     from minipeft.data import build_dataloaders
     from minipeft.methods import config_from_args
-    from minipeft.nf4 import check_quantize_arguments, load_base_model
+    from minipeft.nf4 import load_base_model
     from minipeft.peft_model import get_peft_model
 
     def say(message: str = "") -> None:
@@ -177,10 +223,6 @@ def run(args, config: TrainingConfig, data_config, context) -> int:
             print(message, flush=True)
 
     output_dir = Path(config.output_dir)
-    check_quantize_arguments(args)
-    check_output_dir(config)  # before minutes of loading, not after
-    if config.resume:
-        resolve_resume(config.resume, output_dir)  # fails now if there is nothing to resume
     arguments = {key: value for key, value in vars(args).items()}
     if config.resume and context.is_main:
         warn_about_changed_settings(output_dir, arguments)
@@ -212,8 +254,7 @@ def run(args, config: TrainingConfig, data_config, context) -> int:
     run_config = {"model": args.model, "modification_type": args.modification_type, "method": method_config,
                   "training": asdict(config), "data": asdict(data_config), "world_size": context.world_size,
                   "device": str(context.device), "arguments": arguments}
-    if context.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    if context.is_main and not config.resume:  # a resume keeps the run's own until it has trained
         write_json_atomically(output_dir / "train_config.json", run_config)
     adapter_metadata = {"base_model_name_or_path": args.model, "template": data_config.template,
                         "training": {key: value for key, value in arguments.items()
@@ -230,7 +271,7 @@ def run(args, config: TrainingConfig, data_config, context) -> int:
     if result["outcome"] == "interrupted":
         print(f"interrupted at step {state['step']}/{result['total_steps']}: checkpoint saved to "
               f"{result['last_checkpoint']}; continue with --resume latest --output_dir {output_dir}")
-        return 130
+        return 128 + (result["signal"] or signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM
 
     # 5) the summary: metrics.json, train_config.json with the resolved plan, the loss curve
     adapter_dir = output_dir / "adapter"
@@ -263,10 +304,10 @@ def run(args, config: TrainingConfig, data_config, context) -> int:
         "device": str(context.device),
         "precision": result["precision"],
     }
-    write_json_atomically(output_dir / "metrics.json", summary)
+    write_json_atomically(output_dir / "metrics.json", nonfinite_to_none(summary))
     run_config["plan"] = {key: result[key] for key in ("total_steps", "steps_per_epoch", "warmup_steps",
                                                        "eval_every", "save_every", "precision")}
-    write_json_atomically(output_dir / "train_config.json", run_config)
+    write_json_atomically(output_dir / "train_config.json", nonfinite_to_none(run_config))
     curve = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png")
 
     say()

@@ -7,6 +7,7 @@ and the method flags (``--modification_type``, ``--lora_rank``, ...) to :mod:`mi
 from dataclasses import dataclass
 
 from minipeft.errors import UserError
+from minipeft.finite import require_finite
 from minipeft.training.schedule import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -84,6 +85,9 @@ class TrainingConfig:
             value = getattr(self, name)
             if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
                 raise UserError(f"--{name} {value}: must be a positive integer")
+        for name in ("learning_rate", "min_lr", "weight_decay", "max_grad_norm", "warmup_ratio"):
+            if getattr(self, name) is not None:
+                require_finite(f"--{name}", getattr(self, name))
         if not self.learning_rate > 0:
             raise UserError(f"--learning_rate {self.learning_rate}: must be positive")
         if not 0 <= self.min_lr <= self.learning_rate:

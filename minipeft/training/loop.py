@@ -26,7 +26,6 @@ Only rank 0 writes files and prints; every process runs the same steps.
 
 import itertools
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -38,10 +37,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from minipeft.adapter_io import peft_state_dict
 from minipeft.errors import UserError
+from minipeft.finite import first_nonfinite_tensor
+from minipeft.safe_files import (is_empty_directory, is_ours, make_directory, mark_as_ours, remove_incomplete,
+                                 remove_our_directory)
 from minipeft.training.checkpoint import (capture_rng_state, list_checkpoints, load_checkpoint, prune_checkpoints,
-                                          remove_incomplete, resolve_resume, restore_rng_state, save_checkpoint,
-                                          write_directory_atomically)
+                                          resolve_resume, restore_rng_state, save_checkpoint)
 from minipeft.training.config import TrainingConfig
 from minipeft.training.distributed import DistributedContext, gradient_sync, wrap_for_data_parallel
 from minipeft.training.loss import causal_lm_loss_sum, count_target_tokens, perplexity
@@ -109,12 +111,49 @@ def enable_gradient_checkpointing(peft_model) -> None:
     base_model.config.use_cache = False
 
 
-def check_output_dir(config: TrainingConfig) -> None:
-    """A new run does not silently replace the checkpoints of an earlier one."""
+# What :func:`train` writes into --output_dir (a new run there would replace these); train_llm.py adds its own.
+RUN_OUTPUTS = ("adapter", "best", "checkpoints", "metrics.jsonl")
+
+
+def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> None:
+    """A new run does not silently replace an earlier run's ``outputs``, and never files minipeft did not write."""
     output_dir = Path(config.output_dir)
-    if not config.resume and not config.overwrite_output_dir and list_checkpoints(output_dir / "checkpoints"):
-        raise UserError(f"--output_dir {output_dir}: holds checkpoints of an earlier run; pass --resume latest "
-                        "to continue it, --overwrite_output_dir to start over, or another --output_dir")
+    if (output_dir.exists() or output_dir.is_symlink()) and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir}: is a file, expected a directory")
+    found = [name for name in outputs if (output_dir / name).exists()]
+    if config.resume or not found:
+        return
+    if not config.overwrite_output_dir:
+        if list_checkpoints(output_dir / "checkpoints"):
+            raise UserError(f"--output_dir {output_dir}: holds checkpoints of an earlier run; pass --resume latest "
+                            "to continue it, --overwrite_output_dir to start over, or another --output_dir")
+        raise UserError(f"--output_dir {output_dir}: holds an earlier run's outputs ({', '.join(found)}) and no "
+                        "checkpoint to resume; pass --overwrite_output_dir to replace them, or another --output_dir")
+    if not is_ours(output_dir):
+        raise UserError(f"--output_dir {output_dir}: holds {', '.join(found)}, not written by minipeft (no .minipeft "
+                        "marker); refusing to replace them: choose another --output_dir")
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create ``output_dir``; mark it as minipeft's when it is new or empty (a user's folder stays unmarked)."""
+    output_dir = Path(output_dir)
+    new = not output_dir.exists() or is_empty_directory(output_dir)
+    make_directory(output_dir)
+    if new:
+        mark_as_ours(output_dir)
+
+
+def divergence_message(what: str, steps: int, precision: str, checkpoints: list) -> str:
+    """The one line for a run stopped by non-finite steps: what was not finite, what to try, where to go back.
+
+    Every checkpoint holds finite weights (the loop saves no other), so the newest one is a good one.
+    """
+    remedies = "lower --learning_rate" + (" or use --precision fp32" if precision != "fp32" else "")
+    where = (f"the last good checkpoint (finite weights) is {checkpoints[-1]}" if checkpoints
+             else "no checkpoint was saved before it")
+    note = ", while the loss was finite" if what == "gradient norm" else ""
+    return (f"training diverged: the {what} was not finite for {steps} steps in a row{note} "
+            f"(--max_nonfinite_steps); {remedies}; {where}")
 
 
 def set_epoch(loader, epoch: int) -> None:
@@ -131,9 +170,11 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signal_number = None  # which signal asked: the exit status is 128 + it (130 Ctrl-C, 143 SIGTERM)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        self.signal_number = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
         tqdm.write(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
                    "(Ctrl-C again to stop at once)")
@@ -287,32 +328,40 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
         saved = load_checkpoint(checkpoint, model, optimizer, scaler, context.rank)
         rng_to_restore = saved.pop("rng")
         state = TrainState(**saved)
+        if state.batches_done > len(train_loader):
+            raise UserError(f"--resume {config.resume}: {checkpoint} is {state.batches_done} batches into epoch "
+                            f"{state.epoch}, but this run's data gives only {len(train_loader)} batches per epoch; "
+                            "resume with the original --dataset_path and data settings")
         say(f"resumed from {checkpoint}: step {state.step}, epoch {state.epoch}, "
             f"{state.batches_done} batches into it")
         if rng_to_restore is None:
             say("note: the checkpoint has no random state for this process (another number of processes?); "
                 "dropout will differ from the original run")
-    else:
+    elif context.is_main:
         check_output_dir(config)
     if context.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(output_dir)
+        prepare_output_dir(checkpoints_dir)
         remove_incomplete(checkpoints_dir)
         remove_incomplete(output_dir)
         if config.overwrite_output_dir:  # the earlier run's checkpoints and best adapter are not this run's
             prune_checkpoints(checkpoints_dir, keep_last=0)
-            shutil.rmtree(output_dir / "best", ignore_errors=True)
+            remove_our_directory(output_dir / "best", "--output_dir")
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=context.is_main,
                          resume_step=state.step if config.resume else None)
     gradient_check = None if state.gradient_check_done else GradientCheck(model, config.gradient_checkpointing)
 
     def save_adapter_to(directory: Path, **extra) -> None:
         if context.is_main:
-            write_directory_atomically(directory, lambda temporary: model.save_adapter(
-                temporary, **adapter_metadata, **extra))
+            model.save_adapter(directory, **adapter_metadata, **extra)  # atomic; refuses non-finite weights
 
     def save_training_state() -> Path:
         rng_states = context.all_gather_objects(capture_rng_state())  # every process's generators
         path = checkpoints_dir / f"step-{state.step}"
+        bad = first_nonfinite_tensor(peft_state_dict(model))  # a checkpoint is a state worth going back to
+        if bad is not None:
+            say(f"warning: step {state.step}: adapter tensor {bad} is not finite; no checkpoint saved", file=sys.stderr)
+            return path
         if context.is_main:
             save_checkpoint(path, model, optimizer, scaler, asdict(state), rng_states, adapter_metadata)
             prune_checkpoints(checkpoints_dir, config.save_total_limit, keep_steps=[state.best_step])
@@ -320,7 +369,8 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
 
     def run_evaluation() -> None:
         loss, ppl, n_targets = evaluate(model, val_loader, context, autocast, config.eval_max_batches)
-        improved = state.best_eval_loss is None or loss < state.best_eval_loss
+        # a NaN eval loss is never "best" (nan < x is False, but so would be the first-evaluation shortcut)
+        improved = math.isfinite(loss) and (state.best_eval_loss is None or loss < state.best_eval_loss)
         state.eval_loss, state.eval_perplexity, state.eval_step = loss, ppl, state.step
         if improved:
             state.best_eval_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
@@ -388,16 +438,15 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
                     state.epoch_target_tokens += int(n_targets)
                 else:
                     state.nonfinite_in_a_row += 1
+                    # a NaN loss always makes the gradient NaN too; a finite loss with an overflowing gradient is rarer
+                    what = "loss" if not math.isfinite(step_loss) else "gradient norm"
                     say(f"warning: step {state.step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite; "
                         f"step skipped ({state.nonfinite_in_a_row} in a row)", file=sys.stderr)
                     if scaler is not None:
                         scaler.update()  # lowers the scale
                     if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
-                        kept = list_checkpoints(checkpoints_dir)
-                        raise UserError(
-                            f"training diverged: the loss was not finite for {state.nonfinite_in_a_row} steps in a "
-                            f"row (--max_nonfinite_steps); lower --learning_rate or use --precision fp32"
-                            + (f"; the last good checkpoint is {kept[-1]}" if kept else ""))
+                        raise UserError(divergence_message(what, state.nonfinite_in_a_row, precision,
+                                                           list_checkpoints(checkpoints_dir)))
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.batches_done += len(window)
@@ -451,6 +500,6 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
     if outcome != "interrupted":
         save_adapter_to(output_dir / "adapter", step=state.step)
     context.barrier()
-    return {"outcome": outcome, "state": asdict(state), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+    return {"outcome": outcome, "signal": stop.signal_number, "state": asdict(state), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
             "warmup_steps": warmup_steps, "eval_every": eval_every, "save_every": save_every, "precision": precision,
             "last_checkpoint": str(checkpoints_dir / f"step-{state.step}")}

@@ -13,29 +13,14 @@ The plot needs the ``plot`` extra (matplotlib, imported only here and only when 
 
 import json
 import math
-import os
 import resource
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-
-def write_json_atomically(path: Path, value) -> Path:
-    """Write ``value`` as indented JSON via a temporary file and ``os.replace``: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(value, file, indent=2)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+from minipeft.safe_files import (cannot_write, write_file_atomically, write_json_atomically,  # noqa: F401
+                                 write_text_atomically)
 
 
 def read_metrics(path: Path) -> list:
@@ -62,18 +47,18 @@ class MetricsLog:
             self.path.unlink(missing_ok=True)
         else:  # a resumed run keeps the curve up to its checkpoint, so it continues without a seam
             kept = [record for record in read_metrics(self.path) if record["step"] <= resume_step]
-            handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-            with os.fdopen(handle, "w") as file:
-                file.writelines(json.dumps(record) + "\n" for record in kept)
-            os.replace(temporary, self.path)
+            write_text_atomically(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:
         """Append one record; a NaN or infinite number is written as null (JSON has no NaN)."""
         if self.enabled:
             record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
                       for key, value in record.items()}
-            with open(self.path, "a") as file:
-                file.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as file:
+                    file.write(json.dumps(record) + "\n")
+            except OSError as error:  # a full disk: one line naming the file
+                raise cannot_write(self.path, error) from None
 
 
 def format_log_line(epoch: int, step: int, total_steps: int, loss: float, perplexity: float, lr: float,
@@ -136,10 +121,6 @@ def plot_loss_curve(metrics_path: Path, png_path: Path):
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    png_path = Path(png_path)
-    handle, temporary = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".png")
-    os.close(handle)
-    figure.savefig(temporary, dpi=110)
+    write_file_atomically(png_path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
     plt.close(figure)
-    os.replace(temporary, png_path)
-    return png_path
+    return Path(png_path)
