@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from data_fixtures import RECORDS, make_tokenizer, write_json
 from training_fixtures import one_thread  # noqa: F401
 
@@ -92,6 +93,25 @@ def test_resume_from_the_command_line_continues_the_run(tiny_run_inputs, tmp_pat
     argv[argv.index("--max_steps") + 1] = "5"
     assert run(main, argv) == 0
     assert "resumed from" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_resume_with_only_the_output_dir_takes_the_runs_own_settings(tiny_run_inputs, tmp_path, capsys):
+    """``--output_dir DIR --resume latest`` alone continues the run as it was started (rank, method, data,
+    learning rate from its train_config.json); a flag given again overrides the saved value."""
+    model_dir, records = tiny_run_inputs
+    first = tiny_args(tiny_run_inputs, tmp_path, "--lora_rank", "4", "--learning_rate", "1e-3")
+    assert run(main, first) == 0
+    capsys.readouterr()
+    assert run(main, ["--output_dir", str(tmp_path), "--resume", "latest", "--max_steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "settings that differ" not in out
+    saved = json.loads((tmp_path / "train_config.json").read_text())["arguments"]
+    assert (saved["lora_rank"], saved["learning_rate"], saved["model"]) == (4, 1e-3, str(model_dir))
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {tuple(t.shape)[0] for name, t in tensors.items() if "lora_A" in name} == {4}
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")
              if json.loads(line)["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5]

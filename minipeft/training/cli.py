@@ -138,13 +138,7 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
 
 def warn_about_changed_settings(output_dir: Path, current: dict) -> None:
     """On --resume: name the settings that differ from the interrupted run's (they change the curve)."""
-    path = output_dir / "train_config.json"
-    if not path.is_file():
-        return
-    try:
-        before = loads_json(read_input_text(path)).get("arguments", {})
-    except (ValueError, AttributeError, UserError):
-        return
+    before = saved_arguments(output_dir)
     changed = [f"--{key} {current[key]} (was {before[key]})" for key in sorted(current)
                if key in before and key not in RESUMABLE_CHANGES and current[key] != before[key]]
     if changed:
@@ -165,8 +159,38 @@ def measure_inference_speed(peft_model, batch: dict, new_tokens: int = 32) -> fl
     return generated.shape[1] / (time.perf_counter() - started)
 
 
+def saved_arguments(output_dir: Path) -> dict:
+    """The command-line settings an earlier run recorded in ``output_dir/train_config.json`` ({} if none)."""
+    path = output_dir / "train_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        arguments = loads_json(read_input_text(path)).get("arguments", {})
+    except (ValueError, AttributeError, UserError):
+        return {}
+    return arguments if isinstance(arguments, dict) else {}
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    """The command line; with ``--resume``, every flag not given again takes the interrupted run's value.
+
+    ``python train_llm.py --output_dir run --resume latest`` therefore continues the run as it was started
+    (its method, rank, data, learning rate, ...), and a flag given again overrides it (and is named in a note
+    when that changes what the run computes).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        known = set(vars(args))
+        saved = {key: value for key, value in saved_arguments(Path(args.output_dir)).items()
+                 if key in known and key not in ("resume", "overwrite_output_dir", "output_dir")}
+        parser.set_defaults(**saved)
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     config = training_config_from_args(args)
     from minipeft.data.config import data_config_from_args
 
