@@ -1,6 +1,6 @@
 """QLoRA on SmolLM2-135M: memory of the 4-bit base, and the same LoRA run on an NF4 base and on a bf16 base.
 
-    python bench/bench_qlora.py                  # memory table + both runs (about 10 min on 2 busy cores)
+    python bench/bench_qlora.py                  # memory table + both runs (about 15 min on the busy shared machine)
     python bench/bench_qlora.py --steps 10       # a shorter run
 
 Prints:
@@ -16,7 +16,7 @@ Prints:
    /proc/self/clear_refs just before training: steps and evaluations), eval loss before and after, and
    training tokens/s. Goals: nf4's training peak below bf16's, eval loss after within 3% of bf16's.
 
-Data: 400 GPTeacher roleplay records from ../shared/data (chat template, max_length 128), 48 held out.
+Data: 400 GPTeacher roleplay records from ../shared/data (chat template, max_length 128), 32 held out.
 """
 
 import argparse
@@ -93,7 +93,7 @@ def worker(side: str, steps: int, threads: int, output: str) -> None:
     with tempfile.TemporaryDirectory() as directory:
         subset = Path(directory) / "records.json"
         subset.write_text(json.dumps(records))
-        data = DataConfig(dataset_path=str(subset), template="chat", max_length=128, batch_size=4, val_size=48,
+        data = DataConfig(dataset_path=str(subset), template="chat", max_length=128, batch_size=4, val_size=32,
                           cache_dir=None, seed=0)
         train_loader, val_loader, _ = build_dataloaders(data, tokenizer, progress=False)
         torch.manual_seed(0)
@@ -116,8 +116,10 @@ def worker(side: str, steps: int, threads: int, output: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (default 1: on the busy shared 2-core machine, 2 threads ran "
+                             "a 4-bit layer's forward and backward 4.5x slower than 1)")
     parser.add_argument("--sides", default="nf4,bf16")
     parser.add_argument("--skip_memory_table", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
