@@ -121,3 +121,24 @@ def test_lora_trained_on_nf4_is_an_ordinary_peft_file(tmp_path, sample_batch):
           f"peft on bitsandbytes' 4-bit base {bnb_difference:.3e}")
     assert 1e-3 < float_difference < 0.5  # the 4-bit rounding of the base, nothing else
     assert bnb_difference < 1e-5
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_smollm2_streamed_from_its_file_equals_load_then_quantize(smollm2):
+    """Quantizing each tensor as it is read from the GGUF file gives the same 4-bit model, bit for bit."""
+    from minipeft.nf4 import Linear4bit, load_smollm2_streaming, quantizable_layers
+
+    reference = smollm2[0]
+    streamed, _, names = load_smollm2_streaming()
+    assert names == quantizable_layers(reference) and len(names) == 30 * 7
+    for name in names:  # every 4-bit layer: the same codes and scales as quantizing the loaded float layer
+        expected = Linear4bit(reference.get_submodule(name)).state_dict()
+        state = streamed.get_submodule(name).state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state), name
+    quantized = {name + "." for name in names}
+    rest = {k: v for k, v in reference.state_dict().items() if not any(k.startswith(q) for q in quantized)}
+    streamed_rest = {k: v for k, v in streamed.state_dict().items() if not any(k.startswith(q) for q in quantized)}
+    assert rest.keys() == streamed_rest.keys() and all(torch.equal(rest[k], streamed_rest[k]) for k in rest)
+    assert streamed.lm_head.weight is streamed.model.embed_tokens.weight  # still tied
+    assert not any(isinstance(m, torch.nn.Linear) for m in streamed.model.layers.modules())
