@@ -20,6 +20,8 @@ Output directory (``--output_dir``)::
     metrics.json             the run's summary (written by :mod:`minipeft.training.cli`)
     train_config.json        every setting of the run
     loss_curve.png           train and eval loss (with the ``plot`` extra)
+    .minipeft                marker: minipeft wrote this folder (each folder it writes has one; see
+                             :mod:`minipeft.safe_files`); .minipeft.lock while a run writes here
 
 Only rank 0 writes files and prints; every process runs the same steps.
 """
