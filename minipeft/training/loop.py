@@ -501,6 +501,7 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
     if outcome != "interrupted":
         save_adapter_to(output_dir / "adapter", step=state.step)
     context.barrier()
-    return {"outcome": outcome, "signal": stop.signal_number, "state": asdict(state), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+    return {"outcome": outcome, "signal": stop.signal_number, "state": asdict(state),
+            "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
             "warmup_steps": warmup_steps, "eval_every": eval_every, "save_every": save_every, "precision": precision,
             "last_checkpoint": str(checkpoints_dir / f"step-{state.step}")}
