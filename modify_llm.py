@@ -1,16 +1,24 @@
 """Apply a PEFT method to a model and print exact parameter statistics (see ``minipeft/modify.py``)."""
 
+import os
 import signal
 import sys
 
-# Ctrl-C or SIGTERM while the libraries load (several seconds) ends quietly too: 130 / 143, no traceback.
-signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
-try:
-    from minipeft.cli import run
-    from minipeft.modify import main
-except KeyboardInterrupt:
+
+def stop_while_loading(signum, frame):
+    """Ctrl-C or SIGTERM while torch and transformers load (seconds): nothing is written yet, so leave at once
+    with 130 / 143 (a KeyboardInterrupt here would surface as a library's ImportError and its traceback)."""
     print("interrupted", file=sys.stderr)
-    raise SystemExit(130) from None
+    os._exit(128 + signum)
+
+
+signal.signal(signal.SIGINT, stop_while_loading)
+signal.signal(signal.SIGTERM, stop_while_loading)
+from minipeft.cli import run  # noqa: E402
+from minipeft.modify import main  # noqa: E402
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on: KeyboardInterrupt, exit 130
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # cleanup runs, then exit 143
 
 if __name__ == "__main__":
     raise SystemExit(run(main))

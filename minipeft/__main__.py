@@ -1,13 +1,13 @@
-"""``python -m minipeft <command>``: see :mod:`minipeft.cli`."""
+"""``python -m minipeft <command>``: see :mod:`minipeft.cli`.
+
+(Python imports the ``minipeft`` package before this file runs; the command's own modules load inside
+:func:`minipeft.cli.run`, where Ctrl-C is exit status 130.)
+"""
 
 import signal
 import sys
 
-signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # see train_llm.py
-try:
-    from minipeft.cli import main
-except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    raise SystemExit(130) from None
+from minipeft.cli import main
 
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # cleanup runs, then exit 143
 sys.exit(main())

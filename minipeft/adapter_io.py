@@ -80,7 +80,7 @@ def config_from_dict(values: dict, source: str = CONFIG_NAME):
     """The config dataclass for a saved config; unknown keys are ignored, missing ones take the defaults.
 
     Numeric fields are checked against the dataclass's annotations before the config is built, so a file's
-    mistake is reported in the file's terms (``adapter_config.json: "r" must be an integer, got '8'``).
+    mistake is reported in the file's terms (``adapter_config.json: "r" must be a positive integer, got '8'``).
     """
     if not isinstance(values, dict) or "peft_type" not in values:
         raise UserError(f"{source}: not an adapter config (no 'peft_type' key)")
@@ -100,15 +100,15 @@ def config_from_dict(values: dict, source: str = CONFIG_NAME):
 
 
 def _check_number_field(key: str, value, annotation, source: str) -> None:
-    """An ``int`` or ``float`` field (or ``int | None``...) must hold a (finite) number of that kind."""
+    """An ``int`` field must hold a positive integer, a ``float`` field a finite number (``| None``: or null)."""
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     kinds = set(typing.get_args(annotation)) if union else {annotation}
     if value is None and type(None) in kinds:
         return
     numbers = kinds - {type(None)}
-    if numbers == {int}:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise UserError(f'{source}: "{key}" must be an integer, got {value!r}')
+    if numbers == {int}:  # every integer of a method config is a count or a size: r, bottleneck, tokens, layers
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f'{source}: "{key}" must be a positive integer, got {value!r}')
     elif numbers and numbers <= {int, float}:
         require_finite(f'"{key}"', value, source)
 

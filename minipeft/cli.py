@@ -53,6 +53,22 @@ def run(main, argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as error:  # Ctrl-C inside a library's lazy import comes back wrapped in its ImportError
+        if not caused_by_interrupt(error):
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def caused_by_interrupt(error: BaseException) -> bool:
+    """True when a ``KeyboardInterrupt`` is somewhere in ``error``'s chain of causes."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def main(argv=None) -> int:

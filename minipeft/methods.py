@@ -81,7 +81,8 @@ def method_for_peft_type(peft_type: str, source: str = "adapter_config.json") ->
 METHOD_FLAGS = {
     # flag: (methods it applies to, argparse keyword arguments)
     "--lora_rank": (("lora", "dora"), dict(type=int, help="LoRA rank r (default 8)")),
-    "--lora_alpha": (("lora", "dora"), dict(type=finite_float, help="LoRA scale numerator alpha; update x alpha/r (default 16)")),
+    "--lora_alpha": (("lora", "dora"), dict(type=finite_float,
+                                            help="LoRA scale numerator alpha; update x alpha/r (default 16)")),
     "--lora_dropout": (("lora", "dora"), dict(type=finite_float, help="dropout on the LoRA branch input (default 0)")),
     "--lora_bias": (("lora", "dora"), dict(choices=["none", "all", "lora_only"], help="which biases train (default none)")),
     "--use_rslora": (("lora", "dora"), dict(action="store_true", default=None, help="scale by alpha/sqrt(r)")),

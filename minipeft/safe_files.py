@@ -237,7 +237,8 @@ def json_text(value, indent=2, sort_keys: bool = False) -> str:
 
 def write_json_atomically(path, value, sort_keys: bool = False) -> Path:
     """Write ``value`` as indented JSON (``allow_nan=False``) via :func:`write_file_atomically`."""
-    return write_file_atomically(path, lambda temporary: Path(temporary).write_text(json_text(value, sort_keys=sort_keys)))
+    text = json_text(value, sort_keys=sort_keys)
+    return write_file_atomically(path, lambda temporary: Path(temporary).write_text(text))
 
 
 # -- directories minipeft owns -----------------------------------------------------------------------------------
@@ -320,10 +321,12 @@ def write_directory_atomically(final, write, flag: str = "") -> Path:
 
 
 def remove_incomplete(directory) -> None:
-    """Delete the ``.tmp-*`` / ``.old-*`` directories that a killed minipeft process left in ``directory``."""
+    """Delete the ``.tmp-*`` / ``.old-*`` directories that a killed minipeft process left in ``directory``
+    (those holding the marker, or empty: a user's own ``.tmp-notes/`` stays)."""
     if Path(directory).is_dir():
         for path in Path(directory).iterdir():
-            if path.name.startswith((".tmp-", ".old-")) and path.is_dir():
+            leftover = path.name.startswith((".tmp-", ".old-")) and path.is_dir()
+            if leftover and (is_ours(path) or is_empty_directory(path)):
                 shutil.rmtree(path, ignore_errors=True)
 
 

@@ -58,7 +58,8 @@ TINY_RUN = ["--max_steps", "2", "--eval_max_batches", "1", "--no_cache", "--num_
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-def script(name: str, *args, cwd=None, timeout: float = 120, preexec_fn=None, wrapper=()) -> subprocess.CompletedProcess:
+def script(name: str, *args, cwd=None, timeout: float = 120, preexec_fn=None,
+           wrapper=()) -> subprocess.CompletedProcess:
     """Run ``python <name> args`` (``-m minipeft`` for ``name="minipeft"``) to completion."""
     command = [sys.executable, "-m", "minipeft"] if name == "minipeft" else [sys.executable, str(ROOT / name)]
     return subprocess.run([*wrapper, *command, *map(str, args)], capture_output=True, text=True, cwd=cwd,
@@ -339,7 +340,7 @@ def test_output_file_that_is_a_directory_and_a_missing_local_model(finished_run,
 
 def test_adapter_config_that_is_a_json_list_or_has_a_string_rank(finished_run, tmp_path, capsys):
     for name, content, message in (("list", "[1, 2]", "expected a JSON object of settings, found an array"),
-                                   ("rank", None, "\"r\" must be an integer, got '8'")):
+                                   ("rank", None, "\"r\" must be a positive integer, got '8'")):
         adapter = Path(shutil.copytree(finished_run / "adapter", tmp_path / name))
         config_path = adapter / "adapter_config.json"
         if content is None:
@@ -407,7 +408,7 @@ def unshare_available() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not unshare_available(), reason="needs `unshare -m` (a private mount namespace) for a read-only mount")
+@pytest.mark.skipif(not unshare_available(), reason="needs `unshare -m` (a private mount namespace): a read-only mount")
 def test_a_read_only_disk_is_one_line_and_changes_nothing(run_copy):
     before = digests(run_copy)
     mount = f"mount --bind {run_copy} {run_copy} && mount -o remount,bind,ro {run_copy} && exec \"$@\""
@@ -417,14 +418,17 @@ def test_a_read_only_disk_is_one_line_and_changes_nothing(run_copy):
     assert digests(run_copy) == before
 
 
-def test_ctrl_c_while_the_libraries_load_exits_130_without_a_traceback(tmp_path):
-    for name in ("train_llm.py", "modify_llm.py", "data_pipeline.py"):
+def test_ctrl_c_or_sigterm_while_the_libraries_load_exits_quietly(tmp_path):
+    cases = [("train_llm.py", signal.SIGINT, 130), ("modify_llm.py", signal.SIGINT, 130),
+             ("data_pipeline.py", signal.SIGINT, 130), ("train_llm.py", signal.SIGTERM, 143)]
+    for name, signal_number, status in cases:
         process = subprocess.Popen([sys.executable, str(ROOT / name)], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=script_env(), cwd=tmp_path)
         time.sleep(1.0)  # python is up, torch and transformers are still loading (they take seconds)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal_number)
         _, err = process.communicate(timeout=60)
-        assert process.returncode == 130 and "Traceback" not in err, (name, err)
+        assert process.returncode == status and err.strip().endswith("interrupted"), (name, err)
+        assert "Traceback" not in err and list(tmp_path.iterdir()) == [], (name, err)
 
 
 @pytest.mark.slow

@@ -90,7 +90,8 @@ def load_records(path, instruction_column: str = "instruction", input_column: st
         raise UserError(f"{path}: unknown format; expected a .json array, .jsonl (JSON Lines) or .csv file")
 
     if not rows:
-        raise UserError(f"{path}: holds no records (an empty {'JSON array' if file_format == 'json' else file_format.upper()})")
+        kind = "JSON array" if file_format == "json" else file_format.upper()
+        raise UserError(f"{path}: holds no records (an empty {kind})")
     found = sorted({key for _, row in rows if isinstance(row, dict) for key in row})
     _check_columns(path, found, columns)
     loaded = LoadedRecords(str(path), file_format, found, records=[])

@@ -20,6 +20,8 @@ Output directory (``--output_dir``)::
     metrics.json             the run's summary (written by :mod:`minipeft.training.cli`)
     train_config.json        every setting of the run
     loss_curve.png           train and eval loss (with the ``plot`` extra)
+    .minipeft                marker: minipeft wrote this folder (each folder it writes has one; see
+                             :mod:`minipeft.safe_files`); .minipeft.lock while a run writes here
 
 Only rank 0 writes files and prints; every process runs the same steps.
 """
@@ -500,6 +502,7 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
     if outcome != "interrupted":
         save_adapter_to(output_dir / "adapter", step=state.step)
     context.barrier()
-    return {"outcome": outcome, "signal": stop.signal_number, "state": asdict(state), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+    return {"outcome": outcome, "signal": stop.signal_number, "state": asdict(state),
+            "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
             "warmup_steps": warmup_steps, "eval_every": eval_every, "save_every": save_every, "precision": precision,
             "last_checkpoint": str(checkpoints_dir / f"step-{state.step}")}
