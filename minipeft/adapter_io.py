@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minipeft.errors import UserError
+from minipeft.file_modes import use_umask
 from minipeft.methods import method_for_config, method_for_peft_type
 
 CONFIG_NAME = "adapter_config.json"
@@ -92,6 +93,7 @@ def _write_atomically(path: Path, write) -> None:
     os.close(handle)
     try:
         write(temporary)
+        use_umask(temporary)  # mkstemp's 0600 -> the mode any new file gets
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

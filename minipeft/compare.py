@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from minipeft.errors import UserError
+from minipeft.file_modes import use_umask
 from minipeft.methods import METHOD_FLAGS, METHODS
 
 DEFAULT_METHODS = ["lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit", "selective"]
@@ -342,6 +343,7 @@ def write_text_atomically(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
+        use_umask(temporary)  # mkstemp's 0600 -> the mode any new file gets
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

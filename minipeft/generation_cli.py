@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from minipeft.errors import UserError
+from minipeft.file_modes import use_umask
 
 TEMPLATE_CHOICES = ["auto", "alpaca", "plain", "chat", "none"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -306,6 +307,7 @@ def write_jsonl_atomically(path, rows: list) -> None:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             for row in rows:
                 file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        use_umask(temporary)  # mkstemp's 0600 -> the mode any new file gets
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

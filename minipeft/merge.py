@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from minipeft.errors import UserError
+from minipeft.file_modes import use_umask
 
 MERGE_INFO_NAME = "minipeft_merge.json"
 SAMPLE_INSTRUCTIONS = ("What is the capital of France?", "Name the opposite of hot.",
@@ -161,6 +162,8 @@ def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca"
                     max_abs_logit_difference_reloaded=reloaded_difference, save_dtype=str(save_dtype),
                     embeddings=tying)
         (temporary / MERGE_INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        for path in [temporary, *temporary.rglob("*")]:  # mkdtemp's 0700, safetensors' 0600 -> the usual modes
+            use_umask(path, directory=path.is_dir())
         replace_directory(temporary, out_dir)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)

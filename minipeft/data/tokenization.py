@@ -37,6 +37,7 @@ import numpy as np
 
 from minipeft.data.templates import TEMPLATES, format_prompt, prompt_and_response
 from minipeft.errors import UserError
+from minipeft.file_modes import use_umask
 
 CACHE_VERSION = "minipeft-data-1"  # change when the layout or the meaning of a cache file changes
 IGNORE_INDEX = -100  # label of a token that is not trained on (PyTorch cross_entropy's ignore_index)
@@ -226,6 +227,7 @@ def _save_cache(path: Path, tokenized: TokenizedRecords) -> None:
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(descriptor, "wb") as handle:
             np.savez(handle, **{name: getattr(tokenized, name) for name in _CACHE_ARRAYS})
+        use_umask(temporary)  # mkstemp's 0600 -> the mode any new file gets
         os.replace(temporary, path)
     except OSError as error:  # a read-only or full cache directory costs speed, not the run
         if temporary is not None and os.path.exists(temporary):

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from minipeft.adapter_io import WEIGHTS_NAME, load_peft_state_dict
 from minipeft.errors import UserError
+from minipeft.file_modes import use_umask
 
 FORMAT = "minipeft-checkpoint/1"
 STATE_NAME = "trainer_state.json"
@@ -68,6 +69,8 @@ def write_directory_atomically(final: Path, write) -> Path:
     temporary = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
     try:
         write(temporary)
+        for path in [temporary, *temporary.rglob("*")]:  # mkdtemp's 0700, safetensors' 0600 -> the usual modes
+            use_umask(path, directory=path.is_dir())
         for path in sorted(temporary.rglob("*")):
             _fsync(path)  # files: their bytes; subdirectories: their entries
         _fsync(temporary)

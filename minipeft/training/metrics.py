@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from minipeft.file_modes import use_umask
+
 
 def write_json_atomically(path: Path, value) -> Path:
     """Write ``value`` as indented JSON via a temporary file and ``os.replace``: never half a file."""
@@ -31,6 +33,7 @@ def write_json_atomically(path: Path, value) -> Path:
         with os.fdopen(handle, "w") as file:
             json.dump(value, file, indent=2)
             file.write("\n")
+        use_umask(temporary)  # mkstemp's 0600 -> the mode any new file gets
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -65,6 +68,7 @@ class MetricsLog:
             handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
             with os.fdopen(handle, "w") as file:
                 file.writelines(json.dumps(record) + "\n" for record in kept)
+            use_umask(temporary)
             os.replace(temporary, self.path)
 
     def write(self, record: dict) -> None:
@@ -186,5 +190,6 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = None):
     os.close(handle)
     figure.savefig(temporary, dpi=110)
     plt.close(figure)
+    use_umask(temporary)
     os.replace(temporary, png_path)
     return png_path
