@@ -16,7 +16,7 @@ For each method, in this process, one after another, with the same seed:
    before and after on the same held-out records;
 3. generation speed is measured: greedy, KV-cached, batch 1, ``--speed_tokens`` new tokens, the median of three
    runs; unmerged (base + adapter, as trained) and, for methods that can merge, merged (a plain model);
-4. the first ``--generation_prompts`` held-out instructions are answered (greedy, ``--generation_tokens``
+4. the ``--generation_prompts`` shortest held-out instructions are answered (greedy, ``--generation_tokens``
    at most), by the base model once before any training and by each trained method.
 
 Columns of the table (``comparison.md``, ``comparison.json``, and ``comparison.png`` with matplotlib):
@@ -506,11 +506,12 @@ def main(argv=None) -> int:
         raise UserError("--val_size: no record is held out for evaluation; give --val_size N with N >= 1")
     print("\n".join(report.summary_lines()))
     speed_prompt = next(iter(val_loader))["input_ids"][:1, :16].to(device)
-    # the first held-out records whose prompt, virtual tokens and answer fit the model's positions
+    # the shortest held-out prompts (quick to answer on a CPU) that fit the model's positions with the answer
     room = (model_positions(base_model.config) or 10**9) - virtual_tokens(args, methods) - args.generation_tokens
-    held_out = [record for record in map(val_loader.dataset.record, range(len(val_loader.dataset)))
-                if len(encode_prompt(record.instruction, record.input, template, tokenizer)) <= room]
-    held_out = held_out[:args.generation_prompts]
+    records = [val_loader.dataset.record(index) for index in range(len(val_loader.dataset))]
+    lengths = [len(encode_prompt(record.instruction, record.input, template, tokenizer)) for record in records]
+    held_out = [record for length, _, record in sorted(zip(lengths, range(len(records)), records))
+                if length <= room][:args.generation_prompts]
     prompts = [Prompt(record.instruction, record.input) for record in held_out]
     base_model.eval()
     base_replies = answer(base_model, tokenizer, prompts, template, args.generation_tokens)

@@ -65,7 +65,7 @@ METHODS = {
                why_not_mergeable="selective fine-tuning trains the base weights themselves; "
                "save the full model instead"),
         Method("bitfit", "minipeft.bitfit", "BitFitConfig", "apply_bitfit", "BITFIT",
-               mergeable=False, learning_rate=1e-3, learning_rate_source="Ben Zaken et al. 2022, the top of "
+               mergeable=False, learning_rate=1e-3, learning_rate_source="Ben Zaken et al. 2021, the top of "
                "their sweep {1e-4, 4e-4, 7e-4, 1e-3}",
                why_not_mergeable="BitFit trains the base biases themselves; save the full model instead"),
     ]
