@@ -1,7 +1,8 @@
 """Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``, in Hugging Face peft's layout.
 
-An adapter trained here loads in ``peft.PeftModel.from_pretrained`` (and so in vLLM, TGI,
-``transformers.load_adapter``), and a LoRA/IA3/prompt/prefix adapter saved by peft loads here.
+An adapter trained here loads in ``peft.PeftModel.from_pretrained`` (and so in vLLM and TGI), and a
+LoRA/IA3/prompt/prefix adapter saved by peft loads here. transformers' ``model.load_adapter()`` loads the LoRA
+(and IA3) files too, but refuses prompt-learning adapters (prompt and prefix tuning) with a ``ValueError``.
 See ``PEFT_FORMAT.md`` (shared with the project) for the observed format; in short:
 
 - tensor names are the model's own parameter paths under ``base_model.model.`` with no adapter name:
@@ -10,8 +11,9 @@ See ``PEFT_FORMAT.md`` (shared with the project) for the observed format; in sho
 - prompt and prefix tuning save one tensor, ``prompt_embeddings`` (their ``prompt_encoder`` says how);
 - only safetensors: no pickle is ever written or read.
 
-minipeft's own facts about an adapter (e.g. the prompt template it was trained with) go under one extra
-config key, ``"minipeft"``, which peft ignores with a warning. Methods peft does not have (bottleneck
+minipeft's own facts about an adapter (the prompt template it was trained with; for prompt tuning from text,
+the init text's token ids, a field peft's config lacks) go under one extra config key, ``"minipeft"``, which
+peft ignores with a warning. Methods peft does not have (bottleneck
 adapters, selective freezing, BitFit) use ``peft_type`` values of our own, documented in the README.
 """
 
@@ -34,6 +36,9 @@ from minipeft.safe_files import (check_input_file, duplicate_keys, json_text, lo
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+# Config fields of peft's methods that peft's own config classes lack: saved inside the "minipeft" block, so that
+# peft warns about one unknown key, not two.
+MINIPEFT_ONLY_FIELDS = ("prompt_tuning_init_token_ids",)
 
 
 def to_peft_key(name: str) -> str:
@@ -71,6 +76,11 @@ def config_to_dict(config, **metadata) -> dict:
     values["task_type"] = "CAUSAL_LM"
     values["inference_mode"] = True
     values["base_model_name_or_path"] = metadata.pop("base_model_name_or_path", None)
+    for key in MINIPEFT_ONLY_FIELDS:  # fields peft's config does not have go into our block, not the top level
+        if key in values:
+            value = values.pop(key)
+            if value is not None:
+                metadata[key] = value
     if metadata:
         values["minipeft"] = metadata
     return values
@@ -86,6 +96,8 @@ def config_from_dict(values: dict, source: str = CONFIG_NAME):
         raise UserError(f"{source}: not an adapter config (no 'peft_type' key)")
     method = method_for_peft_type(values["peft_type"], source)
     config_class = method.config_class
+    block = values.get("minipeft") if isinstance(values.get("minipeft"), dict) else {}
+    values = {**values, **{key: block[key] for key in MINIPEFT_ONLY_FIELDS if key in block}}
     fields = {field.name: field for field in dataclasses.fields(config_class)}
     given = {key: value for key, value in values.items() if key in fields}
     for key, value in given.items():

@@ -21,7 +21,8 @@ and half the cost::
   the same reason.
 - Parameters per adapter: ``2·d·m + d + m`` (down weight ``m·d`` + bias ``m``, up weight ``d·m`` + bias
   ``d``). GPT-2 small, Houlsby, m = 64, d = 768: 99,136 per adapter × 24 adapters (2 per block × 12) =
-  2,379,264 (1.91 % of 124,439,808); Pfeiffer: 12 × 99,136 = 1,189,632.
+  2,379,264, which is 1.8761 % of the 126,819,072 parameters of the adapted model (the share minipeft prints and
+  the README shows; 1.91 % of the 124,439,808 of the base alone); Pfeiffer: 12 × 99,136 = 1,189,632.
 - ``train_layernorms`` also trains the norms *inside the blocks* (GPT-2 ``ln_1``/``ln_2``, LayerNorm weight and
   bias; Llama ``input_layernorm``/``post_attention_layernorm``, RMSNorm weight), as Houlsby did; not the
   final norm. GPT-2 small: + 12 × 2 × 1,536 = 36,864.

@@ -11,10 +11,13 @@ For each method, in this process, one after another, with the same seed:
 1. a fresh copy of the base model gets the method (its defaults, or the method flags given, e.g.
    ``--lora_rank``; a flag that applies to none of the chosen methods is an error);
 2. :func:`minipeft.training.train` trains it for ``--max_steps`` optimizer steps on the same batches (same
-   split, same order), with the method's learning rate (:data:`DEFAULT_LEARNING_RATES`, or
-   ``--learning_rate``), and evaluates it before and after on the same held-out records;
+   split, same order), with the method's default learning rate (``Method.learning_rate`` in
+   :mod:`minipeft.methods`, the same default as ``train_llm.py``), or ``--learning_rate``, and evaluates it
+   before and after on the same held-out records;
 3. generation speed is measured: greedy, KV-cached, batch 1, ``--speed_tokens`` new tokens, the median of three
-   runs; unmerged (base + adapter, as trained) and, for methods that can merge, merged (a plain model).
+   runs; unmerged (base + adapter, as trained) and, for methods that can merge, merged (a plain model);
+4. the ``--generation_prompts`` shortest held-out instructions are answered (greedy, ``--generation_tokens``
+   at most), by the base model once before any training and by each trained method.
 
 Columns of the table (``comparison.md``, ``comparison.json``, and ``comparison.png`` with matplotlib):
 
@@ -29,6 +32,9 @@ Columns of the table (``comparison.md``, ``comparison.json``, and ``comparison.p
 - adapter size on disk (``adapter_model.safetensors`` + config);
 - generation tokens/s, unmerged and merged.
 
+``--report PATH`` (default ``report.md`` in ``--output_dir``) also writes the whole page: the command, its
+wall time and machine, the settings, the table and the generations. ``docs/comparison.md`` is such a page.
+
 The numbers are from one seed and a short budget: they show what each method costs and how fast it starts to
 learn, not which one is best after a full training run. Learning rates matter more than anything else here.
 """
@@ -38,6 +44,7 @@ import copy
 import gc
 import json
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -52,11 +59,6 @@ from minipeft.methods import METHOD_FLAGS, METHODS
 from minipeft.safe_files import remove_our_directory, write_json_atomically, write_text_atomically
 
 DEFAULT_METHODS = ["lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit", "selective"]
-# Learning rates for short runs (AdamW), from the papers' and peft's examples: matrices added beside frozen
-# weights (LoRA, adapters) take ~1e-3; vectors and virtual tokens need more (IA3 paper 3e-3, peft's prompt
-# tuning example 3e-2); training base weights (selective) needs what full fine-tuning uses.
-DEFAULT_LEARNING_RATES = {"lora": 1e-3, "dora": 1e-3, "ia3": 5e-3, "adapter": 1e-3, "prefix": 1e-2,
-                          "prompt": 3e-2, "bitfit": 1e-3, "selective": 1e-4}
 TRAIN_LOSS_LAST_STEPS = 10
 
 
@@ -129,8 +131,19 @@ def method_config(name: str, args, model, tokenizer):
     return config_from_args(argparse.Namespace(modification_type=name, **values), model, tokenizer)
 
 
+def answer(model, tokenizer, prompts: list, template: str, max_new_tokens: int) -> list:
+    """Greedy replies to held-out ``prompts`` (:class:`~minipeft.generation_cli.Prompt`), one line each."""
+    from minipeft.generation_cli import generate_texts
+
+    if not prompts:
+        return []
+    texts = generate_texts(model, tokenizer, prompts, template, max_new_tokens=max_new_tokens,
+                           batch_size=1).texts  # one at a time: no padding
+    return [" ".join(text.split()) for text in texts]
+
+
 def compare_method(name: str, base_model, tokenizer, loaders, args, template: str, learning_rate: float,
-                   device: torch.device, speed_prompt: torch.Tensor) -> dict:
+                   device: torch.device, speed_prompt: torch.Tensor, prompts: list = ()) -> dict:
     """Apply, train, evaluate and time one method on a copy of ``base_model``; returns its row."""
     from minipeft.methods import method_for_config
     from minipeft.peft_model import get_peft_model
@@ -161,6 +174,7 @@ def compare_method(name: str, base_model, tokenizer, loaders, args, template: st
     remove_our_directory(output_dir / "checkpoints")  # the optimizer state is not compared
     peft_model.eval()
     speed_unmerged = generation_speed(peft_model, speed_prompt, args.speed_tokens)
+    generations = answer(peft_model, tokenizer, list(prompts), template, args.generation_tokens)
     mergeable = method_for_config(peft_model.peft_config).mergeable
     speed_merged = None
     if mergeable:
@@ -185,6 +199,7 @@ def compare_method(name: str, base_model, tokenizer, loaders, args, template: st
         "tokens_per_s_unmerged": speed_unmerged,
         "tokens_per_s_merged": speed_merged,
         "adapter_dir": str(output_dir / "adapter"),
+        "generations": generations,
     }
     del peft_model, model
     gc.collect()
@@ -251,6 +266,76 @@ def plot_comparison(rows: list, path: Path):
     return path
 
 
+def markdown_report(result: dict) -> str:
+    """The whole comparison as a Markdown page: command, wall time, settings, table, generations."""
+    settings, rows = result["settings"], result["rows"]
+    lines = [
+        f"# PEFT methods compared on {settings['model']}",
+        "",
+        "<!-- Written by `python -m minipeft compare --report`; rerun the command below instead of editing. -->",
+        "",
+        f"Every method below was applied to a fresh copy of `{settings['model']}` and trained on the same batches, "
+        f"with the same seed and budget, by this command ({settings['wall_minutes']:.1f} minutes of wall time on "
+        f"{settings['machine']}):",
+        "",
+        "```bash",
+        settings["command"],
+        "```",
+        "",
+        f"{settings['train_records']} training and {settings['eval_records']} held-out records "
+        f"(`{settings['dataset_path'] or 'built-in data'}`), template `{settings['template']}`, max_length "
+        f"{settings['max_length']}, {settings['max_steps']} optimizer steps of {settings['batch_size']} records, "
+        f"precision {settings['precision']}, seed {settings['seed']}. Each method trains at its default learning "
+        "rate (`minipeft/methods.py`, the same as `train_llm.py`'s) unless the command sets one.",
+        "",
+        "| method | learning rate |",
+        "|---|---|",
+        *[f"| {row['method']} | {row['learning_rate']:g} |" for row in rows],
+        "",
+        "## The table",
+        "",
+        markdown_table(rows),
+        "",
+        "Train time counts training steps only; peak memory includes the base model kept for the next method; "
+        "train loss is the token-weighted mean of the last 10 steps; adapter size is the saved directory; "
+        "generation speed is greedy, KV-cached, batch 1. One seed and a short budget: the table shows what each "
+        "method costs and how fast it starts to learn, not which one is best after a full training run.",
+    ]
+    prompts = result.get("prompts") or []
+    if prompts:
+        lines += ["", "## Generations on held-out prompts", "",
+                  f"Greedy, at most {settings['generation_tokens']} new tokens, template `{settings['template']}`: "
+                  "the base model before training, then each method after it.", ""]
+        for index, prompt in enumerate(prompts):
+            lines += [f"### {index + 1}. {' '.join(prompt['instruction'].split())}", ""]
+            if prompt["input"]:
+                lines += [f"Input: {' '.join(prompt['input'].split())}", ""]
+            lines += [f"Reference: {' '.join(prompt['reference'].split())}", "", "| model | reply |", "|---|---|"]
+            replies = [("base model (before)", prompt["base_reply"])]
+            replies += [(f"{row['method']} (after)", row["generations"][index]) for row in rows if row["generations"]]
+            lines += [f"| {who} | {reply.replace('|', '&#124;') or '(empty)'} |" for who, reply in replies]
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def describe_machine(device: torch.device) -> str:
+    """``"2 CPU cores (Intel ...), 2 torch threads"`` or the GPU's name: where the wall time was measured."""
+    import os
+    import platform
+
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({model}), {torch.get_num_threads()} torch threads"
+
+
 # --- command line ---------------------------------------------------------------------------------------------------
 
 def parse_methods(text: str) -> list:
@@ -266,7 +351,7 @@ def parse_methods(text: str) -> list:
 
 def parse_learning_rates(text, methods: list) -> dict:
     """``None`` -> defaults; ``"3e-4"`` -> every method; ``"lora=1e-3,prompt=3e-2"`` -> those, others default."""
-    rates = {name: DEFAULT_LEARNING_RATES[name] for name in methods}
+    rates = {name: METHODS[name].learning_rate for name in methods}
     if text is None:
         return rates
     try:
@@ -298,16 +383,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val_size", type=int, default=None,
                         help="held-out records for evaluation (default: 10%% of the records)")
     parser.add_argument("--max_length", type=int, default=256, help="tokens per record (default 256)")
-    parser.add_argument("--template", choices=["alpaca", "plain", "chat"], default=None,
-                        help="prompt template (default: alpaca for builtin, else the chat template if the "
-                             "tokenizer has one, else alpaca)")
+    parser.add_argument("--template", choices=["auto", "alpaca", "plain", "chat"], default="auto",
+                        help="prompt template; auto: the tokenizer's chat template when it has one, else alpaca "
+                             "(default: auto)")
     parser.add_argument("--max_steps", type=int, default=100, help="optimizer steps per method (default 100)")
     parser.add_argument("--batch_size", type=int, default=8, help="records per step (default 8)")
     parser.add_argument("--learning_rate", default=None,
                         help="one rate for all methods, or method=rate pairs; default per method: "
-                             + ", ".join(f"{name} {rate:g}" for name, rate in DEFAULT_LEARNING_RATES.items()))
+                             + ", ".join(f"{name} {method.learning_rate:g}" for name, method in METHODS.items()))
     parser.add_argument("--eval_max_batches", type=int, default=None, help="evaluate on at most this many batches")
     parser.add_argument("--speed_tokens", type=int, default=32, help="new tokens per speed measurement (default 32)")
+    parser.add_argument("--generation_prompts", type=int, default=3,
+                        help="held-out instructions answered before and after training (default 3; 0: none)")
+    parser.add_argument("--generation_tokens", type=int, default=48,
+                        help="most new tokens per answer (default 48)")
+    parser.add_argument("--report", default=None,
+                        help="write the whole comparison as a Markdown page here (default: report.md in --output_dir)")
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                         help="training precision (default fp32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
@@ -326,14 +417,23 @@ def check_method_flags(args, methods: list) -> None:
                             f"{','.join(methods)}")
 
 
-def check_positions(args, methods: list, model_config) -> None:
-    """``--max_length`` plus the virtual tokens of prompt/prefix tuning must fit the model's positions."""
-    positions = getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
-    virtual = 0  # tokens put in front of every record (20 by default)
+def model_positions(model_config):
+    return getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
+
+
+def virtual_tokens(args, methods: list) -> int:
+    """The most tokens prompt or prefix tuning puts in front of every record (20 by default; 0 for the others)."""
+    virtual = 0
     if "prompt" in methods:
         virtual = max(virtual, args.num_virtual_tokens or 20)
     if "prefix" in methods:
         virtual = max(virtual, args.prefix_length or 20)
+    return virtual
+
+
+def check_positions(args, methods: list, model_config) -> None:
+    """``--max_length`` plus the virtual tokens of prompt/prefix tuning must fit the model's positions."""
+    positions, virtual = model_positions(model_config), virtual_tokens(args, methods)
     if positions is not None and args.max_length + virtual > positions:
         raise UserError(f"--max_length {args.max_length}" + (f" + {virtual} virtual tokens" if virtual else "")
                         + f" exceeds the model's {positions} positions; lower --max_length")
@@ -357,20 +457,25 @@ def main(argv=None) -> int:
     from transformers.utils import logging as transformers_logging
 
     from minipeft.data import DataConfig, build_dataloaders
-    from minipeft.generation_cli import resolve_device, resolve_template
+    from minipeft.data.tokenization import encode_prompt
+    from minipeft.generation_cli import Prompt, resolve_device, resolve_template
     from minipeft.models import load_model_and_tokenizer
 
     args = build_parser().parse_args(argv)
     methods = parse_methods(args.methods)
     check_method_flags(args, methods)
     learning_rates = parse_learning_rates(args.learning_rate, methods)
-    for flag in ("max_steps", "batch_size", "max_records", "speed_tokens", "eval_max_batches"):
+    started = time.perf_counter()
+    for flag in ("max_steps", "batch_size", "max_records", "speed_tokens", "eval_max_batches", "generation_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} {value}: must be a positive integer")
+    if args.generation_prompts < 0:
+        raise UserError(f"--generation_prompts {args.generation_prompts}: must be 0 or more")
     device = resolve_device(args.device)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    report_path = Path(args.report) if args.report else output_dir / "report.md"
     transformers_logging.disable_progress_bar()
 
     base_model, tokenizer = load_model_and_tokenizer(args.model)
@@ -387,6 +492,15 @@ def main(argv=None) -> int:
         raise UserError("--val_size: no record is held out for evaluation; give --val_size N with N >= 1")
     print("\n".join(report.summary_lines()))
     speed_prompt = next(iter(val_loader))["input_ids"][:1, :16].to(device)
+    # the shortest held-out prompts (quick to answer on a CPU) that fit the model's positions with the answer
+    room = (model_positions(base_model.config) or 10**9) - virtual_tokens(args, methods) - args.generation_tokens
+    records = [val_loader.dataset.record(index) for index in range(len(val_loader.dataset))]
+    lengths = [len(encode_prompt(record.instruction, record.input, template, tokenizer)) for record in records]
+    held_out = [record for length, _, record in sorted(zip(lengths, range(len(records)), records))
+                if length <= room][:args.generation_prompts]
+    prompts = [Prompt(record.instruction, record.input) for record in held_out]
+    base_model.eval()
+    base_replies = answer(base_model, tokenizer, prompts, template, args.generation_tokens)
     print(f"comparing {', '.join(methods)} on {args.model}: {args.max_steps} steps of {args.batch_size} records, "
           f"template {template}, {report.train_records} train / {report.val_records} eval records")
 
@@ -394,7 +508,7 @@ def main(argv=None) -> int:
     for name in methods:
         print(f"\n=== {name} (learning rate {learning_rates[name]:g}) ===", flush=True)
         rows.append(compare_method(name, base_model, tokenizer, (train_loader, val_loader), args, template,
-                                   learning_rates[name], device, speed_prompt))
+                                   learning_rates[name], device, speed_prompt, prompts))
         table = markdown_table(rows)  # rewritten after every method: a long run shows progress on disk
         write_text_atomically(output_dir / "comparison.md", table + "\n")
         settings = {"model": args.model, "dataset_path": args.dataset_path, "max_records": args.max_records,
@@ -402,10 +516,16 @@ def main(argv=None) -> int:
                     "eval_max_batches": args.eval_max_batches,
                     "template": template, "train_records": report.train_records, "eval_records": report.val_records,
                     "device": str(device), "precision": args.precision, "seed": args.seed,
-                    "command": "python -m minipeft compare " + " ".join(sys.argv[2:] if argv is None else argv)}
-        write_json_atomically(output_dir / "comparison.json", nonfinite_to_none({"settings": settings, "rows": rows}))
+                    "generation_tokens": args.generation_tokens, "machine": describe_machine(device),
+                    "wall_minutes": (time.perf_counter() - started) / 60,
+                    "command": "python -m minipeft compare " + shlex.join(sys.argv[2:] if argv is None else argv)}
+        result = {"settings": settings, "rows": rows,
+                  "prompts": [{"instruction": record.instruction, "input": record.input, "reference": record.output,
+                               "base_reply": reply} for record, reply in zip(held_out, base_replies)]}
+        write_json_atomically(output_dir / "comparison.json", nonfinite_to_none(result))
+        write_text_atomically(report_path, markdown_report(result))
     plot = plot_comparison(rows, output_dir / "comparison.png")
     print("\n" + table)
-    print(f"\nwrote {output_dir / 'comparison.md'}, {output_dir / 'comparison.json'}"
+    print(f"\nwrote {output_dir / 'comparison.md'}, {output_dir / 'comparison.json'}, {report_path}"
           + (f", {plot}" if plot else ""))
     return 0

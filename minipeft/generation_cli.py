@@ -13,9 +13,9 @@ What it does, in order:
    built-in tiny model. The adapter (``--adapter``, any method) is loaded onto it.
 2. The prompt template: a model answers best in the format it was fine-tuned with, so the template the
    adapter was trained with (``"minipeft": {"template": ...}`` in its ``adapter_config.json``, or in a merged
-   model directory's ``minipeft_merge.json``) is used; ``--template`` overrides it. With neither: ``alpaca``
-   for the built-in model, the tokenizer's own chat template for models that have one (SmolLM2-Instruct),
-   else ``alpaca``. ``--template none`` feeds the text as it is (plain continuation). Each prompt is an
+   model directory's ``minipeft_merge.json``) is used; ``--template`` overrides it. With neither
+   (``--template auto``, the default): the tokenizer's own chat template when it has one (SmolLM2-Instruct),
+   else ``alpaca`` (the built-in model), the same rule as training's ``--template auto``. ``--template none`` feeds the text as it is (plain continuation). Each prompt is an
    *instruction*; ``--input`` adds the Alpaca "input" field.
 3. Generation: :func:`minipeft.generation.generate` (KV-cached, the same loop for every method), prompts
    batched ``--batch_size`` at a time with **left** padding (so every row's next token follows its last
@@ -40,7 +40,7 @@ from minipeft.finite import finite_float
 from minipeft.nf4 import add_quantize_arguments, check_quantize_arguments, resolve_quantize
 from minipeft.safe_files import check_apart, read_input_text, write_text_atomically
 
-TEMPLATE_CHOICES = ["alpaca", "plain", "chat", "none"]
+TEMPLATE_CHOICES = ["auto", "alpaca", "plain", "chat", "none"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,7 +67,9 @@ def resolve_model_name(model_flag, adapter_dir) -> str:
 
 def resolve_template(template_flag, adapter_dir, model_name: str, tokenizer) -> str:
     """The prompt template to use (see the module docstring for the order of precedence)."""
-    if template_flag:
+    from minipeft.data.templates import resolve_template_name
+
+    if template_flag and template_flag != "auto":
         return template_flag
     if adapter_dir is not None:
         recorded = adapter_metadata(adapter_dir).get("template")
@@ -78,9 +80,7 @@ def resolve_template(template_flag, adapter_dir, model_name: str, tokenizer) -> 
     recorded = read_merge_info(model_name).get("template")  # a model written by `python -m minipeft merge`
     if recorded:
         return recorded
-    if model_name != "builtin" and getattr(tokenizer, "chat_template", None):
-        return "chat"
-    return "alpaca"
+    return resolve_template_name("auto", tokenizer)
 
 
 # --- prompts -------------------------------------------------------------------------------------------------
@@ -246,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompts_file", help="prompts, one per line, or a JSON list of strings or "
                                                "{\"instruction\", \"input\"} objects")
     parser.add_argument("--input", default="", help="the Alpaca \"input\" field for every --prompt")
-    parser.add_argument("--template", choices=TEMPLATE_CHOICES, default=None,
-                        help="prompt template (default: the adapter's, else alpaca for builtin, else the "
-                             "tokenizer's chat template when it has one); none = raw text")
+    parser.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
+                        help="prompt template; auto: the adapter's, else the tokenizer's chat template when it "
+                             "has one, else alpaca (default: auto); none = raw text")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="at most this many new tokens (default 64)")
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=finite_float, default=None, help="sampling temperature (default 1.0)")

@@ -15,7 +15,7 @@ A frozen weight ``W`` (out × in) learns only a low-rank update ``ΔW = s · B A
   the forward pass is the same for both layer kinds because ``A`` and ``B`` are ordinary ``nn.Linear``.
 - ``merge()`` adds ``ΔW`` into ``W`` so inference costs nothing extra; ``unmerge()`` restores the exact
   original weight (kept aside at merge time, because ``(W + ΔW) - ΔW`` is not ``W`` in floating point).
-- ``rank stabilised`` LoRA (Kalajievic 2023, https://arxiv.org/abs/2312.03732) scales by ``α/√r`` so that
+- ``rank stabilised`` LoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) scales by ``α/√r`` so that
   larger ranks keep learning.
 """
 

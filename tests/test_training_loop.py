@@ -317,3 +317,27 @@ def test_early_stopping_and_best_adapter(tmp_path):
     assert (tmp_path / "best" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "checkpoints" / f"step-{state['best_step']}").is_dir()  # the best checkpoint is kept
 
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_files_get_the_users_umask_not_tempfiles_private_mode(tmp_path, umask):
+    import os
+    import stat
+
+    from minipeft.training.metrics import plot_loss_curve, write_json_atomically
+
+    previous = os.umask(umask)
+    try:
+        out = tmp_path / "run"
+        train(tiny_peft_model("lora"), make_batches(2, rows=2, length=8, seed=1), make_batches(1, rows=2, seed=2),
+              run_config(out, max_steps=2, eval_every=2))
+        write_json_atomically(out / "metrics.json", {"a": 1})
+        if plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png") is None:
+            pass  # no matplotlib: the other files still count
+    finally:
+        os.umask(previous)
+    paths = [out, *out.rglob("*")]
+    assert any(path.name == "adapter_model.safetensors" for path in paths)
+    for path in paths:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path

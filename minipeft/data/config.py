@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from minipeft.data.templates import TEMPLATES
+from minipeft.data.templates import TEMPLATE_CHOICES
 from minipeft.errors import UserError
 from minipeft.finite import finite_float, require_finite
 
@@ -26,7 +26,8 @@ class DataConfig:
 
     Args:
         dataset_path: JSON array, JSON Lines or CSV file of Alpaca records; None means the built-in data set.
-        template: ``"alpaca"``, ``"plain"`` or ``"chat"`` (the tokenizer's own chat template), see
+        template: ``"auto"`` (the tokenizer's chat template when it has one, else Alpaca; resolved by
+            :func:`~minipeft.data.pipeline.build_dataloaders`), ``"alpaca"``, ``"plain"`` or ``"chat"``, see
             :mod:`minipeft.data.templates`.
         max_length: most tokens per record (and per packed sequence); longer records are truncated.
         train_on_inputs: keep the prompt tokens in the loss (default: only the response and its EOS).
@@ -49,7 +50,7 @@ class DataConfig:
     """
 
     dataset_path: str | None = None
-    template: str = "alpaca"
+    template: str = "auto"
     max_length: int = 256
     train_on_inputs: bool = False
     padding: str = "longest"
@@ -74,8 +75,8 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the flag when a value cannot work."""
-        if self.template not in TEMPLATES:
-            raise UserError(f"--template {self.template}: unknown template; choose one of {', '.join(TEMPLATES)}")
+        if self.template not in TEMPLATE_CHOICES:
+            raise UserError(f"--template {self.template}: unknown template; choose one of {', '.join(TEMPLATE_CHOICES)}")
         choices = {"padding": ("longest", "max_length"), "padding_side": ("right", "left")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -118,8 +119,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     add("--dataset_path", default=None,
         help="JSON array, JSON Lines (.jsonl) or CSV file of instruction/input/output records "
              "(default: the built-in data set)")
-    add("--template", default=defaults.template, choices=["alpaca", "plain", "chat"],
-        help="prompt template; chat uses the tokenizer's own chat template (default: %(default)s)")
+    add("--template", default=defaults.template, choices=TEMPLATE_CHOICES,
+        help="prompt template: chat is the tokenizer's own chat template; auto: chat when the tokenizer has "
+             "one (instruct models), else alpaca (default: %(default)s)")
     add("--max_length", type=int, default=defaults.max_length,
         help="most tokens per record; longer records are truncated, keeping the response (default: %(default)s)")
     add("--train_on_inputs", action="store_true", help="also train on the prompt tokens (default: response only)")

@@ -7,6 +7,7 @@
     LengthGroupedBatchSampler, PaddingCollator  (batching.py)  batches of similar length, padded together
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -17,6 +18,7 @@ from minipeft.data.config import DataConfig
 from minipeft.data.loading import load_records
 from minipeft.data.packing import PackedDataset
 from minipeft.data.report import DataReport, padding_share
+from minipeft.data.templates import resolve_template_name
 from minipeft.data.tokenization import pad_token_id, tokenize_records
 from minipeft.errors import UserError
 
@@ -46,8 +48,10 @@ def build_dataloaders(config: DataConfig, tokenizer, rank: int = 0, world_size: 
         record; ``report`` is a :class:`~minipeft.data.report.DataReport`. The train loader's batch sampler
         (``train_loader.batch_sampler``) has ``set_epoch(epoch)``; its order depends only on
         ``(config.seed, epoch)``, and with ``world_size > 1`` every rank gets the same number of batches.
-        The tokenizer is not modified.
+        The tokenizer is not modified. ``config.template == "auto"`` is resolved here, with this tokenizer, and
+        the report holds the resolved name.
     """
+    config = replace(config, template=resolve_template_name(config.template, tokenizer))
     path = resolve_dataset_path(config.dataset_path)
     loaded = load_records(path, config.instruction_column, config.input_column, config.output_column,
                           config.max_invalid_fraction)

@@ -22,7 +22,11 @@ The Alpaca template (Taori et al., 2023), with an input::
 ``plain`` is the instruction (and input) on their own lines, then the response. ``chat`` renders one user
 turn with the tokenizer's own chat template (``tokenizer.apply_chat_template``), so instruct models such as
 SmolLM2-Instruct are fine-tuned in the format they already know; the response is the assistant turn as that
-template writes it (for SmolLM2: ``"...<|im_end|>"``).
+template writes it (for SmolLM2: ``"...<|im_end|>"``, and ``<|im_end|>`` is its EOS).
+
+``auto``, the default of every command, is not a template but a choice made once the tokenizer is known
+(:func:`resolve_template_name`): ``chat`` when the tokenizer has a chat template, else ``alpaca``. The
+resolved name is what the data report prints and what the adapter records, so generation uses it too.
 """
 
 from dataclasses import dataclass
@@ -65,6 +69,15 @@ PLAIN = Template(
 CHAT = Template(name="chat", description="one user turn in the tokenizer's own chat template")
 
 TEMPLATES = {template.name: template for template in (ALPACA, PLAIN, CHAT)}
+TEMPLATE_CHOICES = ["auto", *TEMPLATES]  # what --template accepts
+
+
+def resolve_template_name(name: str, tokenizer) -> str:
+    """``"auto"`` -> ``"chat"`` when the tokenizer has a chat template (instruct models), else ``"alpaca"``;
+    any other name is returned as it is."""
+    if name != "auto":
+        return name
+    return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
 
 
 def format_prompt(instruction: str, input: str, template: str, tokenizer=None) -> str:

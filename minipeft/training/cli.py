@@ -56,8 +56,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     add("--max_steps", type=int, default=None, help="optimizer steps to take; overrides --epochs")
     add("--gradient_accumulation_steps", type=int, default=defaults.gradient_accumulation_steps,
         help="micro-batches per optimizer step (default: %(default)s)")
-    add("--learning_rate", type=finite_float, default=defaults.learning_rate,
-        help="peak learning rate (default: %(default)s)")
+    add("--learning_rate", type=finite_float, default=None,
+        help="peak learning rate (default: the method's own, e.g. lora 1e-3, prompt 3e-2; see minipeft/methods.py)")
     add("--lr_schedule", default=defaults.lr_schedule, choices=SCHEDULES,
         help="learning-rate schedule after warmup (default: %(default)s)")
     add("--warmup_steps", type=int, default=None, help="linear warmup over this many optimizer steps")
@@ -97,6 +97,23 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
+# An eval loss that moved less than this (relative) after a run usually means too small a learning rate.
+LOW_CHANGE = 0.05
+
+
+def low_change_hint(method: str, learning_rate: float) -> str:
+    """One line for a run whose eval loss hardly moved: the rate used against the method's default and source."""
+    from minipeft.methods import METHODS
+
+    default = METHODS[method]
+    if learning_rate < default.learning_rate:
+        return (f"hint: the eval loss moved less than {LOW_CHANGE:.0%}; the learning rate may be too low for this "
+                f"method: {method} ran at {learning_rate:g}, its default is {default.learning_rate:g} "
+                f"({default.learning_rate_source})")
+    return (f"hint: the eval loss moved less than {LOW_CHANGE:.0%}; more steps (--max_steps, --epochs) or a higher "
+            f"--learning_rate than {learning_rate:g} may help")
+
+
 # Below this size a model's matmuls are too small to split across cores: one thread is about as fast, and on a
 # busy machine two spinning OpenMP threads per process make training several times slower.
 SMALL_MODEL_PARAMETERS = 20_000_000
@@ -133,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """The :class:`TrainingConfig` of the parsed flags; no ``--learning_rate``: the method's default rate."""
+    from minipeft.methods import default_learning_rate
+
+    if args.learning_rate is None:
+        args.learning_rate = default_learning_rate(args.modification_type)
     return TrainingConfig(**{field.name: getattr(args, field.name) for field in fields(TrainingConfig)})
 
 
@@ -238,6 +260,7 @@ def run(args, config: TrainingConfig, data_config, context) -> int:
 
 def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
     from minipeft.data import build_dataloaders
+    from minipeft.data.templates import resolve_template_name
     from minipeft.methods import config_from_args
     from minipeft.nf4 import load_base_model
     from minipeft.peft_model import get_peft_model
@@ -255,6 +278,7 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
     # 1) model + method. The seed makes the adapter's initialisation identical on every process.
     torch.manual_seed(config.seed)
     model, tokenizer = load_base_model(args.model, args.quantize, args.quantize_lm_head, log=say)
+    data_config.template = resolve_template_name(data_config.template, tokenizer)  # auto -> chat or alpaca
     peft_model = get_peft_model(model, config_from_args(args, model, tokenizer))
     stats = peft_model.parameter_stats()
     if context.device.type == "cpu" or args.num_threads is not None:
@@ -332,13 +356,16 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
     run_config["plan"] = {key: result[key] for key in ("total_steps", "steps_per_epoch", "warmup_steps",
                                                        "eval_every", "save_every", "precision")}
     write_json_atomically(output_dir / "train_config.json", nonfinite_to_none(run_config))
-    curve = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png")
+    curve = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
+                            title=f"{args.modification_type} on {args.model}, lr {config.learning_rate:g}")
 
     say()
     if state["eval_loss"] is not None and state["eval_loss_before"]:
         change = (state["eval_loss"] - state["eval_loss_before"]) / state["eval_loss_before"]
         say(f"Eval loss: {state['eval_loss_before']:.4f} before training -> {state['eval_loss']:.4f} after "
             f"({change:+.1%}); perplexity {state['eval_perplexity_before']:.2f} -> {state['eval_perplexity']:.2f}")
+        if abs(change) < LOW_CHANGE:
+            say(low_change_hint(args.modification_type, config.learning_rate))
     say(f"Trained {state['step']} steps in {state['train_seconds']:.1f} s "
         f"({summary['train_tokens_per_s'] or 0:,.0f} tokens/s); generation {summary['inference_tokens_per_s']:,.0f} "
         f"tokens/s; peak memory {summary['peak_memory_mb']:,.0f} MB")

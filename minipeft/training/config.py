@@ -24,7 +24,9 @@ class TrainingConfig:
         max_steps: optimizer steps to take, overriding ``epochs``.
         gradient_accumulation_steps: micro-batches per optimizer step; the loss is normalised by the target
             tokens of the whole window, so ``batch b × k`` trains exactly like one batch of ``b·k``.
-        learning_rate: peak learning rate, reached after warmup.
+        learning_rate: peak learning rate, reached after warmup. ``train_llm.py`` without ``--learning_rate``
+            uses the method's own default (``Method.learning_rate`` in :mod:`minipeft.methods`); the 1e-3 here
+            is LoRA's.
         lr_schedule: ``constant``, ``linear`` or ``cosine`` (decaying to ``min_lr``).
         warmup_steps / warmup_ratio: linear warmup, in optimizer steps or as a fraction of them (one of them).
         min_lr: where ``linear`` and ``cosine`` end.
@@ -52,7 +54,7 @@ class TrainingConfig:
     epochs: int = 1
     max_steps: int | None = None
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     lr_schedule: str = "cosine"
     warmup_steps: int | None = None
     warmup_ratio: float | None = None

@@ -49,7 +49,8 @@ from minipeft.training.checkpoint import (capture_rng_state, list_checkpoints, l
 from minipeft.training.config import TrainingConfig
 from minipeft.training.distributed import DistributedContext, gradient_sync, wrap_for_data_parallel
 from minipeft.training.loss import causal_lm_loss_sum, count_target_tokens, perplexity
-from minipeft.training.metrics import MetricsLog, format_eval_line, format_log_line
+from minipeft.training.metrics import (MetricsLog, format_eval_line, format_log_line, format_plan_line,
+                                       micro_batch_size)
 from minipeft.training.optimizer import build_optimizer
 from minipeft.training.schedule import get_lr, warmup_steps_for
 from minipeft.transformers_api import enable_activation_checkpointing
@@ -391,9 +392,9 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
                        "eval_tokens": n_targets})
         say(f"Eval before training | Eval loss: {loss:.4f} | Eval PPL: {ppl:.2f} | {n_targets:,} target tokens")
 
-    say(f"Training: {total_steps} optimizer steps ({steps_per_epoch} per epoch; {len(train_loader)} batches × "
-        f"{k} accumulation × {context.world_size} process(es) per step), lr {config.learning_rate:g} "
-        f"{config.lr_schedule}, warmup {warmup_steps}, {precision} on {device}")
+    records, tokens = micro_batch_size(train_loader)  # per process; the effective batch multiplies them
+    say(format_plan_line(total_steps, steps_per_epoch, records, k, context.world_size, tokens, config.learning_rate,
+                         config.lr_schedule, warmup_steps, precision, device))
     progress = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                     disable=True if not context.is_main else None)  # None: only on a terminal
     interval = {"nll": 0.0, "targets": 0, "tokens": 0, "seconds": 0.0, "grad_norm": 0.0, "steps": 0}

@@ -69,6 +69,37 @@ def format_log_line(epoch: int, step: int, total_steps: int, loss: float, perple
             f"LR: {lr:.2e} | Grad norm: {grad_norm:.3f} | Tokens/s: {tokens_per_s:,.0f}")
 
 
+def micro_batch_size(train_loader) -> tuple:
+    """``(records per micro-batch, real tokens per micro-batch or None)`` on one process.
+
+    From the batch sampler of :func:`minipeft.data.build_dataloaders` (its ``batch_size`` and the token
+    length of every record), else from a list of ready batches (their rows and attention masks).
+    """
+    sampler = getattr(train_loader, "batch_sampler", None)
+    if hasattr(sampler, "batch_size") and hasattr(sampler, "lengths"):
+        return sampler.batch_size, sampler.batch_size * float(sum(sampler.lengths)) / max(len(sampler.lengths), 1)
+    if isinstance(train_loader, (list, tuple)) and train_loader:
+        records = train_loader[0]["input_ids"].shape[0]
+        masks = [batch.get("attention_mask", torch.ones_like(batch["input_ids"])) for batch in train_loader]
+        return records, sum(int(mask.sum()) for mask in masks) / len(masks)
+    return getattr(train_loader, "batch_size", None) or 1, None
+
+
+def format_plan_line(total_steps: int, steps_per_epoch: int, records: int, accumulation: int, processes: int,
+                     tokens_per_micro_batch, learning_rate: float, schedule: str, warmup_steps: int,
+                     precision: str, device) -> str:
+    """The run's plan, the effective batch spelled out:
+    ``Training: 225 optimizer steps (225 per epoch) | 8 records per micro-batch × 1 accumulation × 1 process =
+    8 records per optimizer step, ~1,480 tokens per step | lr 0.001 cosine, warmup 0 | fp32 on cpu``"""
+    per_step = records * accumulation * processes
+    tokens = (f", ~{tokens_per_micro_batch * accumulation * processes:,.0f} tokens per step"
+              if tokens_per_micro_batch else "")
+    return (f"Training: {total_steps} optimizer steps ({steps_per_epoch} per epoch) | {records} records per "
+            f"micro-batch × {accumulation} accumulation × {processes} process{'es' if processes > 1 else ''} = "
+            f"{per_step} records per optimizer step{tokens} | lr {learning_rate:g} {schedule}, warmup {warmup_steps} "
+            f"| {precision} on {device}")
+
+
 def format_eval_line(step: int, total_steps: int, eval_loss: float, eval_perplexity: float, best: bool) -> str:
     return (f"Eval | Step {step}/{total_steps} | Eval loss: {eval_loss:.4f} | Eval PPL: {eval_perplexity:.2f}"
             + (" | best so far" if best else ""))
@@ -88,9 +119,23 @@ def directory_size(path: Path) -> int:
     return sum(file.stat().st_size for file in Path(path).rglob("*") if file.is_file())
 
 
-def plot_loss_curve(metrics_path: Path, png_path: Path):
+def smooth_losses(losses: list, target_tokens: list, window: int) -> list:
+    """Token-weighted running mean: point i is ``Σ loss_j·n_j / Σ n_j`` over steps ``j`` in ``(i - window, i]``
+    (``n_j``: target tokens of step j), i.e. the mean NLL per target token of those steps, the same way the
+    log line and the eval loss are computed. A plain mean would give a 20-token step as much weight as a
+    2,000-token one."""
+    smoothed = []
+    for i in range(len(losses)):
+        start = max(0, i - window + 1)
+        tokens = sum(target_tokens[start:i + 1])
+        smoothed.append(sum(loss * n for loss, n in zip(losses[start:i + 1], target_tokens[start:i + 1])) / tokens
+                        if tokens else losses[i])
+    return smoothed
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = None):
     """Train loss per step and eval loss per evaluation, as a PNG; returns its path, or None (with a
-    one-line notice) when matplotlib is not installed."""
+    one-line notice) when matplotlib is not installed. The title defaults to the run directory's name."""
     try:
         import matplotlib
 
@@ -101,23 +146,23 @@ def plot_loss_curve(metrics_path: Path, png_path: Path):
               f"the numbers are in {metrics_path}")
         return None
     records = read_metrics(metrics_path)
-    train = [(record["step"], record["loss"]) for record in records
+    train = [(record["step"], record["loss"], record.get("target_tokens") or 1) for record in records
              if record["kind"] == "train" and record["loss"] is not None]  # skipped non-finite steps: null
     evals = [(record["step"], record["eval_loss"]) for record in records
              if record["kind"] == "eval" and record["eval_loss"] is not None]
     figure, axes = plt.subplots(figsize=(7, 4))
     if train:
-        steps, losses = zip(*train)
+        steps, losses, target_tokens = zip(*train)
         axes.plot(steps, losses, label="train loss (per step)", linewidth=0.8, alpha=0.4)
         window = max(1, len(losses) // 25)  # a running mean, so that the trend shows through the noise
         if window > 1:
-            smoothed = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-                        for i in range(len(losses))]
-            axes.plot(steps, smoothed, label=f"train loss (mean of {window} steps)", linewidth=1.5)
+            axes.plot(steps, smooth_losses(losses, target_tokens, window), linewidth=1.5,
+                      label=f"train loss (last {window} steps, token-weighted)")
     if evals:
         axes.plot(*zip(*evals), "o-", label="eval loss", linewidth=2)
+    axes.set_title(title or f"Loss curve: {Path(metrics_path).resolve().parent.name}")
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy per target token")
+    axes.set_ylabel("loss (nats per target token)")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
