@@ -47,6 +47,7 @@ from minipeft.training.distributed import DistributedContext, gradient_sync, wra
 from minipeft.training.loss import causal_lm_loss_sum, count_target_tokens, perplexity
 from minipeft.training.metrics import MetricsLog, format_eval_line, format_log_line
 from minipeft.training.optimizer import build_optimizer
+from minipeft.training.precision import cast_frozen_weights, native_bf16
 from minipeft.training.schedule import get_lr, warmup_steps_for
 
 # LoRA's B (and an adapter's up-projection) starts at zero, so on the first step A's gradient is exactly
@@ -78,9 +79,11 @@ class TrainState:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``--precision auto``: bf16 on a GPU that has it, else fp32; fp16 only on CUDA (it needs a grad scaler)."""
+    """``--precision auto``: bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with
+    AMX or AVX512_BF16; see :mod:`minipeft.training.precision`), else fp32; fp16 only on CUDA (it needs a
+    grad scaler)."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if native_bf16(device) else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise UserError(f"--precision fp16 needs a CUDA GPU (fp16 gradients need a grad scaler); on {device.type} "
                         "use --precision bf16 or fp32")
@@ -88,7 +91,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast_for(precision: str, device: torch.device):
-    """The forward pass's autocast context: weights stay float32, matmuls run in bf16/fp16."""
+    """The forward pass's autocast context: matmuls run in bf16/fp16; trainable weights stay float32 (the
+    frozen ones are stored in bf16 by :func:`~minipeft.training.precision.cast_frozen_weights`)."""
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -211,15 +215,19 @@ def accumulate_gradients(model, window: list, context: DistributedContext, autoc
     return window_nll, int(n_targets), int(n_tokens)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model, loader, context: DistributedContext, autocast, max_batches: int = None) -> tuple:
     """``(loss, perplexity, target_tokens)`` over the validation set: loss = total NLL / total target tokens
-    (all processes), perplexity = exp(loss)."""
+    (all processes), perplexity = exp(loss). A progress bar (on a terminal, main process) like training's."""
     was_training = model.training
     model.eval()
     total_nll = torch.zeros((), dtype=torch.float64, device=context.device)
     total_targets = torch.zeros((), dtype=torch.int64, device=context.device)
-    for batch in itertools.islice(loader, max_batches):
+    n_batches = len(loader) if hasattr(loader, "__len__") else None
+    n_batches = max_batches if n_batches is None else min(max_batches or n_batches, n_batches)
+    batches = tqdm(itertools.islice(loader, max_batches), total=n_batches, desc="eval", unit="batch", leave=False,
+                   dynamic_ncols=True, disable=True if not context.is_main else None)
+    for batch in batches:
         batch = {key: value.to(context.device) for key, value in batch.items()}
         with autocast:
             nll_sum, n_targets = causal_lm_loss_sum(model, batch)
@@ -271,6 +279,7 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
 
     # -- model, optimizer ------------------------------------------------------------------------------
     model.to(device)
+    cast_frozen_weights(model, precision)  # bf16/fp16: frozen weights stored in half precision, no fp32 copy
     model.train()
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
