@@ -25,6 +25,7 @@ class DataConfig:
 
     Args:
         dataset_path: JSON array, JSON Lines or CSV file of Alpaca records; None means the built-in data set.
+        max_records: use only the file's first N usable records (None: all), before the train/validation split.
         template: ``"alpaca"``, ``"plain"`` or ``"chat"`` (the tokenizer's own chat template), see
             :mod:`minipeft.data.templates`.
         max_length: most tokens per record (and per packed sequence); longer records are truncated.
@@ -48,6 +49,7 @@ class DataConfig:
     """
 
     dataset_path: str | None = None
+    max_records: int | None = None
     template: str = "alpaca"
     max_length: int = 256
     train_on_inputs: bool = False
@@ -73,6 +75,8 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the flag when a value cannot work."""
+        if self.max_records is not None and (not isinstance(self.max_records, int) or self.max_records < 1):
+            raise UserError(f"--max_records {self.max_records}: must be a positive integer")
         if self.template not in TEMPLATES:
             raise UserError(f"--template {self.template}: unknown template; choose one of {', '.join(TEMPLATES)}")
         choices = {"padding": ("longest", "max_length"), "padding_side": ("right", "left")}
@@ -115,6 +119,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     add("--dataset_path", default=None,
         help="JSON array, JSON Lines (.jsonl) or CSV file of instruction/input/output records "
              "(default: the built-in data set)")
+    add("--max_records", type=int, default=None,
+        help="use only the first N usable records of the file (default: all), before the validation split")
     add("--template", default=defaults.template, choices=["alpaca", "plain", "chat"],
         help="prompt template; chat uses the tokenizer's own chat template (default: %(default)s)")
     add("--max_length", type=int, default=defaults.max_length,
