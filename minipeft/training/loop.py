@@ -227,12 +227,15 @@ def evaluate(model, loader, context: DistributedContext, autocast, max_batches: 
     n_batches = max_batches if n_batches is None else min(max_batches or n_batches, n_batches)
     batches = tqdm(itertools.islice(loader, max_batches), total=n_batches, desc="eval", unit="batch", leave=False,
                    dynamic_ncols=True, disable=True if not context.is_main else None)
+    started, n_tokens = time.perf_counter(), 0
     for batch in batches:
         batch = {key: value.to(context.device) for key, value in batch.items()}
         with autocast:
             nll_sum, n_targets = causal_lm_loss_sum(model, batch)
         total_nll += nll_sum.double()
         total_targets += n_targets
+        n_tokens += int(batch["attention_mask"].sum())
+        batches.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - started):,.0f}")
     model.train(was_training)
     total_nll, total_targets = context.all_reduce_sum([total_nll.item(), total_targets.item()])
     if total_targets == 0:
@@ -327,7 +330,9 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
         return path
 
     def run_evaluation() -> None:
+        started = time.perf_counter()
         loss, ppl, n_targets = evaluate(model, val_loader, context, autocast, config.eval_max_batches)
+        seconds = time.perf_counter() - started
         improved = state.best_eval_loss is None or loss < state.best_eval_loss
         state.eval_loss, state.eval_perplexity, state.eval_step = loss, ppl, state.step
         if improved:
@@ -336,15 +341,16 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
         else:
             state.evals_without_improvement += 1
         metrics.write({"kind": "eval", "step": state.step, "epoch": state.epoch, "eval_loss": loss,
-                       "eval_perplexity": ppl, "eval_tokens": n_targets})
+                       "eval_perplexity": ppl, "eval_tokens": n_targets, "eval_seconds": seconds})
         say(format_eval_line(state.step, total_steps, loss, ppl, improved))
 
     # -- the base model's eval loss, before any training -----------------------------------------------
     if val_loader is not None and state.eval_loss_before is None:
+        started = time.perf_counter()
         loss, ppl, n_targets = evaluate(model, val_loader, context, autocast, config.eval_max_batches)
         state.eval_loss_before, state.eval_perplexity_before = loss, ppl
         metrics.write({"kind": "eval", "step": 0, "epoch": 0, "eval_loss": loss, "eval_perplexity": ppl,
-                       "eval_tokens": n_targets})
+                       "eval_tokens": n_targets, "eval_seconds": time.perf_counter() - started})
         say(f"Eval before training | Eval loss: {loss:.4f} | Eval PPL: {ppl:.2f} | {n_targets:,} target tokens")
 
     say(f"Training: {total_steps} optimizer steps ({steps_per_epoch} per epoch; {len(train_loader)} batches × "
