@@ -1,31 +1,37 @@
-"""Training throughput of minipeft against peft + transformers.Trainer and against the seed's recipe.
+"""Training throughput of minipeft against peft + transformers.Trainer (and the seed's recipe), on identical work.
 
-One command trains the same model on the same data with the same method, precision, batch and number of
-optimizer steps, three ways, each in its own subprocess (so each side's peak RSS is its own), in turn:
+One command trains the same model with the same method and precision, each side in its own subprocess (so
+each side's peak RSS is its own), the sides alternating over ``--rounds`` rounds:
 
-    minipeft   minipeft.training.train: dynamic padding + length grouping (the data pipeline's defaults),
-               LM head only at labelled positions (minipeft.training.loss)
-    trainer    peft + transformers.Trainer, its best recipe: dynamic padding (DataCollatorForSeq2Seq) and
-               group_by_length=True (needs the `oracle` extra: peft; skipped without it)
-    seed       the seed's recipe: every record padded to max_length, no grouping, logits at every position
+    minipeft   minipeft.training.train (frozen weights in bf16 under --precision bf16, chunked LM head +
+               cross-entropy at labelled positions only, fused AdamW)
+    trainer    peft + transformers.Trainer with dynamic padding (DataCollatorForSeq2Seq); bf16 = autocast
+               (needs the `oracle` extra: peft; skipped without it)
+    seed       the seed's recipe: every record padded to max_length, logits at every position
 
-and prints, per side, real (non-padding) tokens/s, seconds per optimizer step, peak RSS, and achieved
-FLOP/s as a share of this machine's matmul peak in that precision (bench/matmul_peak.py, measured by this
-run), then the ratios minipeft / trainer and minipeft / seed.
+**Identical work.** Every side trains on the first ``--records`` GPTeacher records in file order, batches of
+``--batch_size`` consecutive records padded to the longest of the batch, ``--accumulation`` batches per
+optimizer step: one epoch over that fixed subset, no shuffling and no length grouping (a length-grouped
+sampler would hand one side different batches). The first ``--warmup`` optimizer steps are not timed; the
+same later steps are timed on every side, so each side's timed window holds the same real tokens (printed).
 
-    python bench/bench_training.py                                    # GPT-2 small (random init), LoRA, fp32
-    python bench/bench_training.py --model smollm2-135m               # the real SmolLM2-135M (offline)
-    python bench/bench_training.py --method prefix                    # or adapter (no peft equivalent)
-    python bench/bench_training.py --precision bf16 --steps 2         # bf16 autocast (fp32 master weights)
-    python bench/bench_training.py --sides minipeft,trainer --rounds 2
+Per side the table gives the median over rounds of real (non-padding) tokens/s, its spread (min–max), the
+peak RSS, and achieved FLOP/s as a share of this machine's matmul peak in that precision
+(bench/matmul_peak.py's measurement, taken by this run), then the ratio minipeft / trainer of the medians.
+The load average (1 min) is printed before every side: other people's processes share the cores.
 
-Counting FLOPs: ``4·N`` per real token, N = the model's parameters (forward 2N, backward 2N for the
-activations' gradients; the frozen weights need no weight gradients), as the issue states. Attention's
-``T²`` terms are not counted. Achieved FLOP/s = 4·N × real tokens/s.
+    python bench/bench_training.py --model smollm2-135m --precision bf16 --rounds 2
+    python bench/bench_training.py --model gpt2 --precision fp32 --sides minipeft,trainer
+
+Counting FLOPs: ``4·N`` per real token, N = the model's parameters, embeddings included (forward 2N;
+backward 2N for the activations' gradients; the frozen weights need no weight gradients), as the issue
+states. Attention's ``T²`` terms and LoRA's own FLOPs are not counted; the LM head runs only at target
+positions on the minipeft side, so ``4N`` slightly overstates its work. Achieved FLOP/s = 4·N × tokens/s.
 
 Tokens: GPT-2's tokenizer is not available offline, so the data is tokenized with SmolLM2-135M's tokenizer
-(49,152 ids, all below GPT-2's 50,257: no id needs remapping) for both models. Data: the GPTeacher
-roleplay records in ../shared/data (Alpaca layout) with the Alpaca template, max_length 256.
+(49,152 ids, all below GPT-2's 50,257: no id needs remapping) for both models; GPT-2 small is built from its
+config with random weights (speed does not depend on the values). Data: the GPTeacher roleplay records in
+../shared/data (Alpaca layout) with the Alpaca template, max_length 256.
 """
 
 import argparse
@@ -49,11 +55,13 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="gpt2", choices=["gpt2", "smollm2-135m"],
                         help="gpt2: GPT-2 small's architecture, random init; smollm2-135m: the real model")
     parser.add_argument("--method", default="lora", choices=["lora", "prefix", "adapter"])
+    parser.add_argument("--lora_dropout", type=float, default=0.05)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma list of {', '.join(SIDES)}")
-    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed (default: 2)")
-    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps (default: 6)")
-    parser.add_argument("--rounds", type=int, default=1, help="alternate the sides this many times")
+    parser.add_argument("--records", type=int, default=64,
+                        help="one epoch over the file's first N records, in file order (default: 64)")
+    parser.add_argument("--warmup", type=int, default=1, help="optimizer steps not timed (default: 1)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternate the sides this many times (default: 2)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--accumulation", type=int, default=2)
     parser.add_argument("--max_length", type=int, default=256)
@@ -82,13 +90,14 @@ def load_model(name: str):
     return model
 
 
-def tokenized_examples(tokenizer, max_length: int):
-    """Every record as ``{"input_ids", "labels"}`` (prompt masked with -100), minipeft's tokenization."""
+def tokenized_examples(tokenizer, max_length: int, n_records: int):
+    """The first ``n_records`` records as ``{"input_ids", "labels"}`` (prompt masked with -100), minipeft's
+    tokenization; ``dataset[i]`` is record i, in file order."""
     from minipeft.data.batching import InstructionDataset
     from minipeft.data.loading import load_records
     from minipeft.data.tokenization import tokenize_records
 
-    records = load_records(DATA).records
+    records = load_records(DATA).records[:n_records]
     tokenized = tokenize_records(records, tokenizer, "alpaca", max_length, progress=False)
     dataset = InstructionDataset(tokenized, range(len(records)))
     return dataset, tokenized
@@ -103,13 +112,24 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def minipeft_config(method: str):
+def total_steps(args) -> int:
+    """One epoch over the subset: ``ceil(records / (batch · accumulation))`` optimizer steps."""
+    return -(-args.records // (args.batch_size * args.accumulation))
+
+
+def fixed_batches(dataset, args):
+    """The batches every side trains on: consecutive records, ``batch_size`` at a time, in file order."""
+    return [list(range(start, min(start + args.batch_size, len(dataset))))
+            for start in range(0, len(dataset), args.batch_size)]
+
+
+def minipeft_config(method: str, dropout: float):
     from minipeft.adapters import AdapterConfig
     from minipeft.lora import LoRAConfig
     from minipeft.prefix import PrefixTuningConfig
 
     if method == "lora":
-        return LoRAConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["c_attn", "c_proj", "c_fc"])
+        return LoRAConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["c_attn", "c_proj", "c_fc"])
     if method == "prefix":
         return PrefixTuningConfig(num_virtual_tokens=20)
     return AdapterConfig()
@@ -124,25 +144,27 @@ def lora_targets(model) -> list:
 
 # -- the sides (each runs in its own subprocess) ----------------------------------------------------------
 def run_minipeft(args, model, tokenizer) -> list:
-    """minipeft.training.train for warmup + steps optimizer steps; per-step (seconds, real tokens)."""
+    """minipeft.training.train over the fixed batches; per-step (seconds, real tokens)."""
     import dataclasses
 
+    from torch.utils.data import DataLoader
+
     from minipeft import get_peft_model
-    from minipeft.data.config import DataConfig
-    from minipeft.data.pipeline import build_dataloaders
+    from minipeft.data.batching import PaddingCollator
+    from minipeft.data.tokenization import pad_token_id
     from minipeft.training.config import TrainingConfig
     from minipeft.training.loop import train
 
-    config = minipeft_config(args.method)
+    config = minipeft_config(args.method, args.lora_dropout)
     if args.method == "lora":
         config = dataclasses.replace(config, target_modules=lora_targets(model))
     peft_model = get_peft_model(model, config)
-    data_config = DataConfig(dataset_path=str(DATA), max_length=args.max_length, batch_size=args.batch_size,
-                             val_size=0)
-    train_loader, _, _ = build_dataloaders(data_config, tokenizer, progress=False)
+    dataset, _ = tokenized_examples(tokenizer, args.max_length, args.records)
+    collator = PaddingCollator(pad_token_id(tokenizer), "longest", args.max_length)
+    loader = DataLoader(dataset, batch_sampler=fixed_batches(dataset, args), collate_fn=collator)
     with tempfile.TemporaryDirectory() as output_dir:
-        train(peft_model, train_loader, None, TrainingConfig(
-            output_dir=output_dir, max_steps=args.warmup + args.steps, gradient_accumulation_steps=args.accumulation,
+        train(peft_model, loader, None, TrainingConfig(
+            output_dir=output_dir, max_steps=total_steps(args), gradient_accumulation_steps=args.accumulation,
             learning_rate=2e-4, precision=args.precision, device="cpu", log_every=10**9, save_every=10**9))
         records = [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
     steps = [record for record in records if record["kind"] == "train"]
@@ -164,20 +186,19 @@ def run_seed(args, model, tokenizer) -> list:
     from minipeft.training.loop import autocast_for
     from minipeft.training.loss import causal_lm_loss_sum_all_logits
 
-    config = minipeft_config(args.method)
+    config = minipeft_config(args.method, args.lora_dropout)
     if args.method == "lora":
         config = dataclasses.replace(config, target_modules=lora_targets(model))
     peft_model = get_peft_model(model, config)
     peft_model.train()
-    dataset, _ = tokenized_examples(tokenizer, args.max_length)
+    dataset, _ = tokenized_examples(tokenizer, args.max_length, args.records)
     collator = PaddingCollator(pad_token_id(tokenizer), "max_length", args.max_length)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collator,
-                        generator=torch.Generator().manual_seed(42))
+    loader = DataLoader(dataset, batch_sampler=fixed_batches(dataset, args), collate_fn=collator)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-4)
     autocast = autocast_for(args.precision, torch.device("cpu"))
     batches = iter(loader)
     per_step = []
-    for _ in range(args.warmup + args.steps):
+    for _ in range(total_steps(args)):
         started = time.perf_counter()
         window = list(itertools.islice(batches, args.accumulation))
         n_targets = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in window)
@@ -193,21 +214,21 @@ def run_seed(args, model, tokenizer) -> list:
 
 
 def run_trainer(args, model, tokenizer) -> list:
-    """peft + transformers.Trainer: DataCollatorForSeq2Seq (dynamic padding), group_by_length=True."""
+    """peft + transformers.Trainer: DataCollatorForSeq2Seq (dynamic padding), the records in file order."""
     import peft
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from minipeft.data.tokenization import pad_token_id
 
     if args.method == "lora":
-        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=lora_targets(model),
+        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.lora_dropout, target_modules=lora_targets(model),
                                  task_type="CAUSAL_LM", fan_in_fan_out=model.config.model_type == "gpt2")
     elif args.method == "prefix":
         config = peft.PrefixTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")
     else:
         raise SystemExit("trainer: peft has no bottleneck adapters; run --sides minipeft,seed for --method adapter")
     peft_model = peft.get_peft_model(model, config)
-    dataset, _ = tokenized_examples(tokenizer, args.max_length)
+    dataset, _ = tokenized_examples(tokenizer, args.max_length, args.records)
     examples = [dataset[i] for i in range(len(dataset))]
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     tokenizer.pad_token_id = pad_token_id(tokenizer)
@@ -230,8 +251,8 @@ def run_trainer(args, model, tokenizer) -> list:
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=args.batch_size,
-            gradient_accumulation_steps=args.accumulation, max_steps=args.warmup + args.steps, learning_rate=2e-4,
-            train_sampling_strategy="group_by_length", bf16=args.precision == "bf16", use_cpu=True, report_to=[],
+            gradient_accumulation_steps=args.accumulation, max_steps=total_steps(args), learning_rate=2e-4,
+            train_sampling_strategy="sequential", bf16=args.precision == "bf16", use_cpu=True, report_to=[],
             save_strategy="no",
             logging_strategy="no", dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
         trainer = Trainer(model=peft_model, args=training_args, train_dataset=examples, data_collator=collate,
@@ -287,6 +308,9 @@ def main() -> int:
         return 0
     if not DATA.is_file():
         sys.exit(f"{DATA} is missing: the benchmark needs the shared data in ../shared/data/")
+    if total_steps(args) <= args.warmup:
+        sys.exit(f"--records {args.records}: one epoch is {total_steps(args)} optimizer steps, not more than "
+                 f"--warmup {args.warmup}; give more records")
     from matmul_peak import cpu_flags, matmul_peak
 
     import torch
@@ -304,32 +328,39 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     peak = matmul_peak(args.precision)
     print(f"machine: {os.cpu_count()} CPUs, flags {' '.join(cpu_flags()) or 'unknown'}, torch {torch.__version__}, "
-          f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}")
+          f"{args.threads} threads, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"matmul peak ({args.precision}): {peak / 1e9:.1f} GFLOP/s")
     print(f"config: {args.model}, {args.method}, {args.precision}, batch {args.batch_size} × accumulation "
-          f"{args.accumulation}, max_length {args.max_length}, {args.warmup} warm-up + {args.steps} timed steps, "
-          f"{args.rounds} round(s)")
+          f"{args.accumulation}, max_length {args.max_length}, the first {args.records} records in file order: "
+          f"{total_steps(args)} optimizer steps, the first {args.warmup} not timed; {args.rounds} round(s)")
     argv = [arg for arg in sys.argv[1:]]
     results = {side: [] for side in sides}
     for round_index in range(args.rounds):
         for side in (sides if round_index % 2 == 0 else sides[::-1]):  # alternate the order between rounds
-            started = time.perf_counter()
+            started, load = time.perf_counter(), os.getloadavg()[0]
             result = run_side(side, argv)
             if result is not None:
-                results[side].append(summarise(result, args.warmup, peak))
+                results[side].append({**summarise(result, args.warmup, peak), "load": load})
                 figures = results[side][-1]
                 print(f"  round {round_index + 1} {side:8s} {figures['tokens_per_s']:7.1f} tok/s  "
                       f"{figures['seconds_per_step']:6.2f} s/step  {figures['peak_rss_gib']:5.2f} GiB  "
+                      f"{figures['timed_tokens']} timed tokens  load {load:.1f}  "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
     table = {side: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
              for side, runs in results.items() if runs}
+    for side, runs in results.items():
+        if runs:
+            table[side]["spread"] = (min(run["tokens_per_s"] for run in runs), max(run["tokens_per_s"] for run in runs))
     print()
-    print(f"| side | real tokens/s | s / optimizer step | peak RSS (GiB) | achieved GFLOP/s "
-          f"| share of {args.precision} matmul peak |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| side | real tokens/s (median) | min–max over {args.rounds} rounds | s / optimizer step | "
+          f"peak RSS (GiB) | achieved GFLOP/s | share of {args.precision} matmul peak ({peak / 1e9:.0f}) | "
+          "load avg |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for side, figures in table.items():
-        print(f"| {side} | {figures['tokens_per_s']:.1f} | {figures['seconds_per_step']:.2f} | "
-              f"{figures['peak_rss_gib']:.2f} | {figures['flops'] / 1e9:.1f} | {figures['peak_share']:.0%} |")
+        low, high = figures["spread"]
+        print(f"| {side} | {figures['tokens_per_s']:.1f} | {low:.1f}–{high:.1f} | {figures['seconds_per_step']:.2f} | "
+              f"{figures['peak_rss_gib']:.2f} | {figures['flops'] / 1e9:.1f} | {figures['peak_share']:.1%} | "
+              f"{figures['load']:.1f} |")
     if "minipeft" in table:
         ours = table["minipeft"]
         for other in ("trainer", "seed"):

@@ -147,9 +147,12 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)  # (..., out)
         if self.merged or not self.adapter_enabled:
             return result
-        lora_input = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out); ΔW itself is never built.
-        update = self.lora_B(self.lora_A(lora_input)) * self.scaling
+        lora_input = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast (to bf16) themselves
+            lora_input = lora_input.to(self.lora_A.weight.dtype)
+        # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out); ΔW itself is never built. The scale is
+        # applied to the r-wide A x, not the out-wide result: the same s·B A x, out/r times fewer multiplies.
+        update = self.lora_B(self.lora_A(lora_input) * self.scaling)
         return result + update.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -20,6 +20,16 @@ def config_for(path, cache_dir, **overrides):
     return DataConfig(**{**values, **overrides})
 
 
+def test_max_records_takes_the_first_records_of_the_file(records_file, tiny_tokenizer, tmp_path):  # noqa: F811
+    _, _, report = build_dataloaders(config_for(records_file, tmp_path, max_records=8), tiny_tokenizer)
+    assert (report.records_loaded, report.train_records, report.val_records) == (8, 6, 2)
+    everything, _, _ = build_dataloaders(config_for(records_file, tmp_path, max_records=8, val_size=0,
+                                                    shuffle=False, group_by_length=False), tiny_tokenizer)
+    first_eight, _, _ = build_dataloaders(config_for(records_file, tmp_path, val_size=0, shuffle=False,
+                                                     group_by_length=False), tiny_tokenizer)
+    assert torch.equal(next(iter(everything))["input_ids"], next(iter(first_eight))["input_ids"])  # same first batch
+
+
 def epoch_batches(loader, epoch):
     loader.batch_sampler.set_epoch(epoch)
     return list(loader)
@@ -116,6 +126,7 @@ def test_flags_map_to_the_config():
     ({"batch_size": 0}, "--batch_size 0: must be a positive integer"),
     ({"template": "vicuna"}, "--template vicuna: unknown template"),
     ({"max_invalid_fraction": 2.0}, "--max_invalid_fraction 2.0: must be between 0 and 1"),
+    ({"max_records": 0}, "--max_records 0: must be a positive integer"),
 ])
 def test_bad_values_name_their_flag(overrides, message):
     with pytest.raises(UserError, match=message.replace(".", r"\.")):

@@ -6,7 +6,12 @@
   gradient for every trainable parameter: for every method (prompt tuning prepends positions, prefix
   tuning passes a cache, LoRA/DoRA/IA3/adapters edit layers, selective fine-tuning trains the LM head
   itself), on GPT-2 and Llama, right-padded, left-padded and packed batches, in float32 and under bf16
-  autocast.
+  autocast. With a plain ``nn.Linear`` head that loss runs head + cross-entropy in chunks of rows
+  (:func:`~minipeft.training.loss.linear_cross_entropy_sum`), checked here alone with many chunks too.
+* ``--precision bf16`` stores the frozen weights in bf16 (:func:`minipeft.training.precision.cast_frozen_weights`);
+  against autocast over float32 weights: the same loss to bf16's precision, float32 gradients.
+* The fused AdamW (:func:`minipeft.training.optimizer.build_optimizer`) takes the same step as the
+  per-parameter one.
 """
 
 import pytest
@@ -19,7 +24,10 @@ from minipeft.ia3 import IA3Config
 from minipeft.lora import LoRAConfig
 from minipeft.prefix import PrefixTuningConfig
 from minipeft.prompt import PromptTuningConfig
-from minipeft.training.loss import causal_lm_loss_sum, causal_lm_loss_sum_all_logits, count_target_tokens
+from minipeft.training.loss import (causal_lm_loss_sum, causal_lm_loss_sum_all_logits, count_target_tokens,
+                                    linear_cross_entropy_sum)
+from minipeft.training.optimizer import build_optimizer, parameter_groups
+from minipeft.training.precision import cast_frozen_weights
 from tests.conftest import MODEL_FACTORIES
 
 METHOD_CONFIGS = {
@@ -125,3 +133,74 @@ def test_plain_transformers_model_and_a_batch_without_targets(gpt2_tiny):
     batch["labels"][:] = -100
     nll_sum, n_targets = causal_lm_loss_sum(gpt2_tiny, batch)
     assert float(nll_sum) == 0.0 and int(n_targets) == 0
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_head_and_cross_entropy_equal_the_plain_ones(with_bias):
+    """Loss and the gradients of hidden states, weight and bias: 1 chunk, 7 chunks of 3 rows, a ragged end."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(20, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
+    bias = torch.randn(50, generator=generator, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, 50, (20,), generator=generator)
+    leaves = [hidden, weight] + ([bias] if with_bias else [])
+    plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, bias), targets,
+                                              reduction="sum")
+    plain_grads = torch.autograd.grad(2.5 * plain, leaves)
+    for chunk_logits in (10**6, 150):  # all rows at once; 3 rows a chunk
+        chunked = linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_logits)
+        torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
+        for mine, theirs in zip(torch.autograd.grad(2.5 * chunked, leaves), plain_grads):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # evaluation: no gradient work, same loss
+        torch.testing.assert_close(linear_cross_entropy_sum(hidden, weight, bias, targets, 150), plain.detach(),
+                                   rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(MODEL_FACTORIES))
+def test_bf16_frozen_weights_match_autocast_over_float32_weights(family):
+    """Frozen weights stored in bf16: the loss within bf16's precision (relative 2e-2) of autocast over
+    float32 weights; trainable parameters and their gradients stay float32; a plain forward still works."""
+    reference = get_peft_model(MODEL_FACTORIES[family](), METHOD_CONFIGS["lora"]())
+    model = get_peft_model(MODEL_FACTORIES[family](), METHOD_CONFIGS["lora"]())
+    model.load_state_dict(reference.state_dict())
+    assert cast_frozen_weights(model, "bf16") > 0
+    for parameter in model.parameters():
+        assert parameter.dtype == (torch.float32 if parameter.requires_grad else torch.bfloat16)
+    batch = instruction_batch("right")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, _ = causal_lm_loss_sum(model, batch)
+        plain, _ = causal_lm_loss_sum(reference, batch)
+    torch.testing.assert_close(fast, plain, rtol=2e-2, atol=0.0)
+    fast.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=batch["input_ids"]).logits).all()  # outside autocast: generation
+
+
+def test_bf16_cast_skipped_when_a_base_parameter_trains():
+    """BitFit-like runs (a base bias trains) keep float32 weights: a plain forward must not mix dtypes."""
+    model = get_peft_model(MODEL_FACTORIES["gpt2"](), LoRAConfig(r=4, lora_alpha=8, bias="all"))
+    assert cast_frozen_weights(model, "bf16") == 0
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+
+
+def test_fused_adamw_takes_the_same_step_as_the_per_parameter_one():
+    model = get_peft_model(MODEL_FACTORIES["llama"](), METHOD_CONFIGS["lora"]())
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in trainable:
+        parameter.grad = torch.randn_like(parameter)
+    fused = build_optimizer(model, 1e-2, 0.01)
+    assert fused.defaults["fused"]
+    before = [parameter.detach().clone() for parameter in trainable]
+    plain = torch.optim.AdamW(parameter_groups(model, 0.01), lr=1e-2, foreach=False)
+    for _ in range(2):
+        fused.step()
+    fused_after = [parameter.detach().clone() for parameter in trainable]
+    with torch.no_grad():
+        for parameter, value in zip(trainable, before):
+            parameter.copy_(value)
+    for _ in range(2):
+        plain.step()
+    for mine, theirs in zip(fused_after, trainable):
+        torch.testing.assert_close(mine, theirs.detach(), rtol=1e-5, atol=1e-6)

@@ -28,7 +28,8 @@ def gradients(model) -> dict:
 
 
 def run_config(tmp_path, **overrides) -> TrainingConfig:
-    values = dict(output_dir=str(tmp_path), epochs=1, learning_rate=1e-2, log_every=100, device="cpu")
+    values = dict(output_dir=str(tmp_path), epochs=1, learning_rate=1e-2, log_every=100, device="cpu",
+                  precision="fp32")  # exact arithmetic (auto picks bf16 on a CPU with AMX or AVX512_BF16)
     return TrainingConfig(**{**values, **overrides})
 
 

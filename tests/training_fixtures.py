@@ -107,7 +107,7 @@ class ListLoader:
             yield self.batches[batch_index]
 
 
-def read_records(path, kind: str = None, drop=("seconds", "tokens_per_s")) -> list:
+def read_records(path, kind: str = None, drop=("seconds", "tokens_per_s", "eval_seconds")) -> list:
     """metrics.jsonl records without the timing fields (which differ between any two runs)."""
     records = [json.loads(line) for line in open(path)]
     return [{key: value for key, value in record.items() if key not in drop}

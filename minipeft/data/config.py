@@ -26,6 +26,7 @@ class DataConfig:
 
     Args:
         dataset_path: JSON array, JSON Lines or CSV file of Alpaca records; None means the built-in data set.
+        max_records: use only the file's first N usable records (None: all), before the train/validation split.
         template: ``"auto"`` (the tokenizer's chat template when it has one, else Alpaca; resolved by
             :func:`~minipeft.data.pipeline.build_dataloaders`), ``"alpaca"``, ``"plain"`` or ``"chat"``, see
             :mod:`minipeft.data.templates`.
@@ -50,6 +51,7 @@ class DataConfig:
     """
 
     dataset_path: str | None = None
+    max_records: int | None = None
     template: str = "auto"
     max_length: int = 256
     train_on_inputs: bool = False
@@ -75,6 +77,8 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the flag when a value cannot work."""
+        if self.max_records is not None and (not isinstance(self.max_records, int) or self.max_records < 1):
+            raise UserError(f"--max_records {self.max_records}: must be a positive integer")
         if self.template not in TEMPLATE_CHOICES:
             raise UserError(f"--template {self.template}: unknown template; choose one of {', '.join(TEMPLATE_CHOICES)}")
         choices = {"padding": ("longest", "max_length"), "padding_side": ("right", "left")}
@@ -119,6 +123,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     add("--dataset_path", default=None,
         help="JSON array, JSON Lines (.jsonl) or CSV file of instruction/input/output records "
              "(default: the built-in data set)")
+    add("--max_records", type=int, default=None,
+        help="use only the first N usable records of the file (default: all), before the validation split")
     add("--template", default=defaults.template, choices=TEMPLATE_CHOICES,
         help="prompt template: chat is the tokenizer's own chat template; auto: chat when the tokenizer has "
              "one (instruct models), else alpaca (default: %(default)s)")

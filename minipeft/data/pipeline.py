@@ -55,6 +55,8 @@ def build_dataloaders(config: DataConfig, tokenizer, rank: int = 0, world_size: 
     path = resolve_dataset_path(config.dataset_path)
     loaded = load_records(path, config.instruction_column, config.input_column, config.output_column,
                           config.max_invalid_fraction)
+    if config.max_records is not None:  # --max_records: the first N usable records, in file order
+        loaded.records = loaded.records[:config.max_records]
     tokenized = tokenize_records(loaded.records, tokenizer, config.template, config.max_length,
                                  cache_dir=config.cache_dir, progress=progress and rank == 0)
     train_indices, val_indices = split_indices(len(tokenized), config.val_size, config.seed)

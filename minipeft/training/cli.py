@@ -70,7 +70,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         help="clip the global gradient norm; 0: no clipping (default: %(default)s)")
     add("--precision", default=defaults.precision, choices=PRECISIONS,
         help="fp32; bf16 autocast (CPU or CUDA); fp16 autocast with a grad scaler (CUDA); "
-             "auto: bf16 on a GPU that has it, else fp32 (default: %(default)s)")
+             "auto: bf16 where the hardware has it natively (CUDA with bf16, a CPU with AMX/AVX512_BF16), "
+             "else fp32 (default: %(default)s)")
     add("--tf32", action=argparse.BooleanOptionalAction, default=defaults.tf32,
         help="TensorFloat-32 matmuls on CUDA (default: on; no effect on CPU)")
     add("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")

@@ -34,7 +34,8 @@ class TrainingConfig:
             :mod:`minipeft.training.optimizer`).
         max_grad_norm: clip the global gradient norm to this (0: no clipping; the norm is logged either way).
         precision: ``fp32``; ``bf16`` (autocast, CPU or CUDA); ``fp16`` (autocast + grad scaler, CUDA only);
-            ``auto``: bf16 on a GPU that supports it, else fp32.
+            ``auto``: bf16 where the hardware computes it natively (CUDA with bf16, a CPU with AMX or
+            AVX512_BF16), else fp32 (:mod:`minipeft.training.precision`).
         tf32: let CUDA matmuls use TensorFloat-32 (no effect on CPU).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         gradient_checkpointing: recompute activations in backward (less memory, ~30% more time).

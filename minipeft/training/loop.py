@@ -52,6 +52,7 @@ from minipeft.training.loss import causal_lm_loss_sum, count_target_tokens, perp
 from minipeft.training.metrics import (MetricsLog, format_eval_line, format_log_line, format_plan_line,
                                        micro_batch_size)
 from minipeft.training.optimizer import build_optimizer
+from minipeft.training.precision import cast_frozen_weights, native_bf16
 from minipeft.training.schedule import get_lr, warmup_steps_for
 from minipeft.transformers_api import enable_activation_checkpointing
 
@@ -84,9 +85,11 @@ class TrainState:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``--precision auto``: bf16 on a GPU that has it, else fp32; fp16 only on CUDA (it needs a grad scaler)."""
+    """``--precision auto``: bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with
+    AMX or AVX512_BF16; see :mod:`minipeft.training.precision`), else fp32; fp16 only on CUDA (it needs a
+    grad scaler)."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if native_bf16(device) else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise UserError(f"--precision fp16 needs a CUDA GPU (fp16 gradients need a grad scaler); on {device.type} "
                         "use --precision bf16 or fp32")
@@ -94,7 +97,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast_for(precision: str, device: torch.device):
-    """The forward pass's autocast context: weights stay float32, matmuls run in bf16/fp16."""
+    """The forward pass's autocast context: matmuls run in bf16/fp16; trainable weights stay float32 (the
+    frozen ones are stored in bf16 by :func:`~minipeft.training.precision.cast_frozen_weights`)."""
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -256,20 +260,27 @@ def accumulate_gradients(model, window: list, context: DistributedContext, autoc
     return window_nll, int(n_targets), int(n_tokens)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model, loader, context: DistributedContext, autocast, max_batches: int = None) -> tuple:
     """``(loss, perplexity, target_tokens)`` over the validation set: loss = total NLL / total target tokens
-    (all processes), perplexity = exp(loss)."""
+    (all processes), perplexity = exp(loss). A progress bar (on a terminal, main process) like training's."""
     was_training = model.training
     model.eval()
     total_nll = torch.zeros((), dtype=torch.float64, device=context.device)
     total_targets = torch.zeros((), dtype=torch.int64, device=context.device)
-    for batch in itertools.islice(loader, max_batches):
+    n_batches = len(loader) if hasattr(loader, "__len__") else None
+    n_batches = max_batches if n_batches is None else min(max_batches or n_batches, n_batches)
+    batches = tqdm(itertools.islice(loader, max_batches), total=n_batches, desc="eval", unit="batch", leave=False,
+                   dynamic_ncols=True, disable=True if not context.is_main else None)
+    started, n_tokens = time.perf_counter(), 0
+    for batch in batches:
         batch = {key: value.to(context.device) for key, value in batch.items()}
         with autocast:
             nll_sum, n_targets = causal_lm_loss_sum(model, batch)
         total_nll += nll_sum.double()
         total_targets += n_targets
+        n_tokens += int(batch["attention_mask"].sum())
+        batches.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - started):,.0f}")
     model.train(was_training)
     total_nll, total_targets = context.all_reduce_sum([total_nll.item(), total_targets.item()])
     if total_targets == 0:
@@ -316,6 +327,7 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
 
     # -- model, optimizer ------------------------------------------------------------------------------
     model.to(device)
+    cast_frozen_weights(model, precision)  # bf16/fp16: frozen weights stored in half precision, no fp32 copy
     model.train()
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -371,7 +383,9 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
         return path
 
     def run_evaluation() -> None:
+        started = time.perf_counter()
         loss, ppl, n_targets = evaluate(model, val_loader, context, autocast, config.eval_max_batches)
+        seconds = time.perf_counter() - started
         # a NaN eval loss is never "best" (nan < x is False, but so would be the first-evaluation shortcut)
         improved = math.isfinite(loss) and (state.best_eval_loss is None or loss < state.best_eval_loss)
         state.eval_loss, state.eval_perplexity, state.eval_step = loss, ppl, state.step
@@ -381,15 +395,16 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
         else:
             state.evals_without_improvement += 1
         metrics.write({"kind": "eval", "step": state.step, "epoch": state.epoch, "eval_loss": loss,
-                       "eval_perplexity": ppl, "eval_tokens": n_targets})
+                       "eval_perplexity": ppl, "eval_tokens": n_targets, "eval_seconds": seconds})
         say(format_eval_line(state.step, total_steps, loss, ppl, improved))
 
     # -- the base model's eval loss, before any training -----------------------------------------------
     if val_loader is not None and state.eval_loss_before is None:
+        started = time.perf_counter()
         loss, ppl, n_targets = evaluate(model, val_loader, context, autocast, config.eval_max_batches)
         state.eval_loss_before, state.eval_perplexity_before = loss, ppl
         metrics.write({"kind": "eval", "step": 0, "epoch": 0, "eval_loss": loss, "eval_perplexity": ppl,
-                       "eval_tokens": n_targets})
+                       "eval_tokens": n_targets, "eval_seconds": time.perf_counter() - started})
         say(f"Eval before training | Eval loss: {loss:.4f} | Eval PPL: {ppl:.2f} | {n_targets:,} target tokens")
 
     records, tokens = micro_batch_size(train_loader)  # per process; the effective batch multiplies them

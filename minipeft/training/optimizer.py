@@ -45,7 +45,13 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float,
                     betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019, https://arxiv.org/abs/1711.05101) on the trainable parameters.
 
-    Frozen parameters are not given to the optimizer at all: no state, no memory.
+    Frozen parameters are not given to the optimizer at all: no state, no memory. On CPU and CUDA the
+    *fused* AdamW updates all parameters in one kernel per group instead of ~10 small ops per parameter
+    (SmolLM2 with LoRA on 7 projections has 420 of them; on a busy CPU each small op waits for the thread
+    pool); it computes the same update up to float rounding.
     """
     groups = [group for group in parameter_groups(model, weight_decay) if group["params"]]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+    devices = {parameter.device.type for group in groups for parameter in group["params"]}
+    dtypes = {parameter.dtype for group in groups for parameter in group["params"]}
+    fused = bool(groups) and devices <= {"cpu", "cuda"} and dtypes <= {torch.float32, torch.float16, torch.bfloat16}
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused or None)
