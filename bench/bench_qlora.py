@@ -9,7 +9,8 @@ Prints:
    quantization against the same weights in float32 (goal: <= 0.135x), from SmolLM2 streamed from its
    GGUF file (:func:`minipeft.nf4.load_smollm2_streaming`).
 2. **The same LoRA run twice**, each side in its own subprocess so that each peak RSS is its own:
-   ``nf4``  the base's linear layers in NF4 (compute dtype bf16 on this CPU), embeddings and norms float32;
+   ``nf4``  the base's linear layers in NF4 (quantized from float32, computed in bf16 on this CPU),
+            embeddings and norms in bfloat16 (QLoRA's setting: the activations are bf16 on both sides);
    ``bf16`` the whole base in bfloat16.
    Same seed, data, steps and LoRA settings (r=8, alpha=16, q/k/v/o projections, adapter weights float32).
    Per side: peak RSS while loading, peak RSS while training (the kernel's high-water mark is reset through
@@ -83,7 +84,7 @@ def worker(side: str, steps: int, threads: int, output: str) -> None:
     torch.set_num_threads(threads)
     started = time.perf_counter()
     if side == "nf4":
-        model, tokenizer = load_base_model("smollm2-135m", "nf4", log=lambda message: None)
+        model, tokenizer = load_base_model("smollm2-135m", "nf4", dtype=torch.bfloat16, log=lambda message: None)
     else:
         model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype=torch.bfloat16)
     load_seconds = time.perf_counter() - started
