@@ -60,12 +60,15 @@ def memory_table() -> None:
     print(f"SmolLM2-135M, {len(names)} linear layers in NF4 (streamed from the GGUF file in "
           f"{time.perf_counter() - started:.0f} s):")
     print(f"  {'':34} {'float32':>12} {'NF4 + double quant':>20}")
-    print(f"  {'quantized linear weights':34} {4 * stats.linear_params / 1e6:>9.1f} MB {stats.linear_nf4_bytes / 1e6:>17.1f} MB"
-          f"   ratio {ratio:.4f} (goal <= 0.135)  {8 * stats.linear_nf4_bytes / stats.linear_params:.3f} bits/weight")
-    print(f"  {'embeddings + norms (unchanged)':34} {stats.other_bytes / 1e6:>9.1f} MB {stats.other_bytes / 1e6:>17.1f} MB")
+    bits = 8 * stats.linear_nf4_bytes / stats.linear_params
+    print(f"  {'quantized linear weights':34} {4 * stats.linear_params / 1e6:>9.1f} MB "
+          f"{stats.linear_nf4_bytes / 1e6:>17.1f} MB   ratio {ratio:.4f} (goal <= 0.135)  {bits:.3f} bits/weight")
+    other = stats.other_bytes / 1e6
+    print(f"  {'embeddings + norms (unchanged)':34} {other:>9.1f} MB {other:>17.1f} MB")
     total_float = 4 * stats.linear_params + stats.other_bytes
     total_nf4 = stats.linear_nf4_bytes + stats.other_bytes
-    print(f"  {'whole base':34} {total_float / 1e6:>9.1f} MB {total_nf4 / 1e6:>17.1f} MB   ratio {total_nf4 / total_float:.3f}")
+    print(f"  {'whole base':34} {total_float / 1e6:>9.1f} MB {total_nf4 / 1e6:>17.1f} MB   "
+          f"ratio {total_nf4 / total_float:.3f}")
     for line in stats.lines():
         print("  " + line)
 
@@ -150,8 +153,9 @@ def main(argv=None) -> int:
     print(f"  {'base':6} {'load s':>7} {'load peak':>10} {'train peak':>11} {'eval before':>12} {'eval after':>11} "
           f"{'tokens/s':>9}")
     for side, result in results.items():
-        print(f"  {side:6} {result['load_seconds']:>7.1f} {result['load_peak_mb']:>7.0f} MB {result['train_peak_mb']:>8.0f} MB"
-              f" {result['eval_loss_before']:>12.4f} {result['eval_loss']:>11.4f} {result['tokens_per_s']:>9.1f}")
+        print(f"  {side:6} {result['load_seconds']:>7.1f} {result['load_peak_mb']:>7.0f} MB "
+              f"{result['train_peak_mb']:>8.0f} MB {result['eval_loss_before']:>12.4f} {result['eval_loss']:>11.4f} "
+              f"{result['tokens_per_s']:>9.1f}")
     if {"nf4", "bf16"} <= results.keys():
         nf4, bf16 = results["nf4"], results["bf16"]
         change = (nf4["eval_loss"] - bf16["eval_loss"]) / bf16["eval_loss"]

@@ -384,8 +384,8 @@ class MemoryStats:
             f"{self.linear_nf4_bytes / self.linear_float_bytes:.4f}x; real bytes)",
             f"Base model memory: {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB ({after / before:.3f}x; real bytes, "
             f"embeddings/norms/biases unchanged)",
-            f"Bytes per base parameter: {before / self.float_params_total:.3f} -> {after / self.float_params_total:.3f} "
-            f"(real bytes / {self.float_params_total:,} float parameters)",
+            f"Bytes per base parameter: {before / self.float_params_total:.3f} -> "
+            f"{after / self.float_params_total:.3f} (real bytes / {self.float_params_total:,} float parameters)",
             f"Total parameters as peft counts a 4-bit model: {peft_total:,} (packed 4-bit weights as 2 per byte; "
             f"padding included); as weights: {self.float_params_total:,}",
         ]
