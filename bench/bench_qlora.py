@@ -9,7 +9,8 @@ Prints:
    quantization against the same weights in float32 (goal: <= 0.135x), from SmolLM2 streamed from its
    GGUF file (:func:`minipeft.nf4.load_smollm2_streaming`).
 2. **The same LoRA run twice**, each side in its own subprocess so that each peak RSS is its own:
-   ``nf4``  the base's linear layers in NF4 (compute dtype bf16 on this CPU), embeddings and norms float32;
+   ``nf4``  the base's linear layers in NF4 (quantized from float32, computed in bf16 on this CPU),
+            embeddings and norms in bfloat16 (QLoRA's setting: the activations are bf16 on both sides);
    ``bf16`` the whole base in bfloat16.
    Same seed, data, steps and LoRA settings (r=8, alpha=16, q/k/v/o projections, adapter weights float32).
    Per side: peak RSS while loading, peak RSS while training (the kernel's high-water mark is reset through
@@ -59,12 +60,15 @@ def memory_table() -> None:
     print(f"SmolLM2-135M, {len(names)} linear layers in NF4 (streamed from the GGUF file in "
           f"{time.perf_counter() - started:.0f} s):")
     print(f"  {'':34} {'float32':>12} {'NF4 + double quant':>20}")
-    print(f"  {'quantized linear weights':34} {4 * stats.linear_params / 1e6:>9.1f} MB {stats.linear_nf4_bytes / 1e6:>17.1f} MB"
-          f"   ratio {ratio:.4f} (goal <= 0.135)  {8 * stats.linear_nf4_bytes / stats.linear_params:.3f} bits/weight")
-    print(f"  {'embeddings + norms (unchanged)':34} {stats.other_bytes / 1e6:>9.1f} MB {stats.other_bytes / 1e6:>17.1f} MB")
+    bits = 8 * stats.linear_nf4_bytes / stats.linear_params
+    print(f"  {'quantized linear weights':34} {4 * stats.linear_params / 1e6:>9.1f} MB "
+          f"{stats.linear_nf4_bytes / 1e6:>17.1f} MB   ratio {ratio:.4f} (goal <= 0.135)  {bits:.3f} bits/weight")
+    other = stats.other_bytes / 1e6
+    print(f"  {'embeddings + norms (unchanged)':34} {other:>9.1f} MB {other:>17.1f} MB")
     total_float = 4 * stats.linear_params + stats.other_bytes
     total_nf4 = stats.linear_nf4_bytes + stats.other_bytes
-    print(f"  {'whole base':34} {total_float / 1e6:>9.1f} MB {total_nf4 / 1e6:>17.1f} MB   ratio {total_nf4 / total_float:.3f}")
+    print(f"  {'whole base':34} {total_float / 1e6:>9.1f} MB {total_nf4 / 1e6:>17.1f} MB   "
+          f"ratio {total_nf4 / total_float:.3f}")
     for line in stats.lines():
         print("  " + line)
 
@@ -83,7 +87,7 @@ def worker(side: str, steps: int, threads: int, output: str) -> None:
     torch.set_num_threads(threads)
     started = time.perf_counter()
     if side == "nf4":
-        model, tokenizer = load_base_model("smollm2-135m", "nf4", log=lambda message: None)
+        model, tokenizer = load_base_model("smollm2-135m", "nf4", dtype=torch.bfloat16, log=lambda message: None)
     else:
         model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype=torch.bfloat16)
     load_seconds = time.perf_counter() - started
@@ -149,8 +153,9 @@ def main(argv=None) -> int:
     print(f"  {'base':6} {'load s':>7} {'load peak':>10} {'train peak':>11} {'eval before':>12} {'eval after':>11} "
           f"{'tokens/s':>9}")
     for side, result in results.items():
-        print(f"  {side:6} {result['load_seconds']:>7.1f} {result['load_peak_mb']:>7.0f} MB {result['train_peak_mb']:>8.0f} MB"
-              f" {result['eval_loss_before']:>12.4f} {result['eval_loss']:>11.4f} {result['tokens_per_s']:>9.1f}")
+        print(f"  {side:6} {result['load_seconds']:>7.1f} {result['load_peak_mb']:>7.0f} MB "
+              f"{result['train_peak_mb']:>8.0f} MB {result['eval_loss_before']:>12.4f} {result['eval_loss']:>11.4f} "
+              f"{result['tokens_per_s']:>9.1f}")
     if {"nf4", "bf16"} <= results.keys():
         nf4, bf16 = results["nf4"], results["bf16"]
         change = (nf4["eval_loss"] - bf16["eval_loss"]) / bf16["eval_loss"]

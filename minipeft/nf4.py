@@ -384,8 +384,8 @@ class MemoryStats:
             f"{self.linear_nf4_bytes / self.linear_float_bytes:.4f}x; real bytes)",
             f"Base model memory: {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB ({after / before:.3f}x; real bytes, "
             f"embeddings/norms/biases unchanged)",
-            f"Bytes per base parameter: {before / self.float_params_total:.3f} -> {after / self.float_params_total:.3f} "
-            f"(real bytes / {self.float_params_total:,} float parameters)",
+            f"Bytes per base parameter: {before / self.float_params_total:.3f} -> "
+            f"{after / self.float_params_total:.3f} (real bytes / {self.float_params_total:,} float parameters)",
             f"Total parameters as peft counts a 4-bit model: {peft_total:,} (packed 4-bit weights as 2 per byte; "
             f"padding included); as weights: {self.float_params_total:,}",
         ]
@@ -478,13 +478,17 @@ def check_not_quantized_folder(name: str) -> None:
 
 # --- loading, layer by layer ---------------------------------------------------------------------------------
 
-def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set) -> None:
+def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set,
+                 dtype: torch.dtype = torch.float32) -> None:
     """Put one checkpoint tensor into a model built on the meta device; a weight of a layer in ``targets``
-    is quantized on arrival (the layer becomes a :class:`Linear4bit`), so its float copy lives only here."""
+    is quantized on arrival (the layer becomes a :class:`Linear4bit`), so its float copy lives only here.
+    Every other tensor is stored in ``dtype`` (the 4-bit codes are those of the float32 weight either way)."""
     from minipeft.inject import replace_module
 
     module_name, _, attribute = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if not (module_name in targets and attribute == "weight"):
+        tensor = tensor.to(dtype)
     if attribute in module._parameters:
         setattr(module, attribute, nn.Parameter(tensor, requires_grad=False))
     else:
@@ -493,13 +497,15 @@ def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set
         replace_module(model, module_name, Linear4bit(module))  # a bias arriving later lands on the Linear4bit
 
 
-def load_streaming(model: nn.Module, tensors, quantize_lm_head: bool = False) -> list:
+def load_streaming(model: nn.Module, tensors, quantize_lm_head: bool = False,
+                   dtype: torch.dtype = torch.float32) -> list:
     """Fill ``model`` (built on the meta device) from ``tensors``, an iterable of ``(name, float tensor)`` read
     one at a time, quantizing the linear layers as their weights arrive: peak memory is the quantized model
-    plus one float tensor, not the float model. Returns the names of the quantized layers."""
+    plus one float tensor, not the float model. Embeddings, norms and biases are kept in ``dtype``.
+    Returns the names of the quantized layers."""
     targets = set(quantizable_layers(model, quantize_lm_head))
     for name, tensor in tensors:
-        place_tensor(model, name, tensor, targets)
+        place_tensor(model, name, tensor, targets, dtype)
         del tensor
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()  # the head shares the embedding (it was never in the file)
@@ -543,8 +549,9 @@ def gguf_tensors(path, model: nn.Module):
             yield mapping[result.name], torch.from_numpy(np.ascontiguousarray(result.weights))
 
 
-def load_smollm2_streaming(quantize_lm_head: bool = False):
-    """SmolLM2-135M with NF4 linear layers, quantized while its GGUF file is read (see :func:`load_streaming`)."""
+def load_smollm2_streaming(quantize_lm_head: bool = False, dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M with NF4 linear layers, quantized while its GGUF file is read (see :func:`load_streaming`);
+    the rest of the model in ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from minipeft.models import SMOLLM2_NAME, smollm2_gguf_path
@@ -553,7 +560,7 @@ def load_smollm2_streaming(quantize_lm_head: bool = False):
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    names = load_streaming(model, gguf_tensors(path, model), quantize_lm_head)
+    names = load_streaming(model, gguf_tensors(path, model), quantize_lm_head, dtype)
     model.config.name_or_path = model.name_or_path = SMOLLM2_NAME
     return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), names
 
@@ -561,14 +568,14 @@ def load_smollm2_streaming(quantize_lm_head: bool = False):
 def load_base_model(name: str, quantize: str = "none", quantize_lm_head: bool = False,
                     dtype: torch.dtype = torch.float32, log=print):
     """``(model, tokenizer)`` like :func:`minipeft.models.load_model_and_tokenizer`, with the linear layers in
-    NF4 when ``quantize == "nf4"``. SmolLM2 (float32) streams: each tensor is quantized as it is read from
-    the file. Other models are loaded, then quantized one layer at a time, each float weight freed as soon
-    as its layer is quantized (peak: the float model)."""
+    NF4 when ``quantize == "nf4"``. SmolLM2 streams: each tensor is quantized (from float32) as it is read
+    from the file, and the rest is stored in ``dtype``. Other models are loaded in ``dtype``, then quantized
+    one layer at a time, each float weight freed as soon as its layer is quantized (peak: the float model)."""
     from minipeft.models import SMOLLM2_NAME, load_model_and_tokenizer
 
     check_not_quantized_folder(name)
-    if quantize == "nf4" and name == SMOLLM2_NAME and dtype == torch.float32:
-        model, tokenizer, names = load_smollm2_streaming(quantize_lm_head)
+    if quantize == "nf4" and name == SMOLLM2_NAME:
+        model, tokenizer, names = load_smollm2_streaming(quantize_lm_head, dtype)
     elif quantize == "nf4":
         model, tokenizer = load_model_and_tokenizer(name, dtype)
         names = quantize_model(model, quantize_lm_head)
