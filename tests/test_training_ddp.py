@@ -21,7 +21,8 @@ from minipeft.training import TrainingConfig, train
 
 GLOBAL_ROWS = 4  # rows per global micro-batch: 4 on one process, 2 + 2 on two
 SETTINGS = dict(epochs=2, gradient_accumulation_steps=2, learning_rate=1e-2, eval_every=3, log_every=100,
-                device="cpu", lr_schedule="cosine", warmup_steps=1)
+                device="cpu", lr_schedule="cosine", warmup_steps=1,
+                precision="fp32")  # compared to 1e-5: auto would pick bf16 on a CPU with AMX or AVX512_BF16
 
 
 def global_batches() -> list:
