@@ -4,7 +4,9 @@
 
     python -m minipeft compare                                   # built-in model and data, a few minutes
     python -m minipeft compare --model smollm2-135m --dataset_path ../shared/data/gpteacher_roleplay.json \\
-        --methods lora,ia3,prompt --max_records 400 --max_length 256 --max_steps 30
+        --methods lora,prompt,prefix,adapter,ia3 --max_records 80 --val_size 10 --eval_max_batches 2 \\
+        --max_length 64 --batch_size 2 --max_steps 5 --speed_tokens 4 --generation_tokens 12 \\
+        --report docs/comparison.md                              # docs/comparison.md, as committed
 
 For each method, in this process, one after another, with the same seed:
 

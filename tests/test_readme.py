@@ -48,3 +48,21 @@ def test_count_and_ratio_are_what_the_code_computes(gpt2_small_meta, flags, trai
         stats = get_peft_model(model, config_from_args(args, model, None)).parameter_stats()
     assert stats.trainable == trainable
     assert f"{stats.ratio:.4f}" == ratio
+
+
+def test_default_learning_rates_table_is_the_method_registry():
+    from minipeft.methods import METHODS
+
+    rows = re.findall(r"^\| `(\w+)` \| ([\d.e-]+) \| (.+) \|$", README.read_text(), flags=re.MULTILINE)
+    assert {name: (float(rate), source) for name, rate, source in rows} == {
+        name: (method.learning_rate, method.learning_rate_source) for name, method in METHODS.items()}
+
+
+def test_comparison_table_is_the_one_the_compare_command_wrote():
+    """The README's real-model table is copied from docs/comparison.md, which `compare --report` wrote whole."""
+    page = (README.parent / "docs" / "comparison.md").read_text()
+    table_lines = [line for line in page.splitlines() if line.startswith("| ") and " → " in line]
+    assert table_lines, "docs/comparison.md has no comparison table"
+    readme = README.read_text().splitlines()
+    assert all(line in readme for line in table_lines)
+    assert [line for line in readme if line.startswith("| ") and " → " in line] == table_lines
