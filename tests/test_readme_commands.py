@@ -7,7 +7,8 @@ What is changed, and why:
 
 - install lines (``pip install ...``) are skipped: the test runs in the environment it was installed into;
 - test-runner lines (``python -m pytest ...``) are skipped: this *is* the test run;
-- training-length flags are cut short (``--max_steps 2``) so the whole README runs in about a minute;
+- training and evaluation are cut short (``--max_steps 2 --eval_max_batches 1``) so the whole README
+  runs in minutes;
   the commands are otherwise exactly as written;
 - a command that needs the real SmolLM2 model or ``../shared/data/`` is skipped when those are absent.
 
@@ -52,15 +53,16 @@ def readme_commands() -> list:
 
 
 def shortened(words: list) -> list:
-    """The command with any training length cut to two optimizer steps."""
+    """The command with its training cut to two optimizer steps and its evaluation to one batch."""
     text = " ".join(words)
     if not any(name in f" {text}" for name in TRAINING_COMMANDS):
         return words
     words = list(words)
-    if "--max_steps" in words:
-        words[words.index("--max_steps") + 1] = "2"
-    else:
-        words += ["--max_steps", "2"]
+    for flag, value in (("--max_steps", "2"), ("--eval_max_batches", "1")):
+        if flag in words:
+            words[words.index(flag) + 1] = value
+        else:
+            words += [flag, value]
     return words
 
 
