@@ -39,6 +39,14 @@ COMMANDS = {
 }
 
 
+def handle_signals_after_loading() -> None:
+    """The entry scripts leave at once on Ctrl-C or SIGTERM while torch and transformers load (nothing is
+    written yet; an interrupt there would surface as a library's ImportError with a traceback). Once loaded:
+    Ctrl-C raises KeyboardInterrupt (exit 130) and SIGTERM exits 143 after cleanup, both through :func:`run`."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_TERMINATED))
+
+
 def run(main, argv=None) -> int:
     """Call ``main(argv)``; a :class:`UserError` becomes ``error: ...`` on stderr and exit status 2."""
     try:

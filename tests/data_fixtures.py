@@ -100,6 +100,20 @@ def records_file(tmp_path):
     return write_json(tmp_path / "records.json", RECORDS)
 
 
+def save_tiny_run_inputs(directory: Path, width: int) -> tuple:
+    """``(model_dir, records.json)``: a tiny GPT-2 with a real tokenizer (``--model DIR``) and Alpaca data."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=width, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=256,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(directory / "model")
+    tokenizer.save_pretrained(directory / "model")
+    return directory / "model", write_json(directory / "records.json", RECORDS * 2)
+
+
 def tiny_gpt2(vocab_size: int, attention: str = "eager"):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel

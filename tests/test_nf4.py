@@ -19,6 +19,7 @@ from minipeft.lora import LoRAConfig
 from minipeft.nf4 import (Linear4bit, dequantize_model, dequantize_nf4, memory_stats, quantize_model,
                           quantize_nf4)
 from minipeft.peft_model import get_peft_model
+from tests.conftest import train_steps
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
@@ -102,15 +103,7 @@ def test_adapters_train_on_a_4bit_base_and_leave_it_unchanged(tiny_model_factory
     adapted = [m for m in peft_model.modules() if hasattr(m, "adapter_enabled")]
     assert adapted and all(isinstance(m.base_layer, Linear4bit) for m in adapted)
     learning_rate = 0.1 if method == "ia3" else 1e-2  # IA3's few scales need a larger step
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=learning_rate)
-    batch = dict(sample_batch, labels=sample_batch["input_ids"])
-    losses = []
-    for _ in range(8):
-        loss = peft_model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_steps(peft_model, sample_batch, steps=8, lr=learning_rate)
     assert losses[-1] < losses[0] - 0.05
     for name, buffer in peft_model.base_model.named_buffers():
         key = name.replace(".base_layer", "")
@@ -136,17 +129,9 @@ def test_merging_into_4bit_refuses_and_dequantizing_first_merges_exactly(tiny_mo
 
 @pytest.fixture(scope="module")
 def tiny_inputs(tmp_path_factory):
-    from data_fixtures import RECORDS, make_tokenizer, write_json
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from data_fixtures import save_tiny_run_inputs
 
-    directory = tmp_path_factory.mktemp("tiny_nf4")
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=256,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(directory / "model")
-    tokenizer.save_pretrained(directory / "model")
-    return directory / "model", write_json(directory / "records.json", RECORDS * 2)
+    return save_tiny_run_inputs(tmp_path_factory.mktemp("tiny_nf4"), width=64)
 
 
 def train_args(inputs, output_dir, *extra):

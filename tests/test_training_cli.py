@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from data_fixtures import RECORDS, make_tokenizer, write_json
+from data_fixtures import save_tiny_run_inputs, write_json
 from training_fixtures import one_thread  # noqa: F401
 
 from minipeft.adapter_io import load_adapter
@@ -28,16 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_run_inputs(tmp_path_factory):
     """A tiny GPT-2 directory with a real tokenizer (``--model DIR``) and an Alpaca JSON file."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    directory = tmp_path_factory.mktemp("tiny_run")
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=256,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(directory / "model")
-    tokenizer.save_pretrained(directory / "model")
-    return directory / "model", write_json(directory / "records.json", RECORDS * 2)
+    return save_tiny_run_inputs(tmp_path_factory.mktemp("tiny_run"), width=32)
 
 
 def tiny_args(inputs, output_dir, *extra) -> list:
