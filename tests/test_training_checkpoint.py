@@ -13,8 +13,9 @@ from training_fixtures import adapter_tensors, make_batches, one_thread, tiny_pe
 from minipeft import safe_files
 from minipeft.errors import UserError
 from minipeft.training import checkpoint
+from minipeft.safe_files import remove_incomplete
 from minipeft.training.checkpoint import (capture_rng_state, list_checkpoints, load_checkpoint, prune_checkpoints,
-                                          remove_incomplete, resolve_resume, restore_rng_state, save_checkpoint)
+                                          resolve_resume, restore_rng_state, save_checkpoint)
 from minipeft.training.loss import causal_lm_loss_sum
 from minipeft.training.optimizer import build_optimizer
 

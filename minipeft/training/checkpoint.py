@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from minipeft.adapter_io import WEIGHTS_NAME, load_peft_state_dict
 from minipeft.errors import UserError
 from minipeft.finite import nonfinite_to_none
-from minipeft.safe_files import json_text, remove_incomplete, write_directory_atomically  # noqa: F401 (re-exported)
+from minipeft.safe_files import json_text, write_directory_atomically
 
 FORMAT = "minipeft-checkpoint/1"
 STATE_NAME = "trainer_state.json"

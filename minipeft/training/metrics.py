@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minipeft.safe_files import (cannot_write, write_file_atomically, write_json_atomically,  # noqa: F401
-                                 write_text_atomically)
+from minipeft.safe_files import cannot_write, write_file_atomically, write_text_atomically
 
 
 def read_metrics(path: Path) -> list:
