@@ -14,7 +14,7 @@ import sys
 for number in (signal.SIGINT, signal.SIGTERM):
     signal.signal(number, lambda signum, frame: (print("interrupted", file=sys.stderr), os._exit(128 + signum)))
 from minipeft.cli import handle_signals_after_loading, run  # noqa: E402
-from minipeft.data.cli import main  # noqa: E402
+from minipeft.cli.data import main  # noqa: E402
 
 handle_signals_after_loading()
 

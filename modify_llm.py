@@ -1,4 +1,4 @@
-"""Apply a PEFT method to a model and print exact parameter statistics (see ``minipeft/modify.py``)."""
+"""Apply a PEFT method to a model and print exact parameter statistics (see ``minipeft/cli/modify.py``)."""
 
 import os
 import signal
@@ -8,7 +8,7 @@ import sys
 for number in (signal.SIGINT, signal.SIGTERM):
     signal.signal(number, lambda signum, frame: (print("interrupted", file=sys.stderr), os._exit(128 + signum)))
 from minipeft.cli import handle_signals_after_loading, run  # noqa: E402
-from minipeft.modify import main  # noqa: E402
+from minipeft.cli.modify import main  # noqa: E402
 
 handle_signals_after_loading()
 

@@ -1,4 +1,4 @@
-"""Fine-tune a causal LM with a PEFT method: ``python train_llm.py --help`` (see minipeft/training/cli.py)."""
+"""Fine-tune a causal LM with a PEFT method: ``python train_llm.py --help`` (see minipeft/cli/train.py)."""
 
 import os
 import signal
@@ -8,7 +8,7 @@ import sys
 for number in (signal.SIGINT, signal.SIGTERM):
     signal.signal(number, lambda signum, frame: (print("interrupted", file=sys.stderr), os._exit(128 + signum)))
 from minipeft.cli import handle_signals_after_loading, run  # noqa: E402
-from minipeft.training.cli import main  # noqa: E402
+from minipeft.cli.train import main  # noqa: E402
 
 handle_signals_after_loading()
 

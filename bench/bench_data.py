@@ -85,7 +85,7 @@ def main() -> int:
     import torch
 
     from minipeft.data import DataConfig
-    from minipeft.data.cli import load_tokenizer
+    from minipeft.cli.data import load_tokenizer
     from minipeft.data.loading import load_records
     from minipeft.data.report import padding_by_mode
     from minipeft.data.tokenization import tokenize_records

@@ -1,6 +1,6 @@
 """Generation speed: the base model, LoRA merged into the weights, and LoRA unmerged (the extra branch).
 
-Greedy decoding with minipeft's own KV-cached loop (:func:`minipeft.generation.generate`), batch 1 and
+Greedy decoding with minipeft's own KV-cached loop (:func:`minipeft.core.generation.generate`), batch 1 and
 batch 8, a fixed number of new tokens (no EOS stop, so every variant produces the same count). The three
 variants run in turn, ``--repeats`` times, and the median tokens/s of each is printed with its ratio to
 the base model.
@@ -38,7 +38,7 @@ def parse_args():
 
 
 def tokens_per_second(model, input_ids, new_tokens: int) -> float:
-    from minipeft.generation import generate
+    from minipeft.core.generation import generate
 
     started = time.perf_counter()
     output = generate(model, input_ids, max_new_tokens=new_tokens)
@@ -53,7 +53,7 @@ def main() -> int:
     from bench_training import load_model, lora_targets
 
     from minipeft import get_peft_model
-    from minipeft.lora import LoRAConfig
+    from minipeft.methods.lora import LoRAConfig
 
     base = load_model(args.model).eval()
     vocab = base.config.vocab_size

@@ -75,14 +75,14 @@ def parse_args(argv=None):
 def load_tokenizer():
     from transformers import AutoTokenizer
 
-    from minipeft.models import smollm2_gguf_path
+    from minipeft.core.models import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def load_model(name: str):
-    from minipeft.models import build_from_known_config, load_model_and_tokenizer
+    from minipeft.core.models import build_from_known_config, load_model_and_tokenizer
 
     if name == "gpt2":
         return build_from_known_config("gpt2")
@@ -124,9 +124,9 @@ def fixed_batches(dataset, args):
 
 
 def minipeft_config(method: str, dropout: float):
-    from minipeft.adapters import AdapterConfig
-    from minipeft.lora import LoRAConfig
-    from minipeft.prefix import PrefixTuningConfig
+    from minipeft.methods.adapter import AdapterConfig
+    from minipeft.methods.lora import LoRAConfig
+    from minipeft.methods.prefix import PrefixTuningConfig
 
     if method == "lora":
         return LoRAConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["c_attn", "c_proj", "c_fc"])

@@ -42,7 +42,7 @@ def main() -> None:
     from minipeft.data.batching import InstructionDataset, PaddingCollator
     from minipeft.data.loading import load_records
     from minipeft.data.tokenization import pad_token_id, tokenize_records
-    from minipeft.lora import LoRAConfig
+    from minipeft.methods.lora import LoRAConfig
     from minipeft.training.distributed import DistributedContext
     from minipeft.training import loop
     from minipeft.training.loop import accumulate_gradients, autocast_for

@@ -13,7 +13,7 @@ import torch
 
 from minipeft import get_peft_model, load_adapter, load_model_and_tokenizer
 from minipeft.data import DataConfig, build_dataloaders, encode_prompt
-from minipeft.prompt import PromptTuningConfig
+from minipeft.methods.prompt import PromptTuningConfig
 from minipeft.training import causal_lm_loss_sum
 
 torch.manual_seed(0)

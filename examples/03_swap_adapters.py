@@ -3,7 +3,7 @@
     python examples/03_swap_adapters.py
 
 A service that serves many fine-tunes of one model keeps one copy of the base weights and one small adapter
-per task (minipeft/multi_adapter.py explains how switching works). Two random, non-zero LoRA adapters stand
+per task (minipeft/inference/multi_adapter.py explains how switching works). Two random, non-zero LoRA adapters stand
 in for trained ones here: what this shows is that switching is exact, whatever the adapters learned.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from minipeft import LoRAConfig, get_peft_model, load_adapter, load_model_and_tokenizer
-from minipeft.multi_adapter import MultiAdapterModel
+from minipeft.inference.multi_adapter import MultiAdapterModel
 
 torch.manual_seed(0)
 base, tokenizer = load_model_and_tokenizer("builtin")

@@ -4,7 +4,7 @@
 
 Merging folds W + s·B A into each adapted weight once, so the exported model costs exactly what the base
 model costs and needs neither minipeft nor peft to run. `python -m minipeft merge --adapter DIR --out DIR`
-does the same from the command line, with the checks below built in (see minipeft/merge.py). A random,
+does the same from the command line, with the checks below built in (see minipeft/inference/merge.py). A random,
 non-zero LoRA adapter stands in for a trained one.
 """
 

@@ -2,24 +2,63 @@
 
 The public API, by what a user does with it:
 
-- apply a method: :func:`get_peft_model` with a method's config (:class:`LoRAConfig`, ...), or
-  :func:`apply_method` by name, as ``--modification_type`` does;
+- apply a method: :func:`get_peft_model` with a method's config (:class:`LoRAConfig`, :class:`IA3Config`, ...;
+  every registered method's config is exported here by its class name);
 - count: :meth:`PeftModel.parameter_stats`, :func:`count_parameters`;
 - save and load adapters in peft's format: :meth:`PeftModel.save_adapter`, :func:`load_adapter`;
 - load models offline: :func:`load_model_and_tokenizer` (``"builtin"``, ``"gpt2"``, ``"smollm2-135m"``, ...).
-"""
 
-from minipeft.adapter_io import load_adapter, save_adapter
-from minipeft.errors import UserError
-from minipeft.inject import ParameterStats, count_parameters
-from minipeft.lora import LoRAConfig, LoRALinear
-from minipeft.models import load_model_and_tokenizer
-from minipeft.multi_adapter import MultiAdapterModel
-from minipeft.peft_model import PeftModel, get_peft_model
+The package is laid out in layers; each imports only the ones above it in this list:
+
+- ``core/``: what every method goes through (errors, files, models, the layer contract, injection, NF4);
+- ``methods/``: one module per ``--modification_type``, importing only ``core``;
+- ``model/``: :class:`PeftModel` and the adapter files;
+- ``data/``, ``training/``, ``inference/``: the pipeline, the training loop, generation and merging;
+- ``cli/``: the commands; no library module imports it.
+
+Names are imported on first use (``minipeft.LoRAConfig`` loads torch then), so ``import minipeft`` and
+``python -m minipeft --help`` are instant, and Ctrl-C while torch loads is handled by the command line.
+"""
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LoRAConfig", "LoRALinear", "MultiAdapterModel", "ParameterStats", "PeftModel", "UserError", "count_parameters",
-    "get_peft_model", "load_adapter", "load_model_and_tokenizer", "save_adapter",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    "UserError": "minipeft.core.errors",
+    "ParameterStats": "minipeft.core.inject",
+    "count_parameters": "minipeft.core.inject",
+    "load_model_and_tokenizer": "minipeft.core.models",
+    "LoRALinear": "minipeft.methods.lora",
+    "PeftModel": "minipeft.model.peft_model",
+    "get_peft_model": "minipeft.model.peft_model",
+    "load_adapter": "minipeft.model.adapter_files",
+    "save_adapter": "minipeft.model.adapter_files",
+    "MultiAdapterModel": "minipeft.inference.multi_adapter",
+}
+
+
+def _config_classes() -> dict:
+    """``{class name: config class}`` of every registered method (LoRAConfig, IA3Config, ...)."""
+    from minipeft.methods import METHODS
+
+    return {method.config_class.__name__: method.config_class for method in METHODS.values()}
+
+
+def __getattr__(name: str):
+    """``minipeft.<name>``: import the defining module on first use (PEP 562)."""
+    import importlib
+
+    if name == "__all__":  # what `from minipeft import *` takes: the names above and every method's config
+        return [*_EXPORTS, *_config_classes()]
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name.endswith("Config") and not name.startswith("_"):
+        configs = _config_classes()
+        if name in configs:
+            return configs[name]
+    raise AttributeError(f"module 'minipeft' has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted([*globals(), *_EXPORTS, *_config_classes()])
+

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from minipeft import UserError, get_peft_model, load_adapter
-from minipeft.bitfit import BitFitConfig, LinearWithAddedBias
-from minipeft.models import build_from_known_config
+from minipeft.methods.bitfit import BitFitConfig, LinearWithAddedBias
+from minipeft.core.models import build_from_known_config
 from tests.conftest import train_steps
 
 

@@ -8,11 +8,11 @@ import pytest
 
 from minipeft import LoRAConfig, get_peft_model, load_adapter
 from minipeft.cli import main as cli_main
-from minipeft.compare import main as compare_main, markdown_table, parse_learning_rates
+from minipeft.cli.compare import main as compare_main, markdown_table, parse_learning_rates
 from minipeft.methods import METHODS
-from minipeft.ia3 import IA3Config
-from minipeft.models import load_model_and_tokenizer
-from minipeft.prompt import PromptTuningConfig
+from minipeft.methods.ia3 import IA3Config
+from minipeft.core.models import load_model_and_tokenizer
+from minipeft.methods.prompt import PromptTuningConfig
 from minipeft.training.metrics import directory_size
 from serving_fixtures import save_model_dir
 

@@ -18,7 +18,7 @@ from minipeft.data.loading import Record
 from minipeft.data.packing import PackedDataset, pack_by_length
 from minipeft.data.report import padding_share
 from minipeft.data.tokenization import pad_token_id, tokenize_records
-from minipeft.errors import UserError
+from minipeft.core.errors import UserError
 
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 

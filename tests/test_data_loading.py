@@ -9,9 +9,9 @@ import pytest
 
 from data_fixtures import RECORDS, SHARED_DATA, tokenizer_dir, write_json, write_jsonl  # noqa: F401 (fixture)
 from minipeft.cli import run
-from minipeft.data.cli import main
+from minipeft.cli.data import main
 from minipeft.data.loading import load_records
-from minipeft.errors import UserError
+from minipeft.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

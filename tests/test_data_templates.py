@@ -8,7 +8,7 @@ from minipeft.data.loading import Record
 from minipeft.data.templates import format_prompt, prompt_and_response
 from minipeft.data.tokenization import (IGNORE_INDEX, encode_prompt, encode_texts, tokenize_records,
                                         truncate_example)
-from minipeft.errors import UserError
+from minipeft.core.errors import UserError
 
 RECORD_OBJECTS = [Record(r["instruction"], r["input"], r["output"], f"record {i}") for i, r in enumerate(RECORDS)]
 
@@ -172,7 +172,7 @@ def test_smollm2_chat_record_is_masked_exactly_at_the_assistant_turn():
     from transformers import AutoTokenizer
 
     from minipeft.data.templates import resolve_template_name
-    from minipeft.models import smollm2_gguf_path
+    from minipeft.core.models import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -80,7 +80,7 @@ def test_every_method_has_a_page_with_diagram_formula_count_paper_and_pitfalls(n
     text = page.read_text(encoding="utf-8")
     assert [section for section in METHOD_SECTIONS if section not in text] == []
     assert "arxiv.org/abs/" in text  # the paper
-    assert f"minipeft/{METHODS[name].module.split('.')[-1]}.py" in text  # the code
+    assert f"minipeft/methods/{METHODS[name].module.split('.')[-1]}.py" in text  # the code
     assert any(block.kind == "command" and "modify" in block.source for block in check_docs.parse_page(page)), \
         "the page shows the CLI's count"
 
@@ -108,8 +108,8 @@ def test_a_documented_command_prints_the_same_in_a_real_process():
     assert check_docs.normalise(result.stdout) == check_docs.normalise(block.expected)
 
 
-SCRIPTS = {"train_llm.py": "minipeft.training.cli", "modify_llm.py": "minipeft.modify",
-           "data_pipeline.py": "minipeft.data.cli"}
+SCRIPTS = {"train_llm.py": "minipeft.cli.train", "modify_llm.py": "minipeft.cli.modify",
+           "data_pipeline.py": "minipeft.cli.data"}
 
 
 def documented_commands(page: Path) -> list:

@@ -34,9 +34,9 @@ from safetensors.torch import load_file, save_file
 
 from minipeft.cli import main as cli_main
 from minipeft.cli import run
-from minipeft.data.cli import main as data_main
-from minipeft.modify import main as modify_main
-from minipeft.training.cli import main as train_main
+from minipeft.cli.data import main as data_main
+from minipeft.cli.modify import main as modify_main
+from minipeft.cli.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGE = lambda argv: cli_main(["merge", *argv])  # noqa: E731 (python -m minipeft merge ...)
@@ -206,7 +206,7 @@ def test_overwrite_output_dir_refuses_a_folder_minipeft_did_not_write(tmp_path, 
 
 
 def test_a_locked_output_dir_is_refused_and_left_alone(tmp_path, capsys):
-    from minipeft.safe_files import OutputLock
+    from minipeft.core.safe_files import OutputLock
 
     out = tmp_path / "out"
     with OutputLock(out):  # this process (alive) holds it, as a running training would

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from minipeft import LoRAConfig, UserError, get_peft_model
-from minipeft.generation import generate, next_token_from_logits
-from minipeft.prefix import PrefixTuningConfig
-from minipeft.prompt import PromptTuningConfig
+from minipeft.core.generation import generate, next_token_from_logits
+from minipeft.methods.prefix import PrefixTuningConfig
+from minipeft.methods.prompt import PromptTuningConfig
 
 METHOD_CONFIGS = {
     "plain": lambda: None,

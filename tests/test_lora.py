@@ -8,8 +8,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from minipeft import LoRAConfig, LoRALinear, UserError, get_peft_model
-from minipeft.lora import merge_lora, unmerge_lora
-from minipeft.models import build_from_known_config
+from minipeft.methods.lora import merge_lora, unmerge_lora
+from minipeft.core.models import build_from_known_config
 
 
 def lora_count(model, names, r):

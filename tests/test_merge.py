@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from minipeft import load_adapter
 from minipeft.cli import main as cli_main
-from minipeft.merge import MERGE_INFO_NAME, main as merge_main, max_logit_difference, sample_batch
-from minipeft.models import load_model_and_tokenizer
+from minipeft.inference.merge import MERGE_INFO_NAME, max_logit_difference, sample_batch
+from minipeft.cli.merge import main as merge_main
+from minipeft.core.models import load_model_and_tokenizer
 from serving_fixtures import make_tokenizer, save_adapter_for, save_model_dir
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import minipeft.modify
+import minipeft.cli.modify
 from minipeft.cli import run
-from minipeft.models import build_from_known_config
-from minipeft.modify import main
+from minipeft.core.models import build_from_known_config
+from minipeft.cli.modify import main
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_SMALL = 124_439_808
@@ -28,7 +28,7 @@ def build_gpt2_small_once(gpt2_small, monkeypatch):
         assert name == "gpt2"
         print("note: gpt2 weights are not available offline; building the architecture from its config")
         return copy.deepcopy(gpt2_small), None
-    monkeypatch.setattr(minipeft.modify, "load_model_for_counting", load_copy)
+    monkeypatch.setattr(minipeft.cli.modify, "load_model_for_counting", load_copy)
 
 
 def run_modify(capsys, *argv):

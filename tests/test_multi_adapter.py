@@ -6,10 +6,10 @@ import torch
 
 from conftest import make_gpt2_tiny, make_llama_tiny
 from minipeft import LoRAConfig, UserError, get_peft_model, load_adapter
-from minipeft.bitfit import BitFitConfig
-from minipeft.ia3 import IA3Config
-from minipeft.multi_adapter import MultiAdapterModel, MultiLoRALinear, combine_lora_weights
-from minipeft.prefix import PrefixTuningConfig
+from minipeft.methods.bitfit import BitFitConfig
+from minipeft.methods.ia3 import IA3Config
+from minipeft.inference.multi_adapter import MultiAdapterModel, MultiLoRALinear, combine_lora_weights
+from minipeft.methods.prefix import PrefixTuningConfig
 
 FACTORIES = {"gpt2": make_gpt2_tiny, "llama": make_llama_tiny}
 

@@ -12,13 +12,13 @@ from training_fixtures import one_thread  # noqa: F401
 from transformers.pytorch_utils import Conv1D
 
 from minipeft.cli import run
-from minipeft.errors import UserError
-from minipeft.ia3 import IA3Config
-from minipeft.inject import count_parameters
-from minipeft.lora import LoRAConfig
-from minipeft.nf4 import (Linear4bit, dequantize_model, dequantize_nf4, memory_stats, quantize_model,
+from minipeft.core.errors import UserError
+from minipeft.methods.ia3 import IA3Config
+from minipeft.core.inject import count_parameters
+from minipeft.methods.lora import LoRAConfig
+from minipeft.core.nf4 import (Linear4bit, dequantize_model, dequantize_nf4, memory_stats, quantize_model,
                           quantize_nf4)
-from minipeft.peft_model import get_peft_model
+from minipeft.model.peft_model import get_peft_model
 from tests.conftest import train_steps
 
 
@@ -141,9 +141,9 @@ def train_args(inputs, output_dir, *extra):
 
 
 def test_train_generate_and_merge_on_nf4(tiny_inputs, tmp_path, capsys):
-    from minipeft.generation_cli import main as generate_main
-    from minipeft.merge import main as merge_main
-    from minipeft.training.cli import main as train_main
+    from minipeft.cli.generate import main as generate_main
+    from minipeft.cli.merge import main as merge_main
+    from minipeft.cli.train import main as train_main
 
     assert run(train_main, train_args(tiny_inputs, tmp_path / "run", "--quantize", "nf4")) == 0
     out = capsys.readouterr().out
@@ -175,7 +175,7 @@ def test_train_generate_and_merge_on_nf4(tiny_inputs, tmp_path, capsys):
     (["--quantize", "nf4", "--lora_bias", "all"], "--lora_bias all"),
 ])
 def test_quantize_mistakes_are_one_line_and_exit_status_2(tiny_inputs, tmp_path, capsys, extra, message):
-    from minipeft.training.cli import main as train_main
+    from minipeft.cli.train import main as train_main
 
     assert run(train_main, train_args(tiny_inputs, tmp_path, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -183,7 +183,7 @@ def test_quantize_mistakes_are_one_line_and_exit_status_2(tiny_inputs, tmp_path,
 
 
 def test_a_quantized_or_adapter_folder_is_refused_as_base_model(tiny_inputs, tmp_path, capsys):
-    from minipeft.modify import main as modify_main
+    from minipeft.cli.modify import main as modify_main
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -199,7 +199,7 @@ def test_a_quantized_or_adapter_folder_is_refused_as_base_model(tiny_inputs, tmp
 
 
 def test_modify_prints_bytes_per_parameter_before_and_after(tiny_inputs, capsys):
-    from minipeft.modify import main as modify_main
+    from minipeft.cli.modify import main as modify_main
 
     assert run(modify_main, ["--model", str(tiny_inputs[0]), "--quantize", "nf4", "--table", "none"]) == 0
     out = capsys.readouterr().out

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from minipeft import get_peft_model, load_adapter
-from minipeft.prefix import PrefixTuningConfig
-from minipeft.prompt import PromptTuningConfig
+from minipeft.methods.prefix import PrefixTuningConfig
+from minipeft.methods.prompt import PromptTuningConfig
 
 peft = pytest.importorskip("peft")
 pytestmark = [

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from minipeft import get_peft_model
-from minipeft.adapters import AdapterConfig
-from minipeft.freeze import SelectiveConfig
-from minipeft.ia3 import IA3Config
-from minipeft.lora import LoRAConfig
-from minipeft.prefix import PrefixTuningConfig
-from minipeft.prompt import PromptTuningConfig
+from minipeft.methods.adapter import AdapterConfig
+from minipeft.methods.selective import SelectiveConfig
+from minipeft.methods.ia3 import IA3Config
+from minipeft.methods.lora import LoRAConfig
+from minipeft.methods.prefix import PrefixTuningConfig
+from minipeft.methods.prompt import PromptTuningConfig
 from minipeft.training.loss import (causal_lm_loss_sum, causal_lm_loss_sum_all_logits, count_target_tokens,
                                     linear_cross_entropy_sum)
 from minipeft.training.optimizer import build_optimizer, parameter_groups

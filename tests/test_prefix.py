@@ -6,9 +6,9 @@ import torch
 from transformers import DynamicCache
 
 from minipeft import UserError, get_peft_model, load_adapter
-from minipeft.models import build_from_known_config
-from minipeft.prefix import PrefixTuningConfig, key_value_shape
-from minipeft.transformers_api import cache_keyword_argument, cache_of, enable_activation_checkpointing
+from minipeft.core.models import build_from_known_config
+from minipeft.methods.prefix import PrefixTuningConfig, key_value_shape
+from minipeft.core.transformers_api import cache_keyword_argument, cache_of, enable_activation_checkpointing
 
 TOKENS = torch.tensor([[5, 17, 256, 3, 999, 42, 8], [700, 11, 64, 1, 2, 3, 4]])
 

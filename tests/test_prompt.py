@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from minipeft import UserError, get_peft_model, load_adapter
-from minipeft.models import build_from_known_config
-from minipeft.prompt import PromptTuningConfig
-from minipeft.transformers_api import enable_activation_checkpointing
+from minipeft.core.models import build_from_known_config
+from minipeft.methods.prompt import PromptTuningConfig
+from minipeft.core.transformers_api import enable_activation_checkpointing
 
 TOKENS = torch.tensor([[5, 17, 256, 3, 999, 42, 8], [700, 11, 64, 1, 2, 3, 4]])
 

@@ -16,8 +16,8 @@ import torch
 from minipeft import get_peft_model
 from minipeft.data import DataConfig, build_dataloaders
 from minipeft.data.tokenization import encode_prompt
-from minipeft.generation_cli import generate_texts
-from minipeft.merge import max_logit_difference, sample_batch
+from minipeft.inference.prompts import generate_texts
+from minipeft.inference.merge import max_logit_difference, sample_batch
 from minipeft.methods import METHODS
 from minipeft.training import TrainingConfig, train
 from serving_fixtures import method_config, perturb

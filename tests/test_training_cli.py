@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from data_fixtures import save_tiny_run_inputs, write_json
 from training_fixtures import one_thread  # noqa: F401
 
-from minipeft.adapter_io import load_adapter
+from minipeft.model.adapter_files import load_adapter
 from minipeft.cli import run
 from minipeft.methods import METHODS
-from minipeft.training.cli import main
+from minipeft.cli.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,8 +209,8 @@ def test_loss_curve_is_drawn_with_matplotlib_and_explained_without(tmp_path, cap
 
 
 def test_cpu_threads_one_for_a_small_model_unless_told_otherwise(monkeypatch):
-    from minipeft.errors import UserError
-    from minipeft.training.cli import SMALL_MODEL_PARAMETERS, choose_cpu_threads
+    from minipeft.core.errors import UserError
+    from minipeft.cli.train import SMALL_MODEL_PARAMETERS, choose_cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert choose_cpu_threads(None, SMALL_MODEL_PARAMETERS - 1) == 1

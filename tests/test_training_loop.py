@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from training_fixtures import (NAN_TOKEN, ListLoader, adapter_tensors, concatenate, make_batches,  # noqa: F401
                                one_thread, read_records, tiny_model, tiny_peft_model)
 
-from minipeft.errors import UserError
+from minipeft.core.errors import UserError
 from minipeft.methods import METHODS
 from minipeft.training import TrainingConfig, train
 from minipeft.training.distributed import DistributedContext
@@ -17,7 +17,7 @@ from minipeft.training.loop import accumulate_gradients, enable_gradient_checkpo
 from minipeft.training.loss import causal_lm_loss_sum, count_target_tokens, perplexity
 from minipeft.training.optimizer import parameter_groups
 from minipeft.training.schedule import get_lr, warmup_steps_for
-from minipeft.transformers_api import is_activation_checkpointing
+from minipeft.core.transformers_api import is_activation_checkpointing
 
 CPU = DistributedContext()
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
@@ -325,7 +325,7 @@ def test_run_files_get_the_users_umask_not_tempfiles_private_mode(tmp_path, umas
     import os
     import stat
 
-    from minipeft.safe_files import write_json_atomically
+    from minipeft.core.safe_files import write_json_atomically
     from minipeft.training.metrics import plot_loss_curve
 
     previous = os.umask(umask)

@@ -1,11 +1,11 @@
-"""minipeft.transformers_api: the current transformers names where they exist, without a deprecation."""
+"""minipeft.core.transformers_api: the current transformers names where they exist, without a deprecation."""
 
 import warnings
 
 import pytest
 import torch
 
-from minipeft.transformers_api import (CACHE_KEYWORD, cache_keyword_argument, cache_of,
+from minipeft.core.transformers_api import (CACHE_KEYWORD, cache_keyword_argument, cache_of,
                                        enable_activation_checkpointing, is_activation_checkpointing, pop_cache)
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from minipeft.methods import add_method_arguments, config_from_args
-from minipeft.peft_model import get_peft_model
+from minipeft.cli.arguments import add_method_arguments, config_from_args
+from minipeft.model.peft_model import get_peft_model
 
 VOCAB = 100
 NAN_TOKEN = VOCAB - 1  # tests that need a non-finite loss give this token an embedding of NaN
@@ -115,6 +115,6 @@ def read_records(path, kind: str = None, drop=("seconds", "tokens_per_s", "eval_
 
 
 def adapter_tensors(peft_model) -> dict:
-    from minipeft.adapter_io import peft_state_dict
+    from minipeft.model.adapter_files import peft_state_dict
 
     return {name: tensor.detach().clone() for name, tensor in peft_state_dict(peft_model).items()}

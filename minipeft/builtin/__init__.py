@@ -20,8 +20,8 @@ enough to commit and to fine-tune on a laptop CPU in a minute, plus data it visi
 
 Everything is deterministic and written by this package, with no external data. To rebuild:
 
-    python -m minipeft.builtin.tasks       # default_data.json (a test checks it is unchanged)
-    python -m minipeft.builtin.pretrain    # model/: corpus, tokenizer, pretraining (~6 min on 2 idle cores; 36 min when they are shared)
+    python -m minipeft builtin-data         # default_data.json (a test checks it is unchanged)
+    python -m minipeft pretrain            # model/: corpus, tokenizer, pretraining (~6 min on 2 idle cores; 36 min when they are shared)
 """
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Pretrain the built-in tiny GPT-2 from scratch: ``python -m minipeft.builtin.pretrain``.
+"""Pretrain the built-in tiny GPT-2 from scratch: ``python -m minipeft pretrain``.
 
 What it does, top to bottom (about 6 minutes on 2 CPU cores):
 
@@ -15,10 +15,8 @@ The run is deterministic on one machine (seeded corpus, seeded initialisation an
 another CPU or torch version the float results differ in the last bits.
 """
 
-import argparse
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +25,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from minipeft.builtin import MODEL_DIR
 from minipeft.builtin.corpus import generate_corpus
-from minipeft.cli import run
-from minipeft.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -186,21 +181,3 @@ def pretrain(config: PretrainConfig, output_dir: Path) -> float:
     print(f"saved to {output_dir}")
     return heldout_loss
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minipeft.builtin.pretrain", description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", type=Path, default=MODEL_DIR, help="where to save (default: %(default)s)")
-    parser.add_argument("--max_steps", type=int, default=0, help="stop early after this many steps (0: one pass)")
-    parser.add_argument("--num_documents", type=int, default=PretrainConfig.num_documents,
-                        help="corpus size in documents (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.max_steps < 0:
-        raise UserError(f"--max_steps: must be 0 (one pass) or a positive number of steps, got {args.max_steps}")
-    if args.num_documents < 100:
-        raise UserError(f"--num_documents: need at least 100 documents to pretrain on, got {args.num_documents}")
-    pretrain(PretrainConfig(max_steps=args.max_steps, num_documents=args.num_documents), args.output_dir)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run(main))

@@ -10,17 +10,14 @@ Why 2,000 records: the tasks have a few hundred distinct answers each, so 2,000 
 input) pairs cover every fact table several times over in different phrasings, while one epoch at batch
 size 16 is only ~113 optimizer steps and tokenizing all of it takes well under a second.
 
-Rebuild the committed file with ``python -m minipeft.builtin.tasks`` (a test checks it is unchanged).
+Rebuild the committed file with ``python -m minipeft builtin-data`` (a test checks it is unchanged).
 """
 
 import json
 import random
-import sys
-from pathlib import Path
 
 from minipeft.builtin.corpus import animal_legs, capitalize, number_word, with_article
 from minipeft.builtin.facts import ALPHABET, ANIMALS, ANTONYMS, COLORS, COUNTRIES, LIST_WORDS, PLURALS
-from minipeft.safe_files import write_text_atomically
 
 NUM_RECORDS = 2000
 SEED = 1234
@@ -165,20 +162,3 @@ def default_data_text() -> str:
     """The exact text of ``default_data.json``: a JSON array, one key per line, newline at the end."""
     return json.dumps(generate_instruction_data(), indent=1, ensure_ascii=False) + "\n"
 
-
-def write_default_data(path: Path) -> None:
-    """Write :func:`default_data_text` to ``path`` atomically (temporary file, then ``os.replace``)."""
-    write_text_atomically(path, default_data_text())
-
-
-def main(argv=None) -> int:
-    from minipeft.builtin import default_dataset_path
-
-    path = Path(argv[0]) if argv else default_dataset_path()
-    write_default_data(path)
-    print(f"wrote {NUM_RECORDS} records to {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

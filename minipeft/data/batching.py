@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from minipeft.errors import UserError
+from minipeft.core.errors import UserError
 
 MEGABATCH_BATCHES = 50  # length grouping sorts within windows of this many batches (as Hugging Face's Trainer)
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from minipeft.data.templates import TEMPLATE_CHOICES
-from minipeft.errors import UserError
-from minipeft.finite import finite_float, require_finite
+from minipeft.core.errors import UserError
+from minipeft.core.finite import finite_float, require_finite
 
 
 def default_cache_dir() -> str:

@@ -12,7 +12,7 @@ An Alpaca record has three text fields (Taori et al., 2023, "Stanford Alpaca")::
 Two kinds of problems, handled differently:
 
 * the file as a whole is unusable (cannot be read, is not JSON, lacks the columns, holds no usable record):
-  :class:`~minipeft.errors.UserError` naming the file and the problem;
+  :class:`~minipeft.core.errors.UserError` naming the file and the problem;
 * one record is unusable (a missing or non-text field, an empty output, bytes that are not UTF-8): it is
   skipped and counted, with where and why; the load fails only when more than ``max_invalid_fraction`` of
   the records are skipped.
@@ -28,8 +28,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minipeft.errors import UserError
-from minipeft.safe_files import duplicate_keys, loads_json, read_input_bytes
+from minipeft.core.errors import UserError
+from minipeft.core.safe_files import duplicate_keys, loads_json, read_input_bytes
 
 SHOWN_REASONS = 5  # how many skip reasons an error message or a report quotes
 

@@ -20,7 +20,7 @@ from minipeft.data.packing import PackedDataset
 from minipeft.data.report import DataReport, padding_share
 from minipeft.data.templates import resolve_template_name
 from minipeft.data.tokenization import pad_token_id, tokenize_records
-from minipeft.errors import UserError
+from minipeft.core.errors import UserError
 
 
 def resolve_dataset_path(dataset_path: str | None) -> Path:

@@ -31,7 +31,7 @@ resolved name is what the data report prints and what the adapter records, so ge
 
 from dataclasses import dataclass
 
-from minipeft.errors import UserError
+from minipeft.core.errors import UserError
 
 
 @dataclass(frozen=True)

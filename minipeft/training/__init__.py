@@ -6,7 +6,7 @@
 - :mod:`~minipeft.training.checkpoint`: atomic checkpoints and exact resume;
 - :mod:`~minipeft.training.metrics`: the log line, ``metrics.jsonl``, the loss curve;
 - :mod:`~minipeft.training.distributed`: devices and DistributedDataParallel;
-- :mod:`~minipeft.training.cli`: ``train_llm.py`` / ``python -m minipeft train``.
+- :mod:`~minipeft.cli.train`: ``train_llm.py`` / ``python -m minipeft train``.
 """
 
 from minipeft.training.config import TrainingConfig

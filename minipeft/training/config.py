@@ -6,8 +6,8 @@ and the method flags (``--modification_type``, ``--lora_rank``, ...) to :mod:`mi
 
 from dataclasses import dataclass
 
-from minipeft.errors import UserError
-from minipeft.finite import require_finite
+from minipeft.core.errors import UserError
+from minipeft.core.finite import require_finite
 from minipeft.training.schedule import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

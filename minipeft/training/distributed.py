@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from minipeft.errors import UserError
+from minipeft.core.errors import UserError
 
 
 @dataclass

@@ -17,11 +17,11 @@ Output directory (``--output_dir``)::
     best/                    the adapter with the lowest eval loss so far
     checkpoints/step-N/      resumable training state (see :mod:`minipeft.training.checkpoint`); last K + best
     metrics.jsonl            one record per step and per evaluation (see :mod:`minipeft.training.metrics`)
-    metrics.json             the run's summary (written by :mod:`minipeft.training.cli`)
+    metrics.json             the run's summary (written by :mod:`minipeft.cli.train`)
     train_config.json        every setting of the run
     loss_curve.png           train and eval loss (with the ``plot`` extra)
     .minipeft                marker: minipeft wrote this folder (each folder it writes has one; see
-                             :mod:`minipeft.safe_files`); .minipeft.lock while a run writes here
+                             :mod:`minipeft.core.safe_files`); .minipeft.lock while a run writes here
 
 Only rank 0 writes files and prints; every process runs the same steps.
 """
@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minipeft.adapter_io import peft_state_dict
-from minipeft.errors import UserError
-from minipeft.finite import first_nonfinite_tensor
-from minipeft.safe_files import (is_empty_directory, is_ours, make_directory, mark_as_ours, remove_incomplete,
+from minipeft.model.adapter_files import peft_state_dict
+from minipeft.core.errors import UserError
+from minipeft.core.finite import first_nonfinite_tensor
+from minipeft.core.safe_files import (is_empty_directory, is_ours, make_directory, mark_as_ours, remove_incomplete,
                                  remove_our_directory)
 from minipeft.training.checkpoint import (capture_rng_state, list_checkpoints, load_checkpoint, prune_checkpoints,
                                           resolve_resume, restore_rng_state, save_checkpoint)
@@ -54,7 +54,7 @@ from minipeft.training.metrics import (MetricsLog, format_eval_line, format_log_
 from minipeft.training.optimizer import build_optimizer
 from minipeft.training.precision import cast_frozen_weights, native_bf16
 from minipeft.training.schedule import get_lr, warmup_steps_for
-from minipeft.transformers_api import enable_activation_checkpointing
+from minipeft.core.transformers_api import enable_activation_checkpointing
 
 # LoRA's B (and an adapter's up-projection) starts at zero, so on the first step A's gradient is exactly
 # zero; from the second step on every trainable parameter must have had a non-zero gradient.

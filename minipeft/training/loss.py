@@ -231,7 +231,7 @@ def accepts_logits_to_keep(model) -> bool:
 def positions_prepended(model) -> int:
     """How many positions the model puts before the real tokens: prompt tuning's ``P``, else 0 (prefix tuning
     puts its virtual tokens in the key/value cache, not in the sequence)."""
-    from minipeft.prompt import PromptEmbedding  # imported here: the loss does not otherwise need the methods
+    from minipeft.methods.prompt import PromptEmbedding  # imported here: the loss does not otherwise need the methods
 
     encoder = getattr(unwrap(model), "prompt_encoder", None)
     if isinstance(encoder, PromptEmbedding) and encoder.adapter_enabled:

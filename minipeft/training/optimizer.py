@@ -9,14 +9,14 @@ fine-tuning, ``modules_to_save``), whose zero would wipe out the pretrained mode
 and the base weights of selective fine-tuning.)
 
 The decision is structural, not by name: an adapter layer is a module with an ``adapter_enabled`` switch
-(see :mod:`minipeft.inject`); the ``nn.Linear`` modules inside it, outside its ``base_layer``, are what the
+(see :mod:`minipeft.core.inject`); the ``nn.Linear`` modules inside it, outside its ``base_layer``, are what the
 method added.
 """
 
 import torch
 from torch import nn
 
-from minipeft.inject import ModuleToSave
+from minipeft.core.inject import ModuleToSave
 
 
 def added_linear_weights(model: nn.Module) -> set:

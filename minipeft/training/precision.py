@@ -47,7 +47,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def adapter_added_parameters(model: torch.nn.Module) -> set:
     """``id()`` of every parameter a method *added* (inside an adapter layer, outside its ``base_layer``)."""
-    from minipeft.inject import ModuleToSave  # a trainable copy of a base module is not an added layer
+    from minipeft.core.inject import ModuleToSave  # a trainable copy of a base module is not an added layer
 
     ids = set()
     for module in model.modules():

@@ -21,7 +21,7 @@ With ``w = warmup_steps``, ``T = total_steps`` and ``progress = (step - w) / (T 
 
 import math
 
-from minipeft.errors import UserError
+from minipeft.core.errors import UserError
 
 SCHEDULES = ("constant", "linear", "cosine")
 

@@ -1,0 +1,535 @@
+"""``python -m minipeft compare``: train several PEFT methods on the same model, data and budget; tabulate.
+
+::
+
+    python -m minipeft compare                                   # built-in model and data, a few minutes
+    python -m minipeft compare --model smollm2-135m --dataset_path ../shared/data/gpteacher_roleplay.json \\
+        --methods lora,prompt,prefix,adapter,ia3 --max_records 80 --val_size 10 --eval_max_batches 2 \\
+        --max_length 64 --batch_size 2 --max_steps 5 --speed_tokens 4 --generation_tokens 12 \\
+        --report docs/comparison.md                              # docs/comparison.md, as committed
+
+For each method, in this process, one after another, with the same seed:
+
+1. a fresh copy of the base model gets the method (its defaults, or the method flags given, e.g.
+   ``--lora_rank``; a flag that applies to none of the chosen methods is an error);
+2. :func:`minipeft.training.train` trains it for ``--max_steps`` optimizer steps on the same batches (same
+   split, same order), with the method's default learning rate (``Method.learning_rate`` in
+   :mod:`minipeft.methods`, the same default as ``train_llm.py``), or ``--learning_rate``, and evaluates it
+   before and after on the same held-out records;
+3. generation speed is measured: greedy, KV-cached, batch 1, ``--speed_tokens`` new tokens, the median of three
+   runs; unmerged (base + adapter, as trained) and, for methods that can merge, merged (a plain model);
+4. the ``--generation_prompts`` shortest held-out instructions are answered (greedy, ``--generation_tokens``
+   at most), by the base model once before any training and by each trained method.
+
+Columns of the table (``comparison.md``, ``comparison.json``, and ``comparison.png`` with matplotlib):
+
+- trainable parameters and their share of the total (tied weights counted once);
+- train time: seconds spent in training steps (evaluation excluded); peak memory: the process's peak
+  resident memory during this method's run on CPU (Linux resets the high-water mark between methods through
+  ``/proc/self/clear_refs``), or the peak CUDA allocation on a GPU. Either includes the untouched base model
+  that the comparison keeps for the next method (one model's size more than a single training run needs), so
+  compare the differences between rows;
+- train loss: mean over the last 10 steps (token-weighted); eval loss before → after, eval perplexity
+  ``exp(total NLL / target tokens)`` after;
+- adapter size on disk (``adapter_model.safetensors`` + config);
+- generation tokens/s, unmerged and merged.
+
+``--report PATH`` (default ``report.md`` in ``--output_dir``) also writes the whole page: the command, its
+wall time and machine, the settings, the table and the generations. ``docs/comparison.md`` is such a page.
+
+The numbers are from one seed and a short budget: they show what each method costs and how fast it starts to
+learn, not which one is best after a full training run. Learning rates matter more than anything else here.
+"""
+
+import argparse
+import copy
+import gc
+import json
+import random
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minipeft.cli import CommandLineParser
+from minipeft.core.errors import UserError
+from minipeft.core.finite import nonfinite_to_none
+from minipeft.cli.arguments import METHOD_FLAGS
+from minipeft.methods import METHODS
+from minipeft.core.safe_files import remove_our_directory, write_json_atomically, write_text_atomically
+
+DEFAULT_METHODS = ["lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit", "selective"]
+TRAIN_LOSS_LAST_STEPS = 10
+
+
+# --- what is measured -----------------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory over a stretch of code: CUDA's max allocation, or (CPU, Linux) the process's peak RSS
+    after resetting the kernel's high-water mark; None where neither can be measured."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size (VmHWM)
+        except OSError:
+            pass
+
+    def peak_mb(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB -> MB
+        except OSError:
+            pass
+        return None
+
+
+@torch.no_grad()
+def generation_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> float:
+    """Greedy KV-cached generation, batch 1, exactly ``new_tokens`` tokens (no EOS): the median tokens/s."""
+    from minipeft.core.generation import generate
+
+    generate(model, prompt_ids, max_new_tokens=2)  # warm-up
+    speeds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        generated = generate(model, prompt_ids, max_new_tokens=new_tokens)
+        speeds.append(generated.shape[1] / (time.perf_counter() - started))
+    return statistics.median(speeds)
+
+
+def recent_train_loss(metrics_path: Path, last_steps: int = TRAIN_LOSS_LAST_STEPS):
+    """Token-weighted mean train loss of the last ``last_steps`` optimizer steps in ``metrics.jsonl``."""
+    from minipeft.training.metrics import read_metrics
+
+    steps = [record for record in read_metrics(metrics_path)
+             if record["kind"] == "train" and record["loss"] is not None][-last_steps:]
+    targets = sum(record["target_tokens"] for record in steps)
+    return sum(record["loss"] * record["target_tokens"] for record in steps) / targets if targets else None
+
+
+# --- one method ---------------------------------------------------------------------------------------------------
+
+def method_config(name: str, args, model, tokenizer):
+    """The config of method ``name`` from the method flags that apply to it (the others are left out)."""
+    from minipeft.core.layers import num_hidden_layers
+    from minipeft.cli.arguments import config_from_args
+
+    values = {flag.lstrip("-"): getattr(args, flag.lstrip("-")) if name in methods else None
+              for flag, (methods, _) in METHOD_FLAGS.items()}
+    if name == "selective" and values["freeze_layers"] is None:  # compare's default: train the last block
+        last = num_hidden_layers(model) - 1
+        values["freeze_layers"] = f"0-{last - 1}" if last >= 1 else ""
+    return config_from_args(argparse.Namespace(modification_type=name, **values), model, tokenizer)
+
+
+def answer(model, tokenizer, prompts: list, template: str, max_new_tokens: int) -> list:
+    """Greedy replies to held-out ``prompts`` (:class:`~minipeft.inference.prompts.Prompt`), one line each."""
+    from minipeft.inference.prompts import generate_texts
+
+    if not prompts:
+        return []
+    texts = generate_texts(model, tokenizer, prompts, template, max_new_tokens=max_new_tokens,
+                           batch_size=1).texts  # one at a time: no padding
+    return [" ".join(text.split()) for text in texts]
+
+
+def compare_method(name: str, base_model, tokenizer, loaders, args, template: str, learning_rate: float,
+                   device: torch.device, speed_prompt: torch.Tensor, prompts: list = ()) -> dict:
+    """Apply, train, evaluate and time one method on a copy of ``base_model``; returns its row."""
+    from minipeft.methods import method_for_config
+    from minipeft.model.peft_model import get_peft_model
+    from minipeft.training import TrainingConfig, train
+    from minipeft.training.metrics import directory_size
+
+    train_loader, val_loader = loaders
+    output_dir = Path(args.output_dir) / name
+    memory = PeakMemory(device)
+    memory.reset()
+    torch.manual_seed(args.seed)  # the same adapter initialisation stream for every method
+    model = copy.deepcopy(base_model)
+    peft_model = get_peft_model(model, method_config(name, args, model, tokenizer))
+    stats = peft_model.parameter_stats()
+    config = TrainingConfig(output_dir=str(output_dir), max_steps=args.max_steps, learning_rate=learning_rate,
+                            warmup_ratio=0.1, eval_every=args.max_steps, save_every=args.max_steps,
+                            save_total_limit=1, log_every=max(1, args.max_steps // 3), precision=args.precision,
+                            device=str(device), eval_max_batches=args.eval_max_batches, seed=args.seed,
+                            overwrite_output_dir=True)
+    started = time.perf_counter()
+    result = train(peft_model, train_loader, val_loader, config,
+                   adapter_metadata={"base_model_name_or_path": args.model, "template": template})
+    wall_seconds = time.perf_counter() - started
+    if result["outcome"] == "interrupted":  # Ctrl-C or SIGTERM: the loop saved a checkpoint; stop comparing
+        raise KeyboardInterrupt
+    peak = memory.peak_mb()
+    state = result["state"]
+    remove_our_directory(output_dir / "checkpoints")  # the optimizer state is not compared
+    peft_model.eval()
+    speed_unmerged = generation_speed(peft_model, speed_prompt, args.speed_tokens)
+    generations = answer(peft_model, tokenizer, list(prompts), template, args.generation_tokens)
+    mergeable = method_for_config(peft_model.peft_config).mergeable
+    speed_merged = None
+    if mergeable:
+        merged = peft_model.merge_and_unload()
+        speed_merged = generation_speed(merged, speed_prompt, args.speed_tokens)
+        del merged
+    row = {
+        "method": name,
+        "trainable_params": stats.trainable,
+        "total_params": stats.total,
+        "trainable_percent": stats.ratio,
+        "learning_rate": learning_rate,
+        "steps": state["step"],
+        "train_seconds": state["train_seconds"],
+        "wall_seconds": wall_seconds,
+        "peak_memory_mb": peak,
+        "train_loss": recent_train_loss(output_dir / "metrics.jsonl"),
+        "eval_loss_before": state["eval_loss_before"],
+        "eval_loss": state["eval_loss"],
+        "eval_perplexity": state["eval_perplexity"],
+        "adapter_bytes": directory_size(output_dir / "adapter"),
+        "tokens_per_s_unmerged": speed_unmerged,
+        "tokens_per_s_merged": speed_merged,
+        "adapter_dir": str(output_dir / "adapter"),
+        "generations": generations,
+    }
+    del peft_model, model
+    gc.collect()
+    return row
+
+
+# --- the table --------------------------------------------------------------------------------------------------
+
+def _number(value, pattern: str) -> str:
+    return "—" if value is None else format(value, pattern)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} kB"
+
+
+def markdown_table(rows: list) -> str:
+    header = ("| method | trainable params | trainable % | train time (s) | peak memory (MB) | train loss | "
+              "eval loss (before → after) | eval ppl | adapter size | gen tok/s unmerged | gen tok/s merged |")
+    lines = [header, "|" + "---|" * 11]
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['trainable_params']:,} | {row['trainable_percent']:.3f} | "
+            f"{row['train_seconds']:.1f} | {_number(row['peak_memory_mb'], ',.0f')} | "
+            f"{_number(row['train_loss'], '.3f')} | {_number(row['eval_loss_before'], '.3f')} → "
+            f"{_number(row['eval_loss'], '.3f')} | {_number(row['eval_perplexity'], '.2f')} | "
+            f"{_size(row['adapter_bytes'])} | {row['tokens_per_s_unmerged']:.1f} | "
+            f"{_number(row['tokens_per_s_merged'], '.1f')} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(rows: list, path: Path):
+    """Four bar charts (eval loss, trainable parameters, train time, generation speed); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: no plot: matplotlib is not installed (pip install 'minipeft[plot]')")
+        return None
+    names = [row["method"] for row in rows]
+    positions = range(len(rows))
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7))
+    ax = axes[0][0]
+    ax.bar([p - 0.2 for p in positions], [row["eval_loss_before"] or 0 for row in rows], 0.4, label="before")
+    ax.bar([p + 0.2 for p in positions], [row["eval_loss"] or 0 for row in rows], 0.4, label="after")
+    ax.set_title("eval loss"), ax.legend()
+    ax = axes[0][1]
+    ax.bar(positions, [row["trainable_params"] for row in rows])
+    ax.set_yscale("log"), ax.set_title("trainable parameters (log scale)")
+    ax = axes[1][0]
+    ax.bar(positions, [row["train_seconds"] for row in rows])
+    ax.set_title("train time (s)")
+    ax = axes[1][1]
+    ax.bar([p - 0.2 for p in positions], [row["tokens_per_s_unmerged"] for row in rows], 0.4, label="unmerged")
+    ax.bar([p + 0.2 for p in positions], [row["tokens_per_s_merged"] or 0 for row in rows], 0.4, label="merged")
+    ax.set_title("generation tokens/s (batch 1)"), ax.legend()
+    for ax in axes.flat:
+        ax.set_xticks(list(positions), names, rotation=30)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def markdown_report(result: dict) -> str:
+    """The whole comparison as a Markdown page: command, wall time, settings, table, generations."""
+    settings, rows = result["settings"], result["rows"]
+    lines = [
+        f"# PEFT methods compared on {settings['model']}",
+        "",
+        "<!-- Written by `python -m minipeft compare --report`; rerun the command below instead of editing. -->",
+        "",
+        f"Every method below was applied to a fresh copy of `{settings['model']}` and trained on the same batches, "
+        f"with the same seed and budget, by this command ({settings['wall_minutes']:.1f} minutes of wall time on "
+        f"{settings['machine']}):",
+        "",
+        "```bash",
+        settings["command"],
+        "```",
+        "",
+        f"{settings['train_records']} training and {settings['eval_records']} held-out records "
+        f"(`{settings['dataset_path'] or 'built-in data'}`), template `{settings['template']}`, max_length "
+        f"{settings['max_length']}, {settings['max_steps']} optimizer steps of {settings['batch_size']} records, "
+        f"precision {settings['precision']}, seed {settings['seed']}. Each method trains at its default learning "
+        "rate (`minipeft/methods/__init__.py`, the same as `train_llm.py`'s) unless the command sets one.",
+        "",
+        "| method | learning rate |",
+        "|---|---|",
+        *[f"| {row['method']} | {row['learning_rate']:g} |" for row in rows],
+        "",
+        "## The table",
+        "",
+        markdown_table(rows),
+        "",
+        "Train time counts training steps only; peak memory includes the base model kept for the next method; "
+        "train loss is the token-weighted mean of the last 10 steps; adapter size is the saved directory; "
+        "generation speed is greedy, KV-cached, batch 1. One seed and a short budget: the table shows what each "
+        "method costs and how fast it starts to learn, not which one is best after a full training run.",
+    ]
+    prompts = result.get("prompts") or []
+    if prompts:
+        lines += ["", "## Generations on held-out prompts", "",
+                  f"Greedy, at most {settings['generation_tokens']} new tokens, template `{settings['template']}`: "
+                  "the base model before training, then each method after it.", ""]
+        for index, prompt in enumerate(prompts):
+            lines += [f"### {index + 1}. {' '.join(prompt['instruction'].split())}", ""]
+            if prompt["input"]:
+                lines += [f"Input: {' '.join(prompt['input'].split())}", ""]
+            lines += [f"Reference: {' '.join(prompt['reference'].split())}", "", "| model | reply |", "|---|---|"]
+            replies = [("base model (before)", prompt["base_reply"])]
+            replies += [(f"{row['method']} (after)", row["generations"][index]) for row in rows if row["generations"]]
+            lines += [f"| {who} | {reply.replace('|', '&#124;') or '(empty)'} |" for who, reply in replies]
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def describe_machine(device: torch.device) -> str:
+    """``"2 CPU cores (Intel ...), 2 torch threads"`` or the GPU's name: where the wall time was measured."""
+    import os
+    import platform
+
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({model}), {torch.get_num_threads()} torch threads"
+
+
+# --- command line ---------------------------------------------------------------------------------------------------
+
+def parse_methods(text: str) -> list:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return list(DEFAULT_METHODS)
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise UserError(f"--methods {text}: unknown method {', '.join(unknown) or '(none given)'}; "
+                        f"choose from {', '.join(METHODS)} (or all)")
+    return list(dict.fromkeys(names))
+
+
+def parse_learning_rates(text, methods: list) -> dict:
+    """``None`` -> defaults; ``"3e-4"`` -> every method; ``"lora=1e-3,prompt=3e-2"`` -> those, others default."""
+    rates = {name: METHODS[name].learning_rate for name in methods}
+    if text is None:
+        return rates
+    try:
+        if "=" not in text:
+            return dict.fromkeys(methods, float(text))
+        for item in text.split(","):
+            name, _, value = item.partition("=")
+            if name.strip() not in rates:
+                raise UserError(f"--learning_rate {text}: {name.strip()!r} is not among --methods {','.join(methods)}")
+            rates[name.strip()] = float(value)
+    except ValueError:
+        raise UserError(f"--learning_rate {text}: expected a number (3e-4) or method=number pairs "
+                        "(lora=1e-3,prompt=3e-2)") from None
+    if not all(rate > 0 for rate in rates.values()):
+        raise UserError(f"--learning_rate {text}: learning rates must be positive")
+    return rates
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="python -m minipeft compare",
+                                     description="Train several PEFT methods on the same model, data and budget "
+                                                 "and write a comparison table (Markdown, JSON) and plot.")
+    parser.add_argument("--model", default="builtin", help="builtin | smollm2-135m | ... (default: builtin)")
+    parser.add_argument("--dataset_path", default=None, help="Alpaca records (default: the built-in data set)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma list of methods, or all (default: {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--max_records", type=int, default=None,
+                        help="use a seeded random subset of this many records (default: all)")
+    parser.add_argument("--val_size", type=int, default=None,
+                        help="held-out records for evaluation (default: 10%% of the records)")
+    parser.add_argument("--max_length", type=int, default=256, help="tokens per record (default 256)")
+    parser.add_argument("--template", choices=["auto", "alpaca", "plain", "chat"], default="auto",
+                        help="prompt template; auto: the tokenizer's chat template when it has one, else alpaca "
+                             "(default: auto)")
+    parser.add_argument("--max_steps", type=int, default=100, help="optimizer steps per method (default 100)")
+    parser.add_argument("--batch_size", type=int, default=8, help="records per step (default 8)")
+    parser.add_argument("--learning_rate", default=None,
+                        help="one rate for all methods, or method=rate pairs; default per method: "
+                             + ", ".join(f"{name} {method.learning_rate:g}" for name, method in METHODS.items()))
+    parser.add_argument("--eval_max_batches", type=int, default=None, help="evaluate on at most this many batches")
+    parser.add_argument("--speed_tokens", type=int, default=32, help="new tokens per speed measurement (default 32)")
+    parser.add_argument("--generation_prompts", type=int, default=3,
+                        help="held-out instructions answered before and after training (default 3; 0: none)")
+    parser.add_argument("--generation_tokens", type=int, default=48,
+                        help="most new tokens per answer (default 48)")
+    parser.add_argument("--report", default=None,
+                        help="write the whole comparison as a Markdown page here (default: report.md in --output_dir)")
+    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="training precision (default fp32)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=42, help="seed for the subset, split, order and initialisation")
+    parser.add_argument("--output_dir", default="compare_outputs", help="where adapters and tables go")
+    group = parser.add_argument_group("method settings (each applies to the methods it names)")
+    for flag, (methods, kwargs) in METHOD_FLAGS.items():
+        group.add_argument(flag, **{**kwargs, "help": f"[{', '.join(methods)}] {kwargs.get('help', '')}"})
+    return parser
+
+
+def check_method_flags(args, methods: list) -> None:
+    for flag, (flag_methods, _) in METHOD_FLAGS.items():
+        if getattr(args, flag.lstrip("-")) is not None and not set(flag_methods) & set(methods):
+            raise UserError(f"{flag} applies to {' or '.join(flag_methods)}, none of which is in --methods "
+                            f"{','.join(methods)}")
+
+
+def model_positions(model_config):
+    return getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
+
+
+def virtual_tokens(args, methods: list) -> int:
+    """The most tokens prompt or prefix tuning puts in front of every record (20 by default; 0 for the others)."""
+    virtual = 0
+    if "prompt" in methods:
+        virtual = max(virtual, args.num_virtual_tokens or 20)
+    if "prefix" in methods:
+        virtual = max(virtual, args.prefix_length or 20)
+    return virtual
+
+
+def check_positions(args, methods: list, model_config) -> None:
+    """``--max_length`` plus the virtual tokens of prompt/prefix tuning must fit the model's positions."""
+    positions, virtual = model_positions(model_config), virtual_tokens(args, methods)
+    if positions is not None and args.max_length + virtual > positions:
+        raise UserError(f"--max_length {args.max_length}" + (f" + {virtual} virtual tokens" if virtual else "")
+                        + f" exceeds the model's {positions} positions; lower --max_length")
+
+
+def write_subset(dataset_path, max_records: int, seed: int, output_dir: Path) -> Path:
+    """A seeded random subset of the data set, written as a JSON array into ``output_dir``."""
+    from minipeft.data import load_records, resolve_dataset_path
+
+    loaded = load_records(resolve_dataset_path(dataset_path))
+    records = loaded.records
+    if max_records < len(records):
+        records = random.Random(seed).sample(records, max_records)
+    path = output_dir / "records.json"
+    write_text_atomically(path, json.dumps([{"instruction": r.instruction, "input": r.input, "output": r.output}
+                                            for r in records], ensure_ascii=False, indent=1))
+    return path
+
+
+def main(argv=None) -> int:
+    from transformers.utils import logging as transformers_logging
+
+    from minipeft.data import DataConfig, build_dataloaders
+    from minipeft.data.tokenization import encode_prompt
+    from minipeft.inference.prompts import Prompt, resolve_template
+    from minipeft.core.models import resolve_device
+    from minipeft.core.models import load_model_and_tokenizer
+
+    args = build_parser().parse_args(argv)
+    methods = parse_methods(args.methods)
+    check_method_flags(args, methods)
+    learning_rates = parse_learning_rates(args.learning_rate, methods)
+    started = time.perf_counter()
+    for flag in ("max_steps", "batch_size", "max_records", "speed_tokens", "eval_max_batches", "generation_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} {value}: must be a positive integer")
+    if args.generation_prompts < 0:
+        raise UserError(f"--generation_prompts {args.generation_prompts}: must be 0 or more")
+    device = resolve_device(args.device)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report_path = Path(args.report) if args.report else output_dir / "report.md"
+    transformers_logging.disable_progress_bar()
+
+    base_model, tokenizer = load_model_and_tokenizer(args.model)
+    base_model.to(device)
+    check_positions(args, methods, base_model.config)
+    template = resolve_template(args.template, None, args.model, tokenizer)
+    dataset_path = args.dataset_path
+    if args.max_records is not None:
+        dataset_path = str(write_subset(args.dataset_path, args.max_records, args.seed, output_dir))
+    data_config = DataConfig(dataset_path=dataset_path, template=template, max_length=args.max_length,
+                             batch_size=args.batch_size, seed=args.seed, val_size=args.val_size or 0.1)
+    train_loader, val_loader, report = build_dataloaders(data_config, tokenizer)
+    if val_loader is None:
+        raise UserError("--val_size: no record is held out for evaluation; give --val_size N with N >= 1")
+    print("\n".join(report.summary_lines()))
+    speed_prompt = next(iter(val_loader))["input_ids"][:1, :16].to(device)
+    # the shortest held-out prompts (quick to answer on a CPU) that fit the model's positions with the answer
+    room = (model_positions(base_model.config) or 10**9) - virtual_tokens(args, methods) - args.generation_tokens
+    records = [val_loader.dataset.record(index) for index in range(len(val_loader.dataset))]
+    lengths = [len(encode_prompt(record.instruction, record.input, template, tokenizer)) for record in records]
+    held_out = [record for length, _, record in sorted(zip(lengths, range(len(records)), records))
+                if length <= room][:args.generation_prompts]
+    prompts = [Prompt(record.instruction, record.input) for record in held_out]
+    base_model.eval()
+    base_replies = answer(base_model, tokenizer, prompts, template, args.generation_tokens)
+    print(f"comparing {', '.join(methods)} on {args.model}: {args.max_steps} steps of {args.batch_size} records, "
+          f"template {template}, {report.train_records} train / {report.val_records} eval records")
+
+    rows = []
+    for name in methods:
+        print(f"\n=== {name} (learning rate {learning_rates[name]:g}) ===", flush=True)
+        rows.append(compare_method(name, base_model, tokenizer, (train_loader, val_loader), args, template,
+                                   learning_rates[name], device, speed_prompt, prompts))
+        table = markdown_table(rows)  # rewritten after every method: a long run shows progress on disk
+        write_text_atomically(output_dir / "comparison.md", table + "\n")
+        settings = {"model": args.model, "dataset_path": args.dataset_path, "max_records": args.max_records,
+                    "max_length": args.max_length, "max_steps": args.max_steps, "batch_size": args.batch_size,
+                    "eval_max_batches": args.eval_max_batches,
+                    "template": template, "train_records": report.train_records, "eval_records": report.val_records,
+                    "device": str(device), "precision": args.precision, "seed": args.seed,
+                    "generation_tokens": args.generation_tokens, "machine": describe_machine(device),
+                    "wall_minutes": (time.perf_counter() - started) / 60,
+                    "command": "python -m minipeft compare " + shlex.join(sys.argv[2:] if argv is None else argv)}
+        result = {"settings": settings, "rows": rows,
+                  "prompts": [{"instruction": record.instruction, "input": record.input, "reference": record.output,
+                               "base_reply": reply} for record, reply in zip(held_out, base_replies)]}
+        write_json_atomically(output_dir / "comparison.json", nonfinite_to_none(result))
+        write_text_atomically(report_path, markdown_report(result))
+    plot = plot_comparison(rows, output_dir / "comparison.png")
+    print("\n" + table)
+    print(f"\nwrote {output_dir / 'comparison.md'}, {output_dir / 'comparison.json'}, {report_path}"
+          + (f", {plot}" if plot else ""))
+    return 0

@@ -1,0 +1,73 @@
+"""``modify_llm.py`` / ``python -m minipeft modify``: apply a PEFT method and print exact parameter statistics.
+
+    python modify_llm.py --modification_type lora --lora_rank 8 --target_modules c_attn
+    python modify_llm.py --modification_type prefix --prefix_length 50
+    python modify_llm.py --modification_type selective --freeze_layers "0,1,2,3"
+
+The default model is GPT-2 small. Counting needs shapes, not weights, so when the real weights cannot be
+had (offline) the architecture is built from its config with random weights, and a note says so.
+"""
+
+import argparse
+from pathlib import Path
+
+from minipeft.model.adapter_files import config_to_dict
+from minipeft.cli import CommandLineParser
+from minipeft.core.errors import UserError
+from minipeft.cli.arguments import add_method_arguments, config_from_args
+from minipeft.core.models import load_model_for_counting
+from minipeft.cli.arguments import add_quantize_arguments, check_quantize_arguments
+from minipeft.core.loading import check_not_quantized_folder
+from minipeft.core.nf4 import memory_stats, quantize_model
+from minipeft.model.peft_model import get_peft_model
+from minipeft.core.safe_files import is_empty_directory
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="modify_llm.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt2",
+                        help="gpt2 (default), smollm2-135m, builtin, a Hugging Face id or a local directory")
+    add_method_arguments(parser)
+    parser.add_argument("--table", choices=["layers", "full", "none"], default="layers",
+                        help="trainability table: one row per parameter kind with blocks grouped (default), "
+                             "one row per parameter, or none")
+    add_quantize_arguments(parser)
+    parser.add_argument("--save_adapter", metavar="DIR",
+                        help="also write the freshly initialised adapter to DIR (peft format)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    quantize = check_quantize_arguments(args)
+    check_not_quantized_folder(args.model)
+    if args.save_adapter and Path(args.save_adapter).exists() and not is_empty_directory(args.save_adapter):
+        raise UserError(f"--save_adapter {args.save_adapter}: already exists (a trained adapter would be replaced by "
+                        "a fresh one); choose a new directory")
+    model, tokenizer = load_model_for_counting(args.model)
+    base_stats_total = sum(p.numel() for p in model.parameters())
+    if quantize:
+        quantize_model(model, args.quantize_lm_head)
+        base_memory = memory_stats(model)  # the base alone, before the method adds its parameters
+    config = config_from_args(args, model, tokenizer)
+    peft_model = get_peft_model(model, config)
+
+    applied = {key: value for key, value in config_to_dict(peft_model.peft_config).items()
+               if value not in (None, [], {}, False) and key not in ("inference_mode", "task_type")}
+    print(f"Model: {args.model} ({type(model).__name__}), {base_stats_total:,} parameters before the method")
+    print(f"Method: {args.modification_type}  " + ", ".join(f"{k}={v}" for k, v in sorted(applied.items())))
+    if args.table != "none":
+        print()
+        print(peft_model.parameter_table(group_layers=args.table == "layers"))
+    print()
+    print(peft_model.parameter_stats())
+    if quantize:
+        print("(with --quantize nf4 the totals count each packed byte of a 4-bit weight as 2 parameters, as peft does)")
+        print()
+        print("\n".join(base_memory.lines()))
+    if args.save_adapter:
+        peft_model.save_adapter(args.save_adapter, base_model_name_or_path=args.model)
+        print(f"Adapter written to {args.save_adapter}")
+    return 0
+
+

@@ -1,0 +1,24 @@
+"""``python -m minipeft pretrain``: pretrain the built-in tiny GPT-2 from scratch (:mod:`minipeft.builtin.pretrain`)."""
+
+from pathlib import Path
+
+from minipeft.builtin import MODEL_DIR
+from minipeft.builtin.pretrain import PretrainConfig, pretrain
+from minipeft.cli import CommandLineParser
+from minipeft.core.errors import UserError
+
+
+def main(argv=None) -> int:
+    parser = CommandLineParser(prog="python -m minipeft pretrain",
+                               description="Pretrain the built-in tiny GPT-2 from scratch.")
+    parser.add_argument("--output_dir", type=Path, default=MODEL_DIR, help="where to save (default: %(default)s)")
+    parser.add_argument("--max_steps", type=int, default=0, help="stop early after this many steps (0: one pass)")
+    parser.add_argument("--num_documents", type=int, default=PretrainConfig.num_documents,
+                        help="corpus size in documents (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.max_steps < 0:
+        raise UserError(f"--max_steps: must be 0 (one pass) or a positive number of steps, got {args.max_steps}")
+    if args.num_documents < 100:
+        raise UserError(f"--num_documents: need at least 100 documents to pretrain on, got {args.num_documents}")
+    pretrain(PretrainConfig(max_steps=args.max_steps, num_documents=args.num_documents), args.output_dir)
+    return 0

@@ -1,0 +1,381 @@
+"""``python train_llm.py`` / ``python -m minipeft train``: fine-tune a model with a PEFT method.
+
+With no arguments it trains LoRA on the built-in tiny GPT-2 and its instruction data, offline, in about a
+minute on two CPU cores. The seed's command works as written::
+
+    python train_llm.py --dataset_path alpaca_data.json --modification_type lora --lora_rank 4 \\
+        --lora_alpha 8 --epochs 3 --learning_rate 1e-5 --output_dir ./outputs
+
+Several processes (CPU or GPUs): ``torchrun --nproc_per_node=2 train_llm.py ...`` (see
+:mod:`minipeft.training.distributed`). What lands in ``--output_dir`` is listed in :mod:`minipeft.training.loop`.
+
+The steps: parse flags -> load the model -> apply the method -> build the data loaders -> :func:`train` ->
+write ``metrics.json`` and the loss curve -> say where everything went.
+"""
+
+import argparse
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from minipeft.model.adapter_files import config_to_dict
+from minipeft.cli import CommandLineParser
+from minipeft.core.errors import UserError
+from minipeft.core.finite import finite_float, nonfinite_to_none
+from minipeft.core.safe_files import (MARKER_NAME, OutputLock, check_apart, check_input_file, loads_json, read_input_text,
+                                 remove_our_directory, write_json_atomically)
+from minipeft.training.config import PRECISIONS, TrainingConfig
+from minipeft.training.distributed import init_distributed, shutdown_distributed
+from minipeft.training.checkpoint import resolve_resume
+from minipeft.training.loop import RUN_OUTPUTS, check_output_dir, prepare_output_dir, train
+from minipeft.training.metrics import directory_size, peak_memory, plot_loss_curve
+from minipeft.training.schedule import SCHEDULES
+
+# What this command writes into --output_dir besides what the training loop writes.
+CLI_OUTPUTS = ("metrics.json", "train_config.json", "loss_curve.png")
+
+# Settings that may change between an interrupted run and its resumption without changing what it computes.
+RESUMABLE_CHANGES = {"resume", "overwrite_output_dir", "max_steps", "epochs", "log_every", "eval_every",
+                     "save_every", "save_total_limit", "early_stopping_patience", "cache_dir", "no_cache",
+                     "num_workers", "eval_max_batches"}
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The training flags, one per :class:`TrainingConfig` field."""
+    defaults = TrainingConfig()
+    group = parser.add_argument_group("training")
+    add = group.add_argument
+    add("--output_dir", default=defaults.output_dir,
+        help="where the adapter, checkpoints, metrics and loss curve go (default: %(default)s)")
+    add("--epochs", type=int, default=defaults.epochs, help="passes over the training data (default: %(default)s)")
+    add("--max_steps", type=int, default=None, help="optimizer steps to take; overrides --epochs")
+    add("--gradient_accumulation_steps", type=int, default=defaults.gradient_accumulation_steps,
+        help="micro-batches per optimizer step (default: %(default)s)")
+    add("--learning_rate", type=finite_float, default=None,
+        help="peak learning rate (default: the method's own, e.g. lora 1e-3, prompt 3e-2; see minipeft/methods/__init__.py)")
+    add("--lr_schedule", default=defaults.lr_schedule, choices=SCHEDULES,
+        help="learning-rate schedule after warmup (default: %(default)s)")
+    add("--warmup_steps", type=int, default=None, help="linear warmup over this many optimizer steps")
+    add("--warmup_ratio", type=finite_float, default=None, help="linear warmup over this fraction of the steps")
+    add("--min_lr", type=finite_float, default=defaults.min_lr,
+        help="where linear and cosine schedules end (default: %(default)s)")
+    add("--weight_decay", type=finite_float, default=defaults.weight_decay,
+        help="AdamW weight decay on the matrices a method adds (default: %(default)s)")
+    add("--max_grad_norm", type=finite_float, default=defaults.max_grad_norm,
+        help="clip the global gradient norm; 0: no clipping (default: %(default)s)")
+    add("--precision", default=defaults.precision, choices=PRECISIONS,
+        help="fp32; bf16 autocast (CPU or CUDA); fp16 autocast with a grad scaler (CUDA); "
+             "auto: bf16 where the hardware has it natively (CUDA with bf16, a CPU with AMX/AVX512_BF16), "
+             "else fp32 (default: %(default)s)")
+    add("--tf32", action=argparse.BooleanOptionalAction, default=defaults.tf32,
+        help="TensorFloat-32 matmuls on CUDA (default: on; no effect on CPU)")
+    add("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    add("--num_threads", type=int, default=None,
+        help="CPU threads for PyTorch (default: 1 for models under 20M parameters, else one per core; "
+             "OMP_NUM_THREADS, when set, wins)")
+    add("--gradient_checkpointing", action="store_true",
+        help="recompute activations during backward: less memory, more time")
+    add("--eval_every", type=int, default=None,
+        help="evaluate every N optimizer steps and at the end (default: 5 evaluations per run)")
+    add("--eval_max_batches", type=int, default=None, help="evaluate on at most N validation batches")
+    add("--log_every", type=int, default=defaults.log_every, help="print a log line every N steps (default: %(default)s)")
+    add("--save_every", type=int, default=None, help="checkpoint every N steps (default: at every evaluation)")
+    add("--save_total_limit", type=int, default=defaults.save_total_limit,
+        help="keep the N newest checkpoints, plus the best (default: %(default)s)")
+    add("--early_stopping_patience", type=int, default=defaults.early_stopping_patience,
+        help="stop after N evaluations without a better eval loss; 0: never (default: %(default)s)")
+    add("--max_nonfinite_steps", type=int, default=defaults.max_nonfinite_steps,
+        help="stop after N steps in a row with a NaN/inf loss (default: %(default)s)")
+    add("--resume", default=None, metavar="latest|DIR",
+        help="continue from the newest checkpoint in --output_dir (latest) or from a checkpoint directory")
+    add("--overwrite_output_dir", action="store_true",
+        help="start afresh in an --output_dir that holds an earlier run's checkpoints")
+    return parser
+
+
+# An eval loss that moved less than this (relative) after a run usually means too small a learning rate.
+LOW_CHANGE = 0.05
+
+
+def low_change_hint(method: str, learning_rate: float) -> str:
+    """One line for a run whose eval loss hardly moved: the rate used against the method's default and source."""
+    from minipeft.methods import METHODS
+
+    default = METHODS[method]
+    if learning_rate < default.learning_rate:
+        return (f"hint: the eval loss moved less than {LOW_CHANGE:.0%}; the learning rate may be too low for this "
+                f"method: {method} ran at {learning_rate:g}, its default is {default.learning_rate:g} "
+                f"({default.learning_rate_source})")
+    return (f"hint: the eval loss moved less than {LOW_CHANGE:.0%}; more steps (--max_steps, --epochs) or a higher "
+            f"--learning_rate than {learning_rate:g} may help")
+
+
+# Below this size a model's matmuls are too small to split across cores: one thread is about as fast, and on a
+# busy machine two spinning OpenMP threads per process make training several times slower.
+SMALL_MODEL_PARAMETERS = 20_000_000
+
+
+def choose_cpu_threads(num_threads, total_parameters: int) -> int:
+    """``--num_threads``, else 1 for a small model, else PyTorch's default (or ``OMP_NUM_THREADS``)."""
+    if num_threads is not None:
+        if num_threads < 1:
+            raise UserError(f"--num_threads {num_threads}: must be a positive integer")
+        return num_threads
+    if "OMP_NUM_THREADS" in os.environ or total_parameters >= SMALL_MODEL_PARAMETERS:
+        return torch.get_num_threads()
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from minipeft.data.config import add_data_arguments
+    from minipeft.cli.arguments import add_method_arguments
+    from minipeft.cli.arguments import add_quantize_arguments
+
+    parser = CommandLineParser(
+        prog="python train_llm.py",
+        description="Fine-tune a causal language model with a parameter-efficient method. With no arguments: "
+                    "LoRA on the built-in tiny GPT-2 and its instruction data, offline.")
+    parser.add_argument("--model", default="builtin",
+                        help="builtin, gpt2, smollm2-135m, a Hugging Face id or a local directory "
+                             "(default: %(default)s)")
+    add_method_arguments(parser)
+    add_quantize_arguments(parser)
+    add_training_arguments(parser)
+    add_data_arguments(parser)  # includes --batch_size and --seed
+    return parser
+
+
+def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """The :class:`TrainingConfig` of the parsed flags; no ``--learning_rate``: the method's default rate."""
+    from minipeft.methods import default_learning_rate
+
+    if args.learning_rate is None:
+        args.learning_rate = default_learning_rate(args.modification_type)
+    return TrainingConfig(**{field.name: getattr(args, field.name) for field in fields(TrainingConfig)})
+
+
+def warn_about_changed_settings(output_dir: Path, current: dict) -> None:
+    """On --resume: name the settings that differ from the interrupted run's (they change the curve)."""
+    before = saved_arguments(output_dir)
+    changed = [f"--{key} {current[key]} (was {before[key]})" for key in sorted(current)
+               if key in before and key not in RESUMABLE_CHANGES and current[key] != before[key]]
+    if changed:
+        print("note: resuming with settings that differ from the original run's: " + ", ".join(changed))
+    if "eval_max_batches" in before and current.get("eval_max_batches") != before["eval_max_batches"]:
+        print(f"warning: --eval_max_batches {current.get('eval_max_batches')} (was {before['eval_max_batches']}): "
+              "from here on the eval loss is measured on another set of batches than the eval loss before "
+              "training and the best so far; they no longer compare", file=sys.stderr)
+
+
+@torch.no_grad()
+def measure_inference_speed(peft_model, batch: dict, new_tokens: int = 32) -> float:
+    """Greedy KV-cached generation speed, batch 1: new tokens per second (after one warm-up token)."""
+    prompt = batch["input_ids"][:1, :16].to(next(peft_model.parameters()).device)
+    peft_model.generate(prompt, max_new_tokens=1)
+    started = time.perf_counter()
+    generated = peft_model.generate(prompt, max_new_tokens=new_tokens)  # no EOS given: exactly new_tokens
+    return generated.shape[1] / (time.perf_counter() - started)
+
+
+def saved_arguments(output_dir: Path) -> dict:
+    """The command-line settings an earlier run recorded in ``output_dir/train_config.json`` ({} if none)."""
+    path = output_dir / "train_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        arguments = loads_json(read_input_text(path)).get("arguments", {})
+    except (ValueError, AttributeError, UserError):
+        return {}
+    return arguments if isinstance(arguments, dict) else {}
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    """The command line; with ``--resume``, every flag not given again takes the interrupted run's value.
+
+    ``python train_llm.py --output_dir run --resume latest`` therefore continues the run as it was started
+    (its method, rank, data, learning rate, ...), and a flag given again overrides it (and is named in a note
+    when that changes what the run computes).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        known = set(vars(args))
+        saved = {key: value for key, value in saved_arguments(Path(args.output_dir)).items()
+                 if key in known and key not in ("resume", "overwrite_output_dir", "output_dir")}
+        parser.set_defaults(**saved)
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_arguments(argv)
+    config = training_config_from_args(args)
+    from minipeft.data.config import data_config_from_args
+
+    data_config = data_config_from_args(args)
+    context = init_distributed(config.device)
+    try:
+        return run(args, config, data_config, context)
+    finally:
+        shutdown_distributed()
+
+
+def run(args, config: TrainingConfig, data_config, context) -> int:
+    """Check the inputs and the output directory, take its lock, and train (see :func:`train_and_report`)."""
+    from minipeft.cli.arguments import check_quantize_arguments
+
+    check_quantize_arguments(args)
+    output_dir = Path(config.output_dir)
+    if (output_dir.exists() or output_dir.is_symlink()) and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir}: is a file, expected a directory")
+    check_apart(output_dir, "--output_dir", {"--dataset_path": data_config.dataset_path,
+                                             "--model": args.model if Path(args.model).exists() else None},
+                may_contain=True)  # a data file in the run's folder is fine: a run writes only its own names
+    if data_config.dataset_path is not None:
+        check_input_file(data_config.dataset_path, "--dataset_path")  # a FIFO or /dev/zero: refused before anything
+
+    def check_and_train() -> int:
+        if context.is_main:  # (only rank 0 writes; the others would race with its first files)
+            check_output_dir(config, RUN_OUTPUTS + CLI_OUTPUTS)  # before minutes of loading, not after
+        if config.resume:
+            resolve_resume(config.resume, output_dir)  # fails now if there is nothing to resume
+        return train_and_report(args, config, data_config, context)
+
+    if not context.is_main:
+        return check_and_train()
+    created = not output_dir.exists()
+    prepare_output_dir(output_dir)
+    try:
+        with OutputLock(output_dir, "--output_dir"):  # one run at a time writes into output_dir
+            return check_and_train()
+    except BaseException:
+        if created and {path.name for path in output_dir.iterdir()} <= {MARKER_NAME}:
+            remove_our_directory(output_dir)  # a run that failed before writing anything leaves no empty folder
+        raise
+
+
+def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
+    from minipeft.data import build_dataloaders
+    from minipeft.data.templates import resolve_template_name
+    from minipeft.cli.arguments import config_from_args
+    from minipeft.core.loading import load_base_model
+    from minipeft.model.peft_model import get_peft_model
+
+    def say(message: str = "") -> None:
+        if context.is_main:
+            print(message, flush=True)
+
+    output_dir = Path(config.output_dir)
+    arguments = {key: value for key, value in vars(args).items()}
+    if config.resume and context.is_main:
+        warn_about_changed_settings(output_dir, arguments)
+    started = time.perf_counter()
+
+    # 1) model + method. The seed makes the adapter's initialisation identical on every process.
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_base_model(args.model, args.quantize, args.quantize_lm_head, log=say)
+    data_config.template = resolve_template_name(data_config.template, tokenizer)  # auto -> chat or alpaca
+    peft_model = get_peft_model(model, config_from_args(args, model, tokenizer))
+    stats = peft_model.parameter_stats()
+    if context.device.type == "cpu" or args.num_threads is not None:
+        torch.set_num_threads(choose_cpu_threads(args.num_threads, stats.total))
+    say(f"Model: {args.model} ({type(model).__name__}) | method: {args.modification_type} | "
+        f"trainable params: {stats.trainable:,} of {stats.total:,} ({stats.ratio:.4f}%)"
+        + (f" | {torch.get_num_threads()} CPU thread(s)" if context.device.type == "cpu" else ""))
+
+    # 2) data: each process reads its own shard of every batch
+    train_loader, val_loader, report = build_dataloaders(data_config, tokenizer, context.rank, context.world_size,
+                                                         progress=context.is_main)
+    say("\n".join(report.summary_lines()))
+    if val_loader is None:  # a flag that would silently do nothing is an error
+        for flag in ("early_stopping_patience", "eval_every", "eval_max_batches"):
+            if getattr(config, flag):
+                raise UserError(f"--{flag} needs a validation set, and this run has none (--val_size 0)")
+    torch.manual_seed(config.seed + context.rank)  # dropout: its own random stream on each process
+
+    # 3) the settings, before training (a crashed run still says what it was)
+    method_config = config_to_dict(peft_model.peft_config)
+    run_config = {"model": args.model, "modification_type": args.modification_type, "method": method_config,
+                  "training": asdict(config), "data": asdict(data_config), "world_size": context.world_size,
+                  "device": str(context.device), "arguments": arguments}
+    if context.is_main and not config.resume:  # a resume keeps the run's own until it has trained
+        write_json_atomically(output_dir / "train_config.json", run_config)
+    adapter_metadata = {"base_model_name_or_path": args.model, "template": data_config.template,
+                        "training": {key: value for key, value in arguments.items()
+                                     if key in {field.name for field in fields(TrainingConfig)}
+                                     or key in ("batch_size", "max_length", "seed", "dataset_path")}}
+    if args.quantize != "none":  # generate and merge read it back, to rebuild the base the adapter was trained on
+        adapter_metadata["quantization"] = {"quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head}
+
+    # 4) train
+    result = train(peft_model, train_loader, val_loader, config, context, adapter_metadata)
+    state = result["state"]
+    if not context.is_main:
+        return 0
+    if result["outcome"] == "interrupted":
+        print(f"interrupted at step {state['step']}/{result['total_steps']}: checkpoint saved to "
+              f"{result['last_checkpoint']}; continue with --resume latest --output_dir {output_dir}")
+        return 128 + (result["signal"] or signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM
+
+    # 5) the summary: metrics.json, train_config.json with the resolved plan, the loss curve
+    adapter_dir = output_dir / "adapter"
+    inference_batch = next(iter(val_loader if val_loader is not None else train_loader))
+    summary = {
+        "model": args.model,
+        "modification_type": args.modification_type,
+        "outcome": result["outcome"],
+        "trainable_params": stats.trainable,
+        "total_params": stats.total,
+        "trainable_ratio_percent": stats.ratio,
+        # the last epoch's (or the current partial epoch's) loss: total NLL / total target tokens of its steps
+        "train_loss": state["epoch_nll"] / state["epoch_target_tokens"] if state["epoch_target_tokens"] else None,
+        "eval_loss_before": state["eval_loss_before"],
+        "eval_perplexity_before": state["eval_perplexity_before"],
+        "eval_loss": state["eval_loss"],
+        "eval_perplexity": state["eval_perplexity"],
+        "best_eval_loss": state["best_eval_loss"],
+        "best_step": state["best_step"],
+        "steps": state["step"],
+        "epochs": state["step"] / result["steps_per_epoch"],
+        "train_minutes": state["train_seconds"] / 60,
+        "wall_minutes": (time.perf_counter() - started) / 60,
+        "train_tokens": state["tokens_seen"],
+        "train_tokens_per_s": state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] else None,
+        "inference_tokens_per_s": measure_inference_speed(peft_model, inference_batch),
+        **peak_memory(context.device),
+        "adapter_size_bytes": directory_size(adapter_dir),
+        "world_size": context.world_size,
+        "device": str(context.device),
+        "precision": result["precision"],
+    }
+    write_json_atomically(output_dir / "metrics.json", nonfinite_to_none(summary))
+    run_config["plan"] = {key: result[key] for key in ("total_steps", "steps_per_epoch", "warmup_steps",
+                                                       "eval_every", "save_every", "precision")}
+    write_json_atomically(output_dir / "train_config.json", nonfinite_to_none(run_config))
+    curve = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
+                            title=f"{args.modification_type} on {args.model}, lr {config.learning_rate:g}")
+
+    say()
+    if state["eval_loss"] is not None and state["eval_loss_before"]:
+        change = (state["eval_loss"] - state["eval_loss_before"]) / state["eval_loss_before"]
+        say(f"Eval loss: {state['eval_loss_before']:.4f} before training -> {state['eval_loss']:.4f} after "
+            f"({change:+.1%}); perplexity {state['eval_perplexity_before']:.2f} -> {state['eval_perplexity']:.2f}")
+        if abs(change) < LOW_CHANGE:
+            say(low_change_hint(args.modification_type, config.learning_rate))
+    say(f"Trained {state['step']} steps in {state['train_seconds']:.1f} s "
+        f"({summary['train_tokens_per_s'] or 0:,.0f} tokens/s); generation {summary['inference_tokens_per_s']:,.0f} "
+        f"tokens/s; peak memory {summary['peak_memory_mb']:,.0f} MB")
+    say(f"adapter:      {adapter_dir}/ ({summary['adapter_size_bytes']:,} bytes)")
+    if state["best_step"] is not None:
+        say(f"best adapter: {output_dir / 'best'}/ (step {state['best_step']}, eval loss {state['best_eval_loss']:.4f})")
+    say(f"checkpoints:  {output_dir / 'checkpoints'}/ (resume with --resume latest)")
+    say(f"metrics:      {output_dir / 'metrics.json'}, {output_dir / 'metrics.jsonl'}")
+    if curve is not None:
+        say(f"loss curve:   {curve}")
+    return 0
+

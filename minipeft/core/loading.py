@@ -1,0 +1,146 @@
+"""Loading a base model with its linear layers in NF4, layer by layer (QLoRA's base, :mod:`minipeft.core.nf4`).
+
+:func:`load_base_model` is what every command calls to get its base model: with ``quantize="none"`` it is
+:func:`minipeft.core.models.load_model_and_tokenizer`; with ``"nf4"`` the linear layers are quantized as
+their weights arrive, so the float model never exists whole (SmolLM2 streams from its GGUF file).
+"""
+
+import gc
+
+import torch
+from torch import nn
+
+from minipeft.core.errors import UserError
+from minipeft.core.nf4 import BLOCKSIZE, Linear4bit, quantizable_layers, quantize_model
+
+
+def check_not_quantized_folder(name: str) -> None:
+    """Refuse a folder that is not a float base model: an adapter folder, or a model already quantized."""
+    import json
+    from pathlib import Path
+
+    folder = Path(name)
+    if not folder.is_dir():
+        return
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise UserError(f"--model {name}: is an adapter folder, not a base model; give the float base model "
+                        "(--quantize nf4 quantizes it while loading) and the adapter with --adapter")
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return
+        if quantization:
+            raise UserError(f"--model {name}: config.json has a quantization_config "
+                            f"({quantization.get('quant_method', '?')}); give the full-precision base model, "
+                            "--quantize nf4 quantizes it while loading")
+
+
+def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set,
+                 dtype: torch.dtype = torch.float32) -> None:
+    """Put one checkpoint tensor into a model built on the meta device; a weight of a layer in ``targets``
+    is quantized on arrival (the layer becomes a :class:`Linear4bit`), so its float copy lives only here.
+    Every other tensor is stored in ``dtype`` (the 4-bit codes are those of the float32 weight either way)."""
+    from minipeft.core.inject import replace_module
+
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if not (module_name in targets and attribute == "weight"):
+        tensor = tensor.to(dtype)
+    if attribute in module._parameters:
+        setattr(module, attribute, nn.Parameter(tensor, requires_grad=False))
+    else:
+        module.register_buffer(attribute, tensor)
+    if module_name in targets and attribute == "weight":
+        replace_module(model, module_name, Linear4bit(module))  # a bias arriving later lands on the Linear4bit
+
+
+def load_streaming(model: nn.Module, tensors, quantize_lm_head: bool = False,
+                   dtype: torch.dtype = torch.float32) -> list:
+    """Fill ``model`` (built on the meta device) from ``tensors``, an iterable of ``(name, float tensor)`` read
+    one at a time, quantizing the linear layers as their weights arrive: peak memory is the quantized model
+    plus one float tensor, not the float model. Embeddings, norms and biases are kept in ``dtype``.
+    Returns the names of the quantized layers."""
+    targets = set(quantizable_layers(model, quantize_lm_head))
+    for name, tensor in tensors:
+        place_tensor(model, name, tensor, targets, dtype)
+        del tensor
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # the head shares the embedding (it was never in the file)
+    if quantize_lm_head and isinstance(model.get_output_embeddings(), nn.Linear):
+        quantize_model(model, quantize_lm_head=True)  # a tied head: quantized from the embedding
+    for module_name, module in model.named_modules():  # buffers computed in __init__ (rotary inv_freq)
+        if any(buffer.is_meta for buffer in module.buffers(recurse=False)) and "Rotary" in type(module).__name__:
+            from minipeft.core.inject import replace_module
+
+            replace_module(model, module_name, type(module)(config=model.config))
+    still_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if still_meta:
+        raise RuntimeError(f"not in the checkpoint: {', '.join(still_meta[:5])}")
+    gc.collect()
+    return [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]
+
+
+def gguf_tensors(path, model: nn.Module):
+    """``(hf_name, float32 tensor)`` for each tensor of a GGUF file, dequantized one at a time (transformers'
+    own name mapping and Llama q/k un-permutation; the file itself is memory-mapped)."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map, read_field)
+
+    reader = GGUFReader(path)
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
+    mapping = get_gguf_hf_weights_map(model, processor)
+    for tensor in reader.tensors:
+        rows = tensor.data.shape[0]  # (rows, bytes per row) of a memory-mapped quantized tensor
+        weights = None
+        for start in range(0, rows, 4096):  # dequantize in row chunks: no full-size temporaries
+            chunk = dequantize(tensor.data[start:start + 4096], tensor.tensor_type)
+            if weights is None:
+                weights = np.empty((rows, *chunk.shape[1:]), dtype=np.float32)
+            weights[start:start + len(chunk)] = chunk
+        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=mapping,
+                                   parsed_parameters={})
+        if result.name in mapping:
+            yield mapping[result.name], torch.from_numpy(np.ascontiguousarray(result.weights))
+
+
+def load_smollm2_streaming(quantize_lm_head: bool = False, dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M with NF4 linear layers, quantized while its GGUF file is read (see :func:`load_streaming`);
+    the rest of the model in ``dtype``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from minipeft.core.models import SMOLLM2_NAME, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    names = load_streaming(model, gguf_tensors(path, model), quantize_lm_head, dtype)
+    model.config.name_or_path = model.name_or_path = SMOLLM2_NAME
+    return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), names
+
+
+def load_base_model(name: str, quantize: str = "none", quantize_lm_head: bool = False,
+                    dtype: torch.dtype = torch.float32, log=print):
+    """``(model, tokenizer)`` like :func:`minipeft.core.models.load_model_and_tokenizer`, with the linear layers in
+    NF4 when ``quantize == "nf4"``. SmolLM2 streams: each tensor is quantized (from float32) as it is read
+    from the file, and the rest is stored in ``dtype``. Other models are loaded in ``dtype``, then quantized
+    one layer at a time, each float weight freed as soon as its layer is quantized (peak: the float model)."""
+    from minipeft.core.models import SMOLLM2_NAME, load_model_and_tokenizer
+
+    check_not_quantized_folder(name)
+    if quantize == "nf4" and name == SMOLLM2_NAME:
+        model, tokenizer, names = load_smollm2_streaming(quantize_lm_head, dtype)
+    elif quantize == "nf4":
+        model, tokenizer = load_model_and_tokenizer(name, dtype)
+        names = quantize_model(model, quantize_lm_head)
+    else:
+        return load_model_and_tokenizer(name, dtype)
+    layer = model.get_submodule(names[0])
+    log(f"Quantized {len(names)} linear layers to NF4 (block {BLOCKSIZE}, double quant; compute dtype "
+        f"{str(layer.compute_dtype).replace('torch.', '')})" + (", LM head included" if quantize_lm_head else ""))
+    return model, tokenizer

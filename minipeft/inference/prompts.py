@@ -1,0 +1,247 @@
+"""Generating text for instructions (what ``python -m minipeft generate`` runs): text from a base model, with or without an adapter, from the terminal.
+
+::
+
+    python -m minipeft generate --adapter outputs/adapter --prompt "Name the capital of Peru."
+    python -m minipeft generate --model smollm2-135m --prompt "What is the capital of France?"
+    python -m minipeft generate --adapter outputs/adapter --prompts_file prompts.txt --batch_size 8 \\
+        --do_sample --temperature 0.7 --top_p 0.9 --seed 0 --output_file answers.jsonl
+
+What it does, in order:
+
+1. The base model: ``--model``, or else the ``base_model_name_or_path`` the adapter recorded, or else the
+   built-in tiny model. The adapter (``--adapter``, any method) is loaded onto it.
+2. The prompt template: a model answers best in the format it was fine-tuned with, so the template the
+   adapter was trained with (``"minipeft": {"template": ...}`` in its ``adapter_config.json``, or in a merged
+   model directory's ``minipeft_merge.json``) is used; ``--template`` overrides it. With neither
+   (``--template auto``, the default): the tokenizer's own chat template when it has one (SmolLM2-Instruct),
+   else ``alpaca`` (the built-in model), the same rule as training's ``--template auto``. ``--template none`` feeds the text as it is (plain continuation). Each prompt is an
+   *instruction*; ``--input`` adds the Alpaca "input" field.
+3. Generation: :func:`minipeft.core.generation.generate` (KV-cached, the same loop for every method), prompts
+   batched ``--batch_size`` at a time with **left** padding (so every row's next token follows its last
+   real token), greedy by default, sampling with ``--do_sample`` (``--temperature``, ``--top_k``,
+   ``--top_p``, ``--seed``), stopping at EOS or after ``--max_new_tokens``.
+4. Output: one prompt is streamed to the terminal as it is generated; several are printed in order. The
+   speed in new tokens per second goes to stderr. ``--output_file`` also writes one JSON object per prompt.
+"""
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minipeft.core.errors import UserError
+from minipeft.core.safe_files import read_input_text
+
+
+# --- choosing the model and the template ------------------------------------------------------------------
+
+def adapter_metadata(adapter_dir) -> dict:
+    """The ``"minipeft"`` block of an adapter's config (the template it was trained with, ...), or {}."""
+    from minipeft.model.adapter_files import read_adapter_config
+
+    config = read_adapter_config(adapter_dir)
+    return dict(config.get("minipeft") or {}, base_model_name_or_path=config.get("base_model_name_or_path"))
+
+
+def resolve_model_name(model_flag, adapter_dir) -> str:
+    """``--model``, else the base model the adapter was trained on, else ``builtin``."""
+    if model_flag:
+        return model_flag
+    if adapter_dir is not None:
+        recorded = adapter_metadata(adapter_dir).get("base_model_name_or_path")
+        if recorded:
+            return recorded
+    return "builtin"
+
+
+def resolve_template(template_flag, adapter_dir, model_name: str, tokenizer) -> str:
+    """The prompt template to use (see the module docstring for the order of precedence)."""
+    from minipeft.data.templates import resolve_template_name
+
+    if template_flag and template_flag != "auto":
+        return template_flag
+    if adapter_dir is not None:
+        recorded = adapter_metadata(adapter_dir).get("template")
+        if recorded:
+            return recorded
+    from minipeft.inference.merge import read_merge_info
+
+    recorded = read_merge_info(model_name).get("template")  # a model written by `python -m minipeft merge`
+    if recorded:
+        return recorded
+    return resolve_template_name("auto", tokenizer)
+
+
+# --- prompts -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Prompt:
+    instruction: str
+    input: str = ""
+
+
+def read_prompts_file(path) -> list:
+    """Prompts from a file: a JSON list (of strings, or of ``{"instruction", "input"}`` objects), or one
+    prompt per line (blank lines skipped).
+
+    Raises:
+        UserError: naming the file (and the item) when it cannot be read or holds no prompt.
+    """
+    path = Path(path)
+    text = read_input_text(path, "--prompts_file")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"--prompts_file {path}: starts with '[' but is not valid JSON ({error})") from None
+        prompts = []
+        for index, item in enumerate(items):
+            if isinstance(item, str):
+                prompts.append(Prompt(item))
+            elif isinstance(item, dict) and isinstance(item.get("instruction"), str):
+                prompts.append(Prompt(item["instruction"], str(item.get("input") or "")))
+            else:
+                raise UserError(f"--prompts_file {path}: item {index} is neither a string nor an object with an "
+                                "\"instruction\" string")
+    else:
+        prompts = [Prompt(line) for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompts_file {path}: holds no prompt")
+    return prompts
+
+
+def encode_prompts(prompts: list, template: str, tokenizer) -> list:
+    """Token ids of each prompt, exactly as in training (:func:`minipeft.data.tokenization.encode_prompt`)."""
+    from minipeft.data.tokenization import encode_prompt
+
+    if template == "none":
+        return [tokenizer(prompt.instruction + (f"\n{prompt.input}" if prompt.input else ""))["input_ids"]
+                for prompt in prompts]
+    return [encode_prompt(prompt.instruction, prompt.input, template, tokenizer) for prompt in prompts]
+
+
+def left_pad(token_lists: list, pad_token_id: int, device=None):
+    """``(input_ids (B, T), attention_mask (B, T))`` with each row's padding on the left."""
+    width = max(len(tokens) for tokens in token_lists)
+    input_ids = torch.full((len(token_lists), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        if tokens:
+            input_ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+            attention_mask[row, width - len(tokens):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def stop_token_ids(tokenizer, model) -> list:
+    """Every token that ends a reply: the tokenizer's EOS and the model's generation config EOS id(s)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None and hasattr(model, "base_model"):  # a PeftModel: ask the model it wraps
+        configured = getattr(getattr(model.base_model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured] if configured is not None else []
+    return list(dict.fromkeys(ids))
+
+
+# --- generating ----------------------------------------------------------------------------------------------
+
+class TerminalStreamer:
+    """Prints one row's text as tokens arrive (batch size 1). Decodes everything so far and prints what is
+    new, holding back an incomplete UTF-8 character (shown as U+FFFD until its last byte arrives)."""
+
+    def __init__(self, tokenizer, stop_ids, stream=sys.stdout):
+        self.tokenizer, self.stop_ids, self.stream = tokenizer, set(stop_ids), stream
+        self.tokens, self.printed, self.stopped = [], "", False
+
+    def __call__(self, token: torch.Tensor) -> None:
+        token_id = int(token[0])
+        if self.stopped or token_id in self.stop_ids:
+            self.stopped = True
+            return
+        self.tokens.append(token_id)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.stream.write(text[len(self.printed):])
+        self.stream.flush()
+        self.printed = text
+
+
+@dataclass
+class GenerationResult:
+    texts: list  # the reply to each prompt (up to, not including, the first stop token)
+    new_tokens: list  # tokens generated per prompt (its stop token included)
+    seconds: float  # wall time of the generation calls
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(self.new_tokens) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def generate_texts(model, tokenizer, prompts: list, template: str, max_new_tokens: int = 64, batch_size: int = 8,
+                   do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   seed: int = None, stream=None) -> GenerationResult:
+    """Generate a reply to each :class:`Prompt` (or string) with ``model`` (a PeftModel or a plain model).
+
+    Args:
+        template: ``alpaca``, ``plain``, ``chat`` or ``none``.
+        batch_size: prompts per call, left-padded together.
+        seed: seeds the sampling generator (reproducible sampling).
+        stream: a text stream to print the reply to as it is generated (one prompt only).
+    """
+    from minipeft.data.tokenization import pad_token_id
+    from minipeft.core.generation import generate
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch_size must be a positive integer, got {batch_size!r}")
+    prompts = [Prompt(prompt) if isinstance(prompt, str) else prompt for prompt in prompts]
+    if stream is not None and len(prompts) != 1:
+        raise UserError("streaming prints one reply as it is generated: give one prompt (or turn streaming off)")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stop_ids = stop_token_ids(tokenizer, model)
+    token_lists = encode_prompts(prompts, template, tokenizer)
+    texts, counts, seconds = [], [], 0.0
+    for start in range(0, len(prompts), batch_size):
+        input_ids, attention_mask = left_pad(token_lists[start:start + batch_size], pad_token_id(tokenizer), device)
+        streamer = TerminalStreamer(tokenizer, stop_ids, stream) if stream is not None else None
+        started = time.perf_counter()
+        new_tokens = generate(model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                              do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                              eos_token_id=stop_ids or None, pad_token_id=pad_token_id(tokenizer),
+                              streamer=streamer, generator=generator)
+        seconds += time.perf_counter() - started
+        for row in new_tokens.tolist():
+            stop = next((index for index, token in enumerate(row) if token in stop_ids), None)
+            reply = row if stop is None else row[:stop]
+            counts.append(len(row) if stop is None else stop + 1)
+            texts.append(tokenizer.decode(reply, skip_special_tokens=True))
+        if streamer is not None:  # whatever the streamer held back (an unfinished character at the very end)
+            stream.write(texts[-1][len(streamer.printed):])
+            stream.flush()
+    return GenerationResult(texts, counts, seconds)
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+
+def load_for_generation(model_name: str, adapter_dir, dtype, device, quantize: str = "none",
+                        quantize_lm_head: bool = False):
+    """``(model or PeftModel, tokenizer)`` in eval mode on ``device``; linear layers in NF4 with ``quantize``."""
+    from minipeft.model.adapter_files import load_adapter
+    from minipeft.inference.merge import check_not_merged_already
+    from minipeft.core.loading import load_base_model
+
+    model, tokenizer = load_base_model(model_name, quantize, quantize_lm_head, dtype=dtype,
+                                       log=lambda message: print(message, file=sys.stderr))
+    if tokenizer is None:
+        raise UserError(f"--model {model_name}: has no tokenizer; generation needs one")
+    if adapter_dir is not None:
+        check_not_merged_already(model_name, adapter_dir)
+        model = load_adapter(model, adapter_dir)
+    return model.to(device).eval(), tokenizer
+
+

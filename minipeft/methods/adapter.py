@@ -1,0 +1,180 @@
+"""Bottleneck adapters: small residual MLPs inserted into every transformer block.
+
+Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP" (https://arxiv.org/abs/1902.00751),
+put one adapter after the attention output projection and one after the feed-forward, each *before* the
+block's residual add (their figure 2). Pfeiffer et al. 2020, "AdapterFusion"
+(https://arxiv.org/abs/2005.00247), found that one adapter after the feed-forward alone is about as good
+and half the cost::
+
+    out = proj(x)                         # attention o_proj / c_proj, or the MLP's down_proj / c_proj
+      │
+      ├───────────────────────────────┐
+      ▼                               │
+    down (d -> m) ─► act ─► up (m -> d)   │
+      │                               │
+      └────────────► + ◄──────────────┘
+                     ▼
+    h = out + up(act(down(out)))      # then dropout and the block's own residual add, unchanged
+
+- ``up`` starts at zero (weight and bias), so ``h = out`` and a fresh adapter leaves the model's outputs
+  bit-identical; ``down`` starts like an ``nn.Linear`` (kaiming-uniform). Houlsby et al. start near identity for
+  the same reason.
+- Parameters per adapter: ``2·d·m + d + m`` (down weight ``m·d`` + bias ``m``, up weight ``d·m`` + bias
+  ``d``). GPT-2 small, Houlsby, m = 64, d = 768: 99,136 per adapter × 24 adapters (2 per block × 12) =
+  2,379,264, which is 1.8761 % of the 126,819,072 parameters of the adapted model (the share minipeft prints and
+  the README shows; 1.91 % of the 124,439,808 of the base alone); Pfeiffer: 12 × 99,136 = 1,189,632.
+- ``train_layernorms`` also trains the norms *inside the blocks* (GPT-2 ``ln_1``/``ln_2``, LayerNorm weight and
+  bias; Llama ``input_layernorm``/``post_attention_layernorm``, RMSNorm weight), as Houlsby did; not the
+  final norm. GPT-2 small: + 12 × 2 × 1,536 = 36,864.
+- Not mergeable: the nonlinearity between ``down`` and ``up`` means the adapter is no change of any weight.
+
+The adapter wraps the projection module (:class:`ProjectionWithAdapter`), so no model source is edited and
+the block's own dropout and residual add stay where they were.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from minipeft.core.errors import UserError
+from minipeft.core.finite import require_finite
+from minipeft.core.layers import is_norm_layer
+from minipeft.core.inject import find_target_modules, layer_index, replace_module
+from minipeft.core.layers import default_target_modules, layer_features
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+# Where adapters go when the user names nothing: the attention output projection and the MLP's output
+# projection (Houlsby), or the MLP's alone (Pfeiffer).
+HOULSBY_TARGETS = {
+    "gpt2": ["attn.c_proj", "mlp.c_proj"],
+    "llama": ["self_attn.o_proj", "mlp.down_proj"],
+    "mistral": ["self_attn.o_proj", "mlp.down_proj"],
+    "qwen2": ["self_attn.o_proj", "mlp.down_proj"],
+}
+PFEIFFER_TARGETS = {
+    "gpt2": ["mlp.c_proj"],
+    "llama": ["mlp.down_proj"],
+    "mistral": ["mlp.down_proj"],
+    "qwen2": ["mlp.down_proj"],
+}
+
+
+@dataclass
+class AdapterConfig:
+    """Bottleneck adapter settings (peft has no such method; ``peft_type`` is minipeft's own).
+
+    Args:
+        adapter_type: ``"houlsby"`` (after attention and after the MLP) or ``"pfeiffer"`` (after the MLP
+            only) (``--adapter_type``).
+        bottleneck_size: ``m``, the adapter's hidden width (``--adapter_size``).
+        reduction_factor: alternatively ``m = d // reduction_factor`` (``--adapter_reduction_factor``);
+            give exactly one of the two (set ``bottleneck_size=None`` to use a factor).
+        activation: nonlinearity between down and up: relu, gelu, silu or tanh (``--adapter_activation``).
+        target_modules: the projections to wrap; None: the family's default for ``adapter_type``.
+        train_layernorms: also train the norms inside the blocks (``--adapter_train_layernorms``).
+        modules_to_save: modules trained in full beside the adapter, e.g. ``["lm_head"]``.
+    """
+
+    peft_type: ClassVar[str] = "BOTTLENECK_ADAPTER"
+
+    adapter_type: str = "houlsby"
+    bottleneck_size: object = 64
+    reduction_factor: object = None
+    activation: str = "relu"
+    target_modules: object = None
+    train_layernorms: bool = False
+    modules_to_save: object = None
+
+    def validate(self) -> None:
+        if self.adapter_type not in ("houlsby", "pfeiffer"):
+            raise UserError(f"--adapter_type must be houlsby or pfeiffer, got {self.adapter_type!r}")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(f"--adapter_activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if (self.bottleneck_size is None) == (self.reduction_factor is None):
+            raise UserError("--adapter_size and --adapter_reduction_factor: give exactly one of the two "
+                            f"(got {self.bottleneck_size!r} and {self.reduction_factor!r})")
+        if self.bottleneck_size is not None and (not isinstance(self.bottleneck_size, int)
+                                                 or self.bottleneck_size <= 0):
+            raise UserError(f"--adapter_size must be a positive integer, got {self.bottleneck_size!r}")
+        if self.reduction_factor is not None:
+            require_finite("--adapter_reduction_factor", self.reduction_factor)
+        if self.reduction_factor is not None and not self.reduction_factor > 0:
+            raise UserError(f"--adapter_reduction_factor must be positive, got {self.reduction_factor!r}")
+
+    def bottleneck_for(self, hidden_size: int) -> int:
+        """``m`` for a projection of width ``hidden_size``."""
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        size = int(hidden_size // self.reduction_factor)
+        if size < 1:
+            raise UserError(f"--adapter_reduction_factor {self.reduction_factor} leaves no bottleneck for "
+                            f"width {hidden_size}; use a factor of at most {hidden_size}")
+        return size
+
+
+class BottleneckAdapter(nn.Module):
+    """``h = out + up(act(down(out)))`` on a ``(..., d)`` tensor; ``up`` starts at zero (identity).
+
+    Args:
+        hidden_size: ``d``. bottleneck_size: ``m``. activation: a key of :data:`ACTIVATIONS`.
+
+    Shapes: ``(..., d) -> (..., m) -> (..., d)``. Parameters: ``2·d·m + d + m``.
+    """
+
+    def __init__(self, hidden_size: int, bottleneck_size: int, activation: str = "relu"):
+        super().__init__()
+        # float32 even on a bf16 base: these are the weights the optimizer updates.
+        self.down = nn.Linear(hidden_size, bottleneck_size, dtype=torch.float32)
+        self.activation = ACTIVATIONS[activation]()
+        self.up = nn.Linear(bottleneck_size, hidden_size, dtype=torch.float32)
+        nn.init.zeros_(self.up.weight)  # up = 0  =>  h = out at the start
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        residual = self.up(self.activation(self.down(hidden.to(self.down.weight.dtype))))  # (..., d)
+        return hidden + residual.to(hidden.dtype)
+
+
+class ProjectionWithAdapter(nn.Module):
+    """A frozen projection (``nn.Linear`` or ``Conv1D``) followed by a :class:`BottleneckAdapter`.
+
+    ``adapter_enabled = False`` gives back the projection's plain output.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self.adapter_enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # (..., d)
+        return self.adapter(out) if self.adapter_enabled else out
+
+
+def apply_adapters(model: nn.Module, config: AdapterConfig) -> None:
+    """Wrap every target projection of ``model`` in a :class:`ProjectionWithAdapter` (in place).
+
+    Fills in ``config.target_modules`` (family default for ``adapter_type``) when it is None.
+    """
+    config.validate()
+    if config.target_modules is None:
+        defaults = HOULSBY_TARGETS if config.adapter_type == "houlsby" else PFEIFFER_TARGETS
+        config.target_modules = default_target_modules(model, defaults)
+    for name in find_target_modules(model, config.target_modules):
+        layer = model.get_submodule(name)
+        if not isinstance(layer, (nn.Linear, Conv1D)):
+            raise UserError(f"--target_modules: {name} is a {type(layer).__name__}; bottleneck adapters wrap "
+                            "nn.Linear and GPT-2's Conv1D output projections only")
+        _, hidden_size, _ = layer_features(layer)
+        adapter = BottleneckAdapter(hidden_size, config.bottleneck_for(hidden_size), config.activation)
+        replace_module(model, name, ProjectionWithAdapter(layer, adapter.to(layer.weight.device)))
+    if config.train_layernorms:
+        for name, module in model.named_modules():
+            if layer_index(name) is not None and is_norm_layer(module):
+                for parameter in module.parameters():
+                    parameter.requires_grad_(True)

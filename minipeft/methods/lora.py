@@ -1,0 +1,216 @@
+"""LoRA: Low-Rank Adaptation (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+A frozen weight ``W`` (out × in) learns only a low-rank update ``ΔW = s · B A``::
+
+        x ──────────────► W (frozen) ───────────────┐
+        │                                           + ──► h = W x + s · B A x
+        └──► dropout ──► A (r × in) ──► B (out × r) ┘    s = α / r   (rsLoRA: α / √r)
+
+- ``A`` starts kaiming-uniform (a=√5, bound 1/√in) and ``B`` starts at zero, so ``B A = 0``: a fresh
+  adapter leaves the model's outputs bit-identical, and training starts from the pretrained model.
+- Parameters added per target layer: ``r · (in + out)``. GPT-2 small, r=8 on ``c_attn`` (768 → 2304):
+  8 · (768 + 2304) = 24,576 per block, × 12 blocks = 294,912.
+- GPT-2 stores its projections as ``transformers.pytorch_utils.Conv1D``, a linear layer whose weight is
+  kept transposed, ``(in, out)``. We detect it (``fan_in_fan_out``) and transpose ``ΔW`` when merging;
+  the forward pass is the same for both layer kinds because ``A`` and ``B`` are ordinary ``nn.Linear``.
+- ``merge()`` adds ``ΔW`` into ``W`` so inference costs nothing extra; ``unmerge()`` restores the exact
+  original weight (kept aside at merge time, because ``(W + ΔW) - ΔW`` is not ``W`` in floating point).
+- ``rank stabilised`` LoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) scales by ``α/√r`` so that
+  larger ranks keep learning.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from minipeft.core.errors import UserError
+from minipeft.core.finite import require_finite
+from minipeft.core.inject import find_target_modules, replace_module
+from minipeft.core.layers import default_target_modules, layer_features
+from minipeft.core.nf4 import Linear4bit, refuse_4bit_merge
+
+# What LoRA targets when the user names nothing (the attention projections; peft's defaults).
+DEFAULT_TARGETS = {
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
+}
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA settings; field names and meanings are peft's ``LoraConfig`` (see PEFT_FORMAT.md).
+
+    Args:
+        r: rank of the update (``--lora_rank``).
+        lora_alpha: scale numerator ``α`` (``--lora_alpha``); the update is multiplied by ``α / r``.
+        lora_dropout: dropout on the LoRA branch's input only (0 means no dropout module at all).
+        target_modules: names, suffixes (a list) or one regex (a string); None uses the model family's
+            default (:data:`DEFAULT_TARGETS`).
+        layers_to_transform: only the transformer blocks with these indices.
+        layers_pattern: name of the block list when it is not one of ``h``, ``layers``, ``blocks``...
+        bias: ``"none"`` (train no bias), ``"all"`` (every bias in the model) or ``"lora_only"`` (biases of
+            the adapted layers).
+        use_rslora: scale by ``α / √r`` instead of ``α / r``.
+        modules_to_save: modules trained in full beside the adapter, e.g. ``["lm_head"]``.
+        init_lora_weights: False starts B random too (a non-zero adapter, useful only for tests).
+        fan_in_fan_out: set automatically: True when the targets are GPT-2 ``Conv1D`` layers.
+        use_dora: see :mod:`minipeft.methods.dora` (weight-decomposed LoRA).
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: object = None
+    layers_to_transform: object = None
+    layers_pattern: object = None
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: object = None
+    init_lora_weights: bool = True
+    fan_in_fan_out: bool = False
+    use_dora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise UserError(f"--lora_rank (r) must be a positive integer, got {self.r!r}")
+        require_finite("--lora_alpha", self.lora_alpha)
+        require_finite("--lora_dropout", self.lora_dropout)
+        if self.lora_alpha <= 0:
+            raise UserError(f"--lora_alpha must be positive, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise UserError(f"--lora_bias must be none, all or lora_only, got {self.bias!r}")
+        if self.rank_pattern or self.alpha_pattern:
+            raise UserError("rank_pattern/alpha_pattern (per-module ranks) are not supported by minipeft")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` or ``Conv1D`` plus a trainable low-rank update (see the module docstring).
+
+    Args:
+        base_layer: the layer to adapt; kept as ``self.base_layer`` (its weight stays frozen).
+        r: rank. alpha: scale numerator. dropout: dropout probability on the LoRA branch input.
+        use_rslora: scale ``α/√r`` instead of ``α/r``. init_lora_weights: False makes B random as well.
+
+    Shapes: ``x (..., in) -> (..., out)``; ``lora_A.weight (r, in)``, ``lora_B.weight (out, r)``.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: bool = True):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features, self.fan_in_fan_out = layer_features(base_layer)
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        # Adapter weights are float32 even on a bf16 base: they are what the optimizer updates.
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=torch.float32, device=device)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, dtype=torch.float32, device=device)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters(init_lora_weights)
+        self.merged = False
+        self.adapter_enabled = True
+
+    def reset_lora_parameters(self, init_lora_weights: bool = True) -> None:
+        # A ~ kaiming-uniform(a=√5): bound 1/√in, what nn.Linear itself uses (A is stored (r, in)).
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if init_lora_weights:
+            nn.init.zeros_(self.lora_B.weight)  # B = 0  =>  ΔW = 0 at the start
+        else:
+            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (..., out)
+        if self.merged or not self.adapter_enabled:
+            return result
+        lora_input = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast (to bf16) themselves
+            lora_input = lora_input.to(self.lora_A.weight.dtype)
+        # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out); ΔW itself is never built. The scale is
+        # applied to the r-wide A x, not the out-wide result: the same s·B A x, out/r times fewer multiplies.
+        update = self.lora_B(self.lora_A(lora_input) * self.scaling)
+        return result + update.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW = s · B A`` in the base layer's own layout: ``(out, in)``, or ``(in, out)`` for Conv1D."""
+        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, r) @ (r, in) -> (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``ΔW`` into the base weight: the branch is skipped until :meth:`unmerge`."""
+        if self.merged:
+            return
+        refuse_4bit_merge(self.base_layer)
+        weight = self.base_layer.weight
+        self.weight_before_merge = weight.detach().clone()
+        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))  # add in float32
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact pre-merge base weight."""
+        if not self.merged:
+            return
+        self.base_layer.weight.copy_(self.weight_before_merge)
+        del self.weight_before_merge
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, layer_class=LoRALinear) -> None:
+    """Replace every target layer of ``model`` with a ``layer_class`` (:class:`LoRALinear`; DoRA passes its own).
+
+    The caller (:func:`minipeft.get_peft_model`) has frozen the model; the new A and B are trainable, and
+    ``config.bias`` decides which biases are unfrozen. ``config.fan_in_fan_out`` is set from the layers.
+    """
+    config.validate()
+    if config.target_modules is None:
+        config.target_modules = default_target_modules(model, DEFAULT_TARGETS)
+    names = find_target_modules(model, config.target_modules, config.layers_to_transform, config.layers_pattern)
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, (nn.Linear, Conv1D, Linear4bit)):
+            raise UserError(f"--target_modules: {name} is a {type(layer).__name__}; LoRA adapts nn.Linear "
+                            "and GPT-2's Conv1D layers only (or their 4-bit versions)")
+        config.fan_in_fan_out = layer_features(layer)[2]
+        replace_module(model, name, layer_class(layer, config.r, config.lora_alpha, config.lora_dropout,
+                                                config.use_rslora, config.init_lora_weights))
+    if config.bias == "all":
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.requires_grad_(True)
+    elif config.bias == "lora_only":
+        for name in names:
+            bias = model.get_submodule(name).base_layer.bias
+            if bias is not None:
+                bias.requires_grad_(True)
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Merge every LoRA layer in ``model`` (in place)."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo :func:`merge_lora` exactly."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.unmerge()

@@ -1,0 +1,194 @@
+"""``PeftModel``: a frozen base model plus one PEFT method, with one interface for every method.
+
+>>> model = AutoModelForCausalLM.from_config(GPT2Config())
+>>> peft_model = get_peft_model(model, LoRAConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
+>>> peft_model.parameter_stats().trainable
+294912
+
+Two kinds of method live behind it:
+
+- methods that edit layers in place (LoRA, DoRA, IA3, bottleneck adapters, BitFit, selective freezing):
+  the base model's forward already includes them;
+- prompt-learning methods (prompt tuning, prefix tuning), which keep a ``prompt_encoder`` beside the base
+  model and rewrite the inputs before each forward (``prompt_encoder.prepare_inputs(...)``).
+
+What the adapter trains, and what its file holds, is decided once, when it is applied: the parameters the
+method left trainable (``adapter_parameter_names``).
+"""
+
+import copy
+from contextlib import contextmanager
+
+from torch import nn
+
+from minipeft.core.errors import UserError
+from minipeft.core.inject import ModuleToSave, adapter_layers, count_parameters, format_parameter_table, freeze
+from minipeft.core.inject import replace_module, wrap_modules_to_save
+
+
+class PeftModel(nn.Module):
+    """A base model with one PEFT method applied (build it with :func:`get_peft_model`).
+
+    Attributes:
+        base_model: the transformers model, with adapter layers swapped in where the method puts them.
+        prompt_encoder: the prompt/prefix module of prompt-learning methods, else None.
+        peft_config: the method's config (a dataclass from the method's module).
+        adapter_parameter_names: names, in ``self.named_parameters()``, of what the adapter trains and saves.
+    """
+
+    def __init__(self, base_model: nn.Module, peft_config, prompt_encoder: nn.Module = None,
+                 in_place_parameter_names=()):
+        super().__init__()
+        self.base_model = base_model
+        self.prompt_encoder = prompt_encoder
+        self.peft_config = peft_config
+        self.adapter_parameter_names = [name for name, p in self.named_parameters() if p.requires_grad]
+        # Base weights the method trains where they are (selective freezing, BitFit, LoRA's bias modes):
+        # there is no untouched copy of them to switch back to.
+        self.in_place_parameter_names = list(in_place_parameter_names)
+
+    @property
+    def config(self):
+        """The base model's transformers config."""
+        return self.base_model.config
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        """Same arguments and outputs as the base model's forward."""
+        if self.prompt_encoder is not None and self.prompt_encoder.adapter_enabled:
+            inputs = self.prompt_encoder.prepare_inputs(self.base_model, input_ids=input_ids,
+                                                        attention_mask=attention_mask, labels=labels, **kwargs)
+            return self.base_model(**inputs)
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def generate(self, input_ids, attention_mask=None, **generation_kwargs):
+        """Generate with the adapter (our own KV-cached loop, the same for every method; see
+        :mod:`minipeft.core.generation`). Returns the new tokens only, ``(batch, new_tokens)``."""
+        from minipeft.core.generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **generation_kwargs)
+
+    @contextmanager
+    def disable_adapters(self):
+        """``with peft_model.disable_adapters():`` runs the plain base model."""
+        layers = adapter_layers(self)
+        if any(getattr(layer, "merged", False) for layer in layers):
+            raise UserError("cannot disable a merged adapter: call unmerge_adapter() first")
+        if self.in_place_parameter_names:
+            raise UserError(f"cannot disable this adapter: it trains base weights in place "
+                            f"({self.in_place_parameter_names[0]}, ...), so no untouched base model is kept")
+        previous = [layer.adapter_enabled for layer in layers]
+        for layer in layers:
+            layer.adapter_enabled = False
+        try:
+            yield self
+        finally:
+            for layer, enabled in zip(layers, previous):
+                layer.adapter_enabled = enabled
+
+    # -- parameters ---------------------------------------------------------------------------------------
+    def parameter_stats(self):
+        """Exact ``ParameterStats(trainable, total)``; equals peft's ``get_nb_trainable_parameters()``."""
+        return count_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        stats = self.parameter_stats()
+        print(f"trainable params: {stats.trainable:,} || all params: {stats.total:,} || "
+              f"trainable%: {stats.ratio:.4f}")
+
+    def parameter_table(self, group_layers: bool = True) -> str:
+        return format_parameter_table(self, group_layers)
+
+    def adapter_parameters(self) -> dict:
+        """``{name: parameter}`` for everything the adapter trains (and its file stores)."""
+        parameters = dict(self.named_parameters())
+        return {name: parameters[name] for name in self.adapter_parameter_names}
+
+    def set_trainable(self, trainable: bool = True) -> None:
+        """Make the adapter trainable again (or not) without touching the frozen base."""
+        freeze(self)
+        for parameter in self.adapter_parameters().values():
+            parameter.requires_grad_(trainable)
+
+    # -- merging ------------------------------------------------------------------------------------------
+    def _mergeable_layers(self):
+        from minipeft.methods import method_for_config
+
+        method = method_for_config(self.peft_config)
+        if not method.mergeable:
+            raise UserError(f"--modification_type {method.name}: cannot be merged into the weights "
+                            f"({method.why_not_mergeable})")
+        return [layer for layer in adapter_layers(self.base_model) if hasattr(layer, "merge")]
+
+    def merge_adapter(self) -> None:
+        """Fold the adapter into the base weights in place (LoRA, DoRA, IA3); undo with unmerge_adapter()."""
+        for layer in self._mergeable_layers():
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        for layer in self._mergeable_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """A plain transformers model with the adapter merged in, built on a copy (this model is unchanged).
+
+        Trained ``modules_to_save`` copies replace their originals. If the trained copy (or an adapted layer)
+        is an output head that was tied to the input embedding, the head is untied and the result's config
+        says ``tie_word_embeddings=False``; otherwise tied weights stay tied.
+        """
+        self._mergeable_layers()  # raises for methods that cannot merge
+        model = copy.deepcopy(self.base_model)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, ModuleToSave):
+                replace_module(model, name, module.modules_to_save)
+                if module.original_module.weight is model.get_input_embeddings().weight:
+                    model.config.tie_word_embeddings = False
+            elif hasattr(module, "adapter_enabled") and hasattr(module, "merge"):
+                if module.base_layer.weight is model.get_input_embeddings().weight:
+                    # An adapted output head tied to the input embedding: merging into the shared tensor would
+                    # change the embedding too, so the head gets its own copy first (and the config says so).
+                    module.base_layer.weight = nn.Parameter(module.base_layer.weight.detach().clone())
+                    model.config.tie_word_embeddings = False
+                module.merge()
+                replace_module(model, name, module.base_layer)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return model
+
+    # -- files --------------------------------------------------------------------------------------------
+    def save_adapter(self, directory, **metadata) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout, PEFT_FORMAT.md)."""
+        from minipeft.model.adapter_files import save_adapter
+
+        save_adapter(self, directory, **metadata)
+
+    save_pretrained = save_adapter  # the name peft users know
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory, is_trainable: bool = False) -> "PeftModel":
+        """Load an adapter directory (written by minipeft or by peft) onto ``base_model``."""
+        from minipeft.model.adapter_files import load_adapter
+
+        return load_adapter(base_model, directory, is_trainable=is_trainable)
+
+
+def get_peft_model(model: nn.Module, config) -> PeftModel:
+    """Freeze ``model`` and apply the method ``config`` describes; returns a :class:`PeftModel`.
+
+    The config is copied (methods fill in defaults such as ``target_modules``), so the caller's object is
+    not changed.
+    """
+    from minipeft.methods import method_for_config
+
+    method = method_for_config(config)
+    config = copy.deepcopy(config)
+    freeze(model)
+    base_parameters = {id(parameter) for parameter in model.parameters()}
+    prompt_encoder = method.apply(model, config)
+    if getattr(config, "modules_to_save", None):
+        wrap_modules_to_save(model, config.modules_to_save)
+    in_place = [f"base_model.{name}" for name, parameter in model.named_parameters()
+                if parameter.requires_grad and id(parameter) in base_parameters]
+    peft_model = PeftModel(model, config, prompt_encoder, in_place)
+    if not peft_model.adapter_parameter_names:
+        raise UserError(f"--modification_type {method.name}: these settings leave no parameter to train")
+    return peft_model

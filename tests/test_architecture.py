@@ -1,0 +1,89 @@
+"""The package's layers, checked from the source: who may import whom (docs/README.md, "Reading the code").
+
+Every ``minipeft`` import is read from the syntax tree, the ones inside functions included, so a lazy import
+cannot hide a dependency that the folder names do not show.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "minipeft"
+
+# Each folder may import from itself and from the folders before it, never from one after it.
+LAYERS = ["builtin", "core", "methods", "model", "data", "training", "inference", "cli"]
+
+# A method imports only core. The one exception is a variant of another method, which builds on it.
+METHOD_VARIANTS = {"minipeft.methods.dora": {"minipeft.methods.lora"}}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def minipeft_imports(path: Path) -> set:
+    """The ``minipeft...`` modules ``path`` imports, anywhere in the file."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "minipeft":
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "minipeft")
+    return found
+
+
+def folder_of(module: str):
+    """``minipeft.methods.lora`` -> ``methods``; the package's own top-level files -> None."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+SOURCES = sorted(path for path in PACKAGE.rglob("*.py") if "builtin/model" not in path.as_posix())
+
+
+def test_every_module_lives_in_a_layer():
+    top_level = sorted(path.name for path in PACKAGE.glob("*.py"))
+    assert top_level == ["__init__.py", "__main__.py"]
+    folders = sorted(path.name for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__")
+    assert folders == sorted(LAYERS)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda path: module_name(path))
+def test_imports_follow_the_layers(path):
+    module = module_name(path)
+    folder = folder_of(module)
+    if folder is None:  # minipeft/__init__.py and __main__.py sit above every layer
+        return
+    allowed = set(LAYERS[:LAYERS.index(folder) + 1])
+    wrong = sorted(imported for imported in minipeft_imports(path)
+                   if folder_of(imported) not in allowed)
+    assert not wrong, f"{module} ({folder}/) imports {wrong}; {folder}/ may import only {sorted(allowed)}"
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "methods").glob("*.py")), ids=lambda path: path.stem)
+def test_methods_import_only_core(path):
+    module = module_name(path)
+    if module == "minipeft.methods":  # the registry lists the methods
+        return
+    others = {imported for imported in minipeft_imports(path) if folder_of(imported) != "core"}
+    assert others <= METHOD_VARIANTS.get(module, set()), f"{module} imports {sorted(others)}"
+
+
+def test_nothing_but_the_command_line_imports_it():
+    importers = sorted(module_name(path) for path in SOURCES
+                       if folder_of(module_name(path)) not in ("cli", None)
+                       and any(folder_of(imported) == "cli" for imported in minipeft_imports(path)))
+    assert importers == []
+
+
+def test_import_minipeft_loads_no_library():
+    """``import minipeft`` is instant: names load on first use, so Ctrl-C while torch loads is the command
+    line's to handle (exit 130, no traceback)."""
+    import subprocess
+    import sys
+
+    code = "import sys, minipeft; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
