@@ -420,9 +420,11 @@ def test_a_read_only_disk_is_one_line_and_changes_nothing(run_copy):
 
 def test_ctrl_c_or_sigterm_while_the_libraries_load_exits_quietly(tmp_path):
     cases = [("train_llm.py", signal.SIGINT, 130), ("modify_llm.py", signal.SIGINT, 130),
-             ("data_pipeline.py", signal.SIGINT, 130), ("train_llm.py", signal.SIGTERM, 143)]
+             ("data_pipeline.py", signal.SIGINT, 130), ("train_llm.py", signal.SIGTERM, 143),
+             ("-m minipeft train", signal.SIGINT, 130)]  # `import minipeft` loads nothing: run() sees the import
     for name, signal_number, status in cases:
-        process = subprocess.Popen([sys.executable, str(ROOT / name)], stdout=subprocess.PIPE,
+        command = name.split() if name.startswith("-m") else [str(ROOT / name)]
+        process = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=script_env(), cwd=tmp_path)
         time.sleep(1.0)  # python is up, torch and transformers are still loading (they take seconds)
         process.send_signal(signal_number)
