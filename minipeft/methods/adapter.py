@@ -40,6 +40,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from minipeft.core.errors import UserError
+from minipeft.core.method import Method
 from minipeft.core.finite import require_finite
 from minipeft.core.layers import is_norm_layer
 from minipeft.core.inject import find_target_modules, layer_index, replace_module
@@ -178,3 +179,11 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> None:
             if layer_index(name) is not None and is_norm_layer(module):
                 for parameter in module.parameters():
                     parameter.requires_grad_(True)
+
+
+METHOD = Method(
+    name="adapter", config_class=AdapterConfig, apply=apply_adapters, peft_type="BOTTLENECK_ADAPTER",
+    mergeable=False, order=40,
+    learning_rate=1e-3, learning_rate_source="Houlsby et al. 2019, inside their sweep {3e-5, 3e-4, 3e-3}",
+    why_not_mergeable="a bottleneck adapter has a nonlinearity between its "
+    "down and up projections, so it is not a change of any existing weight")

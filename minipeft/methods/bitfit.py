@@ -31,6 +31,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from minipeft.core.errors import UserError
+from minipeft.core.method import Method
 from minipeft.core.inject import find_target_modules, layer_index, replace_module
 from minipeft.core.layers import layer_features
 
@@ -106,3 +107,11 @@ def apply_bitfit(model: nn.Module, config: BitFitConfig) -> None:
         else:
             raise UserError(f"--target_modules: {name} ({type(module).__name__}) has no bias, and BitFit adds "
                             "biases only to nn.Linear layers; target linear layers or norms with a bias")
+
+
+METHOD = Method(
+    name="bitfit", config_class=BitFitConfig, apply=apply_bitfit, peft_type="BITFIT",
+    mergeable=False, order=80,
+    learning_rate=1e-3, learning_rate_source="Ben Zaken et al. 2021, the top of "
+    "their sweep {1e-4, 4e-4, 7e-4, 1e-3}",
+    why_not_mergeable="BitFit trains the base biases themselves; save the full model instead")

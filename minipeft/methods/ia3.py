@@ -27,6 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from minipeft.core.errors import UserError
+from minipeft.core.method import Method
 from minipeft.core.inject import find_target_modules, module_matches, replace_module
 from minipeft.core.layers import default_target_modules, layer_features
 from minipeft.core.nf4 import refuse_4bit_merge
@@ -177,3 +178,8 @@ def apply_ia3(model: nn.Module, config: IA3Config) -> None:
         config.fan_in_fan_out = layer_features(layer)[2]
         is_feedforward = module_matches(name, config.feedforward_modules)
         replace_module(model, name, IA3Linear(layer, is_feedforward, config.init_ia3_weights))
+
+
+METHOD = Method(
+    name="ia3", config_class=IA3Config, apply=apply_ia3, peft_type="IA3", mergeable=True, order=30,
+    learning_rate=3e-3, learning_rate_source="Liu et al. 2022 (T-Few), the IA3 paper: 3e-3")

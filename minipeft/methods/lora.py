@@ -28,6 +28,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from minipeft.core.errors import UserError
+from minipeft.core.method import Method
 from minipeft.core.finite import require_finite
 from minipeft.core.inject import find_target_modules, replace_module
 from minipeft.core.layers import default_target_modules, layer_features
@@ -214,3 +215,9 @@ def unmerge_lora(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.unmerge()
+
+
+METHOD = Method(
+    name="lora", config_class=LoRAConfig, apply=apply_lora, peft_type="LORA", mergeable=True, order=10,
+    learning_rate=1e-3, learning_rate_source="between the LoRA paper's 2e-4 (GPT-2, 5 epochs) and "
+    "peft's causal-LM LoRA example's 3e-3 (20 epochs)")

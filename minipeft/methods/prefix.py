@@ -44,6 +44,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from minipeft.core.errors import UserError
+from minipeft.core.method import Method
 from minipeft.core.transformers_api import cache_keyword_argument, is_activation_checkpointing, pop_cache
 from minipeft.core.virtual_tokens import extend_mask_and_positions, is_continuing, load_prompt_embeddings
 
@@ -201,3 +202,10 @@ def apply_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> PrefixE
                          prefix_projection=config.prefix_projection and not config.inference_mode,
                          encoder_hidden_size=config.encoder_hidden_size,
                          device=model.get_input_embeddings().weight.device)
+
+
+METHOD = Method(
+    name="prefix", config_class=PrefixTuningConfig, apply=apply_prefix_tuning, peft_type="PREFIX_TUNING",
+    mergeable=False, order=50,
+    learning_rate=1e-2, learning_rate_source="peft's prefix-tuning example (1e-2)",
+    why_not_mergeable="prefixes are extra attention keys and values, not a change of any weight")

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from minipeft.core.errors import UserError
+from minipeft.core.method import Method
 from minipeft.core.transformers_api import cache_keyword_argument, pop_cache
 from minipeft.core.virtual_tokens import extend_mask_and_positions, is_continuing, load_prompt_embeddings
 
@@ -163,3 +164,11 @@ def apply_prompt_tuning(model: nn.Module, config: PromptTuningConfig) -> PromptE
     config.num_attention_heads = config.num_attention_heads or text_config.num_attention_heads
     return PromptEmbedding(config.num_virtual_tokens, config.token_dim, initial_prompt(config, word_embeddings),
                            device=word_embeddings.weight.device)
+
+
+METHOD = Method(
+    name="prompt", config_class=PromptTuningConfig, apply=apply_prompt_tuning, peft_type="PROMPT_TUNING",
+    mergeable=False, order=60,
+    learning_rate=3e-2, learning_rate_source="peft's prompt-tuning example with "
+    "AdamW (3e-2); Lester et al. 2021 use 0.3 with Adafactor, whose steps scale with the weights",
+    why_not_mergeable="virtual tokens are extra inputs, not a change of any weight")
