@@ -10,19 +10,21 @@ method's small trainable part around it::
 Everything that is not a method asks the layer, never guesses by attribute names (torchtune's
 ``AdapterModule.adapter_params()``, peft's ``BaseTunerLayer`` play the same part):
 
-- injection and :class:`~minipeft.PeftModel` find the method's layers by ``isinstance(module, AdapterLayer)``
-  (:func:`adapter_layers`);
+- :class:`~minipeft.PeftModel`, the optimizer, bf16 storage and multi-adapter serving find the method's
+  layers by ``isinstance(module, AdapterLayer)`` (:func:`adapter_layers`);
 - ``disable_adapters`` sets :attr:`adapter_enabled` to False: the layer then computes exactly what its
   ``base_layer`` computes;
-- the optimizer, counting and bf16 storage ask :meth:`adapter_parameters`: what the method *added* (and so
-  trains), as opposed to the frozen base layer inside;
+- :func:`~minipeft.get_peft_model` (what trains), the optimizer's weight-decay rule and bf16 storage of the
+  frozen weights ask :meth:`adapter_parameters`: what the method *added*, as opposed to the frozen base
+  layer inside;
 - ``merge_adapter`` and export call :meth:`merge` / :meth:`unmerge`; a layer whose update is no change of a
   weight (a bottleneck adapter, an added bias) says ``mergeable = False`` and refuses with an error.
 
 The contract, for a subclass:
 
-- call ``super().__init__(base_layer)`` first, then add its parameters (they train: a new parameter has
-  ``requires_grad=True``, while the model around it was frozen before);
+- call ``super().__init__(base_layer)`` first, then add its parameters: every parameter outside
+  ``base_layer`` is the method's and trains (:func:`~minipeft.get_peft_model` makes it so). A tensor the
+  layer uses but never trains (VeRA's frozen random projections) is a buffer, not a parameter;
 - in ``forward``, return ``self.base_layer(x)`` unchanged when ``not self.adapter_enabled or self.merged``;
 - if its update folds into the base weight: set the class attribute ``mergeable = True`` and override
   :meth:`merge` (fold in, keep what :meth:`unmerge` needs to restore the weight exactly, set ``merged``)
