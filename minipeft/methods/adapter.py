@@ -41,11 +41,11 @@ from transformers.pytorch_utils import Conv1D
 
 from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
-from minipeft.core.method import Method
 from minipeft.core.finite import require_finite
 from minipeft.core.layers import is_norm_layer
 from minipeft.core.inject import find_target_modules, layer_index, replace_module
 from minipeft.core.layers import default_target_modules, layer_features
+from minipeft.core.method import Method
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

@@ -32,9 +32,9 @@ from transformers.pytorch_utils import Conv1D
 
 from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
-from minipeft.core.method import Method
 from minipeft.core.inject import find_target_modules, layer_index, replace_module
 from minipeft.core.layers import layer_features
+from minipeft.core.method import Method
 
 
 @dataclass

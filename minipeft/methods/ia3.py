@@ -28,9 +28,9 @@ from transformers.pytorch_utils import Conv1D
 
 from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
-from minipeft.core.method import Method
 from minipeft.core.inject import find_target_modules, module_matches, replace_module
 from minipeft.core.layers import default_target_modules, layer_features
+from minipeft.core.method import Method
 from minipeft.core.nf4 import refuse_4bit_merge
 from minipeft.core.nf4 import Linear4bit
 

@@ -29,10 +29,10 @@ from transformers.pytorch_utils import Conv1D
 
 from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
-from minipeft.core.method import Method
 from minipeft.core.finite import require_finite
 from minipeft.core.inject import find_target_modules, replace_module
 from minipeft.core.layers import default_target_modules, layer_features
+from minipeft.core.method import Method
 from minipeft.core.nf4 import Linear4bit, refuse_4bit_merge
 
 # What LoRA targets when the user names nothing (the attention projections; peft's defaults).
