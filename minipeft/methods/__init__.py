@@ -1,75 +1,53 @@
 """The PEFT methods minipeft knows, by the name users pass as ``--modification_type``.
 
-Each method lives in its own module with its config dataclass beside it; this table only says where,
-what its ``peft_type`` is in adapter files, and whether its update can be merged into the weights.
-Every ``apply`` function has the same shape: ``apply(model, config) -> prompt_encoder | None`` — it edits
-``model`` in place (the model is already frozen) and returns the prompt/prefix module that prompt-learning
-methods keep beside the base model, or None.
+Every module in this folder is one method: its config dataclass, its layer (an
+:class:`~minipeft.core.adapter_layer.AdapterLayer`) or prompt encoder, its ``apply`` function, and, at its
+end, its own record ``METHOD = Method(...)`` (:class:`~minipeft.core.method.Method`: config class, apply
+function, peft type, mergeable, default learning rate). This file lists no method: :func:`discover_methods`
+imports every module of the folder and collects their records, so **adding a method is adding one module**.
+
+``METHODS`` (name -> :class:`Method`) is in the order users see (``--modification_type`` choices,
+``compare``): by each record's ``order`` (lora 10, dora 20, ia3 30, adapter 40, prefix 50, prompt 60,
+selective 70, bitfit 80), then by name, so a new method that gives no order comes after these.
+
+Default learning rates, one per method, for AdamW and short runs (tens to hundreds of steps): how far a
+method's parameters sit from the loss sets its rate. Matrices added beside frozen weights (LoRA, adapters)
+take ~1e-3; a few vectors or virtual tokens need 3e-3 to 3e-2; base weights (selective) need what full
+fine-tuning uses. Each method's docs page repeats its rate and source. ``--learning_rate`` overrides.
 """
 
 import importlib
-from dataclasses import dataclass
+import pkgutil
 
 from minipeft.core.errors import UserError
+from minipeft.core.method import Method
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str               # --modification_type
-    module: str             # where the method lives
-    config_class_name: str  # its config dataclass
-    apply_name: str         # apply(model, config) -> prompt_encoder | None
-    peft_type: str          # "peft_type" in adapter_config.json (peft's own name where peft has the method)
-    mergeable: bool
-    learning_rate: float    # the default peak learning rate (AdamW) of train_llm.py and compare
-    learning_rate_source: str  # where that rate comes from
-    why_not_mergeable: str = ""
+def discover_methods() -> dict:
+    """``{name: Method}`` from the ``METHOD`` record of every module in ``minipeft/methods/``, in order.
 
-    @property
-    def config_class(self):
-        return getattr(importlib.import_module(self.module), self.config_class_name)
+    Raises:
+        TypeError: for a module without a ``METHOD`` record, or two records with one name (a programming
+            mistake in the package, not a user's).
+    """
+    records = []
+    for module_info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        record = getattr(module, "METHOD", None)
+        if not isinstance(record, Method):
+            raise TypeError(f"{module.__name__}: a module of minipeft/methods must end with its record, "
+                            "METHOD = Method(...) (one module per method)")
+        records.append(record)
+    methods = {}
+    for record in sorted(records, key=lambda method: (method.order, method.name)):
+        if record.name in methods:
+            raise TypeError(f"two methods are called {record.name!r}: "
+                            f"{methods[record.name].module} and {record.module}")
+        methods[record.name] = record
+    return methods
 
-    def apply(self, model, config):
-        return getattr(importlib.import_module(self.module), self.apply_name)(model, config)
 
-
-# Default learning rates, one per method, for AdamW and short runs (tens to hundreds of steps). How far a
-# method's parameters sit from the loss sets its rate: matrices added beside frozen weights (LoRA, adapters)
-# take ~1e-3; a few vectors or virtual tokens need 3e-3 to 3e-2; base weights (selective) need what full
-# fine-tuning uses. Each method's docs page repeats its rate and source. ``--learning_rate`` overrides.
-METHODS = {
-    method.name: method
-    for method in [
-        Method("lora", "minipeft.methods.lora", "LoRAConfig", "apply_lora", "LORA", mergeable=True,
-               learning_rate=1e-3, learning_rate_source="between the LoRA paper's 2e-4 (GPT-2, 5 epochs) and "
-               "peft's causal-LM LoRA example's 3e-3 (20 epochs)"),
-        Method("dora", "minipeft.methods.dora", "LoRAConfig", "apply_dora", "LORA", mergeable=True,
-               learning_rate=1e-3, learning_rate_source="as LoRA (DoRA trains the same matrices plus a magnitude)"),
-        Method("ia3", "minipeft.methods.ia3", "IA3Config", "apply_ia3", "IA3", mergeable=True,
-               learning_rate=3e-3, learning_rate_source="Liu et al. 2022 (T-Few), the IA3 paper: 3e-3"),
-        Method("adapter", "minipeft.methods.adapter", "AdapterConfig", "apply_adapters", "BOTTLENECK_ADAPTER",
-               mergeable=False, learning_rate=1e-3, learning_rate_source="Houlsby et al. 2019, inside their sweep "
-               "{3e-5, 3e-4, 3e-3}",
-               why_not_mergeable="a bottleneck adapter has a nonlinearity between its "
-               "down and up projections, so it is not a change of any existing weight"),
-        Method("prefix", "minipeft.methods.prefix", "PrefixTuningConfig", "apply_prefix_tuning", "PREFIX_TUNING",
-               mergeable=False, learning_rate=1e-2, learning_rate_source="peft's prefix-tuning example (1e-2)",
-               why_not_mergeable="prefixes are extra attention keys and values, not a change of any weight"),
-        Method("prompt", "minipeft.methods.prompt", "PromptTuningConfig", "apply_prompt_tuning", "PROMPT_TUNING",
-               mergeable=False, learning_rate=3e-2, learning_rate_source="peft's prompt-tuning example with "
-               "AdamW (3e-2); Lester et al. 2021 use 0.3 with Adafactor, whose steps scale with the weights",
-               why_not_mergeable="virtual tokens are extra inputs, not a change of any weight"),
-        Method("selective", "minipeft.methods.selective", "SelectiveConfig", "apply_selective", "SELECTIVE",
-               mergeable=False, learning_rate=1e-4, learning_rate_source="full fine-tuning practice for small "
-               "language models (1e-5 to 1e-4), at its top for short runs",
-               why_not_mergeable="selective fine-tuning trains the base weights themselves; "
-               "save the full model instead"),
-        Method("bitfit", "minipeft.methods.bitfit", "BitFitConfig", "apply_bitfit", "BITFIT",
-               mergeable=False, learning_rate=1e-3, learning_rate_source="Ben Zaken et al. 2021, the top of "
-               "their sweep {1e-4, 4e-4, 7e-4, 1e-3}",
-               why_not_mergeable="BitFit trains the base biases themselves; save the full model instead"),
-    ]
-}
+METHODS = discover_methods()
 
 
 def default_learning_rate(name: str) -> float:
@@ -79,15 +57,17 @@ def default_learning_rate(name: str) -> float:
 
 def method_for_config(config) -> Method:
     """The :class:`Method` a config object belongs to (DoRA is LoRA with ``use_dora=True``, as in peft)."""
-    for method in METHODS.values():
-        if type(config).__name__ == method.config_class_name and type(config).__module__ == method.module:
-            if method.peft_type == "LORA":
-                return METHODS["dora" if getattr(config, "use_dora", False) else "lora"]
-            return method
+    candidates = [method for method in METHODS.values() if type(config) is method.config_class]
+    if len(candidates) > 1:  # LoRA and DoRA share LoRAConfig: use_dora says which, as in peft
+        return METHODS["dora" if getattr(config, "use_dora", False) else "lora"]
+    if candidates:
+        return candidates[0]
     raise UserError(f"{type(config).__name__} is not the config of a minipeft method")
 
 
 def method_for_peft_type(peft_type: str, source: str = "adapter_config.json") -> Method:
+    """The first :class:`Method` (in order) whose files say ``peft_type`` (``"LORA"`` -> lora; the config's
+    ``use_dora`` then picks DoRA, see :func:`method_for_config`)."""
     for method in METHODS.values():
         if method.peft_type == peft_type:
             return method
@@ -98,5 +78,3 @@ def method_for_peft_type(peft_type: str, source: str = "adapter_config.json") ->
 # --- command-line flags ------------------------------------------------------------------------------------
 # The flags of every method, shared by modify_llm.py, train_llm.py and `python -m minipeft compare`. A flag
 # of one method given with another method is an error, never silently ignored.
-
-

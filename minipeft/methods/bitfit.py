@@ -30,9 +30,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
 from minipeft.core.inject import find_target_modules, layer_index, replace_module
 from minipeft.core.layers import layer_features
+from minipeft.core.method import Method
 
 
 @dataclass
@@ -56,18 +58,17 @@ class BitFitConfig:
             raise UserError(f"--target_modules must be module names or a regex, got {self.target_modules!r}")
 
 
-class LinearWithAddedBias(nn.Module):
+class LinearWithAddedBias(AdapterLayer):
     """A frozen bias-less ``nn.Linear`` plus a trainable bias that starts at zero: ``y = W x + b``.
 
     Shapes: ``x (..., in) -> (..., out)``; ``bias (out,)``. The saved name is ``<layer>.bias``.
+    Not mergeable in minipeft (see the module docstring): :meth:`merge` refuses.
     """
 
     def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         _, out_features, _ = layer_features(base_layer)
         self.bias = nn.Parameter(torch.zeros(out_features, device=base_layer.weight.device))  # float32
-        self.adapter_enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # (..., out)
@@ -106,3 +107,11 @@ def apply_bitfit(model: nn.Module, config: BitFitConfig) -> None:
         else:
             raise UserError(f"--target_modules: {name} ({type(module).__name__}) has no bias, and BitFit adds "
                             "biases only to nn.Linear layers; target linear layers or norms with a bias")
+
+
+METHOD = Method(
+    name="bitfit", config_class=BitFitConfig, apply=apply_bitfit, peft_type="BITFIT",
+    mergeable=False, order=80,
+    learning_rate=1e-3, learning_rate_source="Ben Zaken et al. 2021, the top of "
+    "their sweep {1e-4, 4e-4, 7e-4, 1e-3}",
+    why_not_mergeable="BitFit trains the base biases themselves; save the full model instead")

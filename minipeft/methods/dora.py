@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from minipeft.core.errors import UserError
+from minipeft.core.method import Method
 from minipeft.core.nf4 import refuse_4bit_merge
 from minipeft.methods.lora import LoRAConfig, LoRALinear, apply_lora
 
@@ -101,3 +102,8 @@ def apply_dora(model: nn.Module, config: LoRAConfig) -> None:
     if not config.use_dora:
         raise UserError("DoRA needs LoRAConfig(use_dora=True); with use_dora=False this is plain LoRA")
     apply_lora(model, config, layer_class=DoRALinear)
+
+
+METHOD = Method(
+    name="dora", config_class=LoRAConfig, apply=apply_dora, peft_type="LORA", mergeable=True, order=20,
+    learning_rate=1e-3, learning_rate_source="as LoRA (DoRA trains the same matrices plus a magnitude)")

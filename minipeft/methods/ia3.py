@@ -26,9 +26,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
 from minipeft.core.inject import find_target_modules, module_matches, replace_module
 from minipeft.core.layers import default_target_modules, layer_features
+from minipeft.core.method import Method
 from minipeft.core.nf4 import refuse_4bit_merge
 from minipeft.core.nf4 import Linear4bit
 
@@ -78,7 +80,7 @@ class IA3Config:
                                 f"{sorted(self.target_modules)}; feed-forward modules must also be targets")
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(AdapterLayer):
     """A frozen ``nn.Linear`` or ``Conv1D`` whose output (or, on a feed-forward layer, input) is rescaled
     by a learned vector ``ia3_l`` (see the module docstring).
 
@@ -90,9 +92,10 @@ class IA3Linear(nn.Module):
     Shapes: ``x (..., in) -> (..., out)``.
     """
 
+    mergeable = True
+
     def __init__(self, base_layer: nn.Module, is_feedforward: bool, init_ia3_weights: bool = True):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.in_features, self.out_features, self.fan_in_fan_out = layer_features(base_layer)
         self.is_feedforward = is_feedforward
         shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)  # peft's shapes
@@ -102,8 +105,6 @@ class IA3Linear(nn.Module):
         else:
             initial = 1.0 + 0.1 * torch.randn(shape, device=device)  # a non-trivial adapter, for tests
         self.ia3_l = nn.Parameter(initial)  # float32, like every adapter weight here
-        self.merged = False
-        self.adapter_enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.adapter_enabled:
@@ -177,3 +178,8 @@ def apply_ia3(model: nn.Module, config: IA3Config) -> None:
         config.fan_in_fan_out = layer_features(layer)[2]
         is_feedforward = module_matches(name, config.feedforward_modules)
         replace_module(model, name, IA3Linear(layer, is_feedforward, config.init_ia3_weights))
+
+
+METHOD = Method(
+    name="ia3", config_class=IA3Config, apply=apply_ia3, peft_type="IA3", mergeable=True, order=30,
+    learning_rate=3e-3, learning_rate_source="Liu et al. 2022 (T-Few), the IA3 paper: 3e-3")

@@ -31,8 +31,10 @@ import torch
 from torch import nn
 
 from minipeft.core.errors import UserError
+from minipeft.core.method import Method
 from minipeft.core.transformers_api import cache_keyword_argument, pop_cache
-from minipeft.core.virtual_tokens import extend_mask_and_positions, is_continuing, load_prompt_embeddings
+from minipeft.core.virtual_tokens import (PromptEncoder, extend_mask_and_positions, is_continuing,
+                                          load_prompt_embeddings)
 
 PROMPT_TUNING_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
@@ -79,23 +81,24 @@ class PromptTuningConfig:
                             f"got {self.num_transformer_submodules!r}")
 
 
-class PromptEmbedding(nn.Module):
+class PromptEmbedding(PromptEncoder):
     """``n`` trained input embeddings put before the real tokens (see the module docstring).
 
     Shapes: ``embedding.weight (n, d)``; the base model then sees ``inputs_embeds (B, n + T, d)``.
-    Parameters: ``n · d``.
+    Parameters: ``n · d``. A :class:`~minipeft.core.virtual_tokens.PromptEncoder` whose virtual tokens are
+    positions of the sequence (``in_sequence``).
     """
+
+    in_sequence = True
 
     def __init__(self, num_virtual_tokens: int, token_dim: int, init_embeddings: torch.Tensor = None,
                  device=None):
-        super().__init__()
-        self.num_virtual_tokens = num_virtual_tokens
+        super().__init__(num_virtual_tokens)
         # nn.Embedding starts N(0, 1): peft's RANDOM init. Kept in float32 (what the optimizer updates).
         self.embedding = nn.Embedding(num_virtual_tokens, token_dim, dtype=torch.float32, device=device)
         if init_embeddings is not None:
             with torch.no_grad():
                 self.embedding.weight.copy_(init_embeddings)
-        self.adapter_enabled = True
 
     def prepare_inputs(self, base_model, input_ids=None, attention_mask=None, labels=None, position_ids=None,
                        inputs_embeds=None, **kwargs) -> dict:
@@ -163,3 +166,11 @@ def apply_prompt_tuning(model: nn.Module, config: PromptTuningConfig) -> PromptE
     config.num_attention_heads = config.num_attention_heads or text_config.num_attention_heads
     return PromptEmbedding(config.num_virtual_tokens, config.token_dim, initial_prompt(config, word_embeddings),
                            device=word_embeddings.weight.device)
+
+
+METHOD = Method(
+    name="prompt", config_class=PromptTuningConfig, apply=apply_prompt_tuning, peft_type="PROMPT_TUNING",
+    mergeable=False, order=60,
+    learning_rate=3e-2, learning_rate_source="peft's prompt-tuning example with "
+    "AdamW (3e-2); Lester et al. 2021 use 0.3 with Adafactor, whose steps scale with the weights",
+    why_not_mergeable="virtual tokens are extra inputs, not a change of any weight")

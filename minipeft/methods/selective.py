@@ -30,6 +30,7 @@ from torch import nn
 from minipeft.core.errors import UserError
 from minipeft.core.inject import layer_index
 from minipeft.core.layers import is_norm_layer, resolve_layer_indices, transformer_blocks
+from minipeft.core.method import Method
 
 
 @dataclass
@@ -93,3 +94,11 @@ def apply_selective(model: nn.Module, config: SelectiveConfig) -> None:
                 unfreeze(module)
     if config.train_lm_head and output_embeddings is not None:
         unfreeze(output_embeddings)
+
+
+METHOD = Method(
+    name="selective", config_class=SelectiveConfig, apply=apply_selective, peft_type="SELECTIVE",
+    mergeable=False, order=70,
+    learning_rate=1e-4, learning_rate_source="full fine-tuning practice for small "
+    "language models (1e-5 to 1e-4), at its top for short runs",
+    why_not_mergeable="selective fine-tuning trains the base weights themselves; save the full model instead")

@@ -54,13 +54,21 @@ def to_peft_key(name: str) -> str:
 
 
 def peft_state_dict(peft_model) -> dict:
-    """``{tensor name in the file: tensor}`` for everything the adapter trains."""
+    """``{tensor name in the file: tensor}`` for everything the adapter trains, plus the method's own tensors
+    (its record's ``save_extra``, e.g. VeRA's shared projections ``base_model.vera_A``/``vera_B``)."""
     state = {}
     if peft_model.prompt_encoder is not None:
         state.update(peft_model.prompt_encoder.peft_state_dict())
     for name, parameter in peft_model.adapter_parameters().items():
         if not name.startswith("prompt_encoder."):
             state[to_peft_key(name)] = parameter.detach()
+    method = method_for_config(peft_model.peft_config)
+    if method.save_extra is not None:
+        extra = method.save_extra(peft_model)
+        clashes = sorted(set(extra) & set(state))
+        if clashes:
+            raise ValueError(f"{method.name}: save_extra's tensor {clashes[0]} has the name of an adapter parameter")
+        state.update(extra)
     return state
 
 
@@ -236,23 +244,34 @@ def adapter_fingerprint(directory) -> str:
 
 @torch.no_grad()
 def load_peft_state_dict(peft_model, state: dict, source: str = WEIGHTS_NAME) -> None:
-    """Copy the file's tensors into ``peft_model``; every tensor must fit, and every adapter tensor be there."""
+    """Copy the file's tensors into ``peft_model``; every tensor must fit, and every adapter tensor be there.
+
+    Tensors that no adapter parameter claims go to the method's ``load_extra`` (see
+    :class:`~minipeft.core.method.Method`); a method without one has no such tensors, so any is an error.
+    Every tensor is checked before any adapter parameter is copied.
+    """
     state = dict(state)
     if peft_model.prompt_encoder is not None:
         prompt_state = {key: state.pop(key) for key in list(state) if not key.startswith("base_model.")}
         peft_model.prompt_encoder.load_peft_state_dict(prompt_state, source)
     targets = {to_peft_key(name): parameter for name, parameter in peft_model.adapter_parameters().items()
                if not name.startswith("prompt_encoder.")}
+    load_extra = method_for_config(peft_model.peft_config).load_extra
+    unclaimed = {}  # the method's own tensors, for its load_extra
     for key in sorted(state):
-        if key not in targets:
+        if key not in targets and load_extra is not None:
+            unclaimed[key] = state.pop(key)
+        elif key not in targets:
             raise UserError(f"{source}: tensor {key} has no place in this model "
                             "(was the adapter trained on another model or with other target modules?)")
-        if tuple(state[key].shape) != tuple(targets[key].shape):
+        elif tuple(state[key].shape) != tuple(targets[key].shape):
             raise UserError(f"{source}: tensor {key} has shape {list(state[key].shape)}, "
                             f"this model expects {list(targets[key].shape)}")
     missing = sorted(set(targets) - set(state))
     if missing:
         raise UserError(f"{source}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+    if load_extra is not None:
+        load_extra(peft_model, unclaimed, source)  # checks its tensors and copies them, or raises
     for key, tensor in state.items():
         targets[key].copy_(tensor.to(targets[key].dtype))
 
