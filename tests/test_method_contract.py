@@ -2,9 +2,11 @@
 
 One test per promise, parametrised over ``minipeft.methods.METHODS`` × {GPT-2 (``Conv1D``, fused ``c_attn``,
 tied head), Llama (grouped-query attention: 4 query heads, 2 key/value heads, tied head)}, so a method added
-to the registry is checked here with no edit to this file, except one: its trainable-parameter formula in
-:data:`TRAINABLE_FORMULAS` (a method without one fails :func:`test_trainable_count_equals_the_formula`,
-saying so). Test ids read ``lora-gpt2``, ``prefix-llama``, ...
+to the registry is checked here with no edit to this file. It must bring one thing: its trainable-parameter
+formula, a function ``contract_trainable_count(shapes, config) -> int`` in its own test module
+``tests/test_<name>.py`` (the built-in methods' formulas are in :data:`TRAINABLE_FORMULAS` below); a method
+without one fails :func:`test_trainable_count_equals_the_formula`, saying so. Test ids read ``lora-gpt2``,
+``prefix-llama``, ...
 
 The promises, each through the public API only (``get_peft_model``, ``PeftModel``, ``load_adapter``,
 ``METHODS[name]``):
@@ -31,6 +33,7 @@ identity by design, so saving, merging or disabling it would prove nothing.
 """
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -192,6 +195,20 @@ TRAINABLE_FORMULAS = {
 }
 
 
+def trainable_formula(method: str):
+    """The count formula of ``method``: :data:`TRAINABLE_FORMULAS`, else ``contract_trainable_count`` in the
+    method's own test module ``tests/test_<method>.py``, else None."""
+    if method in TRAINABLE_FORMULAS:
+        return TRAINABLE_FORMULAS[method]
+    try:
+        module = importlib.import_module(f"tests.test_{method}")
+    except ModuleNotFoundError as error:
+        if error.name != f"tests.test_{method}":
+            raise
+        return None
+    return getattr(module, "contract_trainable_count", None)
+
+
 # --- helpers -------------------------------------------------------------------------------------------------
 
 def contract_config(method: str):
@@ -255,11 +272,11 @@ def test_fresh_adapter_is_the_identity_or_changes_the_output_by_design(method, f
 
 @each_case
 def test_trainable_count_equals_the_formula(method, family):
-    formula = TRAINABLE_FORMULAS.get(method)
+    formula = trainable_formula(method)
     if formula is None:
-        pytest.fail(f"--modification_type {method} has no trainable-parameter formula: add a function to "
-                    "TRAINABLE_FORMULAS in tests/test_method_contract.py, written from the count its module "
-                    "docstring states")
+        pytest.fail(f"--modification_type {method} has no trainable-parameter formula: define "
+                    f"contract_trainable_count(shapes, config) -> int in tests/test_{method}.py, written from the "
+                    "count its module docstring states (shapes: see Shapes in tests/test_method_contract.py)")
     config = contract_config(method)
     base = fresh_base(family)
     base_total = sum(parameter.numel() for parameter in base.parameters())  # tied weights once
