@@ -3,7 +3,7 @@
 An adapter trained here loads in ``peft.PeftModel.from_pretrained`` (and so in vLLM and TGI), and a
 LoRA/IA3/prompt/prefix adapter saved by peft loads here. transformers' ``model.load_adapter()`` loads the LoRA
 (and IA3) files too, but refuses prompt-learning adapters (prompt and prefix tuning) with a ``ValueError``.
-See ``PEFT_FORMAT.md`` (shared with the project) for the observed format; in short:
+See ``docs/peft_format.md`` for the format; in short:
 
 - tensor names are the model's own parameter paths under ``base_model.model.`` with no adapter name:
   ``base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`` ``[r, 768]``;
@@ -14,7 +14,7 @@ See ``PEFT_FORMAT.md`` (shared with the project) for the observed format; in sho
 minipeft's own facts about an adapter (the prompt template it was trained with; for prompt tuning from text,
 the init text's token ids, a field peft's config lacks) go under one extra config key, ``"minipeft"``, which
 peft ignores with a warning. Methods peft does not have (bottleneck
-adapters, selective freezing, BitFit) use ``peft_type`` values of our own, documented in the README.
+adapters, selective freezing, BitFit) use ``peft_type`` values of our own, documented in docs/peft_format.md.
 """
 
 import dataclasses

@@ -172,7 +172,7 @@ class PeftModel(nn.Module):
 
     # -- files --------------------------------------------------------------------------------------------
     def save_adapter(self, directory, **metadata) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout, PEFT_FORMAT.md)."""
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout, docs/peft_format.md)."""
         from minipeft.model.adapter_files import save_adapter
 
         save_adapter(self, directory, **metadata)
