@@ -32,7 +32,8 @@ from minipeft.core.safe_files import (MARKER_NAME, OutputLock, check_apart, chec
 from minipeft.training.config import PRECISIONS, TrainingConfig
 from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.checkpoint import resolve_resume
-from minipeft.training.loop import RUN_OUTPUTS, check_output_dir, prepare_output_dir, train
+from minipeft.training.loop import train
+from minipeft.training.prepare import RUN_OUTPUTS, check_output_dir, prepare_output_dir
 from minipeft.training.metrics import directory_size, peak_memory, plot_loss_curve
 from minipeft.training.schedule import SCHEDULES
 
