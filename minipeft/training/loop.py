@@ -118,8 +118,9 @@ def start_run(model, config: TrainingConfig, plan: RunPlan, context: Distributed
     scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" else None
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     ddp_model = wrap_for_data_parallel(model, context)  # == model on one process
-    return TrainingRun(config, plan, context, model, ddp_model, optimizer, scaler, trainable, autocast,
-                       adapter_metadata)
+    return TrainingRun(config=config, plan=plan, context=context, model=model, ddp_model=ddp_model,
+                       optimizer=optimizer, scaler=scaler, trainable=trainable, autocast=autocast,
+                       adapter_metadata=adapter_metadata)
 
 
 def resume_or_start_fresh(run: TrainingRun, train_loader) -> None:
