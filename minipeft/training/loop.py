@@ -24,6 +24,10 @@ Output directory (``--output_dir``)::
                              :mod:`minipeft.core.safe_files`); .minipeft.lock while a run writes here
 
 Only rank 0 writes files and prints; every process runs the same steps.
+
+:func:`train` below is that list, one named function per step; the functions share one
+:class:`~minipeft.training.state.TrainingRun`. Their parts live beside this module: :mod:`.gradients`
+(accumulation), :mod:`.evaluation`, :mod:`.prepare` (precision, output directory), :mod:`.signals` (Ctrl-C).
 """
 
 import itertools
