@@ -26,8 +26,8 @@ Output directory (``--output_dir``)::
 Only rank 0 writes files and prints; every process runs the same steps.
 
 :func:`train` below is that list, one named function per step; the functions share one
-:class:`~minipeft.training.state.TrainingRun`. Their parts live beside this module: :mod:`.gradients`
-(accumulation), :mod:`.evaluation`, :mod:`.prepare` (precision, output directory), :mod:`.signals` (Ctrl-C).
+:class:`~minipeft.training.state.TrainingRun`. Their parts live beside this module, in ``gradients.py``
+(accumulation), ``evaluation.py``, ``prepare.py`` (precision, output directory) and ``signals.py`` (Ctrl-C).
 """
 
 import itertools
