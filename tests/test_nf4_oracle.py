@@ -4,8 +4,8 @@ weights equal bit for bit, on random tensors and on SmolLM2-135M's real weights.
 import pytest
 import torch
 
-from minipeft.core.nf4 import (DYNAMIC_8BIT_LEVELS, NF4_LEVELS, NF4Weight, dequantize_nf4, derive_nf4_levels,
-                          quantize_nf4)
+from minipeft.core.nf4_format import (DYNAMIC_8BIT_LEVELS, NF4_LEVELS, NF4Weight, dequantize_nf4, derive_nf4_levels,
+                                     quantize_nf4)
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 

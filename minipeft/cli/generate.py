@@ -70,11 +70,6 @@ def check_sampling_flags(args) -> None:
                         "(greedy decoding is the default)")
 
 
-def write_jsonl_atomically(path, rows: list) -> None:
-    text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
-    write_text_atomically(path, text)
-
-
 def main(argv=None) -> int:
     from transformers.utils import logging as transformers_logging
 
@@ -112,9 +107,10 @@ def main(argv=None) -> int:
                 print(f"### {index}: {prompt.instruction}")
             print(text)
     if args.output_file:
-        write_jsonl_atomically(args.output_file, [
-            {"instruction": prompt.instruction, "input": prompt.input, "response": text, "new_tokens": count}
-            for prompt, text, count in zip(prompts, result.texts, result.new_tokens)])
+        rows = [{"instruction": prompt.instruction, "input": prompt.input, "response": text, "new_tokens": count}
+                for prompt, text, count in zip(prompts, result.texts, result.new_tokens)]
+        write_text_atomically(args.output_file, "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
+                                                        for row in rows))  # JSON Lines
     print(f"generated {sum(result.new_tokens)} tokens for {len(prompts)} prompt(s) in {result.seconds:.2f} s "
           f"({result.tokens_per_second:.1f} tokens/s)", file=sys.stderr)
     return 0

@@ -27,12 +27,13 @@ from minipeft.model.adapter_files import config_to_dict
 from minipeft.cli import CommandLineParser
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float, nonfinite_to_none
-from minipeft.core.safe_files import (MARKER_NAME, OutputLock, check_apart, check_input_file, loads_json, read_input_text,
-                                 remove_our_directory, write_json_atomically)
+from minipeft.core.input_files import check_input_file, loads_json, read_input_text
+from minipeft.core.safe_files import MARKER_NAME, OutputLock, check_apart, remove_our_directory, write_json_atomically
 from minipeft.training.config import PRECISIONS, TrainingConfig
 from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.checkpoint import resolve_resume
-from minipeft.training.loop import RUN_OUTPUTS, check_output_dir, prepare_output_dir, train
+from minipeft.training.loop import train
+from minipeft.training.prepare import RUN_OUTPUTS, check_output_dir, prepare_output_dir
 from minipeft.training.metrics import directory_size, peak_memory, plot_loss_curve
 from minipeft.training.schedule import SCHEDULES
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from minipeft.core.errors import UserError
-from minipeft.core.nf4 import BLOCKSIZE, Linear4bit, quantizable_layers, quantize_model
+from minipeft.core.nf4 import Linear4bit, quantizable_layers, quantize_model
+from minipeft.core.nf4_format import BLOCKSIZE
 
 
 def check_not_quantized_folder(name: str) -> None:

@@ -157,13 +157,30 @@ def build_from_known_config(name: str, dtype: torch.dtype = torch.float32):
     return model
 
 
-def resolve_device(flag: str) -> torch.device:
+def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
+    """``--device`` of every command: ``auto`` picks CUDA (``cuda:local_rank``: this process's GPU under
+    torchrun), then Apple MPS, then CPU; ``cuda`` without an index means ``cuda:local_rank``. A device this
+    machine does not have is one error line, not a crash later."""
     if flag == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
     try:
         device = torch.device(flag)
     except RuntimeError:
-        raise UserError(f"--device {flag}: not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {flag}: CUDA is not available on this machine; use --device cpu")
+        raise UserError(f"--device {flag}: not a device; use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {flag}: CUDA is not available on this machine; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    if device.type == "mps" and not mps_available():
+        raise UserError(f"--device {flag}: MPS is not available on this machine; use --device cpu")
     return device
+
+
+def mps_available() -> bool:
+    """Apple's Metal backend (torch builds without it have no ``torch.backends.mps``)."""
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()

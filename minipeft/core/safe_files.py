@@ -1,17 +1,11 @@
-"""Reading and writing files so that nothing a user had is ever lost: the one place every command goes through.
+"""Writing outputs so that nothing a user had is ever lost: the one place every command writes through.
 
-**Reading** (:func:`read_input_bytes`, :func:`read_input_text`, :func:`loads_json`). Only regular files are
-read: a directory, a FIFO (which blocks until a writer comes), a device (``/dev/zero`` never ends) or a socket
-is refused with one line naming the file. A file larger than the input limit is refused too (the limit is
-:data:`DEFAULT_MAX_INPUT_MB` megabytes; the environment variable ``MINIPEFT_MAX_INPUT_MB`` changes it), and the
-read itself stops one byte past the limit, so a file that grows while it is read (or a ``/proc`` file, whose
-size says 0) cannot exhaust the memory. JSON objects with a key given twice are flagged: a config file with one
-is refused, a data record with one is skipped (which of the two values would win is a guess).
-
-**Writing** (:func:`write_file_atomically`, :func:`write_json_atomically`, :func:`write_directory_atomically`).
-Everything is written into a temporary file or directory beside its final place, ``fsync``-ed, and renamed into
-place (``os.replace``, atomic on POSIX file systems): a kill, a full disk or an error at any moment leaves the
-previous version or the new one, never half of one. JSON is written with ``allow_nan=False``: NaN is not JSON.
+**Writing.** One primitive for a file, :func:`write_file_atomically`, and one for a directory,
+:func:`write_directory_atomically`; :func:`write_text_atomically` and :func:`write_json_atomically` are one-line
+wrappers over the file primitive. Everything is written into a temporary file or directory beside its final
+place, ``fsync``-ed, and renamed into place (``os.replace``, atomic on POSIX file systems): a kill, a full disk
+or an error at any moment leaves the previous version or the new one, never half of one. JSON is written with
+``allow_nan=False``: NaN is not JSON.
 
 **Ownership.** Every directory minipeft writes holds a small marker file, :data:`MARKER_NAME`. minipeft replaces
 or deletes a directory only when it holds the marker (or is empty): a user's own directory is never deleted,
@@ -22,7 +16,7 @@ directory; a second process that wants to write there stops with one line. A loc
 crashed or killed run) is taken over.
 
 Errors are :class:`~minipeft.core.errors.UserError` lines naming the path; the command line turns them into
-``error: ...`` and exit status 2.
+``error: ...`` and exit status 2. Reading inputs: :mod:`minipeft.core.input_files`.
 """
 
 import errno
@@ -31,118 +25,17 @@ import os
 import re
 import shutil
 import socket
-import stat
 import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
 
 from minipeft.core.errors import UserError
+from minipeft.core.input_files import flag_and_path
 
 MARKER_NAME = ".minipeft"  # in every directory minipeft writes: "this one may be replaced by minipeft"
 MARKER_TEXT = "written by minipeft; minipeft may replace or delete this directory\n"
 LOCK_NAME = ".minipeft.lock"
-DEFAULT_MAX_INPUT_MB = 2048
-MAX_INPUT_ENVIRONMENT = "MINIPEFT_MAX_INPUT_MB"
-
-
-# -- reading ---------------------------------------------------------------------------------------------------
-def _name(path, flag: str) -> str:
-    """``"--dataset_path data.json"`` or just ``"data.json"``: how messages name an input."""
-    return f"{flag} {path}" if flag else str(path)
-
-
-def max_input_bytes() -> int:
-    """The input size limit in bytes: ``MINIPEFT_MAX_INPUT_MB`` megabytes, else :data:`DEFAULT_MAX_INPUT_MB`."""
-    text = os.environ.get(MAX_INPUT_ENVIRONMENT)
-    if text is None:
-        return DEFAULT_MAX_INPUT_MB * 2**20
-    try:
-        megabytes = float(text)
-    except ValueError:
-        megabytes = float("nan")
-    if not megabytes > 0 or megabytes == float("inf"):
-        raise UserError(f"{MAX_INPUT_ENVIRONMENT}={text}: must be a positive number of megabytes")
-    return int(megabytes * 2**20)
-
-
-def check_input_file(path, flag: str = "") -> Path:
-    """``path`` as a :class:`Path` when it is a regular file within the size limit; else a :class:`UserError`."""
-    path = Path(path)
-    try:
-        info = os.stat(path)  # stat never blocks, even on a FIFO
-    except FileNotFoundError:
-        raise UserError(f"{_name(path, flag)}: cannot be read (No such file or directory)") from None
-    except OSError as error:
-        raise UserError(f"{_name(path, flag)}: cannot be read ({error.strerror or error})") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise UserError(f"{_name(path, flag)}: is a directory, expected a file")
-    if not stat.S_ISREG(info.st_mode):
-        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode) else
-                "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else
-                "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
-        raise UserError(f"{_name(path, flag)}: is {kind}; minipeft reads only regular files "
-                        "(save the stream to a file first)")
-    _check_size(path, flag, info.st_size)
-    return path
-
-
-def _check_size(path, flag: str, size: int) -> None:
-    limit = max_input_bytes()
-    if size > limit:
-        raise UserError(f"{_name(path, flag)}: is larger than the input limit of {limit / 2**20:,.0f} MB "
-                        f"(set {MAX_INPUT_ENVIRONMENT} to raise it)")
-
-
-def read_input_bytes(path, flag: str = "") -> bytes:
-    """The bytes of a regular file, at most the input limit (see the module docstring)."""
-    path = check_input_file(path, flag)
-    limit = max_input_bytes()
-    try:
-        with open(path, "rb") as file:
-            data = file.read(limit + 1)  # bounded even when the size on disk lied (/proc) or grew meanwhile
-    except OSError as error:
-        raise UserError(f"{_name(path, flag)}: cannot be read ({error.strerror or error})") from None
-    _check_size(path, flag, len(data))
-    return data
-
-
-def read_input_text(path, flag: str = "", encoding: str = "utf-8") -> str:
-    """The text of a regular file (see :func:`read_input_bytes`); bytes that are not ``encoding`` are an error."""
-    data = read_input_bytes(path, flag)
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as error:
-        raise UserError(f"{_name(path, flag)}: not {encoding} text (byte 0x{data[error.start]:02x} at offset "
-                        f"{error.start})") from None
-
-
-class JSONObject(dict):
-    """A parsed JSON object; ``duplicate_keys`` lists the keys the text gave more than once (the last won)."""
-
-    duplicate_keys: tuple = ()
-
-
-def _object_from_pairs(pairs: list) -> dict:
-    value = JSONObject(pairs)
-    if len(value) != len(pairs):
-        seen, duplicates = set(), []
-        for key, _ in pairs:
-            if key in seen and key not in duplicates:
-                duplicates.append(key)
-            seen.add(key)
-        value.duplicate_keys = tuple(duplicates)
-    return value
-
-
-def loads_json(text: str):
-    """``json.loads`` whose objects are :class:`JSONObject` (with their ``duplicate_keys``)."""
-    return json.loads(text, object_pairs_hook=_object_from_pairs)
-
-
-def duplicate_keys(value) -> tuple:
-    """The keys given twice in a JSON object parsed by :func:`loads_json` (empty for anything else)."""
-    return getattr(value, "duplicate_keys", ())
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -236,6 +129,7 @@ def write_file_atomically(path, write) -> Path:
 
 
 def write_text_atomically(path, text: str) -> Path:
+    """Write ``text`` (UTF-8) via :func:`write_file_atomically`."""
     return write_file_atomically(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
 
@@ -248,9 +142,8 @@ def json_text(value, indent=2, sort_keys: bool = False) -> str:
 
 
 def write_json_atomically(path, value, sort_keys: bool = False) -> Path:
-    """Write ``value`` as indented JSON (``allow_nan=False``) via :func:`write_file_atomically`."""
-    text = json_text(value, sort_keys=sort_keys)
-    return write_file_atomically(path, lambda temporary: Path(temporary).write_text(text))
+    """Write ``value`` as indented JSON (``allow_nan=False``, see :func:`json_text`) via the file primitive."""
+    return write_text_atomically(path, json_text(value, sort_keys=sort_keys))
 
 
 # -- directories minipeft owns -----------------------------------------------------------------------------------
@@ -277,9 +170,10 @@ def check_replaceable(path, flag: str = "") -> None:
     if not path.exists() and not path.is_symlink():
         return
     if path.is_symlink() or not path.is_dir():
-        raise UserError(f"{_name(path, flag)}: is a file, not a directory minipeft wrote; refusing to replace it")
+        raise UserError(f"{flag_and_path(path, flag)}: is a file, not a directory minipeft wrote; "
+                        "refusing to replace it")
     if not is_empty_directory(path) and not is_ours(path):
-        raise UserError(f"{_name(path, flag)}: holds files minipeft did not write (no {MARKER_NAME} marker); "
+        raise UserError(f"{flag_and_path(path, flag)}: holds files minipeft did not write (no {MARKER_NAME} marker); "
                         "refusing to replace or delete it: choose another directory or empty this one yourself")
 
 
@@ -421,9 +315,9 @@ class OutputLock:
 
     def _busy(self) -> UserError:
         pid, host = self._owner()
-        return UserError(f"{_name(self.directory, self.flag)}: another minipeft process (pid {pid} on {host}) is "
-                         f"writing into it; wait for it to finish, or use another directory (if no such process "
-                         f"runs, delete {self.path})")
+        return UserError(f"{flag_and_path(self.directory, self.flag)}: another minipeft process (pid {pid} on "
+                         f"{host}) is writing into it; wait for it to finish, or use another directory (if no such "
+                         f"process runs, delete {self.path})")
 
     def release(self) -> None:
         if self.held:

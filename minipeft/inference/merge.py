@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 
 from minipeft.core.errors import UserError
-from minipeft.core.safe_files import (check_replaceable, is_empty_directory, json_text, loads_json,
-                                 read_input_text, write_directory_atomically)
+from minipeft.core.input_files import loads_json, read_input_text
+from minipeft.core.safe_files import check_replaceable, is_empty_directory, json_text, write_directory_atomically
 
 MERGE_INFO_NAME = "minipeft_merge.json"
 SAMPLE_INSTRUCTIONS = ("What is the capital of France?", "Name the opposite of hot.",

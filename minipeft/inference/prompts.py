@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from minipeft.core.errors import UserError
-from minipeft.core.safe_files import read_input_text
+from minipeft.core.input_files import read_input_text
 
 
 # --- choosing the model and the template ------------------------------------------------------------------

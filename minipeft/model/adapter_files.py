@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from minipeft.core.errors import UserError
 from minipeft.core.finite import first_nonfinite_tensor, require_finite
 from minipeft.methods import method_for_config, method_for_peft_type
-from minipeft.core.safe_files import (check_input_file, duplicate_keys, json_text, loads_json, read_input_text,
-                                 write_directory_atomically)
+from minipeft.core.input_files import check_input_file, duplicate_keys, loads_json, read_input_text
+from minipeft.core.safe_files import json_text, write_directory_atomically
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -3,6 +3,11 @@
 - :mod:`~minipeft.training.loss`: the causal-LM loss, the one place where labels are shifted;
 - :mod:`~minipeft.training.schedule`: ``get_lr`` (constant, linear, cosine; warmup);
 - :mod:`~minipeft.training.optimizer`: AdamW, weight decay only where it belongs;
+- :mod:`~minipeft.training.prepare`: precision, gradient checkpointing, the output directory, before step one;
+- :mod:`~minipeft.training.state`: what a run carries from step to step (``TrainState``, ``TrainingRun``);
+- :mod:`~minipeft.training.gradients`: token-exact gradient accumulation, and the check that gradients arrive;
+- :mod:`~minipeft.training.evaluation`: eval loss and perplexity over the validation set;
+- :mod:`~minipeft.training.signals`: Ctrl-C and SIGTERM: finish the step, checkpoint, return;
 - :mod:`~minipeft.training.checkpoint`: atomic checkpoints and exact resume;
 - :mod:`~minipeft.training.metrics`: the log line, ``metrics.jsonl``, the loss curve;
 - :mod:`~minipeft.training.distributed`: devices and DistributedDataParallel;

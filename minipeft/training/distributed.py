@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from minipeft.core.errors import UserError
+from minipeft.core.models import resolve_device
 
 
 @dataclass
@@ -61,28 +62,6 @@ class DistributedContext:
             dist.barrier()
 
 
-def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
-    """``--device``: ``auto`` picks CUDA (this process's GPU under torchrun), then Apple MPS, then CPU."""
-    if flag == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(flag)
-    except RuntimeError:
-        raise UserError(f"--device {flag}: not a device; use auto, cpu, cuda, cuda:1 or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {flag}: CUDA is not available on this machine; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {flag}: MPS is not available on this machine; use --device cpu")
-    return device
-
-
 def init_distributed(device_flag: str = "auto") -> DistributedContext:
     """Read torchrun's environment and start the process group; a plain run gets a one-process context."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -118,8 +97,8 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP (what is saved and evaluated)."""
-    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+    """The model inside DistributedDataParallel (``.module``), else ``model``."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def shutdown_distributed() -> None:

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from minipeft.data.batching import model_inputs
+from minipeft.training.distributed import unwrap
 
 IGNORE_INDEX = -100
 
@@ -210,11 +211,6 @@ def head_input_captured(head: torch.nn.Module):
         yield captured
     finally:
         handle.remove()
-
-
-def unwrap(model):
-    """The model inside DistributedDataParallel (``.module``), else ``model``."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def transformers_model(model):
