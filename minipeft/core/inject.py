@@ -12,9 +12,9 @@ Every PEFT method goes through these functions, so that "what does this method t
 4. :func:`count_parameters` and :func:`parameter_table` report what is trainable. Tied parameters (GPT-2's
    ``lm_head.weight`` *is* ``wte.weight``) are counted once, as ``peft`` and ``model.num_parameters()`` do.
 
-Adapter layers declare themselves structurally (torchtune's idea, not substring matching): a module with an
-``adapter_enabled`` attribute is an adapter layer that :meth:`minipeft.PeftModel.disable_adapters` can
-switch off.
+The layers a method puts in are :class:`~minipeft.core.adapter_layer.AdapterLayer` subclasses, which declare
+what they add (torchtune's idea, not substring matching); :class:`ModuleToSave` is the one wrapper of this
+module's own: a trainable copy of a whole base module, which is not a method layer.
 """
 
 import copy
@@ -82,11 +82,6 @@ def freeze(model: nn.Module) -> None:
     """``requires_grad=False`` on every parameter: no gradient, no optimizer state."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-
-
-def adapter_layers(model: nn.Module):
-    """Every adapter layer in ``model`` (modules that carry an ``adapter_enabled`` switch)."""
-    return [module for module in model.modules() if hasattr(module, "adapter_enabled")]
 
 
 class ModuleToSave(nn.Module):

@@ -5,11 +5,63 @@ input embeddings, prefix tuning as keys and values in every layer. The attention
 must then cover ``n + S`` positions (:func:`extend_mask_and_positions`), a KV cache that already holds the
 virtual tokens must not get them again (:func:`is_continuing`), and a saved file holds the ``(n, d)`` table
 under one name (:func:`load_prompt_embeddings`).
+
+Neither method puts a layer into the model, so neither is an :class:`~minipeft.core.adapter_layer.AdapterLayer`.
+Each keeps one module *beside* the frozen model, a :class:`PromptEncoder`, which rewrites the model's inputs
+before every forward; :class:`~minipeft.PeftModel` holds it as ``prompt_encoder``.
 """
 
+from typing import ClassVar
+
 import torch
+from torch import nn
 
 from minipeft.core.errors import UserError
+
+
+class PromptEncoder(nn.Module):
+    """The contract of a prompt-learning method's module (prompt tuning's ``PromptEmbedding``, prefix
+    tuning's ``PrefixEncoder``), the counterpart of :class:`~minipeft.core.adapter_layer.AdapterLayer`.
+
+    Attributes:
+        num_virtual_tokens: ``n``, the virtual tokens put before the real ones.
+        adapter_enabled: False leaves the inputs alone (``disable_adapters``): the plain base model runs.
+        in_sequence: class attribute: True when the virtual tokens are positions of the model's sequence, so
+            its outputs (and logits) have ``n + T`` positions (prompt tuning); False when they live only in
+            attention's keys and values and the outputs keep ``T`` positions (prefix tuning).
+
+    A subclass provides :meth:`prepare_inputs` (the base model's keyword arguments for one forward),
+    :meth:`peft_state_dict` and :meth:`load_peft_state_dict` (its tensors in peft's file layout). Every
+    parameter of the module is the method's own: :meth:`adapter_parameters` is all of them.
+    """
+
+    in_sequence: ClassVar[bool]  # each subclass says which
+
+    def __init__(self, num_virtual_tokens: int):
+        super().__init__()
+        self.num_virtual_tokens = num_virtual_tokens
+        self.adapter_enabled = True
+
+    def positions_prepended(self) -> int:
+        """How many positions come before the real tokens in the model's outputs: ``n`` for an enabled
+        encoder whose virtual tokens are in the sequence (prompt tuning), else 0."""
+        return self.num_virtual_tokens if self.adapter_enabled and self.in_sequence else 0
+
+    def adapter_parameters(self) -> dict:
+        """``{name: parameter}``: everything in the encoder (it is all added by the method)."""
+        return dict(self.named_parameters())
+
+    def prepare_inputs(self, base_model: nn.Module, **inputs) -> dict:
+        """The keyword arguments for ``base_model(**kwargs)``, with the virtual tokens in place."""
+        raise NotImplementedError
+
+    def peft_state_dict(self) -> dict:
+        """``{"prompt_embeddings": (n, width)}``: what peft's files hold for this method."""
+        raise NotImplementedError
+
+    def load_peft_state_dict(self, state: dict, source: str = "adapter_model.safetensors") -> None:
+        """Copy a file's ``prompt_embeddings`` in; a :class:`UserError` naming ``source`` when it does not fit."""
+        raise NotImplementedError
 
 
 def extend_mask_and_positions(num_virtual_tokens: int, attention_mask: torch.Tensor, position_ids,

@@ -41,7 +41,8 @@ def discover_methods() -> dict:
     methods = {}
     for record in sorted(records, key=lambda method: (method.order, method.name)):
         if record.name in methods:
-            raise TypeError(f"two methods are called {record.name!r}: {methods[record.name].module} and {record.module}")
+            raise TypeError(f"two methods are called {record.name!r}: "
+                            f"{methods[record.name].module} and {record.module}")
         methods[record.name] = record
     return methods
 

@@ -39,12 +39,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
-from minipeft.core.method import Method
 from minipeft.core.finite import require_finite
 from minipeft.core.layers import is_norm_layer
 from minipeft.core.inject import find_target_modules, layer_index, replace_module
 from minipeft.core.layers import default_target_modules, layer_features
+from minipeft.core.method import Method
 from minipeft.core.options import modules_to_save_option, option, target_modules_option
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -151,17 +152,16 @@ class BottleneckAdapter(nn.Module):
         return hidden + residual.to(hidden.dtype)
 
 
-class ProjectionWithAdapter(nn.Module):
+class ProjectionWithAdapter(AdapterLayer):
     """A frozen projection (``nn.Linear`` or ``Conv1D``) followed by a :class:`BottleneckAdapter`.
 
-    ``adapter_enabled = False`` gives back the projection's plain output.
+    ``adapter_enabled = False`` gives back the projection's plain output. Not mergeable (the adapter's
+    nonlinearity is no change of a weight): :meth:`merge` refuses.
     """
 
     def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.adapter = adapter
-        self.adapter_enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (..., d)

@@ -30,10 +30,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
-from minipeft.core.method import Method
 from minipeft.core.inject import find_target_modules, layer_index, replace_module
 from minipeft.core.layers import layer_features
+from minipeft.core.method import Method
 from minipeft.core.options import target_modules_option
 
 
@@ -59,18 +60,17 @@ class BitFitConfig:
             raise UserError(f"{name('target_modules')} must be module names or a regex, got {self.target_modules!r}")
 
 
-class LinearWithAddedBias(nn.Module):
+class LinearWithAddedBias(AdapterLayer):
     """A frozen bias-less ``nn.Linear`` plus a trainable bias that starts at zero: ``y = W x + b``.
 
     Shapes: ``x (..., in) -> (..., out)``; ``bias (out,)``. The saved name is ``<layer>.bias``.
+    Not mergeable in minipeft (see the module docstring): :meth:`merge` refuses.
     """
 
     def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         _, out_features, _ = layer_features(base_layer)
         self.bias = nn.Parameter(torch.zeros(out_features, device=base_layer.weight.device))  # float32
-        self.adapter_enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # (..., out)

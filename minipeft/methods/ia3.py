@@ -26,10 +26,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
-from minipeft.core.method import Method
 from minipeft.core.inject import find_target_modules, module_matches, replace_module
 from minipeft.core.layers import default_target_modules, layer_features
+from minipeft.core.method import Method
 from minipeft.core.nf4 import refuse_4bit_merge
 from minipeft.core.nf4 import Linear4bit
 from minipeft.core.options import module_names, modules_to_save_option, option, target_modules_option
@@ -83,7 +84,7 @@ class IA3Config:
                                 "must also be targets")
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(AdapterLayer):
     """A frozen ``nn.Linear`` or ``Conv1D`` whose output (or, on a feed-forward layer, input) is rescaled
     by a learned vector ``ia3_l`` (see the module docstring).
 
@@ -95,9 +96,10 @@ class IA3Linear(nn.Module):
     Shapes: ``x (..., in) -> (..., out)``.
     """
 
+    mergeable = True
+
     def __init__(self, base_layer: nn.Module, is_feedforward: bool, init_ia3_weights: bool = True):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.in_features, self.out_features, self.fan_in_fan_out = layer_features(base_layer)
         self.is_feedforward = is_feedforward
         shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)  # peft's shapes
@@ -107,8 +109,6 @@ class IA3Linear(nn.Module):
         else:
             initial = 1.0 + 0.1 * torch.randn(shape, device=device)  # a non-trivial adapter, for tests
         self.ia3_l = nn.Parameter(initial)  # float32, like every adapter weight here
-        self.merged = False
-        self.adapter_enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.adapter_enabled:

@@ -27,11 +27,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
-from minipeft.core.method import Method
 from minipeft.core.finite import require_finite
 from minipeft.core.inject import find_target_modules, replace_module
 from minipeft.core.layers import default_target_modules, layer_features, num_hidden_layers, parse_layer_spec
+from minipeft.core.method import Method
 from minipeft.core.nf4 import Linear4bit, refuse_4bit_merge
 from minipeft.core.options import flag_of, modules_to_save_option, option, target_modules_option
 
@@ -110,7 +111,7 @@ class LoRAConfig:
             raise UserError("rank_pattern/alpha_pattern (per-module ranks) are not supported by minipeft")
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` or ``Conv1D`` plus a trainable low-rank update (see the module docstring).
 
     Args:
@@ -119,12 +120,14 @@ class LoRALinear(nn.Module):
         use_rslora: scale ``α/√r`` instead of ``α/r``. init_lora_weights: False makes B random as well.
 
     Shapes: ``x (..., in) -> (..., out)``; ``lora_A.weight (r, in)``, ``lora_B.weight (out, r)``.
+    An :class:`~minipeft.core.adapter_layer.AdapterLayer`: ``lora_A`` and ``lora_B`` are what it adds.
     """
+
+    mergeable = True
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool = True):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.in_features, self.out_features, self.fan_in_fan_out = layer_features(base_layer)
         self.r = r
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -134,8 +137,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, dtype=torch.float32, device=device)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters(init_lora_weights)
-        self.merged = False
-        self.adapter_enabled = True
 
     def reset_lora_parameters(self, init_lora_weights: bool = True) -> None:
         # A ~ kaiming-uniform(a=√5): bound 1/√in, what nn.Linear itself uses (A is stored (r, in)).

@@ -47,7 +47,8 @@ from minipeft.core.errors import UserError
 from minipeft.core.method import Method
 from minipeft.core.options import option
 from minipeft.core.transformers_api import cache_keyword_argument, is_activation_checkpointing, pop_cache
-from minipeft.core.virtual_tokens import extend_mask_and_positions, is_continuing, load_prompt_embeddings
+from minipeft.core.virtual_tokens import (PromptEncoder, extend_mask_and_positions, is_continuing,
+                                          load_prompt_embeddings)
 
 
 @dataclass
@@ -101,17 +102,21 @@ def key_value_shape(model: nn.Module):
     return config.num_hidden_layers, kv_heads, head_dim
 
 
-class PrefixEncoder(nn.Module):
+class PrefixEncoder(PromptEncoder):
     """The trained per-layer key/value prefixes (see the module docstring).
 
     Shapes: ``prefix_embeddings() (n, 2L · H · hd)``; :meth:`key_values` gives layer i's key and value,
-    each ``(B, H, n, hd)``, where ``H`` is the number of key/value heads.
+    each ``(B, H, n, hd)``, where ``H`` is the number of key/value heads. A
+    :class:`~minipeft.core.virtual_tokens.PromptEncoder` whose virtual tokens live in attention's keys and
+    values only, not in the sequence (``in_sequence`` is False: the outputs keep the real tokens' positions).
     """
+
+    in_sequence = False
 
     def __init__(self, num_virtual_tokens: int, num_layers: int, num_heads: int, head_dim: int,
                  prefix_projection: bool = False, encoder_hidden_size: int = None, device=None):
-        super().__init__()
-        self.num_virtual_tokens, self.num_layers = num_virtual_tokens, num_layers
+        super().__init__(num_virtual_tokens)
+        self.num_layers = num_layers
         self.num_heads, self.head_dim = num_heads, head_dim
         self.prefix_projection = prefix_projection
         token_dim = num_heads * head_dim
@@ -127,7 +132,6 @@ class PrefixEncoder(nn.Module):
             )
         else:
             self.embedding = nn.Embedding(num_virtual_tokens, width, dtype=torch.float32, device=device)
-        self.adapter_enabled = True
 
     def prefix_embeddings(self) -> torch.Tensor:
         """``E (n, 2L · token_dim)``: the table itself, or the MLP's output for the n tokens (the fold)."""

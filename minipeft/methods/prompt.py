@@ -34,7 +34,8 @@ from minipeft.core.errors import UserError
 from minipeft.core.method import Method
 from minipeft.core.options import flag_of, option
 from minipeft.core.transformers_api import cache_keyword_argument, pop_cache
-from minipeft.core.virtual_tokens import extend_mask_and_positions, is_continuing, load_prompt_embeddings
+from minipeft.core.virtual_tokens import (PromptEncoder, extend_mask_and_positions, is_continuing,
+                                          load_prompt_embeddings)
 
 PROMPT_TUNING_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 PROMPT_INIT_FLAG_VALUES = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # --prompt_init -> field
@@ -105,23 +106,24 @@ class PromptTuningConfig:
                             f"got {self.num_transformer_submodules!r}")
 
 
-class PromptEmbedding(nn.Module):
+class PromptEmbedding(PromptEncoder):
     """``n`` trained input embeddings put before the real tokens (see the module docstring).
 
     Shapes: ``embedding.weight (n, d)``; the base model then sees ``inputs_embeds (B, n + T, d)``.
-    Parameters: ``n · d``.
+    Parameters: ``n · d``. A :class:`~minipeft.core.virtual_tokens.PromptEncoder` whose virtual tokens are
+    positions of the sequence (``in_sequence``).
     """
+
+    in_sequence = True
 
     def __init__(self, num_virtual_tokens: int, token_dim: int, init_embeddings: torch.Tensor = None,
                  device=None):
-        super().__init__()
-        self.num_virtual_tokens = num_virtual_tokens
+        super().__init__(num_virtual_tokens)
         # nn.Embedding starts N(0, 1): peft's RANDOM init. Kept in float32 (what the optimizer updates).
         self.embedding = nn.Embedding(num_virtual_tokens, token_dim, dtype=torch.float32, device=device)
         if init_embeddings is not None:
             with torch.no_grad():
                 self.embedding.weight.copy_(init_embeddings)
-        self.adapter_enabled = True
 
     def prepare_inputs(self, base_model, input_ids=None, attention_mask=None, labels=None, position_ids=None,
                        inputs_embeds=None, **kwargs) -> dict:

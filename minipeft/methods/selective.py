@@ -28,10 +28,10 @@ from typing import ClassVar
 from torch import nn
 
 from minipeft.core.errors import UserError
-from minipeft.core.method import Method
 from minipeft.core.inject import layer_index
 from minipeft.core.layers import (is_norm_layer, num_hidden_layers, parse_layer_spec, resolve_layer_indices,
                                   transformer_blocks)
+from minipeft.core.method import Method
 from minipeft.core.options import flag_of, option
 
 

@@ -8,9 +8,12 @@
 Two kinds of method live behind it:
 
 - methods that edit layers in place (LoRA, DoRA, IA3, bottleneck adapters, BitFit, selective freezing):
-  the base model's forward already includes them;
+  the base model's forward already includes them; the layers they put in are
+  :class:`~minipeft.core.adapter_layer.AdapterLayer` s, which this class switches off, merges and asks what
+  they add, through that contract only;
 - prompt-learning methods (prompt tuning, prefix tuning), which keep a ``prompt_encoder`` beside the base
-  model and rewrite the inputs before each forward (``prompt_encoder.prepare_inputs(...)``).
+  model (a :class:`~minipeft.core.virtual_tokens.PromptEncoder`) and rewrite the inputs before each forward
+  (``prompt_encoder.prepare_inputs(...)``).
 
 What the adapter trains, and what its file holds, is decided once, when it is applied: the parameters the
 method left trainable (``adapter_parameter_names``).
@@ -21,8 +24,9 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from minipeft.core.adapter_layer import AdapterLayer, adapter_layers
 from minipeft.core.errors import UserError
-from minipeft.core.inject import ModuleToSave, adapter_layers, count_parameters, format_parameter_table, freeze
+from minipeft.core.inject import ModuleToSave, count_parameters, format_parameter_table, freeze
 from minipeft.core.inject import replace_module, wrap_modules_to_save
 
 
@@ -52,6 +56,13 @@ class PeftModel(nn.Module):
         """The base model's transformers config."""
         return self.base_model.config
 
+    @property
+    def method(self):
+        """The :class:`~minipeft.core.method.Method` record of this adapter's method."""
+        from minipeft.methods import method_for_config
+
+        return method_for_config(self.peft_config)
+
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         """Same arguments and outputs as the base model's forward."""
         if self.prompt_encoder is not None and self.prompt_encoder.adapter_enabled:
@@ -69,21 +80,28 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapters(self):
-        """``with peft_model.disable_adapters():`` runs the plain base model."""
-        layers = adapter_layers(self)
-        if any(getattr(layer, "merged", False) for layer in layers):
+        """``with peft_model.disable_adapters():`` runs the plain base model.
+
+        Switches off every method layer, every ``modules_to_save`` copy and the prompt encoder (each has an
+        ``adapter_enabled`` switch; off, it computes what the base model computes).
+        """
+        layers = adapter_layers(self.base_model)
+        if any(layer.merged for layer in layers):
             raise UserError("cannot disable a merged adapter: call unmerge_adapter() first")
         if self.in_place_parameter_names:
             raise UserError(f"cannot disable this adapter: it trains base weights in place "
                             f"({self.in_place_parameter_names[0]}, ...), so no untouched base model is kept")
-        previous = [layer.adapter_enabled for layer in layers]
-        for layer in layers:
-            layer.adapter_enabled = False
+        switches = layers + [module for module in self.base_model.modules() if isinstance(module, ModuleToSave)]
+        if self.prompt_encoder is not None:
+            switches.append(self.prompt_encoder)
+        previous = [switch.adapter_enabled for switch in switches]
+        for switch in switches:
+            switch.adapter_enabled = False
         try:
             yield self
         finally:
-            for layer, enabled in zip(layers, previous):
-                layer.adapter_enabled = enabled
+            for switch, enabled in zip(switches, previous):
+                switch.adapter_enabled = enabled
 
     # -- parameters ---------------------------------------------------------------------------------------
     def parameter_stats(self):
@@ -111,13 +129,11 @@ class PeftModel(nn.Module):
 
     # -- merging ------------------------------------------------------------------------------------------
     def _mergeable_layers(self):
-        from minipeft.methods import method_for_config
-
-        method = method_for_config(self.peft_config)
+        method = self.method
         if not method.mergeable:
             raise UserError(f"--modification_type {method.name}: cannot be merged into the weights "
                             f"({method.why_not_mergeable})")
-        return [layer for layer in adapter_layers(self.base_model) if hasattr(layer, "merge")]
+        return adapter_layers(self.base_model)
 
     def merge_adapter(self) -> None:
         """Fold the adapter into the base weights in place (LoRA, DoRA, IA3); undo with unmerge_adapter()."""
@@ -142,7 +158,7 @@ class PeftModel(nn.Module):
                 replace_module(model, name, module.modules_to_save)
                 if module.original_module.weight is model.get_input_embeddings().weight:
                     model.config.tie_word_embeddings = False
-            elif hasattr(module, "adapter_enabled") and hasattr(module, "merge"):
+            elif isinstance(module, AdapterLayer):
                 if module.base_layer.weight is model.get_input_embeddings().weight:
                     # An adapted output head tied to the input embedding: merging into the shared tensor would
                     # change the embedding too, so the head gets its own copy first (and the config says so).
@@ -184,6 +200,9 @@ def get_peft_model(model: nn.Module, config) -> PeftModel:
     freeze(model)
     base_parameters = {id(parameter) for parameter in model.parameters()}
     prompt_encoder = method.apply(model, config)
+    for layer in adapter_layers(model):  # what a method layer adds trains (it is new, so it already does)
+        for parameter in layer.adapter_parameters().values():
+            parameter.requires_grad_(True)
     if getattr(config, "modules_to_save", None):
         wrap_modules_to_save(model, config.modules_to_save)
     in_place = [f"base_model.{name}" for name, parameter in model.named_parameters()

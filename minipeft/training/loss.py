@@ -230,13 +230,12 @@ def accepts_logits_to_keep(model) -> bool:
 
 def positions_prepended(model) -> int:
     """How many positions the model puts before the real tokens: prompt tuning's ``P``, else 0 (prefix tuning
-    puts its virtual tokens in the key/value cache, not in the sequence)."""
-    from minipeft.methods.prompt import PromptEmbedding  # imported here: the loss does not otherwise need the methods
+    puts its virtual tokens in the key/value cache, not in the sequence): the prompt encoder says
+    (:meth:`~minipeft.core.virtual_tokens.PromptEncoder.positions_prepended`)."""
+    from minipeft.core.virtual_tokens import PromptEncoder
 
-    encoder = getattr(unwrap(model), "prompt_encoder", None)
-    if isinstance(encoder, PromptEmbedding) and encoder.adapter_enabled:
-        return encoder.num_virtual_tokens
-    return 0
+    encoder = getattr(unwrap(model), "prompt_encoder", None)  # a PeftModel's (or MultiAdapterModel's active one)
+    return encoder.positions_prepended() if isinstance(encoder, PromptEncoder) else 0
 
 
 def perplexity(total_nll: float, total_target_tokens: int) -> float:

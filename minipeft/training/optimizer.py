@@ -8,26 +8,27 @@ fine-tuning, ``modules_to_save``), whose zero would wipe out the pretrained mode
 (nanoGPT decides by ``dim >= 2``; that would decay prompt embeddings, an IA3 vector stored ``(out, 1)``,
 and the base weights of selective fine-tuning.)
 
-The decision is structural, not by name: an adapter layer is a module with an ``adapter_enabled`` switch
-(see :mod:`minipeft.core.inject`); the ``nn.Linear`` modules inside it, outside its ``base_layer``, are what the
-method added.
+The decision is structural, not by name: a method's layers (:class:`~minipeft.core.adapter_layer.AdapterLayer`)
+and prompt encoder (:class:`~minipeft.core.virtual_tokens.PromptEncoder`) say which parameters they added
+(``adapter_parameters()``); of those, the weights of ``nn.Linear`` modules decay.
 """
 
 import torch
 from torch import nn
 
-from minipeft.core.inject import ModuleToSave
+from minipeft.core.adapter_layer import AdapterLayer
+from minipeft.core.virtual_tokens import PromptEncoder
 
 
 def added_linear_weights(model: nn.Module) -> set:
-    """``id()`` of the weight of every ``nn.Linear`` that an adapter layer of ``model`` adds."""
+    """``id()`` of the weight of every ``nn.Linear`` that a method layer or prompt encoder of ``model`` adds."""
     ids = set()
     for module in model.modules():
-        if not hasattr(module, "adapter_enabled") or isinstance(module, ModuleToSave):
+        if not isinstance(module, (AdapterLayer, PromptEncoder)):
             continue
-        for name, child in module.named_modules():
-            if isinstance(child, nn.Linear) and not (name == "base_layer" or name.startswith("base_layer.")):
-                ids.add(id(child.weight))
+        added = {id(parameter) for parameter in module.adapter_parameters().values()}
+        ids.update(id(child.weight) for child in module.modules()
+                   if isinstance(child, nn.Linear) and id(child.weight) in added)
     return ids
 
 

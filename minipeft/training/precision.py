@@ -46,14 +46,15 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def adapter_added_parameters(model: torch.nn.Module) -> set:
-    """``id()`` of every parameter a method *added* (inside an adapter layer, outside its ``base_layer``)."""
-    from minipeft.core.inject import ModuleToSave  # a trainable copy of a base module is not an added layer
+    """``id()`` of every parameter a method *added*: what its layers and prompt encoder declare
+    (``adapter_parameters()``, never the frozen ``base_layer`` inside; a ``modules_to_save`` copy is not added)."""
+    from minipeft.core.adapter_layer import AdapterLayer
+    from minipeft.core.virtual_tokens import PromptEncoder
 
     ids = set()
     for module in model.modules():
-        if hasattr(module, "adapter_enabled") and not isinstance(module, ModuleToSave):
-            ids.update(id(parameter) for name, parameter in module.named_parameters()
-                       if not name.startswith("base_layer."))
+        if isinstance(module, (AdapterLayer, PromptEncoder)):
+            ids.update(id(parameter) for parameter in module.adapter_parameters().values())
     return ids
 
 
