@@ -77,7 +77,8 @@ def module_names(text: str):
 def target_modules_option():
     """``target_modules``, as every method that adapts named layers declares it (one ``--target_modules``)."""
     return option(None, flag="--target_modules", parse=module_names,
-                  help='comma list of module names or suffixes, or "re:<regex>" (default: per model)')
+                  help='comma list of module names or suffixes, or "re:<regex>" (default: the method\'s own for '
+                       'the model family, see its page)')
 
 
 def modules_to_save_option():

@@ -73,7 +73,7 @@ class PrefixTuningConfig:
                                      help="number of prefix key/value vectors per layer")
     prefix_projection: bool = option(False, flag="--prefix_projection", help="MLP reparameterisation")
     encoder_hidden_size: int = option(None, flag="--prefix_hidden_size",
-                                      help="hidden size of the prefix MLP (default: model width)")
+                                      help="hidden size of the prefix MLP (default: token_dim, kv heads x head dim)")
     token_dim: int = None
     num_layers: int = None
     num_attention_heads: int = None
