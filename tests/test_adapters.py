@@ -67,16 +67,16 @@ def test_llama_count_and_norms(llama_tiny):
     assert not peft_model.base_model.model.norm.weight.requires_grad
 
 
-@pytest.mark.parametrize("settings, flag", [
-    (dict(bottleneck_size=8, reduction_factor=4), "--adapter_size and --adapter_reduction_factor"),
-    (dict(bottleneck_size=None), "--adapter_size and --adapter_reduction_factor"),
-    (dict(adapter_type="parallel"), "--adapter_type"),
-    (dict(activation="swish"), "--adapter_activation"),
-    (dict(bottleneck_size=0), "--adapter_size"),
-    (dict(bottleneck_size=None, reduction_factor=1000), "--adapter_reduction_factor"),
+@pytest.mark.parametrize("settings, name", [  # the API names the fields (the command line: its flags)
+    (dict(bottleneck_size=8, reduction_factor=4), "^bottleneck_size and reduction_factor: give exactly one"),
+    (dict(bottleneck_size=None), "^bottleneck_size and reduction_factor"),
+    (dict(adapter_type="parallel"), "^adapter_type must be houlsby or pfeiffer"),
+    (dict(activation="swish"), "^activation must be one of"),
+    (dict(bottleneck_size=0), "^bottleneck_size must be a positive integer"),
+    (dict(bottleneck_size=None, reduction_factor=1000), "--adapter_reduction_factor 1000 leaves no bottleneck"),
 ])
-def test_bad_settings_name_the_flag(gpt2_tiny, settings, flag):
-    with pytest.raises(UserError, match=flag):
+def test_bad_settings_name_the_setting(gpt2_tiny, settings, name):
+    with pytest.raises(UserError, match=name):
         get_peft_model(gpt2_tiny, AdapterConfig(**settings))
 
 

@@ -69,7 +69,7 @@ def test_counts_match_formulas(capsys, argv, trainable):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--modification_type", "lora", "--lora_rank", "0"], "--lora_rank (r) must be a positive integer"),
+    (["--modification_type", "lora", "--lora_rank", "0"], "--lora_rank must be a positive integer, got 0"),
     (["--modification_type", "lora", "--prefix_length", "5"], "--prefix_length applies to --modification_type prefix"),
     (["--modification_type", "lora", "--target_modules", "nope"], "matched no module"),
     (["--modification_type", "selective"], "needs --freeze_layers"),
@@ -85,7 +85,7 @@ def test_script_exits_2_without_traceback():
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip() == "error: --lora_rank (r) must be a positive integer, got -1"
+    assert result.stderr.strip() == "error: --lora_rank must be a positive integer, got -1"
 
 
 def test_table_shows_trainability(capsys):

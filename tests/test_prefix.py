@@ -193,8 +193,8 @@ def test_a_wrong_tensor_is_a_user_error(gpt2_tiny):
         model.prompt_encoder.load_peft_state_dict({"prompt_encoder.embedding.weight": torch.zeros(4, 256)}, "f")
 
 
-@pytest.mark.parametrize("settings, flag", [(dict(num_virtual_tokens=0), "--prefix_length"),
-                                            (dict(encoder_hidden_size=-3), "--prefix_hidden_size"),
+@pytest.mark.parametrize("settings, flag", [(dict(num_virtual_tokens=0), "^num_virtual_tokens must be"),
+                                            (dict(encoder_hidden_size=-3), "^encoder_hidden_size must be"),
                                             (dict(num_transformer_submodules=2), "num_transformer_submodules")])
 def test_bad_settings_are_user_errors(gpt2_tiny, settings, flag):
     with pytest.raises(UserError, match=flag):

@@ -99,10 +99,10 @@ def test_random_init_is_standard_normal(gpt2_tiny):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(prompt_tuning_init="TEXT"), "--prompt_init text needs --prompt_init_text"),
+    (dict(prompt_tuning_init="TEXT"), "^prompt_tuning_init TEXT needs prompt_tuning_init_text"),
     (dict(prompt_tuning_init="TEXT", prompt_tuning_init_token_ids=[5, 1000]), "token id 1000 is outside"),
-    (dict(prompt_tuning_init="WORDS"), "--prompt_init must be random, vocab or text"),
-    (dict(num_virtual_tokens=0), "--num_virtual_tokens must be a positive integer"),
+    (dict(prompt_tuning_init="WORDS"), "^prompt_tuning_init must be one of RANDOM, TEXT, SAMPLE_VOCAB"),
+    (dict(num_virtual_tokens=0), "^num_virtual_tokens must be a positive integer"),
 ])
 def test_bad_settings_are_user_errors(gpt2_tiny, settings, message):
     with pytest.raises(UserError, match=message):

@@ -1,12 +1,19 @@
 """Command-line flags shared by several commands: every method's flags and ``--quantize``.
 
 ``modify_llm.py``, ``train_llm.py``, ``generate``, ``merge`` and ``compare`` build their parsers from these, so
-a flag means the same thing everywhere. A flag of one method given with another method is an error, never
-silently ignored.
+a flag means the same thing everywhere. The method flags are not written here: they are generated from the
+fields of each method's config dataclass (declared with :func:`minipeft.core.options.option`), so a setting's
+flag, help and default live in one place, beside the setting, and a new method module brings its flags with
+it. A flag of one method given with another method is an error, never silently ignored.
 """
+
+import dataclasses
+import typing
+from dataclasses import dataclass
 
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
+from minipeft.core.options import flag_names
 from minipeft.core.nf4 import QUANTIZE_CHOICES
 from minipeft.methods import METHODS
 
@@ -57,35 +64,67 @@ def check_quantize_arguments(args) -> bool:
     return True
 
 
-METHOD_FLAGS = {
-    # flag: (methods it applies to, argparse keyword arguments)
-    "--lora_rank": (("lora", "dora"), dict(type=int, help="LoRA rank r (default 8)")),
-    "--lora_alpha": (("lora", "dora"), dict(type=finite_float,
-                                            help="LoRA scale numerator alpha; update x alpha/r (default 16)")),
-    "--lora_dropout": (("lora", "dora"), dict(type=finite_float, help="dropout on the LoRA branch input (default 0)")),
-    "--lora_bias": (("lora", "dora"), dict(choices=["none", "all", "lora_only"], help="which biases train (default none)")),
-    "--use_rslora": (("lora", "dora"), dict(action="store_true", default=None, help="scale by alpha/sqrt(r)")),
-    "--layers_to_transform": (("lora", "dora"), dict(help='only these blocks, e.g. "0-5,-1"')),
-    "--adapter_type": (("adapter",), dict(choices=["houlsby", "pfeiffer"], help="placement (default houlsby)")),
-    "--adapter_size": (("adapter",), dict(type=int, help="bottleneck size m (default 64)")),
-    "--adapter_reduction_factor": (("adapter",), dict(type=finite_float, help="bottleneck m = hidden / factor")),
-    "--adapter_activation": (("adapter",), dict(choices=["relu", "gelu", "silu", "tanh"], help="default relu")),
-    "--adapter_train_layernorms": (("adapter",), dict(action="store_true", default=None, help="also train block norms")),
-    "--prefix_length": (("prefix",), dict(type=int, help="number of prefix key/value vectors per layer (default 20)")),
-    "--prefix_projection": (("prefix",), dict(action="store_true", default=None, help="MLP reparameterisation")),
-    "--prefix_hidden_size": (("prefix",), dict(type=int, help="hidden size of the prefix MLP (default: model width)")),
-    "--num_virtual_tokens": (("prompt",), dict(type=int, help="number of virtual tokens (default 20)")),
-    "--prompt_init": (("prompt",), dict(choices=["random", "vocab", "text"], help="default random")),
-    "--prompt_init_text": (("prompt",), dict(help="text whose token embeddings start the prompt (--prompt_init text)")),
-    "--freeze_layers": (("selective",), dict(help='blocks to freeze, e.g. "0,1,2,3", "0-5", "-1"')),
-    "--train_embeddings": (("selective",), dict(action="store_true", default=None, help="also train the embeddings")),
-    "--no_train_final_norm": (("selective",), dict(action="store_true", default=None, help="freeze the final norm")),
-    "--train_lm_head": (("selective",), dict(action="store_true", default=None, help="also train the LM head")),
-    "--feedforward_modules": (("ia3",), dict(help="IA3 targets that scale their input (comma list)")),
-    "--target_modules": (("lora", "dora", "ia3", "adapter", "bitfit"),
-                         dict(help='comma list of module names or suffixes, or "re:<regex>" (default: per model)')),
-    "--modules_to_save": (("lora", "dora", "ia3", "adapter"), dict(help='modules trained in full, e.g. "lm_head"')),
-}
+# --- every method's flags, generated from its config's fields (see minipeft/core/options.py) ----------------------
+
+@dataclass
+class MethodFlag:
+    """One command-line flag of the methods, made from the config fields that declare it."""
+    flag: str              # "--lora_rank"
+    field: dataclasses.Field  # the first declaring field (every declaration of a shared flag must agree)
+    fields: dict           # method name -> field name in that method's config ("lora": "r", "dora": "r")
+
+    @property
+    def dest(self) -> str:  # where argparse puts the value: args.lora_rank
+        return self.flag.lstrip("-")
+
+    @property
+    def methods(self) -> list:
+        return list(self.fields)
+
+    def argparse_keywords(self) -> dict:
+        """``add_argument``'s keywords: the type from the field's annotation, the help with the default."""
+        kind = field_kind(self.field)
+        help_text = f"[{', '.join(self.methods)}] {self.field.metadata['help']}"
+        if kind is bool:  # a switch: given, it sets the opposite of the default
+            return dict(action="store_true", default=None, help=help_text)
+        default = self.field.default
+        choices, parse = self.field.metadata["choices"], self.field.metadata["parse"]
+        if choices and parse:  # show the default as the user would type it: "random", not "RANDOM"
+            default = next((choice for choice in choices if parse(choice) == default), default)
+        if default is not None and default is not dataclasses.MISSING:
+            help_text += f" (default: {default:g})" if isinstance(default, float) else f" (default: {default})"
+        keywords = dict(help=help_text.replace("%", "%%"))
+        if choices:
+            keywords["choices"] = list(choices)
+        if kind in (int, float):
+            keywords["type"] = int if kind is int else finite_float
+        return keywords
+
+
+def field_kind(field: dataclasses.Field):
+    """``int``, ``float``, ``bool`` or ``str`` (anything else is read as text): ``int | None`` counts as ``int``."""
+    kinds = set(typing.get_args(field.type)) - {type(None)} or {field.type}
+    kind = kinds.pop() if len(kinds) == 1 else str
+    return kind if kind in (int, float, bool) else str
+
+
+def method_flags() -> dict:
+    """``{flag: MethodFlag}`` for every config field with a flag, over every method in :data:`METHODS`."""
+    flags = {}
+    for name, method in METHODS.items():
+        for field in dataclasses.fields(method.config_class):
+            flag = field.metadata.get("flag")
+            if flag is None:
+                continue
+            if flag not in flags:
+                flags[flag] = MethodFlag(flag, field, {})
+            known = flags[flag].field
+            if (field_kind(field), field.metadata["choices"], field.metadata["parse"]) != (
+                    field_kind(known), known.metadata["choices"], known.metadata["parse"]):
+                raise AssertionError(f"{flag} is declared differently by {method.config_class.__name__} and "
+                                     f"an earlier method's config; declare it the same way (core/options.py)")
+            flags[flag].fields[name] = field.name
+    return flags
 
 
 def add_method_arguments(parser) -> None:
@@ -93,84 +132,50 @@ def add_method_arguments(parser) -> None:
     group = parser.add_argument_group("PEFT method")
     group.add_argument("--modification_type", default="lora", choices=list(METHODS),
                        help="which PEFT method to apply (default lora)")
-    for flag, (methods, kwargs) in METHOD_FLAGS.items():
-        group.add_argument(flag, **{**kwargs, "help": f"[{', '.join(methods)}] {kwargs.get('help', '')}"})
+    add_method_flags(group)
 
 
-def _names(value):
-    """``"c_attn,c_proj"`` -> ``["c_attn", "c_proj"]``; ``"re:.*attn.*"`` -> the regex string."""
-    if value is None:
-        return None
-    if value.startswith("re:"):
-        return value[3:]
-    return [name.strip() for name in value.split(",") if name.strip()]
+def add_method_flags(group) -> None:
+    """Every method's flags (generated from the config fields), each help naming the methods that take it."""
+    for flag in method_flags().values():
+        group.add_argument(flag.flag, **flag.argparse_keywords())
+
+
+def unusable_flag(args, methods: list):
+    """The first method flag given that none of ``methods`` takes (an error, never silently ignored), or None."""
+    for flag in method_flags().values():
+        if getattr(args, flag.dest, None) is not None and not set(flag.methods) & set(methods):
+            return flag
+    return None
 
 
 def config_from_args(args, model=None, tokenizer=None):
-    """The method config that the parsed flags describe.
+    """The method config that the parsed flags describe, checked (errors name the flags).
 
-    ``model`` is needed to resolve layer specs such as ``-1``; ``tokenizer`` for ``--prompt_init text``.
+    Each flag given becomes its field's value (through the field's ``parse``); a flag not given leaves the
+    config's own default. ``model`` is needed to resolve layer specs such as ``-1``; ``tokenizer`` for
+    ``--prompt_init text`` (both through the config's ``from_flags``).
     """
     name = args.modification_type
-    for flag, (methods, _) in METHOD_FLAGS.items():
-        if name not in methods and getattr(args, flag.lstrip("-")) is not None:
-            raise UserError(f"{flag} applies to --modification_type {' or '.join(methods)}, not {name}")
+    flag = unusable_flag(args, [name])
+    if flag is not None:
+        raise UserError(f"{flag.flag} applies to --modification_type {' or '.join(flag.methods)}, not {name}")
     config_class = METHODS[name].config_class
-
-    def given(value, default):
-        return default if value is None else value
-
-    if name in ("lora", "dora"):
-        layers = None
-        if args.layers_to_transform is not None:
-            from minipeft.core.layers import num_hidden_layers, parse_layer_spec
-
-            layers = parse_layer_spec(args.layers_to_transform, num_hidden_layers(model), "--layers_to_transform")
-        return config_class(r=given(args.lora_rank, 8), lora_alpha=given(args.lora_alpha, 16.0),
-                            lora_dropout=given(args.lora_dropout, 0.0), target_modules=_names(args.target_modules),
-                            layers_to_transform=layers, bias=given(args.lora_bias, "none"),
-                            use_rslora=bool(args.use_rslora), modules_to_save=_names(args.modules_to_save),
-                            use_dora=name == "dora")
-    if name == "adapter":
-        size = args.adapter_size
-        if size is None and args.adapter_reduction_factor is None:
-            size = 64
-        return config_class(adapter_type=given(args.adapter_type, "houlsby"), bottleneck_size=size,
-                            reduction_factor=args.adapter_reduction_factor,
-                            activation=given(args.adapter_activation, "relu"),
-                            target_modules=_names(args.target_modules),
-                            train_layernorms=bool(args.adapter_train_layernorms),
-                            modules_to_save=_names(args.modules_to_save))
-    if name == "prefix":
-        return config_class(num_virtual_tokens=given(args.prefix_length, 20),
-                            prefix_projection=bool(args.prefix_projection), encoder_hidden_size=args.prefix_hidden_size)
-    if name == "prompt":
-        init = given(args.prompt_init, "text" if args.prompt_init_text else "random")
-        token_ids = None
-        if init == "text":
-            if not args.prompt_init_text:
-                raise UserError("--prompt_init text needs --prompt_init_text \"...\"")
-            if tokenizer is None:
-                raise UserError("--prompt_init text needs the model's tokenizer, and this model has none")
-            token_ids = tokenizer(args.prompt_init_text, add_special_tokens=False)["input_ids"]
-        elif args.prompt_init_text:
-            raise UserError("--prompt_init_text is used only with --prompt_init text")
-        return config_class(num_virtual_tokens=given(args.num_virtual_tokens, 20),
-                            prompt_tuning_init={"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}[init],
-                            prompt_tuning_init_text=args.prompt_init_text, prompt_tuning_init_token_ids=token_ids,
-                            tokenizer_name_or_path=getattr(tokenizer, "name_or_path", None) if token_ids else None)
-    if name == "selective":
-        if args.freeze_layers is None:
-            raise UserError('--modification_type selective needs --freeze_layers, e.g. "0,1,2,3"')
-        from minipeft.core.layers import num_hidden_layers, parse_layer_spec
-
-        layers = parse_layer_spec(args.freeze_layers, num_hidden_layers(model), "--freeze_layers")
-        return config_class(freeze_layers=layers, train_embeddings=bool(args.train_embeddings),
-                            train_final_norm=not args.no_train_final_norm, train_lm_head=bool(args.train_lm_head))
-    if name == "ia3":
-        return config_class(target_modules=_names(args.target_modules),
-                            feedforward_modules=_names(args.feedforward_modules),
-                            modules_to_save=_names(args.modules_to_save))
-    if name == "bitfit":
-        return config_class(target_modules=_names(args.target_modules))
-    raise AssertionError(name)
+    given = {}
+    for flag in method_flags().values():
+        value = getattr(args, flag.dest, None)
+        if value is None or name not in flag.fields:
+            continue
+        field_name = flag.fields[name]
+        field = {field.name: field for field in dataclasses.fields(config_class)}[field_name]
+        if field_kind(field) is bool:
+            given[field_name] = not field.default
+        else:
+            parse = field.metadata["parse"]
+            given[field_name] = parse(value) if parse else value
+    if name == "dora":  # DoRA is LoRA's config with use_dora=True, as peft records it
+        given["use_dora"] = True
+    from_flags = getattr(config_class, "from_flags", None)
+    config = from_flags(given, model, tokenizer) if from_flags else config_class(**given)
+    config.validate(flag_names(config_class))
+    return config

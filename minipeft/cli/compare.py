@@ -10,8 +10,9 @@
 
 For each method, in this process, one after another, with the same seed:
 
-1. a fresh copy of the base model gets the method (its defaults, or the method flags given, e.g.
-   ``--lora_rank``; a flag that applies to none of the chosen methods is an error);
+1. a fresh copy of the base model gets the method (its config's defaults, or the method flags given, e.g.
+   ``--lora_rank``, the same flags as ``train_llm.py``'s; a flag that applies to none of the chosen methods is
+   an error; selective fine-tuning, whose flag has no default, trains the last block here);
 2. :func:`minipeft.training.train` trains it for ``--max_steps`` optimizer steps on the same batches (same
    split, same order), with the method's default learning rate (``Method.learning_rate`` in
    :mod:`minipeft.methods`, the same default as ``train_llm.py``), or ``--learning_rate``, and evaluates it
@@ -21,21 +22,7 @@ For each method, in this process, one after another, with the same seed:
 4. the ``--generation_prompts`` shortest held-out instructions are answered (greedy, ``--generation_tokens``
    at most), by the base model once before any training and by each trained method.
 
-Columns of the table (``comparison.md``, ``comparison.json``, and ``comparison.png`` with matplotlib):
-
-- trainable parameters and their share of the total (tied weights counted once);
-- train time: seconds spent in training steps (evaluation excluded); peak memory: the process's peak
-  resident memory during this method's run on CPU (Linux resets the high-water mark between methods through
-  ``/proc/self/clear_refs``), or the peak CUDA allocation on a GPU. Either includes the untouched base model
-  that the comparison keeps for the next method (one model's size more than a single training run needs), so
-  compare the differences between rows;
-- train loss: mean over the last 10 steps (token-weighted); eval loss before → after, eval perplexity
-  ``exp(total NLL / target tokens)`` after;
-- adapter size on disk (``adapter_model.safetensors`` + config);
-- generation tokens/s, unmerged and merged.
-
-``--report PATH`` (default ``report.md`` in ``--output_dir``) also writes the whole page: the command, its
-wall time and machine, the settings, the table and the generations. ``docs/comparison.md`` is such a page.
+The table, the plot and the page are written by :mod:`minipeft.cli.compare_report`.
 
 The numbers are from one seed and a short budget: they show what each method costs and how fast it starts to
 learn, not which one is best after a full training run. Learning rates matter more than anything else here.
@@ -55,9 +42,10 @@ from pathlib import Path
 import torch
 
 from minipeft.cli import CommandLineParser
+from minipeft.cli.arguments import add_method_flags, config_from_args, method_flags, unusable_flag
+from minipeft.cli.compare_report import describe_machine, markdown_report, markdown_table, plot_comparison
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
-from minipeft.cli.arguments import METHOD_FLAGS
 from minipeft.methods import METHODS
 from minipeft.core.safe_files import remove_our_directory, write_json_atomically, write_text_atomically
 
@@ -124,10 +112,9 @@ def recent_train_loss(metrics_path: Path, last_steps: int = TRAIN_LOSS_LAST_STEP
 def method_config(name: str, args, model, tokenizer):
     """The config of method ``name`` from the method flags that apply to it (the others are left out)."""
     from minipeft.core.layers import num_hidden_layers
-    from minipeft.cli.arguments import config_from_args
 
-    values = {flag.lstrip("-"): getattr(args, flag.lstrip("-")) if name in methods else None
-              for flag, (methods, _) in METHOD_FLAGS.items()}
+    values = {flag.dest: getattr(args, flag.dest) if name in flag.methods else None
+              for flag in method_flags().values()}
     if name == "selective" and values["freeze_layers"] is None:  # compare's default: train the last block
         last = num_hidden_layers(model) - 1
         values["freeze_layers"] = f"0-{last - 1}" if last >= 1 else ""
@@ -209,136 +196,6 @@ def compare_method(name: str, base_model, tokenizer, loaders, args, template: st
     return row
 
 
-# --- the table --------------------------------------------------------------------------------------------------
-
-def _number(value, pattern: str) -> str:
-    return "—" if value is None else format(value, pattern)
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.2f} MB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} kB"
-
-
-def markdown_table(rows: list) -> str:
-    header = ("| method | trainable params | trainable % | train time (s) | peak memory (MB) | train loss | "
-              "eval loss (before → after) | eval ppl | adapter size | gen tok/s unmerged | gen tok/s merged |")
-    lines = [header, "|" + "---|" * 11]
-    for row in rows:
-        lines.append(
-            f"| {row['method']} | {row['trainable_params']:,} | {row['trainable_percent']:.3f} | "
-            f"{row['train_seconds']:.1f} | {_number(row['peak_memory_mb'], ',.0f')} | "
-            f"{_number(row['train_loss'], '.3f')} | {_number(row['eval_loss_before'], '.3f')} → "
-            f"{_number(row['eval_loss'], '.3f')} | {_number(row['eval_perplexity'], '.2f')} | "
-            f"{_size(row['adapter_bytes'])} | {row['tokens_per_s_unmerged']:.1f} | "
-            f"{_number(row['tokens_per_s_merged'], '.1f')} |")
-    return "\n".join(lines)
-
-
-def plot_comparison(rows: list, path: Path):
-    """Four bar charts (eval loss, trainable parameters, train time, generation speed); None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: no plot: matplotlib is not installed (pip install 'minipeft[plot]')")
-        return None
-    names = [row["method"] for row in rows]
-    positions = range(len(rows))
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7))
-    ax = axes[0][0]
-    ax.bar([p - 0.2 for p in positions], [row["eval_loss_before"] or 0 for row in rows], 0.4, label="before")
-    ax.bar([p + 0.2 for p in positions], [row["eval_loss"] or 0 for row in rows], 0.4, label="after")
-    ax.set_title("eval loss"), ax.legend()
-    ax = axes[0][1]
-    ax.bar(positions, [row["trainable_params"] for row in rows])
-    ax.set_yscale("log"), ax.set_title("trainable parameters (log scale)")
-    ax = axes[1][0]
-    ax.bar(positions, [row["train_seconds"] for row in rows])
-    ax.set_title("train time (s)")
-    ax = axes[1][1]
-    ax.bar([p - 0.2 for p in positions], [row["tokens_per_s_unmerged"] for row in rows], 0.4, label="unmerged")
-    ax.bar([p + 0.2 for p in positions], [row["tokens_per_s_merged"] or 0 for row in rows], 0.4, label="merged")
-    ax.set_title("generation tokens/s (batch 1)"), ax.legend()
-    for ax in axes.flat:
-        ax.set_xticks(list(positions), names, rotation=30)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-def markdown_report(result: dict) -> str:
-    """The whole comparison as a Markdown page: command, wall time, settings, table, generations."""
-    settings, rows = result["settings"], result["rows"]
-    lines = [
-        f"# PEFT methods compared on {settings['model']}",
-        "",
-        "<!-- Written by `python -m minipeft compare --report`; rerun the command below instead of editing. -->",
-        "",
-        f"Every method below was applied to a fresh copy of `{settings['model']}` and trained on the same batches, "
-        f"with the same seed and budget, by this command ({settings['wall_minutes']:.1f} minutes of wall time on "
-        f"{settings['machine']}):",
-        "",
-        "```bash",
-        settings["command"],
-        "```",
-        "",
-        f"{settings['train_records']} training and {settings['eval_records']} held-out records "
-        f"(`{settings['dataset_path'] or 'built-in data'}`), template `{settings['template']}`, max_length "
-        f"{settings['max_length']}, {settings['max_steps']} optimizer steps of {settings['batch_size']} records, "
-        f"precision {settings['precision']}, seed {settings['seed']}. Each method trains at its default learning "
-        "rate (`minipeft/methods/__init__.py`, the same as `train_llm.py`'s) unless the command sets one.",
-        "",
-        "| method | learning rate |",
-        "|---|---|",
-        *[f"| {row['method']} | {row['learning_rate']:g} |" for row in rows],
-        "",
-        "## The table",
-        "",
-        markdown_table(rows),
-        "",
-        "Train time counts training steps only; peak memory includes the base model kept for the next method; "
-        "train loss is the token-weighted mean of the last 10 steps; adapter size is the saved directory; "
-        "generation speed is greedy, KV-cached, batch 1. One seed and a short budget: the table shows what each "
-        "method costs and how fast it starts to learn, not which one is best after a full training run.",
-    ]
-    prompts = result.get("prompts") or []
-    if prompts:
-        lines += ["", "## Generations on held-out prompts", "",
-                  f"Greedy, at most {settings['generation_tokens']} new tokens, template `{settings['template']}`: "
-                  "the base model before training, then each method after it.", ""]
-        for index, prompt in enumerate(prompts):
-            lines += [f"### {index + 1}. {' '.join(prompt['instruction'].split())}", ""]
-            if prompt["input"]:
-                lines += [f"Input: {' '.join(prompt['input'].split())}", ""]
-            lines += [f"Reference: {' '.join(prompt['reference'].split())}", "", "| model | reply |", "|---|---|"]
-            replies = [("base model (before)", prompt["base_reply"])]
-            replies += [(f"{row['method']} (after)", row["generations"][index]) for row in rows if row["generations"]]
-            lines += [f"| {who} | {reply.replace('|', '&#124;') or '(empty)'} |" for who, reply in replies]
-            lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def describe_machine(device: torch.device) -> str:
-    """``"2 CPU cores (Intel ...), 2 torch threads"`` or the GPU's name: where the wall time was measured."""
-    import os
-    import platform
-
-    if device.type == "cuda":
-        return f"one {torch.cuda.get_device_name(device)}"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPU cores ({model}), {torch.get_num_threads()} torch threads"
-
-
 # --- command line ---------------------------------------------------------------------------------------------------
 
 def parse_methods(text: str) -> list:
@@ -407,36 +264,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=42, help="seed for the subset, split, order and initialisation")
     parser.add_argument("--output_dir", default="compare_outputs", help="where adapters and tables go")
-    group = parser.add_argument_group("method settings (each applies to the methods it names)")
-    for flag, (methods, kwargs) in METHOD_FLAGS.items():
-        group.add_argument(flag, **{**kwargs, "help": f"[{', '.join(methods)}] {kwargs.get('help', '')}"})
+    add_method_flags(parser.add_argument_group("method settings (each applies to the methods it names)"))
     return parser
 
 
 def check_method_flags(args, methods: list) -> None:
-    for flag, (flag_methods, _) in METHOD_FLAGS.items():
-        if getattr(args, flag.lstrip("-")) is not None and not set(flag_methods) & set(methods):
-            raise UserError(f"{flag} applies to {' or '.join(flag_methods)}, none of which is in --methods "
-                            f"{','.join(methods)}")
+    flag = unusable_flag(args, methods)
+    if flag is not None:
+        raise UserError(f"{flag.flag} applies to {' or '.join(flag.methods)}, none of which is in --methods "
+                        f"{','.join(methods)}")
 
 
 def model_positions(model_config):
     return getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
 
 
-def virtual_tokens(args, methods: list) -> int:
-    """The most tokens prompt or prefix tuning puts in front of every record (20 by default; 0 for the others)."""
-    virtual = 0
-    if "prompt" in methods:
-        virtual = max(virtual, args.num_virtual_tokens or 20)
-    if "prefix" in methods:
-        virtual = max(virtual, args.prefix_length or 20)
-    return virtual
+def virtual_tokens(args, methods: list, model, tokenizer) -> int:
+    """The most virtual tokens a method's config puts in front of every record (prompt and prefix tuning's
+    ``num_virtual_tokens``, from its flag or its config's default; 0 for the other methods)."""
+    return max(getattr(method_config(name, args, model, tokenizer), "num_virtual_tokens", 0) for name in methods)
 
 
-def check_positions(args, methods: list, model_config) -> None:
+def check_positions(args, methods: list, model, tokenizer) -> None:
     """``--max_length`` plus the virtual tokens of prompt/prefix tuning must fit the model's positions."""
-    positions, virtual = model_positions(model_config), virtual_tokens(args, methods)
+    positions, virtual = model_positions(model.config), virtual_tokens(args, methods, model, tokenizer)
     if positions is not None and args.max_length + virtual > positions:
         raise UserError(f"--max_length {args.max_length}" + (f" + {virtual} virtual tokens" if virtual else "")
                         + f" exceeds the model's {positions} positions; lower --max_length")
@@ -484,7 +335,7 @@ def main(argv=None) -> int:
 
     base_model, tokenizer = load_model_and_tokenizer(args.model)
     base_model.to(device)
-    check_positions(args, methods, base_model.config)
+    check_positions(args, methods, base_model, tokenizer)
     template = resolve_template(args.template, None, args.model, tokenizer)
     dataset_path = args.dataset_path
     if args.max_records is not None:
@@ -497,7 +348,8 @@ def main(argv=None) -> int:
     print("\n".join(report.summary_lines()))
     speed_prompt = next(iter(val_loader))["input_ids"][:1, :16].to(device)
     # the shortest held-out prompts (quick to answer on a CPU) that fit the model's positions with the answer
-    room = (model_positions(base_model.config) or 10**9) - virtual_tokens(args, methods) - args.generation_tokens
+    room = ((model_positions(base_model.config) or 10**9) - virtual_tokens(args, methods, base_model, tokenizer)
+            - args.generation_tokens)
     records = [val_loader.dataset.record(index) for index in range(len(val_loader.dataset))]
     lengths = [len(encode_prompt(record.instruction, record.input, template, tokenizer)) for record in records]
     held_out = [record for length, _, record in sorted(zip(lengths, range(len(records)), records))

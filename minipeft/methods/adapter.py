@@ -46,6 +46,7 @@ from minipeft.core.layers import is_norm_layer
 from minipeft.core.inject import find_target_modules, layer_index, replace_module
 from minipeft.core.layers import default_target_modules, layer_features
 from minipeft.core.method import Method
+from minipeft.core.options import modules_to_save_option, option, target_modules_option
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -83,29 +84,39 @@ class AdapterConfig:
 
     peft_type: ClassVar[str] = "BOTTLENECK_ADAPTER"
 
-    adapter_type: str = "houlsby"
-    bottleneck_size: object = 64
-    reduction_factor: object = None
-    activation: str = "relu"
-    target_modules: object = None
-    train_layernorms: bool = False
-    modules_to_save: object = None
+    adapter_type: str = option("houlsby", flag="--adapter_type", choices=["houlsby", "pfeiffer"], help="placement")
+    bottleneck_size: int | None = option(64, flag="--adapter_size", help="bottleneck size m")
+    reduction_factor: float | None = option(None, flag="--adapter_reduction_factor",
+                                            help="bottleneck m = hidden / factor (instead of --adapter_size)")
+    activation: str = option("relu", flag="--adapter_activation", choices=list(ACTIVATIONS),
+                             help="nonlinearity between down and up")
+    target_modules: object = target_modules_option()
+    train_layernorms: bool = option(False, flag="--adapter_train_layernorms", help="also train block norms")
+    modules_to_save: object = modules_to_save_option()
 
-    def validate(self) -> None:
+    @classmethod
+    def from_flags(cls, given: dict, model=None, tokenizer=None) -> "AdapterConfig":
+        """The config of the flags given: a reduction factor without a size replaces the default size."""
+        if given.get("reduction_factor") is not None and given.get("bottleneck_size") is None:
+            given = {**given, "bottleneck_size": None}
+        return cls(**given)
+
+    def validate(self, name=str) -> None:
+        """Check the settings; ``name(field)`` is how a message names one (the command line passes its flags)."""
         if self.adapter_type not in ("houlsby", "pfeiffer"):
-            raise UserError(f"--adapter_type must be houlsby or pfeiffer, got {self.adapter_type!r}")
+            raise UserError(f"{name('adapter_type')} must be houlsby or pfeiffer, got {self.adapter_type!r}")
         if self.activation not in ACTIVATIONS:
-            raise UserError(f"--adapter_activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+            raise UserError(f"{name('activation')} must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if (self.bottleneck_size is None) == (self.reduction_factor is None):
-            raise UserError("--adapter_size and --adapter_reduction_factor: give exactly one of the two "
+            raise UserError(f"{name('bottleneck_size')} and {name('reduction_factor')}: give exactly one of the two "
                             f"(got {self.bottleneck_size!r} and {self.reduction_factor!r})")
         if self.bottleneck_size is not None and (not isinstance(self.bottleneck_size, int)
                                                  or self.bottleneck_size <= 0):
-            raise UserError(f"--adapter_size must be a positive integer, got {self.bottleneck_size!r}")
+            raise UserError(f"{name('bottleneck_size')} must be a positive integer, got {self.bottleneck_size!r}")
         if self.reduction_factor is not None:
-            require_finite("--adapter_reduction_factor", self.reduction_factor)
+            require_finite(name("reduction_factor"), self.reduction_factor)
         if self.reduction_factor is not None and not self.reduction_factor > 0:
-            raise UserError(f"--adapter_reduction_factor must be positive, got {self.reduction_factor!r}")
+            raise UserError(f"{name('reduction_factor')} must be positive, got {self.reduction_factor!r}")
 
     def bottleneck_for(self, hidden_size: int) -> int:
         """``m`` for a projection of width ``hidden_size``."""

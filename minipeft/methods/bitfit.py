@@ -35,6 +35,7 @@ from minipeft.core.errors import UserError
 from minipeft.core.inject import find_target_modules, layer_index, replace_module
 from minipeft.core.layers import layer_features
 from minipeft.core.method import Method
+from minipeft.core.options import target_modules_option
 
 
 @dataclass
@@ -50,12 +51,13 @@ class BitFitConfig:
 
     peft_type: ClassVar[str] = "BITFIT"
 
-    target_modules: object = None
+    target_modules: object = target_modules_option()
     modules_to_save: object = None
 
-    def validate(self) -> None:
+    def validate(self, name=str) -> None:
+        """Check the settings; ``name(field)`` is how a message names one (the command line passes its flags)."""
         if self.target_modules is not None and not isinstance(self.target_modules, (str, list, tuple)):
-            raise UserError(f"--target_modules must be module names or a regex, got {self.target_modules!r}")
+            raise UserError(f"{name('target_modules')} must be module names or a regex, got {self.target_modules!r}")
 
 
 class LinearWithAddedBias(AdapterLayer):

@@ -33,6 +33,7 @@ from minipeft.core.layers import default_target_modules, layer_features
 from minipeft.core.method import Method
 from minipeft.core.nf4 import refuse_4bit_merge
 from minipeft.core.nf4 import Linear4bit
+from minipeft.core.options import module_names, modules_to_save_option, option, target_modules_option
 
 # peft's defaults (TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and ..._FEEDFORWARD_MODULES_MAPPING).
 DEFAULT_TARGETS = {
@@ -65,19 +66,22 @@ class IA3Config:
 
     peft_type: ClassVar[str] = "IA3"
 
-    target_modules: object = None
-    feedforward_modules: object = None
+    target_modules: object = target_modules_option()
+    feedforward_modules: object = option(None, flag="--feedforward_modules", parse=module_names,
+                                         help="IA3 targets that scale their input (comma list; default: per model)")
     fan_in_fan_out: bool = False
     init_ia3_weights: bool = True
-    modules_to_save: object = None
+    modules_to_save: object = modules_to_save_option()
 
-    def validate(self) -> None:
+    def validate(self, name=str) -> None:
+        """Check the settings; ``name(field)`` is how a message names one (the command line passes its flags)."""
         if isinstance(self.target_modules, (list, tuple, set)) and isinstance(self.feedforward_modules,
                                                                             (list, tuple, set)):
             outside = sorted(set(self.feedforward_modules) - set(self.target_modules))
             if outside:
-                raise UserError(f"--feedforward_modules: {', '.join(outside)} not in --target_modules "
-                                f"{sorted(self.target_modules)}; feed-forward modules must also be targets")
+                raise UserError(f"{name('feedforward_modules')}: {', '.join(outside)} not in "
+                                f"{name('target_modules')} {sorted(self.target_modules)}; feed-forward modules "
+                                "must also be targets")
 
 
 class IA3Linear(AdapterLayer):

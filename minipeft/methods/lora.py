@@ -31,9 +31,10 @@ from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
 from minipeft.core.finite import require_finite
 from minipeft.core.inject import find_target_modules, replace_module
-from minipeft.core.layers import default_target_modules, layer_features
+from minipeft.core.layers import default_target_modules, layer_features, num_hidden_layers, parse_layer_spec
 from minipeft.core.method import Method
 from minipeft.core.nf4 import Linear4bit, refuse_4bit_merge
+from minipeft.core.options import flag_of, modules_to_save_option, option, target_modules_option
 
 # What LoRA targets when the user names nothing (the attention projections; peft's defaults).
 DEFAULT_TARGETS = {
@@ -52,7 +53,8 @@ class LoRAConfig:
 
     Args:
         r: rank of the update (``--lora_rank``).
-        lora_alpha: scale numerator ``α`` (``--lora_alpha``); the update is multiplied by ``α / r``.
+        lora_alpha: scale numerator ``α`` (``--lora_alpha``); the update is multiplied by ``α / r``. The default
+            is 16 for the API and the command line alike (peft's ``LoraConfig`` defaults to 8).
         lora_dropout: dropout on the LoRA branch's input only (0 means no dropout module at all).
         target_modules: names, suffixes (a list) or one regex (a string); None uses the model family's
             default (:data:`DEFAULT_TARGETS`).
@@ -69,32 +71,42 @@ class LoRAConfig:
 
     peft_type: ClassVar[str] = "LORA"
 
-    r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    target_modules: object = None
-    layers_to_transform: object = None
+    r: int = option(8, flag="--lora_rank", help="LoRA rank r")
+    lora_alpha: float = option(16.0, flag="--lora_alpha", help="LoRA scale numerator alpha; update x alpha/r")
+    lora_dropout: float = option(0.0, flag="--lora_dropout", help="dropout on the LoRA branch input")
+    target_modules: object = target_modules_option()
+    layers_to_transform: object = option(None, flag="--layers_to_transform", help='only these blocks, e.g. "0-5,-1"')
     layers_pattern: object = None
-    bias: str = "none"
-    use_rslora: bool = False
-    modules_to_save: object = None
+    bias: str = option("none", flag="--lora_bias", choices=["none", "all", "lora_only"], help="which biases train")
+    use_rslora: bool = option(False, flag="--use_rslora", help="scale by alpha/sqrt(r)")
+    modules_to_save: object = modules_to_save_option()
     init_lora_weights: bool = True
     fan_in_fan_out: bool = False
     use_dora: bool = False
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
 
-    def validate(self) -> None:
+    @classmethod
+    def from_flags(cls, given: dict, model, tokenizer=None) -> "LoRAConfig":
+        """The config of the flags given; ``--layers_to_transform "0-5,-1"`` needs the model's block count."""
+        if given.get("layers_to_transform") is not None:
+            flag = flag_of(cls, "layers_to_transform")
+            given = {**given, "layers_to_transform": parse_layer_spec(given["layers_to_transform"],
+                                                                       num_hidden_layers(model), flag)}
+        return cls(**given)
+
+    def validate(self, name=str) -> None:
+        """Check the settings; ``name(field)`` is how a message names one (the command line passes its flags)."""
         if not isinstance(self.r, int) or self.r <= 0:
-            raise UserError(f"--lora_rank (r) must be a positive integer, got {self.r!r}")
-        require_finite("--lora_alpha", self.lora_alpha)
-        require_finite("--lora_dropout", self.lora_dropout)
+            raise UserError(f"{name('r')} must be a positive integer, got {self.r!r}")
+        require_finite(name("lora_alpha"), self.lora_alpha)
+        require_finite(name("lora_dropout"), self.lora_dropout)
         if self.lora_alpha <= 0:
-            raise UserError(f"--lora_alpha must be positive, got {self.lora_alpha!r}")
+            raise UserError(f"{name('lora_alpha')} must be positive, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise UserError(f"{name('lora_dropout')} must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
-            raise UserError(f"--lora_bias must be none, all or lora_only, got {self.bias!r}")
+            raise UserError(f"{name('bias')} must be none, all or lora_only, got {self.bias!r}")
         if self.rank_pattern or self.alpha_pattern:
             raise UserError("rank_pattern/alpha_pattern (per-module ranks) are not supported by minipeft")
 

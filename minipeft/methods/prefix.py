@@ -45,6 +45,7 @@ from transformers import DynamicCache
 
 from minipeft.core.errors import UserError
 from minipeft.core.method import Method
+from minipeft.core.options import option
 from minipeft.core.transformers_api import cache_keyword_argument, is_activation_checkpointing, pop_cache
 from minipeft.core.virtual_tokens import (PromptEncoder, extend_mask_and_positions, is_continuing,
                                           load_prompt_embeddings)
@@ -68,23 +69,27 @@ class PrefixTuningConfig:
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
 
-    num_virtual_tokens: int = 20
-    prefix_projection: bool = False
-    encoder_hidden_size: int = None
+    num_virtual_tokens: int = option(20, flag="--prefix_length",
+                                     help="number of prefix key/value vectors per layer")
+    prefix_projection: bool = option(False, flag="--prefix_projection", help="MLP reparameterisation")
+    encoder_hidden_size: int = option(None, flag="--prefix_hidden_size",
+                                      help="hidden size of the prefix MLP (default: token_dim, kv heads x head dim)")
     token_dim: int = None
     num_layers: int = None
     num_attention_heads: int = None
     num_transformer_submodules: int = 1
     inference_mode: bool = False
 
-    def validate(self) -> None:
+    def validate(self, name=str) -> None:
+        """Check the settings; ``name(field)`` is how a message names one (the command line passes its flags)."""
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
-            raise UserError(f"--prefix_length must be a positive integer, got {self.num_virtual_tokens!r}")
+            raise UserError(f"{name('num_virtual_tokens')} must be a positive integer, got {self.num_virtual_tokens!r}")
         if self.encoder_hidden_size is not None and (
                 not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0):
-            raise UserError(f"--prefix_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}")
+            raise UserError(f"{name('encoder_hidden_size')} must be a positive integer, "
+                            f"got {self.encoder_hidden_size!r}")
         if self.num_transformer_submodules != 1:
-            raise UserError(f"num_transformer_submodules must be 1 (decoder-only models), "
+            raise UserError(f"{name('num_transformer_submodules')} must be 1 (decoder-only models), "
                             f"got {self.num_transformer_submodules!r}")
 
 

@@ -32,11 +32,13 @@ from torch import nn
 
 from minipeft.core.errors import UserError
 from minipeft.core.method import Method
+from minipeft.core.options import flag_of, option
 from minipeft.core.transformers_api import cache_keyword_argument, pop_cache
 from minipeft.core.virtual_tokens import (PromptEncoder, extend_mask_and_positions, is_continuing,
                                           load_prompt_embeddings)
 
 PROMPT_TUNING_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+PROMPT_INIT_FLAG_VALUES = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # --prompt_init -> field
 
 
 @dataclass
@@ -56,9 +58,12 @@ class PromptTuningConfig:
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
 
-    num_virtual_tokens: int = 20
-    prompt_tuning_init: str = "RANDOM"
-    prompt_tuning_init_text: str = None
+    num_virtual_tokens: int = option(20, flag="--num_virtual_tokens", help="number of virtual tokens")
+    prompt_tuning_init: str = option("RANDOM", flag="--prompt_init", choices=list(PROMPT_INIT_FLAG_VALUES),
+                                     parse=PROMPT_INIT_FLAG_VALUES.get,
+                                     help="how the virtual tokens start: random, vocab or text")
+    prompt_tuning_init_text: str = option(None, flag="--prompt_init_text",
+                                          help="text whose token embeddings start the prompt (--prompt_init text)")
     tokenizer_name_or_path: str = None
     prompt_tuning_init_token_ids: list = None
     token_dim: int = None
@@ -67,17 +72,37 @@ class PromptTuningConfig:
     num_transformer_submodules: int = 1
     inference_mode: bool = False
 
-    def validate(self) -> None:
+    @classmethod
+    def from_flags(cls, given: dict, model=None, tokenizer=None) -> "PromptTuningConfig":
+        """The config of the flags given. An init text implies ``--prompt_init text``, and is tokenized here
+        (``apply`` needs token ids, and only the command line has the tokenizer at hand)."""
+        init_flag, text_flag = flag_of(cls, "prompt_tuning_init"), flag_of(cls, "prompt_tuning_init_text")
+        text = given.get("prompt_tuning_init_text")
+        init = given.get("prompt_tuning_init") or ("TEXT" if text else cls.prompt_tuning_init)
+        if init != "TEXT":
+            if text:
+                raise UserError(f"{text_flag} is used only with {init_flag} text")
+            return cls(**{**given, "prompt_tuning_init": init})
+        if not text:
+            raise UserError(f"{init_flag} text needs {text_flag} \"...\"")
+        if tokenizer is None:
+            raise UserError(f"{init_flag} text needs the model's tokenizer, and this model has none")
+        token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return cls(**{**given, "prompt_tuning_init": init, "prompt_tuning_init_token_ids": token_ids,
+                      "tokenizer_name_or_path": getattr(tokenizer, "name_or_path", None) if token_ids else None})
+
+    def validate(self, name=str) -> None:
+        """Check the settings; ``name(field)`` is how a message names one (the command line passes its flags)."""
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
-            raise UserError(f"--num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+            raise UserError(f"{name('num_virtual_tokens')} must be a positive integer, got {self.num_virtual_tokens!r}")
         if self.prompt_tuning_init not in PROMPT_TUNING_INITS:
-            raise UserError(f"--prompt_init must be random, vocab or text (prompt_tuning_init "
-                            f"{'/'.join(PROMPT_TUNING_INITS)}), got {self.prompt_tuning_init!r}")
+            raise UserError(f"{name('prompt_tuning_init')} must be one of {', '.join(PROMPT_TUNING_INITS)}, "
+                            f"got {self.prompt_tuning_init!r}")
         if self.prompt_tuning_init == "TEXT" and not self.inference_mode and not self.prompt_tuning_init_token_ids:
-            raise UserError("--prompt_init text needs --prompt_init_text (a non-empty text, tokenized into "
-                            "prompt_tuning_init_token_ids)")
+            raise UserError(f"{name('prompt_tuning_init')} TEXT needs {name('prompt_tuning_init_text')} (a non-empty "
+                            "text, tokenized into prompt_tuning_init_token_ids)")
         if self.num_transformer_submodules != 1:
-            raise UserError(f"num_transformer_submodules must be 1 (decoder-only models), "
+            raise UserError(f"{name('num_transformer_submodules')} must be 1 (decoder-only models), "
                             f"got {self.num_transformer_submodules!r}")
 
 

@@ -97,8 +97,10 @@ def config_to_dict(config, **metadata) -> dict:
 def config_from_dict(values: dict, source: str = CONFIG_NAME):
     """The config dataclass for a saved config; unknown keys are ignored, missing ones take the defaults.
 
-    Numeric fields are checked against the dataclass's annotations before the config is built, so a file's
-    mistake is reported in the file's terms (``adapter_config.json: "r" must be a positive integer, got '8'``).
+    Numeric fields are checked against the dataclass's annotations before the config is built, and the built
+    config by its own ``validate()``, so a file's mistake is reported in the file's terms
+    (``adapter_config.json: "r" must be a positive integer, got '8'``;
+    ``adapter_config.json: lora_dropout must be in [0, 1), got 1.5``), never by a flag the user did not pass.
     """
     if not isinstance(values, dict) or "peft_type" not in values:
         raise UserError(f"{source}: not an adapter config (no 'peft_type' key)")
@@ -112,7 +114,9 @@ def config_from_dict(values: dict, source: str = CONFIG_NAME):
         if value is not None or fields[key].default is not None:  # `token_dim: int = None` may be null
             _check_number_field(key, value, fields[key].type, source)
     try:
-        return config_class(**given)
+        config = config_class(**given)
+        config.validate()  # its messages name the fields (``lora_dropout must be in [0, 1)``), after the file
+        return config
     except TypeError as error:
         raise UserError(f"{source}: {error}") from None
     except UserError as error:
