@@ -178,3 +178,21 @@ def test_a_flag_declared_two_ways_is_refused(monkeypatch):
     monkeypatch.setitem(METHODS, "clash", types.SimpleNamespace(config_class=ClashingConfig))
     with pytest.raises(AssertionError, match="--lora_rank is declared differently"):
         method_flags()
+
+
+def test_both_sources_through_the_commands(tmp_path, capsys):
+    """The same bad dropout: typed as a flag (modify_llm.py) or found in a file (generate --adapter)."""
+    from minipeft.cli import run
+    from minipeft.cli.generate import main as generate_main
+    from minipeft.cli.modify import main as modify_main
+
+    adapter = tmp_path / "adapter"
+    assert run(modify_main, ["--model", "builtin", "--table", "none", "--save_adapter", str(adapter)]) == 0
+    config_path = adapter / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "lora_dropout": 1.5}))
+    capsys.readouterr()
+    assert run(modify_main, ["--model", "builtin", "--table", "none", "--lora_dropout", "1.5"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --lora_dropout must be in [0, 1), got 1.5"
+    assert run(generate_main, ["--adapter", str(adapter), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {config_path}: lora_dropout must be in [0, 1), got 1.5")

@@ -29,6 +29,7 @@ from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float, nonfinite_to_none
 from minipeft.core.input_files import check_input_file, loads_json, read_input_text
 from minipeft.core.safe_files import MARKER_NAME, OutputLock, check_apart, remove_our_directory, write_json_atomically
+from minipeft.methods import METHODS
 from minipeft.training.config import PRECISIONS, TrainingConfig
 from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.checkpoint import resolve_resume
@@ -58,7 +59,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     add("--gradient_accumulation_steps", type=int, default=defaults.gradient_accumulation_steps,
         help="micro-batches per optimizer step (default: %(default)s)")
     add("--learning_rate", type=finite_float, default=None,
-        help="peak learning rate (default: the method's own, e.g. lora 1e-3, prompt 3e-2; see minipeft/methods/__init__.py)")
+        help="peak learning rate (default: the method's own: "
+             + ", ".join(f"{name} {method.learning_rate:g}" for name, method in METHODS.items()) + ")")
     add("--lr_schedule", default=defaults.lr_schedule, choices=SCHEDULES,
         help="learning-rate schedule after warmup (default: %(default)s)")
     add("--warmup_steps", type=int, default=None, help="linear warmup over this many optimizer steps")
