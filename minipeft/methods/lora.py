@@ -49,7 +49,7 @@ DEFAULT_TARGETS = {
 
 @dataclass
 class LoRAConfig:
-    """LoRA settings; field names and meanings are peft's ``LoraConfig`` (see PEFT_FORMAT.md).
+    """LoRA settings; field names and meanings are peft's ``LoraConfig`` (see docs/peft_format.md).
 
     Args:
         r: rank of the update (``--lora_rank``).
@@ -70,6 +70,9 @@ class LoRAConfig:
     """
 
     peft_type: ClassVar[str] = "LORA"
+    # What peft assumes for a key its adapter_config.json lacks, where that differs from our default above:
+    # a file is read as peft reads it (peft writes every key; a hand-written file may not).
+    file_defaults: ClassVar[dict] = {"lora_alpha": 8}
 
     r: int = option(8, flag="--lora_rank", help="LoRA rank r")
     lora_alpha: float = option(16.0, flag="--lora_alpha", help="LoRA scale numerator alpha; update x alpha/r")

@@ -53,7 +53,7 @@ from minipeft.core.virtual_tokens import (PromptEncoder, extend_mask_and_positio
 
 @dataclass
 class PrefixTuningConfig:
-    """Prefix tuning settings; field names are peft's ``PrefixTuningConfig`` (see PEFT_FORMAT.md).
+    """Prefix tuning settings; field names are peft's ``PrefixTuningConfig`` (see docs/peft_format.md).
 
     Args:
         num_virtual_tokens: ``n``, the prefix length in every layer (``--prefix_length``).

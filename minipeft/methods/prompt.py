@@ -43,7 +43,7 @@ PROMPT_INIT_FLAG_VALUES = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": 
 
 @dataclass
 class PromptTuningConfig:
-    """Prompt tuning settings; field names are peft's ``PromptTuningConfig`` (see PEFT_FORMAT.md).
+    """Prompt tuning settings; field names are peft's ``PromptTuningConfig`` (see docs/peft_format.md).
 
     Args:
         num_virtual_tokens: ``n``, the number of trained embeddings put before the input (``--num_virtual_tokens``).

@@ -95,7 +95,8 @@ def config_to_dict(config, **metadata) -> dict:
 
 
 def config_from_dict(values: dict, source: str = CONFIG_NAME):
-    """The config dataclass for a saved config; unknown keys are ignored, missing ones take the defaults.
+    """The config dataclass for a saved config; unknown keys are ignored, missing ones take the defaults (peft's,
+    where a config class says in ``file_defaults`` that they differ from its own).
 
     Numeric fields are checked against the dataclass's annotations before the config is built, and the built
     config by its own ``validate()``, so a file's mistake is reported in the file's terms
@@ -109,7 +110,8 @@ def config_from_dict(values: dict, source: str = CONFIG_NAME):
     block = values.get("minipeft") if isinstance(values.get("minipeft"), dict) else {}
     values = {**values, **{key: block[key] for key in MINIPEFT_ONLY_FIELDS if key in block}}
     fields = {field.name: field for field in dataclasses.fields(config_class)}
-    given = {key: value for key, value in values.items() if key in fields}
+    given = {**getattr(config_class, "file_defaults", {}),
+             **{key: value for key, value in values.items() if key in fields}}
     for key, value in given.items():
         if value is not None or fields[key].default is not None:  # `token_dim: int = None` may be null
             _check_number_field(key, value, fields[key].type, source)
