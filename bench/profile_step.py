@@ -6,8 +6,9 @@
 
 One fixed batch: the first ``--batch_size`` GPTeacher records (Alpaca template, max_length 256, padded to
 the longest), the same every run. One untimed step first (oneDNN picks its kernels), then one profiled
-step through minipeft's own path: :func:`minipeft.training.loop.accumulate_gradients` with the loop's
-precision handling, then the optimizer. Prints the wall time of the step, the real tokens in it, and the
+step through minipeft's own path: the frozen weights stored in bf16 as ``train`` stores them
+(:func:`minipeft.training.precision.cast_frozen_weights`), :func:`minipeft.training.loop.accumulate_gradients`
+under the loop's autocast, then the optimizer. Prints the wall time of the step, the real tokens in it, and the
 top operators by self CPU time (a table for docs/benchmarks.md).
 """
 
@@ -44,7 +45,7 @@ def main() -> None:
     from minipeft.data.tokenization import pad_token_id, tokenize_records
     from minipeft.methods.lora import LoRAConfig
     from minipeft.training.distributed import DistributedContext
-    from minipeft.training import loop
+    from minipeft.training.precision import cast_frozen_weights
     from minipeft.training.loop import accumulate_gradients, autocast_for
     from minipeft.training.optimizer import build_optimizer
 
@@ -54,8 +55,7 @@ def main() -> None:
     model = load_model(args.model)
     peft_model = get_peft_model(model, LoRAConfig(r=8, lora_alpha=16, lora_dropout=args.lora_dropout,
                                                   target_modules=lora_targets(model)))
-    if hasattr(loop, "prepare_model_for_precision"):
-        loop.prepare_model_for_precision(peft_model, args.precision)
+    cast_frozen_weights(peft_model, args.precision)  # as train() does: frozen weights stored in bf16
     peft_model.train()
     records = load_records(DATA).records[:args.batch_size]
     tokenized = tokenize_records(records, tokenizer, "alpaca", args.max_length, progress=False)
@@ -71,6 +71,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
 
     step()
+    load_before = os.getloadavg()
     started = time.perf_counter()
     step()
     plain_seconds = time.perf_counter() - started
@@ -78,7 +79,9 @@ def main() -> None:
         step()
     tokens = int(batch["attention_mask"].sum())
     n_parameters = sum(p.numel() for p in {id(p): p for p in peft_model.parameters()}.values())
-    print(f"{args.model}, LoRA r=8, {args.precision}, batch {tuple(batch['input_ids'].shape)}, {tokens} real tokens, "
+    print(f"load average before {' '.join(f'{x:.1f}' for x in load_before)}, after "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min)")
+    print(f"{args.model}, LoRA r=8, dropout {args.lora_dropout}, {args.precision}, batch {tuple(batch['input_ids'].shape)}, {tokens} real tokens, "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}")
     print(f"one step (unprofiled): {plain_seconds:.2f} s = {tokens / plain_seconds:.0f} tok/s = "
           f"{4 * n_parameters * tokens / plain_seconds / 1e9:.0f} GFLOP/s (4N)")

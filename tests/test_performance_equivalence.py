@@ -12,7 +12,17 @@
   against autocast over float32 weights: the same loss to bf16's precision, float32 gradients.
 * The fused AdamW (:func:`minipeft.training.optimizer.build_optimizer`) takes the same step as the
   per-parameter one.
+* Right-padded batches reach the model without their padding mask
+  (:func:`minipeft.training.loss.without_right_padding_mask`): the tests above compare that path with the
+  reference, which keeps the mask.
+* LoRA's dropout draws its mask from the gaps between dropped entries
+  (:func:`minipeft.methods.lora.zero_dropped_entries`): the same distribution as a Bernoulli draw per entry
+  (share of zeros and of adjacent zero pairs within 5 standard errors of p and p²), the LoRA output equals
+  ``W x + s/(1-p) · B A (x ⊙ mask)`` for the mask drawn, and no gradient reaches a dropped entry.
 """
+
+import math
+
 
 import pytest
 import torch
@@ -21,11 +31,11 @@ from minipeft import get_peft_model
 from minipeft.methods.adapter import AdapterConfig
 from minipeft.methods.selective import SelectiveConfig
 from minipeft.methods.ia3 import IA3Config
-from minipeft.methods.lora import LoRAConfig
+from minipeft.methods.lora import LoRAConfig, LoRALinear, zero_dropped_entries
 from minipeft.methods.prefix import PrefixTuningConfig
 from minipeft.methods.prompt import PromptTuningConfig
 from minipeft.training.loss import (causal_lm_loss_sum, causal_lm_loss_sum_all_logits, count_target_tokens,
-                                    linear_cross_entropy_sum)
+                                    linear_cross_entropy_sum, without_right_padding_mask)
 from minipeft.training.optimizer import build_optimizer, parameter_groups
 from minipeft.training.precision import cast_frozen_weights
 from tests.conftest import MODEL_FACTORIES
@@ -204,3 +214,53 @@ def test_fused_adamw_takes_the_same_step_as_the_per_parameter_one():
         plain.step()
     for mine, theirs in zip(fused_after, trainable):
         torch.testing.assert_close(mine, theirs.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_padding_mask_dropped_only_for_right_padded_batches():
+    from minipeft.data.batching import model_inputs
+
+    right = model_inputs(instruction_batch("right"))
+    assert "attention_mask" in right and "attention_mask" not in without_right_padding_mask(right)
+    left = model_inputs(instruction_batch("left"))  # position_ids given: kept as is
+    assert without_right_padding_mask(left) is left
+    packed = model_inputs(packed_batch())
+    assert without_right_padding_mask(packed) is packed
+    holes = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 0, 1, 1], [1] * 4])}
+    assert without_right_padding_mask(holes) is holes  # a 0 before a 1 is not right padding
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_dropout_by_gaps_has_the_bernoulli_distribution(p):
+    torch.manual_seed(0)
+    n = 200_000
+    dropped = (zero_dropped_entries(torch.ones(n), p) == 0).double()
+    standard_error = math.sqrt(p * (1 - p) / n)
+    assert abs(float(dropped.mean()) - p) < 5 * standard_error
+    pairs = dropped[1:] * dropped[:-1]  # independence of neighbours: P(both dropped) = p²
+    # overlapping pairs are not independent of each other: twice the i.i.d. standard error as the margin
+    assert abs(float(pairs.mean()) - p * p) < 10 * math.sqrt(p * p * (1 - p * p) / n)
+    assert not torch.equal(zero_dropped_entries(torch.ones(n), p), zero_dropped_entries(torch.ones(n), p))
+    x = torch.randn(64, 33, requires_grad=True)
+    kept = zero_dropped_entries(x, p)
+    kept.sum().backward()
+    assert torch.equal(x.grad, (kept != 0).float())  # a dropped entry gets no gradient
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lora_dropout_output_is_the_dropout_formula(autocast):
+    """``W x + b + s/(1-p) · B A (x ⊙ mask)``, with the mask the layer drew (same seed), float32 and bf16."""
+    torch.manual_seed(0)
+    p = 0.25
+    lora = LoRALinear(torch.nn.Linear(16, 24), r=4, alpha=8, dropout=p, init_lora_weights=False).train()
+    x = torch.randn(5, 7, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        torch.manual_seed(1)
+        output = lora(x)
+        torch.manual_seed(1)
+        masked = zero_dropped_entries(x, p)
+        expected = lora.base_layer(x) + lora.lora_B(lora.lora_A(masked)) * (lora.scaling / (1 - p))
+    assert output.dtype == expected.dtype
+    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(output, expected, **tolerance)
+    assert not torch.equal(masked, x) and torch.equal(masked == 0, (x == 0) | (masked == 0))
+    torch.testing.assert_close(lora.eval()(x), lora.base_layer(x) + lora.lora_B(lora.lora_A(x)) * lora.scaling)

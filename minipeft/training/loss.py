@@ -80,15 +80,33 @@ def causal_lm_loss_sum(model, batch: dict):
     targets = shift_labels[keep[:, -labels.shape[1]:][:, :-1]]  # (N,) in the same row-major order as the mask
     # Packed batches go in without their 2-D mask (transformers then builds the block-diagonal one from
     # position_ids), left-padded ones with position_ids: see minipeft.data.batching.model_inputs.
+    inputs = without_right_padding_mask(model_inputs(batch))
     head = plain_output_head(model)
     if head is None:
-        logits = model(**model_inputs(batch), logits_to_keep=keep).logits  # (N, V): hidden[keep] @ W_headᵀ
+        logits = model(**inputs, logits_to_keep=keep).logits  # (N, V): hidden[keep] @ W_headᵀ
         nll_sum = F.cross_entropy(logits.float(), targets, reduction="sum")  # softmax in float32
     else:
         with head_input_captured(head) as captured:
-            model(**model_inputs(batch), logits_to_keep=keep)  # the head itself sees 0 rows
+            model(**inputs, logits_to_keep=keep)  # the head itself sees 0 rows
         nll_sum = linear_cross_entropy_sum(captured["hidden"], head.weight, head.bias, targets)  # (N, d) -> ()
     return nll_sum, torch.tensor(targets.numel(), device=labels.device)
+
+
+def without_right_padding_mask(inputs: dict) -> dict:
+    """``inputs`` without ``attention_mask`` when every row is right-padded (``1 … 1 0 … 0``): the causal mask
+    alone then gives every real token the same attention, and so the same loss and gradients.
+
+    Under a causal mask a real token at position ``t`` attends to positions ``≤ t``, which in a right-padded
+    row are all real: the padding mask hides nothing from it. The padding positions' own outputs change
+    (they now attend to the row), but no loss is taken there and no real token reads them, so they get no
+    gradient either. Without a 2-D mask transformers uses SDPA's ``is_causal`` kernel and its grouped-query
+    path (SmolLM2: 3 key/value heads for 9 query heads are not copied 3 times, forward and backward), and
+    builds no ``(B, 1, T, T)`` mask. Left-padded and packed batches keep what they have.
+    """
+    mask = inputs.get("attention_mask")
+    if mask is None or "position_ids" in inputs or (mask[:, 1:] > mask[:, :-1]).any():
+        return inputs  # no mask, or positions given (left padding, packing), or a 0 followed by a 1
+    return {name: value for name, value in inputs.items() if name != "attention_mask"}
 
 
 def causal_lm_loss_sum_all_logits(model, batch: dict):
