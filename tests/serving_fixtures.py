@@ -63,6 +63,7 @@ def method_config(name: str, family: str, **overrides):
         "prompt": dict(num_virtual_tokens=3),
         "bitfit": {},
         "selective": dict(freeze_layers=[0]),
+        "vera": dict(r=16, d_initial=1.0),  # a visible update once perturbed (its λ_b starts at 0, B and A are small)
     }.get(name, {})
     return config_class(**{**settings, **overrides})
 
