@@ -13,12 +13,20 @@ settings turn deprecation warnings into errors, so it fails a test before it rea
   ``is_gradient_checkpointing`` became ``activation_checkpointing_enable`` and
   ``is_activation_checkpointing`` (old names removed in v6).
   :func:`enable_activation_checkpointing`, :func:`is_activation_checkpointing`.
+
+One capability arrived during 5.x: ``logits_to_keep`` given as a boolean ``(B, T)`` mask (logits only at the
+positions the mask keeps, through ``transformers.modeling_utils.slice_logits_to_keep``). Earlier releases take
+only an int there and fail on a mask (seen with transformers 5.17 on a CUDA machine), so the loss asks
+:data:`BOOLEAN_LOGITS_TO_KEEP` first and otherwise computes every logit.
 """
 
 import dataclasses
 
+import transformers.modeling_utils
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+BOOLEAN_LOGITS_TO_KEEP = hasattr(transformers.modeling_utils, "slice_logits_to_keep")
 
 # The output dataclass lists the current name as a field; the old name, where it is kept, is only a property.
 CACHE_KEYWORD = ("cache" if "cache" in {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}

@@ -24,7 +24,8 @@ returns ``(N, V)`` logits for the N target tokens instead of ``(B, T', V)``: the
 logits' memory (and their gradient's) shrink by the share of positions without a label. Same numbers as
 computing every logit and ignoring -100 (tests/test_performance_equivalence.py checks loss and gradients).
 It goes through the model's normal forward, so it works through a PeftModel for every method and through
-DistributedDataParallel. Models whose forward has no ``logits_to_keep`` take the plain path.
+DistributedDataParallel. Models whose forward has no ``logits_to_keep``, and transformers releases that take
+only an int there, take the plain path.
 
 Nor are the ``(N, V)`` logits ever held whole when the head is a plain ``nn.Linear`` (LoRA, DoRA, IA3,
 adapters, prefix and prompt tuning leave it so): a forward pre-hook on the head takes its input, the
@@ -44,6 +45,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from minipeft.core.transformers_api import BOOLEAN_LOGITS_TO_KEEP
 from minipeft.data.batching import model_inputs
 from minipeft.training.distributed import unwrap
 
@@ -238,8 +240,10 @@ def transformers_model(model):
 
 
 def accepts_logits_to_keep(model) -> bool:
-    """Whether the transformers model's forward takes ``logits_to_keep`` (GPT-2, Llama and most causal LMs)."""
-    return "logits_to_keep" in inspect.signature(transformers_model(model).forward).parameters
+    """Whether the transformers model's forward takes ``logits_to_keep`` (GPT-2, Llama and most causal LMs) as
+    a boolean mask (the installed transformers is recent enough: :data:`BOOLEAN_LOGITS_TO_KEEP`)."""
+    forward = transformers_model(model).forward
+    return BOOLEAN_LOGITS_TO_KEEP and "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def positions_prepended(model) -> int:
