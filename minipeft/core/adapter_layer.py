@@ -26,9 +26,11 @@ The contract, for a subclass:
   ``base_layer`` is the method's and trains (:func:`~minipeft.get_peft_model` makes it so). A tensor the
   layer uses but never trains (VeRA's frozen random projections) is a buffer, not a parameter;
 - in ``forward``, return ``self.base_layer(x)`` unchanged when ``not self.adapter_enabled or self.merged``;
-- if its update folds into the base weight: set the class attribute ``mergeable = True`` and override
-  :meth:`merge` (fold in, keep what :meth:`unmerge` needs to restore the weight exactly, set ``merged``)
-  and :meth:`unmerge`.
+- if its update folds into the base weight: set the class attribute ``mergeable = True`` and write
+  :meth:`merged_weight`, the weight ``W'`` that computes base + update (LoRA: ``W + s·B A``). :meth:`merge`
+  keeps a copy of ``W`` and writes ``W'`` in its place; :meth:`unmerge` copies ``W`` back, exactly (never
+  ``W' - ΔW``, which rounding would not return to ``W``). A layer that changes more than the weight (IA3
+  also scales the bias) extends both.
 
 Prompt-learning methods (prompt and prefix tuning) put no layer into the model; their module sits beside
 it and has a contract of its own, :class:`~minipeft.core.virtual_tokens.PromptEncoder`.
@@ -36,9 +38,11 @@ it and has a contract of its own, :class:`~minipeft.core.virtual_tokens.PromptEn
 
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from minipeft.core.errors import UserError
+from minipeft.core.nf4 import refuse_4bit_merge
 
 
 class AdapterLayer(nn.Module):
@@ -67,13 +71,35 @@ class AdapterLayer(nn.Module):
         return {name: parameter for name, parameter in self.named_parameters()
                 if not name.startswith("base_layer.")}
 
-    def merge(self) -> None:
-        """Fold the update into ``base_layer``'s weight; a layer that is not ``mergeable`` refuses."""
-        raise UserError(f"{type(self).__name__}: this method's update cannot be merged into the base weights")
+    def merged_weight(self) -> torch.Tensor:
+        """``W'``, float32, in ``base_layer.weight``'s own layout (``(in, out)`` for GPT-2's Conv1D): the
+        weight with which ``base_layer`` alone computes what this layer computes. Mergeable layers write it."""
+        raise NotImplementedError
 
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``base_layer``'s weight (``W <- W'``, computed in float32); the method's branch is
+        skipped until :meth:`unmerge`. A layer that is not ``mergeable`` refuses."""
+        if not self.mergeable:
+            raise UserError(f"{type(self).__name__}: this method's update cannot be merged into the base weights")
+        if self.merged:
+            return
+        refuse_4bit_merge(self.base_layer)
+        weight = self.base_layer.weight
+        self.weight_before_merge = weight.detach().clone()
+        weight.copy_(self.merged_weight().to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the exact pre-merge weight; a layer that is not ``mergeable`` was never merged."""
-        raise UserError(f"{type(self).__name__}: this method's update cannot be merged into the base weights")
+        if not self.mergeable:
+            raise UserError(f"{type(self).__name__}: this method's update cannot be merged into the base weights")
+        if not self.merged:
+            return
+        self.base_layer.weight.copy_(self.weight_before_merge)
+        del self.weight_before_merge
+        self.merged = False
 
 
 def adapter_layers(model: nn.Module) -> list:

@@ -29,7 +29,6 @@ from torch import nn
 
 from minipeft.core.errors import UserError
 from minipeft.core.method import Method
-from minipeft.core.nf4 import refuse_4bit_merge
 from minipeft.methods.lora import LoRAConfig, LoRALinear, apply_lora
 
 
@@ -80,21 +79,13 @@ class DoRALinear(LoRALinear):
         return result + update.to(result.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Replace ``W`` by ``W' = m · (W + ΔW) / ‖W + ΔW‖_c``; :meth:`unmerge` restores ``W`` exactly."""
-        if self.merged:
-            return
-        refuse_4bit_merge(self.base_layer)
-        weight = self.base_layer.weight
-        self.weight_before_merge = weight.detach().clone()
+    def merged_weight(self) -> torch.Tensor:
+        """``W' = m · (W + ΔW) / ‖W + ΔW‖_c`` in float32, in the base layer's layout (:meth:`merge` writes it)."""
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
         direction = self.base_weight_out_in() + delta  # (out, in)
         norm = torch.linalg.norm(direction, dim=1, keepdim=True)  # (out, 1)
         merged = self.lora_magnitude_vector.view(-1, 1) / norm * direction  # (out, in)
-        weight.copy_((merged.T if self.fan_in_fan_out else merged).to(weight.dtype))
-        self.merged = True
-
-    # unmerge() is LoRALinear's: copy back the weight kept at merge time.
+        return merged.T if self.fan_in_fan_out else merged
 
 
 def apply_dora(model: nn.Module, config: LoRAConfig) -> None:

@@ -31,7 +31,6 @@ from minipeft.core.errors import UserError
 from minipeft.core.inject import find_target_modules, module_matches, replace_module
 from minipeft.core.layers import default_target_modules, layer_features
 from minipeft.core.method import Method
-from minipeft.core.nf4 import refuse_4bit_merge
 from minipeft.core.nf4 import Linear4bit
 from minipeft.core.options import module_names, modules_to_save_option, option, target_modules_option
 
@@ -119,33 +118,34 @@ class IA3Linear(AdapterLayer):
         result = self.base_layer(x)
         return (result * scaling).to(result.dtype)  # (W x + b) ⊙ l
 
+    def merged_weight(self) -> torch.Tensor:
+        """``W`` scaled by ``l`` in float32: its rows (keys, values) or its columns (feed-forward inputs)."""
+        # ``ia3_l`` is (out, 1) or (1, in): it broadcasts over the (out, in) view of W. Conv1D stores W as
+        # (in, out), so its scaling vector is transposed to match.
+        scaling = self.ia3_l.T if self.fan_in_fan_out else self.ia3_l
+        return self.base_layer.weight.float() * scaling
+
     @torch.no_grad()
     def merge(self) -> None:
         """Scale ``W`` (and, on the output side, ``b``) by ``l``; the branch is skipped until :meth:`unmerge`."""
         if self.merged:
             return
-        refuse_4bit_merge(self.base_layer)
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        self.weight_before_merge = weight.detach().clone()
-        self.bias_before_merge = bias.detach().clone() if bias is not None else None
-        # ``ia3_l`` is (out, 1) or (1, in): it broadcasts over the (out, in) view of W. Conv1D stores W as
-        # (in, out), so its scaling vector is transposed to match.
-        scaling = self.ia3_l.T if self.fan_in_fan_out else self.ia3_l
-        weight.copy_((weight.float() * scaling).to(weight.dtype))
-        if bias is not None and not self.is_feedforward:
+        bias = self.base_layer.bias
+        scales_bias = bias is not None and not self.is_feedforward
+        self.bias_before_merge = bias.detach().clone() if scales_bias else None
+        super().merge()  # W <- W ⊙ l, keeping W for unmerge
+        if scales_bias:
             bias.copy_((bias.float() * self.ia3_l.flatten()).to(bias.dtype))
-        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the exact pre-merge weight and bias."""
         if not self.merged:
             return
-        self.base_layer.weight.copy_(self.weight_before_merge)
         if self.bias_before_merge is not None:
             self.base_layer.bias.copy_(self.bias_before_merge)
-        del self.weight_before_merge, self.bias_before_merge
-        self.merged = False
+        del self.bias_before_merge
+        super().unmerge()
 
     def extra_repr(self) -> str:
         return f"is_feedforward={self.is_feedforward}, fan_in_fan_out={self.fan_in_fan_out}"

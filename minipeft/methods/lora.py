@@ -33,7 +33,7 @@ from minipeft.core.finite import require_finite
 from minipeft.core.inject import find_target_modules, replace_module
 from minipeft.core.layers import default_target_modules, layer_features, num_hidden_layers, parse_layer_spec
 from minipeft.core.method import Method
-from minipeft.core.nf4 import Linear4bit, refuse_4bit_merge
+from minipeft.core.nf4 import Linear4bit
 from minipeft.core.options import flag_of, modules_to_save_option, option, target_modules_option
 
 # What LoRA targets when the user names nothing (the attention projections; peft's defaults).
@@ -206,25 +206,9 @@ class LoRALinear(AdapterLayer):
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, r) @ (r, in) -> (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ``ΔW`` into the base weight: the branch is skipped until :meth:`unmerge`."""
-        if self.merged:
-            return
-        refuse_4bit_merge(self.base_layer)
-        weight = self.base_layer.weight
-        self.weight_before_merge = weight.detach().clone()
-        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))  # add in float32
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the exact pre-merge base weight."""
-        if not self.merged:
-            return
-        self.base_layer.weight.copy_(self.weight_before_merge)
-        del self.weight_before_merge
-        self.merged = False
+    def merged_weight(self) -> torch.Tensor:
+        """``W + ΔW`` in float32 (what :meth:`merge` writes into the base weight)."""
+        return self.base_layer.weight.float() + self.delta_weight()
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, fan_in_fan_out={self.fan_in_fan_out}"
