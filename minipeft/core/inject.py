@@ -84,6 +84,21 @@ def freeze(model: nn.Module) -> None:
         parameter.requires_grad_(False)
 
 
+def unfreeze_biases(model: nn.Module, adapted_names: list, which: str) -> None:
+    """peft's ``bias`` setting of LoRA and VeRA: ``"none"`` trains no bias, ``"all"`` every bias in the model,
+    ``"lora_only"`` / ``"vera_only"`` the biases of the adapted layers (``adapted_names``, whose base layers
+    now sit at ``<name>.base_layer``)."""
+    if which == "all":
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.requires_grad_(True)
+    elif which.endswith("_only"):
+        for name in adapted_names:
+            bias = model.get_submodule(name).base_layer.bias
+            if bias is not None:
+                bias.requires_grad_(True)
+
+
 class ModuleToSave(nn.Module):
     """A fully trainable copy of a whole module (``modules_to_save``, e.g. ``lm_head``), beside the frozen
     original, which :meth:`PeftModel.disable_adapters` switches back to.

@@ -30,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
 from minipeft.core.finite import require_finite
-from minipeft.core.inject import find_target_modules, replace_module
+from minipeft.core.inject import find_target_modules, replace_module, unfreeze_biases
 from minipeft.core.layers import default_target_modules, layer_features, num_hidden_layers, parse_layer_spec
 from minipeft.core.method import Method
 from minipeft.core.nf4 import Linear4bit
@@ -232,15 +232,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, layer_class=LoRALinear) -> 
         config.fan_in_fan_out = layer_features(layer)[2]
         replace_module(model, name, layer_class(layer, config.r, config.lora_alpha, config.lora_dropout,
                                                 config.use_rslora, config.init_lora_weights))
-    if config.bias == "all":
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias"):
-                parameter.requires_grad_(True)
-    elif config.bias == "lora_only":
-        for name in names:
-            bias = model.get_submodule(name).base_layer.bias
-            if bias is not None:
-                bias.requires_grad_(True)
+    unfreeze_biases(model, names, config.bias)  # none, all, or the adapted layers' own
 
 
 def merge_lora(model: nn.Module) -> None:

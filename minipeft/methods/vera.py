@@ -39,7 +39,7 @@ from transformers.pytorch_utils import Conv1D
 from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
 from minipeft.core.finite import require_finite
-from minipeft.core.inject import find_target_modules, replace_module
+from minipeft.core.inject import find_target_modules, replace_module, unfreeze_biases
 from minipeft.core.layers import default_target_modules, layer_features, num_hidden_layers, parse_layer_spec
 from minipeft.core.method import Method
 from minipeft.core.nf4 import Linear4bit
@@ -257,15 +257,7 @@ def apply_vera(model: nn.Module, config: VeraConfig) -> None:
         config.fan_in_fan_out = layer_features(layer)[2]
         replace_module(model, name, VeRALinear(layer, projections, config.vera_dropout, config.d_initial,
                                                config.init_weights))
-    if config.bias == "all":
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias"):
-                parameter.requires_grad_(True)
-    elif config.bias == "vera_only":
-        for name in names:
-            bias = model.get_submodule(name).base_layer.bias
-            if bias is not None:
-                bias.requires_grad_(True)
+    unfreeze_biases(model, names, config.bias)  # none, all, or the adapted layers' own
 
 
 def shared_projections(model: nn.Module) -> VeRAProjections:
