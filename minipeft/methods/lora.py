@@ -126,9 +126,11 @@ def zero_dropped_entries(x: torch.Tensor, p: float) -> torch.Tensor:
 
     needs about ``p·n`` random numbers instead of ``n`` (p = 0.05: 20× fewer; a Bernoulli draw per entry
     was 18% of a SmolLM2 bf16 step). On a GPU the per-entry draw is a fast fused kernel, and the loop
-    below would wait for the device, so there it stays ``x * bernoulli(1 - p)``.
+    below would wait for the device, so there it stays ``x * bernoulli(1 - p)``; so it does under
+    ``torch.compile`` (``--compile``), which generates the draws inside its fused loop, where the loop below,
+    whose length depends on the draws, would split the compiled graph.
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return x * torch.empty_like(x).bernoulli_(1 - p)
     n = x.numel()
     chunks, last = [], -1  # last: the last dropped position found so far

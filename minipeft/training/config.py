@@ -39,6 +39,8 @@ class TrainingConfig:
         tf32: let CUDA matmuls use TensorFloat-32 (no effect on CPU).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         gradient_checkpointing: recompute activations in backward (less memory, ~30% more time).
+        compile: run the transformer blocks through ``torch.compile`` (:mod:`minipeft.training.compile`):
+            faster steps after a one-time compile (~75 s for SmolLM2 on 2 cores, seconds when cached).
         eval_every: evaluate every N optimizer steps and at the end (None: 5 evaluations per run).
         eval_max_batches: evaluate on at most this many validation batches (None: all of them).
         log_every: print the log line every N optimizer steps.
@@ -66,6 +68,7 @@ class TrainingConfig:
     tf32: bool = True
     device: str = "auto"
     gradient_checkpointing: bool = False
+    compile: bool = False
     eval_every: int | None = None
     eval_max_batches: int | None = None
     log_every: int = 10

@@ -34,6 +34,7 @@ import itertools
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from minipeft.core.safe_files import remove_incomplete, remove_our_directory
 from minipeft.model.adapter_files import peft_state_dict
 from minipeft.training.checkpoint import (capture_rng_state, list_checkpoints, load_checkpoint, prune_checkpoints,
                                           resolve_resume, restore_rng_state, save_checkpoint)
+from minipeft.training.compile import check_compiler_available, compiled_blocks
 from minipeft.training.config import TrainingConfig
 from minipeft.training.distributed import DistributedContext, wrap_for_data_parallel
 from minipeft.training.evaluation import evaluate
@@ -73,20 +75,21 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
     plan = plan_run(config, train_loader, context.device)
     run = start_run(model, config, plan, context, adapter_metadata or {})  # model, optimizer, DDP
     resume_or_start_fresh(run, train_loader)  # the state of a checkpoint, or a checked new --output_dir
-    if val_loader is not None and run.state.eval_loss_before is None:
-        evaluate_before_training(run, val_loader)
-    records, tokens = micro_batch_size(train_loader)  # per process; the effective batch multiplies them
-    say(run, format_plan_line(plan.total_steps, plan.steps_per_epoch, records, plan.accumulation, context.world_size,
-                              tokens, config.learning_rate, config.lr_schedule, plan.warmup_steps, plan.precision,
-                              context.device))
-    progress = tqdm(total=plan.total_steps, initial=run.state.step, unit="step", dynamic_ncols=True,
-                    disable=True if not context.is_main else None)  # None: only on a terminal
     stop = StopRequest()
-    with stop.installed():
-        while run.state.step < plan.total_steps and run.outcome == "finished":
-            batches = epoch_batches(run, train_loader)  # this epoch's, or the rest of it after a resume
-            train_epoch(run, batches, val_loader, stop, progress)
-    progress.close()
+    with compiled_blocks(model, context.device) if config.compile else nullcontext():  # --compile
+        if val_loader is not None and run.state.eval_loss_before is None:
+            evaluate_before_training(run, val_loader)
+        records, tokens = micro_batch_size(train_loader)  # per process; the effective batch multiplies them
+        say(run, format_plan_line(plan.total_steps, plan.steps_per_epoch, records, plan.accumulation,
+                                  context.world_size, tokens, config.learning_rate, config.lr_schedule,
+                                  plan.warmup_steps, plan.precision, context.device))
+        progress = tqdm(total=plan.total_steps, initial=run.state.step, unit="step", dynamic_ncols=True,
+                        disable=True if not context.is_main else None)  # None: only on a terminal
+        with stop.installed():
+            while run.state.step < plan.total_steps and run.outcome == "finished":
+                batches = epoch_batches(run, train_loader)  # this epoch's, or the rest of it after a resume
+                train_epoch(run, batches, val_loader, stop, progress)
+        progress.close()
     return finish(run, stop)
 
 
@@ -118,6 +121,8 @@ def start_run(model, config: TrainingConfig, plan: RunPlan, context: Distributed
     model.train()
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if config.compile:
+        check_compiler_available(device)
     optimizer = build_optimizer(model, config.learning_rate, config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" else None
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
