@@ -8,6 +8,13 @@ each side's peak RSS is its own), the sides alternating over ``--rounds`` rounds
     trainer    peft + transformers.Trainer with dynamic padding (DataCollatorForSeq2Seq); bf16 = autocast
                (needs the `oracle` extra: peft; skipped without it)
     seed       the seed's recipe: every record padded to max_length, logits at every position
+    minipeft-compile / trainer-compile
+               the same two with torch.compile: minipeft's --compile (its blocks, see
+               minipeft/training/compile.py), the Trainer's ``torch_compile=True`` (the whole model)
+
+**Compile time.** It falls in the first optimizer step, which is not timed; the table shows that step's
+seconds as its own column, and a fresh Inductor cache per side and round (``TORCHINDUCTOR_CACHE_DIR`` in a
+temporary directory), so every compiling side pays its compile in full, every round.
 
 **Identical work.** Every side trains on the first ``--records`` GPTeacher records in file order, batches of
 ``--batch_size`` consecutive records padded to the longest of the batch, ``--accumulation`` batches per
@@ -47,7 +54,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "gpteacher_roleplay.json"
-SIDES = ("minipeft", "trainer", "seed")
+SIDES = ("minipeft", "trainer", "seed", "minipeft-compile", "trainer-compile")
 
 
 def parse_args(argv=None):
@@ -57,7 +64,7 @@ def parse_args(argv=None):
     parser.add_argument("--method", default="lora", choices=["lora", "prefix", "adapter"])
     parser.add_argument("--lora_dropout", type=float, default=0.05)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma list of {', '.join(SIDES)}")
+    parser.add_argument("--sides", default="minipeft,trainer,seed", help=f"comma list of {', '.join(SIDES)}")
     parser.add_argument("--records", type=int, default=64,
                         help="one epoch over the file's first N records, in file order (default: 64)")
     parser.add_argument("--warmup", type=int, default=1, help="optimizer steps not timed (default: 1)")
@@ -165,7 +172,8 @@ def run_minipeft(args, model, tokenizer) -> list:
     with tempfile.TemporaryDirectory() as output_dir:
         train(peft_model, loader, None, TrainingConfig(
             output_dir=output_dir, max_steps=total_steps(args), gradient_accumulation_steps=args.accumulation,
-            learning_rate=2e-4, precision=args.precision, device="cpu", log_every=10**9, save_every=10**9))
+            learning_rate=2e-4, precision=args.precision, device="cpu", log_every=10**9, save_every=10**9,
+            compile=args.worker == "minipeft-compile"))
         records = [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
     steps = [record for record in records if record["kind"] == "train"]
     cumulative = [0.0] + [record["seconds"] for record in steps]
@@ -253,7 +261,7 @@ def run_trainer(args, model, tokenizer) -> list:
             output_dir=output_dir, per_device_train_batch_size=args.batch_size,
             gradient_accumulation_steps=args.accumulation, max_steps=total_steps(args), learning_rate=2e-4,
             train_sampling_strategy="sequential", bf16=args.precision == "bf16", use_cpu=True, report_to=[],
-            save_strategy="no",
+            save_strategy="no", torch_compile=args.worker == "trainer-compile",
             logging_strategy="no", dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
         trainer = Trainer(model=peft_model, args=training_args, train_dataset=examples, data_collator=collate,
                           callbacks=[StepTimer()])
@@ -272,7 +280,8 @@ def worker(args) -> None:
     tokenizer = load_tokenizer()
     model = load_model(args.model)
     n_parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    run = {"minipeft": run_minipeft, "trainer": run_trainer, "seed": run_seed}[args.worker]
+    run = {"minipeft": run_minipeft, "trainer": run_trainer, "seed": run_seed, "minipeft-compile": run_minipeft,
+           "trainer-compile": run_trainer}[args.worker]
     per_step = run(args, model, tokenizer)
     print("RESULT " + json.dumps({"side": args.worker, "per_step": per_step, "peak_rss": peak_rss_bytes(),
                                   "n_parameters": n_parameters}), flush=True)
@@ -281,7 +290,9 @@ def worker(args) -> None:
 # -- the parent: alternate the sides, measure the peak, print the table -----------------------------------
 def run_side(side: str, argv: list) -> dict | None:
     command = [sys.executable, __file__, *argv, "--worker", side]
-    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    with tempfile.TemporaryDirectory() as compile_cache:  # a cold Inductor cache: a compiling side pays in full
+        completed = subprocess.run(command, capture_output=True, text=True,
+                                   env={**os.environ, "TQDM_DISABLE": "1", "TORCHINDUCTOR_CACHE_DIR": compile_cache})
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if completed.returncode != 0 or not lines:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
@@ -298,7 +309,8 @@ def summarise(result: dict, warmup: int, peak: float) -> dict:
     flops = 4 * result["n_parameters"] * tokens_per_s
     return {"tokens_per_s": tokens_per_s, "seconds_per_step": statistics.median(s for s, _ in timed),
             "peak_rss_gib": result["peak_rss"] / 2**30, "flops": flops, "peak_share": flops / peak,
-            "timed_steps": len(timed), "timed_tokens": tokens}
+            "timed_steps": len(timed), "timed_tokens": tokens,
+            "first_steps_seconds": sum(s for s, _ in result["per_step"][:warmup])}
 
 
 def main() -> int:
@@ -316,15 +328,16 @@ def main() -> int:
     import torch
 
     sides = [side.strip() for side in args.sides.split(",") if side.strip()]
-    if "trainer" in sides:
+    trainer_sides = [side for side in sides if side.startswith("trainer")]
+    if trainer_sides:
         try:
             import peft  # noqa: F401
         except ImportError:
-            print("peft is not installed (the `oracle` extra): the trainer side is skipped", file=sys.stderr)
-            sides.remove("trainer")
-    if args.method == "adapter" and "trainer" in sides:
-        print("peft has no bottleneck adapters: the trainer side is skipped for --method adapter", file=sys.stderr)
-        sides.remove("trainer")
+            print("peft is not installed (the `oracle` extra): the trainer sides are skipped", file=sys.stderr)
+            sides = [side for side in sides if side not in trainer_sides]
+    if args.method == "adapter" and trainer_sides:
+        print("peft has no bottleneck adapters: the trainer sides are skipped for --method adapter", file=sys.stderr)
+        sides = [side for side in sides if side not in trainer_sides]
     torch.set_num_threads(args.threads)
     peak = matmul_peak(args.precision)
     print(f"machine: {os.cpu_count()} CPUs, flags {' '.join(cpu_flags()) or 'unknown'}, torch {torch.__version__}, "
@@ -342,7 +355,7 @@ def main() -> int:
             if result is not None:
                 results[side].append({**summarise(result, args.warmup, peak), "load": load})
                 figures = results[side][-1]
-                print(f"  round {round_index + 1} {side:8s} {figures['tokens_per_s']:7.1f} tok/s  "
+                print(f"  round {round_index + 1} {side:16s} {figures['tokens_per_s']:7.1f} tok/s  "
                       f"{figures['seconds_per_step']:6.2f} s/step  {figures['peak_rss_gib']:5.2f} GiB  "
                       f"{figures['timed_tokens']} timed tokens  load {load:.1f}  "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
@@ -354,19 +367,18 @@ def main() -> int:
     print()
     print(f"| side | real tokens/s (median) | min–max over {args.rounds} rounds | s / optimizer step | "
           f"peak RSS (GiB) | achieved GFLOP/s | share of {args.precision} matmul peak ({peak / 1e9:.0f}) | "
-          "load avg |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"untimed first {args.warmup} step(s), s | load avg |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for side, figures in table.items():
         low, high = figures["spread"]
         print(f"| {side} | {figures['tokens_per_s']:.1f} | {low:.1f}–{high:.1f} | {figures['seconds_per_step']:.2f} | "
               f"{figures['peak_rss_gib']:.2f} | {figures['flops'] / 1e9:.1f} | {figures['peak_share']:.1%} | "
-              f"{figures['load']:.1f} |")
-    if "minipeft" in table:
-        ours = table["minipeft"]
-        for other in ("trainer", "seed"):
-            if other in table:
-                theirs = table[other]
-                print(f"minipeft / {other}: tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
+              f"{figures['first_steps_seconds']:.1f} | {figures['load']:.1f} |")
+    for ours_name in ("minipeft", "minipeft-compile"):
+        for other in ("trainer", "trainer-compile", "seed"):
+            if ours_name in table and other in table:
+                ours, theirs = table[ours_name], table[other]
+                print(f"{ours_name} / {other}: tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
                       f"s/step {ours['seconds_per_step'] / theirs['seconds_per_step']:.2f}x, "
                       f"peak RSS {ours['peak_rss_gib'] / theirs['peak_rss_gib']:.2f}x")
     if args.json:

