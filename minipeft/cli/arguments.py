@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
+from minipeft.core.layers import num_hidden_layers, parse_layer_spec
 from minipeft.core.options import flag_names
 from minipeft.core.nf4 import QUANTIZE_CHOICES
 from minipeft.methods import METHODS
@@ -173,6 +174,8 @@ def config_from_args(args, model=None, tokenizer=None):
         else:
             parse = field.metadata["parse"]
             given[field_name] = parse(value) if parse else value
+        if field.metadata.get("layer_spec"):  # "0-5,-1" -> [0, 1, 2, 3, 4, 5, 29]: needs the model's block count
+            given[field_name] = parse_layer_spec(given[field_name], num_hidden_layers(model), flag.flag)
     if name == "dora":  # DoRA is LoRA's config with use_dora=True, as peft records it
         given["use_dora"] = True
     from_flags = getattr(config_class, "from_flags", None)

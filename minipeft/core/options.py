@@ -26,10 +26,11 @@ to ``cli/``. The rules, all of them:
   applies to each of their methods, and it must be declared the same way in each (use
   :func:`target_modules_option` and :func:`modules_to_save_option`). A flag given with a method whose config
   does not declare it is an error.
-- **Values that need the model.** A setting that only the model or tokenizer can turn into a value (a layer spec
-  ``"-1"`` needs the number of blocks; an init text needs the tokenizer) is converted by the config's
-  classmethod ``from_flags(given, model, tokenizer)``, where ``given`` maps field names to the (parsed) values
-  of the flags the user gave; without that classmethod the config is simply ``Config(**given)``.
+- **Values that need the model.** A list of blocks (``"0-5,-1"``: ``-1`` needs the number of blocks) is
+  declared with :func:`layers_option`, and the command line converts it, for every method alike. Any other
+  setting that only the model or tokenizer can turn into a value (an init text needs the tokenizer) is
+  converted by the config's classmethod ``from_flags(given, model, tokenizer)``, where ``given`` maps field
+  names to the values of the flags the user gave; without that classmethod the config is ``Config(**given)``.
 - **Checks.** Range and type checks live in the config's ``validate(name=str)``, nowhere else. ``name(field)`` is
   how a message names the setting: the field itself by default (the API; ``adapter_config.json``, whose
   loader puts the file in front), the flag on the command line (``--lora_dropout must be in [0, 1), got 1.5``).
@@ -38,7 +39,7 @@ to ``cli/``. The rules, all of them:
 import dataclasses
 
 
-def option(default, *, flag: str = None, help: str = "", choices=None, parse=None):
+def option(default, *, flag: str = None, help: str = "", choices=None, parse=None, layer_spec=False):
     """A dataclass field whose value a user can also give as ``flag`` (see the module docstring).
 
     Args:
@@ -47,8 +48,10 @@ def option(default, *, flag: str = None, help: str = "", choices=None, parse=Non
         help: one line for ``--help``, without the default (that is added from ``default``).
         choices: the words a user may type for this flag.
         parse: turns the flag's value (text, or a number for int/float fields) into the field's value.
+        layer_spec: the flag's text names transformer blocks (``"0-5,-1"``); the command line turns it into
+            block indices with the model's block count (see :func:`layers_option`).
     """
-    metadata = {"flag": flag, "help": help, "choices": choices, "parse": parse}
+    metadata = {"flag": flag, "help": help, "choices": choices, "parse": parse, "layer_spec": layer_spec}
     if isinstance(default, (list, dict, set)):  # a mutable default: each config gets its own copy
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -85,3 +88,10 @@ def modules_to_save_option():
     """``modules_to_save``: modules trained in full beside the adapter (one ``--modules_to_save``)."""
     return option(None, flag="--modules_to_save", parse=module_names,
                   help='modules trained in full, e.g. "lm_head"')
+
+
+def layers_option(default, *, flag: str, help: str):
+    """A list of transformer blocks (``--layers_to_transform``, ``--freeze_layers``): the user types
+    ``"0,1,2,3"``, ``"0-5"`` or ``"-1"`` (the last block), and the command line converts that text with the
+    model's block count (:func:`minipeft.core.layers.parse_layer_spec`) before the config is built."""
+    return option(default, flag=flag, help=help, layer_spec=True)

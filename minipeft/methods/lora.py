@@ -31,10 +31,10 @@ from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
 from minipeft.core.finite import require_finite
 from minipeft.core.inject import find_target_modules, replace_module, unfreeze_biases
-from minipeft.core.layers import default_target_modules, layer_features, num_hidden_layers, parse_layer_spec
+from minipeft.core.layers import default_target_modules, layer_features
 from minipeft.core.method import Method
 from minipeft.core.nf4 import Linear4bit
-from minipeft.core.options import flag_of, modules_to_save_option, option, target_modules_option
+from minipeft.core.options import layers_option, modules_to_save_option, option, target_modules_option
 
 # What LoRA targets when the user names nothing (the attention projections; peft's defaults).
 DEFAULT_TARGETS = {
@@ -78,7 +78,7 @@ class LoRAConfig:
     lora_alpha: float = option(16.0, flag="--lora_alpha", help="LoRA scale numerator alpha; update x alpha/r")
     lora_dropout: float = option(0.0, flag="--lora_dropout", help="dropout on the LoRA branch input")
     target_modules: object = target_modules_option()
-    layers_to_transform: object = option(None, flag="--layers_to_transform", help='only these blocks, e.g. "0-5,-1"')
+    layers_to_transform: object = layers_option(None, flag="--layers_to_transform", help='only these blocks, e.g. "0-5,-1"')
     layers_pattern: object = None
     bias: str = option("none", flag="--lora_bias", choices=["none", "all", "lora_only"], help="which biases train")
     use_rslora: bool = option(False, flag="--use_rslora", help="scale by alpha/sqrt(r)")
@@ -88,15 +88,6 @@ class LoRAConfig:
     use_dora: bool = False
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_flags(cls, given: dict, model, tokenizer=None) -> "LoRAConfig":
-        """The config of the flags given; ``--layers_to_transform "0-5,-1"`` needs the model's block count."""
-        if given.get("layers_to_transform") is not None:
-            flag = flag_of(cls, "layers_to_transform")
-            given = {**given, "layers_to_transform": parse_layer_spec(given["layers_to_transform"],
-                                                                       num_hidden_layers(model), flag)}
-        return cls(**given)
 
     def validate(self, name=str) -> None:
         """Check the settings; ``name(field)`` is how a message names one (the command line passes its flags)."""

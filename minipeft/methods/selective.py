@@ -29,10 +29,9 @@ from torch import nn
 
 from minipeft.core.errors import UserError
 from minipeft.core.inject import layer_index
-from minipeft.core.layers import (is_norm_layer, num_hidden_layers, parse_layer_spec, resolve_layer_indices,
-                                  transformer_blocks)
+from minipeft.core.layers import is_norm_layer, resolve_layer_indices, transformer_blocks
 from minipeft.core.method import Method
-from minipeft.core.options import flag_of, option
+from minipeft.core.options import flag_of, layers_option, option
 
 
 @dataclass
@@ -49,20 +48,18 @@ class SelectiveConfig:
 
     peft_type: ClassVar[str] = "SELECTIVE"
 
-    freeze_layers: list = option([], flag="--freeze_layers", help='blocks to freeze, e.g. "0,1,2,3", "0-5", "-1"')
+    freeze_layers: list = layers_option([], flag="--freeze_layers", help='blocks to freeze, e.g. "0,1,2,3", "0-5", "-1"')
     train_embeddings: bool = option(False, flag="--train_embeddings", help="also train the embeddings")
     train_final_norm: bool = option(True, flag="--no_train_final_norm", help="freeze the final norm")
     train_lm_head: bool = option(False, flag="--train_lm_head", help="also train the LM head")
 
     @classmethod
     def from_flags(cls, given: dict, model, tokenizer=None) -> "SelectiveConfig":
-        """The config of the flags given; ``--freeze_layers "0-5,-1"`` needs the model's block count, and is
-        required on the command line (freezing nothing would be full fine-tuning of the blocks, rarely meant)."""
-        flag = flag_of(cls, "freeze_layers")
+        """The config of the flags given: ``--freeze_layers`` is required on the command line (freezing nothing
+        would be full fine-tuning of the blocks, rarely meant)."""
         if given.get("freeze_layers") is None:
-            raise UserError(f'--modification_type selective needs {flag}, e.g. "0,1,2,3"')
-        layers = parse_layer_spec(given["freeze_layers"], num_hidden_layers(model), flag)
-        return cls(**{**given, "freeze_layers": layers})
+            raise UserError(f'--modification_type selective needs {flag_of(cls, "freeze_layers")}, e.g. "0,1,2,3"')
+        return cls(**given)
 
     def validate(self, name=str) -> None:
         """Check the settings; ``name(field)`` is how a message names one (the command line passes its flags)."""

@@ -40,10 +40,10 @@ from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
 from minipeft.core.finite import require_finite
 from minipeft.core.inject import find_target_modules, replace_module, unfreeze_biases
-from minipeft.core.layers import default_target_modules, layer_features, num_hidden_layers, parse_layer_spec
+from minipeft.core.layers import default_target_modules, layer_features
 from minipeft.core.method import Method
 from minipeft.core.nf4 import Linear4bit
-from minipeft.core.options import flag_of, modules_to_save_option, option, target_modules_option
+from minipeft.core.options import layers_option, modules_to_save_option, option, target_modules_option
 
 # What VeRA targets when the user names nothing: peft's TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 # (LoRA's table plus phi).
@@ -107,17 +107,8 @@ class VeraConfig:
     bias: str = option("none", flag="--vera_bias", choices=["none", "all", "vera_only"], help="which biases train")
     modules_to_save: object = modules_to_save_option()
     init_weights: bool = True
-    layers_to_transform: object = option(None, flag="--layers_to_transform", help='only these blocks, e.g. "0-5,-1"')
+    layers_to_transform: object = layers_option(None, flag="--layers_to_transform", help='only these blocks, e.g. "0-5,-1"')
     layers_pattern: object = None
-
-    @classmethod
-    def from_flags(cls, given: dict, model, tokenizer=None) -> "VeraConfig":
-        """The config of the flags given; ``--layers_to_transform "0-5,-1"`` needs the model's block count."""
-        if given.get("layers_to_transform") is not None:
-            flag = flag_of(cls, "layers_to_transform")
-            given = {**given, "layers_to_transform": parse_layer_spec(given["layers_to_transform"],
-                                                                       num_hidden_layers(model), flag)}
-        return cls(**given)
 
     def validate(self, name=str) -> None:
         """Check the settings; ``name(field)`` is how a message names one (the command line passes its flags)."""
