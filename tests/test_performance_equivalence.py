@@ -19,6 +19,8 @@
   (:func:`minipeft.methods.lora.zero_dropped_entries`): the same distribution as a Bernoulli draw per entry
   (share of zeros and of adjacent zero pairs within 5 standard errors of p and p²), the LoRA output equals
   ``W x + s/(1-p) · B A (x ⊙ mask)`` for the mask drawn, and no gradient reaches a dropped entry.
+* Its down-projection (:class:`minipeft.methods.lora.DroppedInputProjection`) keeps ``x`` and the positions
+  for the backward instead of the masked copy: the same output and gradients as autograd through the copy.
 """
 
 import math
@@ -31,7 +33,8 @@ from minipeft import get_peft_model
 from minipeft.methods.adapter import AdapterConfig
 from minipeft.methods.selective import SelectiveConfig
 from minipeft.methods.ia3 import IA3Config
-from minipeft.methods.lora import LoRAConfig, LoRALinear, zero_dropped_entries
+from minipeft.methods.lora import (DroppedInputProjection, LoRAConfig, LoRALinear, dropped_positions,
+                                   zero_dropped_entries)
 from minipeft.methods.prefix import PrefixTuningConfig
 from minipeft.methods.prompt import PromptTuningConfig
 from minipeft.training.loss import (causal_lm_loss_sum, causal_lm_loss_sum_all_logits, count_target_tokens,
@@ -264,3 +267,23 @@ def test_lora_dropout_output_is_the_dropout_formula(autocast):
     torch.testing.assert_close(output, expected, **tolerance)
     assert not torch.equal(masked, x) and torch.equal(masked == 0, (x == 0) | (masked == 0))
     torch.testing.assert_close(lora.eval()(x), lora.base_layer(x) + lora.lora_B(lora.lora_A(x)) * lora.scaling)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropped_input_projection_equals_autograd_through_the_masked_copy(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 32, dtype=dtype, requires_grad=True)
+    weight = torch.randn(4, 32, requires_grad=True)  # float32, as lora_A's weight
+    positions = dropped_positions(x.numel(), 0.3)
+    grad = torch.randn(6, 5, 4, dtype=dtype)
+    output = DroppedInputProjection.apply(x, weight, positions)
+    grad_x, grad_weight = torch.autograd.grad(output, (x, weight), grad)
+    masked = x.reshape(-1).index_fill(0, positions, 0).view(x.shape)
+    expected = masked @ weight.to(dtype).T
+    expected_grad_x, expected_grad_weight = torch.autograd.grad(expected, (x, weight), grad)
+    assert output.dtype == dtype and grad_weight.dtype == torch.float32
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(output, expected, **tolerance)
+    torch.testing.assert_close(grad_x, expected_grad_x, **tolerance)
+    torch.testing.assert_close(grad_weight, expected_grad_weight, **tolerance)
+    assert torch.all(grad_x.reshape(-1)[positions] == 0) and positions.numel() > 0

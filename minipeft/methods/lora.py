@@ -105,34 +105,84 @@ class LoRAConfig:
             raise UserError("rank_pattern/alpha_pattern (per-module ranks) are not supported by minipeft")
 
 
-@torch.compiler.disable  # under --compile: run eagerly (the loop's length depends on its draws), see below
-def zero_dropped_entries(x: torch.Tensor, p: float) -> torch.Tensor:
-    """``x`` with each entry set to 0 independently with probability ``p`` (dropout's mask, *not* divided by
-    ``1 - p``: the caller folds that into its scale). Differentiable: the dropped entries get no gradient.
+def dropped_positions(n: int, p: float) -> torch.Tensor:
+    """The positions dropout zeroes in a flattened tensor of ``n`` entries, each independently with
+    probability ``p``: an increasing ``(k,)`` long tensor, ``k ≈ p·n``.
 
-    Same distribution as ``x * bernoulli(1 - p)``, drawn more cheaply on a CPU. The dropped positions of
-    the flattened ``x`` (``n`` entries) form a Bernoulli(p) process, and the gaps between consecutive
-    dropped positions are independent Geometric(p) on {1, 2, ...} (``P(gap = k) = (1 - p)^(k-1) p``), so
+    Same distribution as ``bernoulli(p)`` per entry, drawn more cheaply on a CPU. The dropped positions form a
+    Bernoulli(p) process, and the gaps between consecutive dropped positions are independent Geometric(p) on
+    {1, 2, ...} (``P(gap = k) = (1 - p)^(k-1) p``), so
 
         position_k = gap_1 + ... + gap_k - 1
 
     needs about ``p·n`` random numbers instead of ``n`` (p = 0.05: 20× fewer; a Bernoulli draw per entry
     was 18% of a SmolLM2 bf16 step). CPU only: on a GPU the per-entry draw is a fast fused kernel, and this
-    loop would wait for the device. Under ``torch.compile`` (``--compile``) the function runs eagerly, a
-    break in the compiled graph: TorchInductor's own per-entry draw on a CPU cost more than that break
-    (SmolLM2 bf16, p = 0.05: 5.0 s a step against 4.4 s).
+    loop would wait for the device.
     """
-    n = x.numel()
     chunks, last = [], -1  # last: the last dropped position found so far
-    while last < n:  # until the process has passed the end of x
+    while last < n:  # until the process has passed the end
         expected = (n - last) * p
         gaps = torch.empty(int(expected + 6 * math.sqrt(expected) + 16), dtype=torch.long).geometric_(p)
         positions = last + gaps.cumsum(0)  # (k,) increasing
         chunks.append(positions)
         last = int(positions[-1])
     chunks[-1] = chunks[-1][:int(torch.searchsorted(chunks[-1], n))]  # only the last chunk passes the end
-    positions = torch.cat(chunks)
-    return x.reshape(-1).index_fill(0, positions, 0).view(x.shape)
+    return torch.cat(chunks)
+
+
+def zero_dropped_entries(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``x`` with each entry set to 0 independently with probability ``p`` (dropout's mask, *not* divided by
+    ``1 - p``: the caller folds that into its scale), at :func:`dropped_positions`. Differentiable: the
+    dropped entries get no gradient."""
+    return x.reshape(-1).index_fill(0, dropped_positions(x.numel(), p), 0).view(x.shape)
+
+
+@torch.compiler.disable  # under --compile: run eagerly (the loop's length depends on its draws), see below
+def dropped_input_projection(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+    """``A (x ⊙ mask)`` for a fresh dropout mask of probability ``p`` (``x (..., in)``, ``A (r, in)`` -> ``(..., r)``).
+
+    Under ``torch.compile`` (``--compile``) this runs eagerly, a break in the compiled graph: TorchInductor's
+    own per-entry draw on a CPU cost more than that break (SmolLM2 bf16, p = 0.05: 5.0 s a step against 4.4 s).
+    """
+    return DroppedInputProjection.apply(x, weight, dropped_positions(x.numel(), p))
+
+
+class DroppedInputProjection(torch.autograd.Function):
+    """``A (x ⊙ mask)``: LoRA's down-projection of its dropped-out input, which keeps for the backward ``x``
+    (that the model keeps anyway) and the dropped positions, not a masked copy of ``x``.
+
+    Through autograd, ``lora_A(zero_dropped_entries(x))`` would keep that copy for ``∂/∂A``: one tensor the
+    size of ``x`` per adapted layer (SmolLM2, 7 projections × 30 blocks at 8 × 256 tokens: ~600 MB).
+    Here the backward rebuilds it::
+
+        forward    x (..., in), A (r, in), positions (k,)  ->  (x ⊙ mask) Aᵀ  (..., r)
+        backward   ∂/∂x = (g A) ⊙ mask                       (..., in)
+                   ∂/∂A = gᵀ (x ⊙ mask)                       (r, in)
+
+    ``A`` is used in ``x``'s dtype (bf16 under autocast, as ``F.linear`` would cast it); its gradient is
+    returned in ``A``'s own (float32).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, positions):
+        weight_as_x = weight.to(x.dtype)  # (r, in)
+        ctx.save_for_backward(x, weight_as_x, positions)
+        ctx.weight_dtype = weight.dtype
+        masked = x.reshape(-1).index_fill(0, positions, 0).view(x.shape)  # freed when forward returns
+        return masked @ weight_as_x.T  # (..., in) @ (in, r) -> (..., r)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (..., r)
+        x, weight_as_x, positions = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight_as_x  # (..., r) @ (r, in) -> (..., in)
+            grad_x.view(-1).index_fill_(0, positions, 0)  # a dropped entry gets no gradient
+        if ctx.needs_input_grad[1]:
+            masked = x.reshape(-1).index_fill(0, positions, 0).view(-1, x.shape[-1])  # (N, in), rebuilt
+            grad_weight = (grad.reshape(-1, grad.shape[-1]).T @ masked).to(ctx.weight_dtype)  # (r, N) @ (N, in)
+        return grad_x, grad_weight, None
 
 
 class LoRALinear(AdapterLayer):
@@ -175,20 +225,22 @@ class LoRALinear(AdapterLayer):
         if self.merged or not self.adapter_enabled:
             return result
         lora_input, scale = x, self.scaling
-        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
-        if self.training and p > 0:
-            # dropout(x) = x · mask / (1 - p): the mask zeroes entries, and the 1 / (1 - p) joins the scale,
-            # where it multiplies the r-wide A x instead of every entry of the in-wide x.
-            if x.device.type == "cpu":
-                lora_input = zero_dropped_entries(x, p)
-            else:
-                lora_input = x * torch.empty_like(x).bernoulli_(1 - p)
-            scale = scale / (1 - p)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast (to bf16) themselves
             lora_input = lora_input.to(self.lora_A.weight.dtype)
         # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out); ΔW itself is never built. The scale is
         # applied to the r-wide A x, not the out-wide result: the same s·B A x, out/r times fewer multiplies.
-        scaled_down = self.lora_A(lora_input) * scale  # (..., r)
+        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        if self.training and p > 0:
+            # dropout(x) = x · mask / (1 - p): the mask zeroes entries, and the 1 / (1 - p) joins the scale,
+            # where it multiplies the r-wide A x instead of every entry of the in-wide x.
+            scale = scale / (1 - p)
+            if x.device.type == "cpu":  # the mask drawn by its gaps; x, not a masked copy, kept for backward
+                down = dropped_input_projection(lora_input, self.lora_A.weight, p)  # (..., r)
+            else:
+                down = self.lora_A(lora_input * torch.empty_like(lora_input).bernoulli_(1 - p))
+        else:
+            down = self.lora_A(lora_input)  # (..., r)
+        scaled_down = down * scale
         if scaled_down.dtype == result.dtype:
             # result + (s·A x) Bᵀ in one addmm: the out-wide sum is the matmul's own accumulation, not a
             # second pass over (..., out) (under autocast B is cast to bf16, as lora_B's matmul would be)
