@@ -3,6 +3,7 @@
     python bench/profile_step.py                          # SmolLM2-135M, LoRA r=8 on all 7 projections, bf16
     python bench/profile_step.py --precision fp32 --rows 15
     python bench/profile_step.py --model gpt2             # GPT-2 small's architecture (random init)
+    python bench/profile_step.py --compile --lora_dropout 0   # the blocks through torch.compile (--compile)
 
 One fixed batch: the first ``--batch_size`` GPTeacher records (Alpaca template, max_length 256, padded to
 the longest), the same every run. One untimed step first (oneDNN picks its kernels), then one profiled
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("--lora_dropout", type=float, default=0.05)
+    parser.add_argument("--compile", action="store_true", help="as train --compile: compiled blocks (untimed compile)")
     args = parser.parse_args()
 
     import torch
@@ -48,6 +50,7 @@ def main() -> None:
     from minipeft.training.precision import cast_frozen_weights
     from minipeft.training.loop import accumulate_gradients, autocast_for
     from minipeft.training.optimizer import build_optimizer
+    from minipeft.training.compile import compiled_blocks
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -70,6 +73,11 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    if args.compile:
+        compiled_blocks(peft_model, torch.device("cpu")).__enter__()  # kept for the rest of this process
+        started = time.perf_counter()
+        step()
+        print(f"compile + first step: {time.perf_counter() - started:.1f} s")
     step()
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -81,7 +89,8 @@ def main() -> None:
     n_parameters = sum(p.numel() for p in {id(p): p for p in peft_model.parameters()}.values())
     print(f"load average before {' '.join(f'{x:.1f}' for x in load_before)}, after "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min)")
-    print(f"{args.model}, LoRA r=8, dropout {args.lora_dropout}, {args.precision}, batch {tuple(batch['input_ids'].shape)}, {tokens} real tokens, "
+    print(f"{args.model}, LoRA r=8, dropout {args.lora_dropout}, {args.precision}, "
+          f"{'compiled blocks, ' if args.compile else ''}batch {tuple(batch['input_ids'].shape)}, {tokens} real tokens, "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}")
     print(f"one step (unprofiled): {plain_seconds:.2f} s = {tokens / plain_seconds:.0f} tok/s = "
           f"{4 * n_parameters * tokens / plain_seconds / 1e9:.0f} GFLOP/s (4N)")
