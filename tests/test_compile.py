@@ -13,7 +13,8 @@ import shutil
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from training_fixtures import ListLoader, adapter_tensors, make_batches, one_thread, read_records, tiny_model  # noqa: F401
+from training_fixtures import one_thread  # noqa: F401
+from training_fixtures import ListLoader, adapter_tensors, make_batches, read_records, tiny_model
 
 from minipeft import get_peft_model
 from minipeft.core.errors import UserError
