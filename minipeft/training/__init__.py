@@ -12,6 +12,7 @@
 - :mod:`~minipeft.training.metrics`: the log line, ``metrics.jsonl``, the loss curve;
 - :mod:`~minipeft.training.distributed`: devices and DistributedDataParallel;
 - :mod:`~minipeft.training.compile`: ``--compile``, the transformer blocks through ``torch.compile``;
+- :mod:`~minipeft.training.rms_norm`: Llama's RMSNorm with a hand-written backward (less memory);
 - :mod:`~minipeft.cli.train`: ``train_llm.py`` / ``python -m minipeft train``.
 """
 

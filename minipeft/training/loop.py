@@ -56,6 +56,7 @@ from minipeft.training.loss import perplexity
 from minipeft.training.metrics import MetricsLog, format_eval_line, format_log_line, format_plan_line, micro_batch_size
 from minipeft.training.optimizer import build_optimizer
 from minipeft.training.precision import cast_frozen_weights
+from minipeft.training.rms_norm import use_memory_lean_rms_norm
 from minipeft.training.prepare import (autocast_for, check_output_dir, enable_gradient_checkpointing,
                                        prepare_output_dir, resolve_precision)
 from minipeft.training.schedule import get_lr, warmup_steps_for
@@ -76,7 +77,10 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
     run = start_run(model, config, plan, context, adapter_metadata or {})  # model, optimizer, DDP
     resume_or_start_fresh(run, train_loader)  # the state of a checkpoint, or a checked new --output_dir
     stop = StopRequest()
-    with compiled_blocks(model, context.device) if config.compile else nullcontext():  # --compile
+    # Llama-style norms keep only x and 1/rms for the backward; compiled blocks (--compile) fuse them anyway
+    lean_norms = use_memory_lean_rms_norm(model) if not config.compile else nullcontext()
+    compiled = compiled_blocks(model, context.device) if config.compile else nullcontext()
+    with lean_norms, compiled:
         if val_loader is not None and run.state.eval_loss_before is None:
             evaluate_before_training(run, val_loader)
         records, tokens = micro_batch_size(train_loader)  # per process; the effective batch multiplies them

@@ -1,0 +1,70 @@
+"""The memory-lean RMSNorm (:mod:`minipeft.training.rms_norm`) computes what transformers' LlamaRMSNorm
+computes: the same output bits, gradients within float32 rounding (float32) or one bf16 rounding (bf16);
+it is swapped in for a run and taken out afterwards."""
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from training_fixtures import ListLoader, make_batches, read_records, tiny_model, tiny_peft_model  # noqa: F401
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from minipeft.training import TrainingConfig, train
+from minipeft.training.rms_norm import RMSNormFunction, use_memory_lean_rms_norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_output_and_gradients_as_llamas_norm(dtype):
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(48, dtype=dtype)
+    x = (torch.randn(4, 7, 48) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(4, 7, 48).to(dtype)
+
+    expected = norm(x)
+    expected_grad_x, expected_grad_weight = torch.autograd.grad(expected, (x, norm.weight), grad)
+    output = RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon)
+    grad_x, grad_weight = torch.autograd.grad(output, (x, norm.weight), grad)
+
+    assert torch.equal(output, expected)  # the forward is transformers' own, operation for operation
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad_x, expected_grad_x, **tolerance)
+    torch.testing.assert_close(grad_weight, expected_grad_weight, **tolerance)
+    assert grad_x.dtype == dtype and grad_weight.dtype == dtype
+
+
+def test_swapped_for_the_run_and_put_back():
+    model = tiny_model("llama")
+    norms = [module for module in model.modules() if isinstance(module, LlamaRMSNorm)]
+    batch = make_batches(1, rows=2, length=12, seed=4)[0]
+    expected = model(input_ids=batch["input_ids"]).logits
+    with use_memory_lean_rms_norm(model) as swapped:
+        assert swapped == len(norms) == 2 * model.config.num_hidden_layers + 1
+        assert all("forward" in vars(norm) for norm in norms)
+        torch.testing.assert_close(model(input_ids=batch["input_ids"]).logits, expected, rtol=0, atol=0)
+    assert all("forward" not in vars(norm) for norm in norms)
+    with use_memory_lean_rms_norm(tiny_model("gpt2")) as swapped:
+        assert swapped == 0  # GPT-2's LayerNorm is torch's own fused kernel: left alone
+
+
+def test_training_a_llama_goes_through_it_and_learns_the_same(tmp_path, monkeypatch):
+    """train() uses it (counted), and the run's losses equal those of a run with transformers' norm."""
+    calls = []
+    original = RMSNormFunction.forward
+    monkeypatch.setattr(RMSNormFunction, "forward", staticmethod(lambda *args: calls.append(1) or original(*args)))
+    batches = make_batches(3, rows=2, length=12, seed=5)
+    settings = dict(epochs=1, learning_rate=1e-2, log_every=100, device="cpu", precision="fp32")
+    lean = tiny_peft_model("lora", family="llama")
+    train(lean, ListLoader(batches, shuffle=False), None,
+          TrainingConfig(output_dir=str(tmp_path / "lean"), **settings))
+    assert calls
+    monkeypatch.setattr("minipeft.training.loop.use_memory_lean_rms_norm", lambda model: nullcontext())
+    plain = tiny_peft_model("lora", family="llama")
+    train(plain, ListLoader(batches, shuffle=False), None,
+          TrainingConfig(output_dir=str(tmp_path / "plain"), **settings))
+    got = read_records(tmp_path / "lean" / "metrics.jsonl", "train")
+    expected = read_records(tmp_path / "plain" / "metrics.jsonl", "train")
+    assert len(got) == len(expected) == 3
+    for step, want in zip(got, expected):
+        assert step["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert step["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
