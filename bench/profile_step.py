@@ -8,7 +8,8 @@
 One fixed batch: the first ``--batch_size`` GPTeacher records (Alpaca template, max_length 256, padded to
 the longest), the same every run. One untimed step first (oneDNN picks its kernels), then one profiled
 step through minipeft's own path: the frozen weights stored in bf16 as ``train`` stores them
-(:func:`minipeft.training.precision.cast_frozen_weights`), :func:`minipeft.training.loop.accumulate_gradients`
+(:func:`minipeft.training.precision.cast_frozen_weights`), with the RMSNorm ``train`` swaps in (or, with
+``--compile``, its compiled blocks), :func:`minipeft.training.loop.accumulate_gradients`
 under the loop's autocast, then the optimizer. Prints the wall time of the step, the real tokens in it, and the
 top operators by self CPU time (a table for docs/benchmarks.md).
 """
@@ -52,6 +53,7 @@ def main() -> None:
     from minipeft.training.loop import accumulate_gradients, autocast_for
     from minipeft.training.optimizer import build_optimizer
     from minipeft.training.compile import compiled_blocks
+    from minipeft.training.rms_norm import use_memory_lean_rms_norm
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -74,9 +76,11 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    compiled = contextlib.ExitStack()  # kept open until the process ends
-    if args.compile:
-        compiled.enter_context(compiled_blocks(peft_model, torch.device("cpu")))
+    as_train_does = contextlib.ExitStack()  # kept open until the process ends
+    if args.compile:  # train --compile: compiled blocks
+        as_train_does.enter_context(compiled_blocks(peft_model, torch.device("cpu")))
+    else:  # train without --compile: Llama's norms keep only x and 1/rms
+        as_train_does.enter_context(use_memory_lean_rms_norm(peft_model))
         started = time.perf_counter()
         step()
         print(f"compile + first step: {time.perf_counter() - started:.1f} s")

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 from training_fixtures import one_thread  # noqa: F401
-from training_fixtures import ListLoader, adapter_tensors, make_batches, read_records, tiny_model
+from training_fixtures import (ListLoader, adapter_tensors, assert_same_training_steps, make_batches, read_records,
+                               tiny_model)
 
 from minipeft import get_peft_model
 from minipeft.core.errors import UserError
@@ -50,12 +51,7 @@ def test_compiled_run_trains_like_the_eager_one_and_puts_everything_back(tmp_pat
           TrainingConfig(output_dir=str(tmp_path / "compiled"), compile=True, **settings))
     assert counters["stats"]["unique_graphs"] > graphs_before  # the blocks did go through the compiler
 
-    expected = read_records(tmp_path / "eager" / "metrics.jsonl", "train")
-    got = read_records(tmp_path / "compiled" / "metrics.jsonl", "train")
-    assert len(got) == len(expected) == 4
-    for step, want in zip(got, expected):
-        assert step["loss"] == pytest.approx(want["loss"], rel=1e-5)
-        assert step["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    assert_same_training_steps(tmp_path / "compiled", tmp_path / "eager", steps=4)
     eager_evals = read_records(tmp_path / "eager" / "metrics.jsonl", "eval")
     compiled_evals = read_records(tmp_path / "compiled" / "metrics.jsonl", "eval")
     assert [record["eval_loss"] for record in compiled_evals] == pytest.approx(

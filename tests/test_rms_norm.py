@@ -6,7 +6,8 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from training_fixtures import ListLoader, make_batches, read_records, tiny_model, tiny_peft_model  # noqa: F401
+from training_fixtures import one_thread  # noqa: F401
+from training_fixtures import ListLoader, assert_same_training_steps, make_batches, tiny_model, tiny_peft_model
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from minipeft.training import TrainingConfig, train
@@ -62,9 +63,4 @@ def test_training_a_llama_goes_through_it_and_learns_the_same(tmp_path, monkeypa
     plain = tiny_peft_model("lora", family="llama")
     train(plain, ListLoader(batches, shuffle=False), None,
           TrainingConfig(output_dir=str(tmp_path / "plain"), **settings))
-    got = read_records(tmp_path / "lean" / "metrics.jsonl", "train")
-    expected = read_records(tmp_path / "plain" / "metrics.jsonl", "train")
-    assert len(got) == len(expected) == 3
-    for step, want in zip(got, expected):
-        assert step["loss"] == pytest.approx(want["loss"], rel=1e-5)
-        assert step["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    assert_same_training_steps(tmp_path / "lean", tmp_path / "plain", steps=3)

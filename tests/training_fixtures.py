@@ -6,6 +6,7 @@ Everything is small enough that a training step takes milliseconds on one CPU th
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +113,16 @@ def read_records(path, kind: str = None, drop=("seconds", "tokens_per_s", "eval_
     records = [json.loads(line) for line in open(path)]
     return [{key: value for key, value in record.items() if key not in drop}
             for record in records if kind is None or record["kind"] == kind]
+
+
+def assert_same_training_steps(run_dir, reference_dir, steps: int, rel: float = 1e-5) -> None:
+    """Two runs' metrics.jsonl: ``steps`` train records each, the same losses and gradient norms within ``rel``."""
+    got = read_records(Path(run_dir) / "metrics.jsonl", "train")
+    expected = read_records(Path(reference_dir) / "metrics.jsonl", "train")
+    assert len(got) == len(expected) == steps
+    for step, want in zip(got, expected):
+        assert step["loss"] == pytest.approx(want["loss"], rel=rel)
+        assert step["grad_norm"] == pytest.approx(want["grad_norm"], rel=rel)
 
 
 def adapter_tensors(peft_model) -> dict:
