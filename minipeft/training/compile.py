@@ -6,13 +6,16 @@ halves, negation and products; SiLU times up; the residual adds) plus as many ag
 reading and writing a whole ``(B, T, d)`` tensor. ``torch.compile`` captures a block's ``forward`` as a graph
 (TorchDynamo), derives its backward graph ahead of time (AOTAutograd), and TorchInductor writes C++/OpenMP
 loops that run each chain of element-wise operations as one pass, calling oneDNN for the matmuls. SmolLM2-135M,
-LoRA r=8, bf16, a batch of 8 × 256 on 2 AMX cores: 3.6 s → 2.3 s a step (``docs/benchmarks.md``).
+LoRA r=8 on every projection, bf16, no dropout, 2 AMX cores: 1.42× the eager tokens/s, 1.36× peft + the
+Trainer with its own ``torch_compile=True`` (``docs/benchmarks.md``).
 
-**What it costs.** Compiling: on 2 cores about 75 s for SmolLM2 the first time (training graph) and ~12 s more
-for the evaluation graph (no gradients), once per run. Inductor caches what it compiled on disk
-(``TORCHINDUCTOR_CACHE_DIR``, by default under ``/tmp``): the next run of the same model starts in seconds.
-It pays once the steps saved outweigh that: on the machine above, after roughly 60 steps of 8 × 256 the first
-time, at once with a warm cache. It needs a C++ compiler (``g++``), as TorchInductor does on a CPU.
+**What it costs.** Compiling: on 2 cores ~40–60 s for SmolLM2's training graph and ~25 s for the evaluation
+graph (no gradients), once per run; ~0.5 GiB more peak memory (the written-out attention keeps its
+probabilities). Inductor caches what it compiled on disk (``TORCHINDUCTOR_CACHE_DIR``, by default under
+``/tmp``): the next run of the same model starts in seconds. It pays once the steps saved outweigh that: the
+README's 113-step SmolLM2 run broke even on a cold cache (6 min 14 s against 6 min 16 s eager), longer runs
+or a warm cache gain. With dropout drawn on a CPU (LoRA's, or GPT-2's own 0.1) it gains nothing: the random
+draws cost what the fusion saves. It needs a C++ compiler (``g++``), as TorchInductor does on a CPU.
 
 **How, and why so.**
 
@@ -28,7 +31,7 @@ time, at once with a warm cache. It needs a C++ compiler (``g++``), as TorchIndu
 - *No key/value cache while training* (``config.use_cache = False``): a cache is only needed to generate,
   and its state would be one more thing the compiled graph is specialised on. A prefix method's own cache is
   still passed, as with ``--gradient_checkpointing``.
-- LoRA dropout on a CPU draws its mask outside the graph (:func:`minipeft.methods.lora.zero_dropped_entries`,
+- LoRA dropout on a CPU draws its mask outside the graph (:func:`minipeft.methods.lora.dropped_input_projection`,
   a graph break in each adapted layer), which costs most of the gain: SmolLM2 bf16 with ``lora_dropout=0.05``
   goes from 5.0 s to 4.4 s a step where without dropout it goes from 4.1 s to 2.6 s.
 
