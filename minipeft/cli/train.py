@@ -84,8 +84,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     add("--gradient_checkpointing", action="store_true",
         help="recompute activations during backward: less memory, more time")
     add("--compile", action="store_true",
-        help="torch.compile the transformer blocks: faster steps after a one-time compile (~75 s for "
-             "SmolLM2 on 2 cores, seconds when cached); pays on runs of more than ~60 steps")
+        help="torch.compile the transformer blocks: faster steps after a one-time compile (about a minute "
+             "for SmolLM2 on 2 cores, seconds when cached); pays on runs of more than a hundred-odd steps "
+             "without dropout on a CPU (docs/benchmarks.md)")
     add("--eval_every", type=int, default=None,
         help="evaluate every N optimizer steps and at the end (default: 5 evaluations per run)")
     add("--eval_max_batches", type=int, default=None, help="evaluate on at most N validation batches")

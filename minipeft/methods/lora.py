@@ -78,7 +78,8 @@ class LoRAConfig:
     lora_alpha: float = option(16.0, flag="--lora_alpha", help="LoRA scale numerator alpha; update x alpha/r")
     lora_dropout: float = option(0.0, flag="--lora_dropout", help="dropout on the LoRA branch input")
     target_modules: object = target_modules_option()
-    layers_to_transform: object = layers_option(None, flag="--layers_to_transform", help='only these blocks, e.g. "0-5,-1"')
+    layers_to_transform: object = layers_option(None, flag="--layers_to_transform",
+                                                help='only these blocks, e.g. "0-5,-1"')
     layers_pattern: object = None
     bias: str = option("none", flag="--lora_bias", choices=["none", "all", "lora_only"], help="which biases train")
     use_rslora: bool = option(False, flag="--use_rslora", help="scale by alpha/sqrt(r)")
@@ -134,12 +135,17 @@ def zero_dropped_entries(x: torch.Tensor, p: float) -> torch.Tensor:
     """``x`` with each entry set to 0 independently with probability ``p`` (dropout's mask, *not* divided by
     ``1 - p``: the caller folds that into its scale), at :func:`dropped_positions`. Differentiable: the
     dropped entries get no gradient."""
-    return x.reshape(-1).index_fill(0, dropped_positions(x.numel(), p), 0).view(x.shape)
+    return zeroed_at(x, dropped_positions(x.numel(), p))
+
+
+def zeroed_at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` with the entries at ``positions`` of its flattened view set to 0 (differentiable)."""
+    return x.reshape(-1).index_fill(0, positions, 0).view(x.shape)
 
 
 @torch.compiler.disable  # under --compile: run eagerly (the loop's length depends on its draws), see below
 def dropped_input_projection(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
-    """``A (x ⊙ mask)`` for a fresh dropout mask of probability ``p`` (``x (..., in)``, ``A (r, in)`` -> ``(..., r)``).
+    """``A (x ⊙ mask)`` for a fresh dropout mask of probability ``p``: ``x (..., in)``, ``A (r, in)`` -> ``(..., r)``.
 
     Under ``torch.compile`` (``--compile``) this runs eagerly, a break in the compiled graph: TorchInductor's
     own per-entry draw on a CPU cost more than that break (SmolLM2 bf16, p = 0.05: 5.0 s a step against 4.4 s).
@@ -168,8 +174,7 @@ class DroppedInputProjection(torch.autograd.Function):
         weight_as_x = weight.to(x.dtype)  # (r, in)
         ctx.save_for_backward(x, weight_as_x, positions)
         ctx.weight_dtype = weight.dtype
-        masked = x.reshape(-1).index_fill(0, positions, 0).view(x.shape)  # freed when forward returns
-        return masked @ weight_as_x.T  # (..., in) @ (in, r) -> (..., r)
+        return zeroed_at(x, positions) @ weight_as_x.T  # (..., in) @ (in, r) -> (..., r); the copy is freed here
 
     @staticmethod
     def backward(ctx, grad):  # grad: (..., r)
@@ -180,7 +185,7 @@ class DroppedInputProjection(torch.autograd.Function):
             grad_x = grad @ weight_as_x  # (..., r) @ (r, in) -> (..., in)
             grad_x.view(-1).index_fill_(0, positions, 0)  # a dropped entry gets no gradient
         if ctx.needs_input_grad[1]:
-            masked = x.reshape(-1).index_fill(0, positions, 0).view(-1, x.shape[-1])  # (N, in), rebuilt
+            masked = zeroed_at(x, positions).view(-1, x.shape[-1])  # (N, in), rebuilt
             grad_weight = (grad.reshape(-1, grad.shape[-1]).T @ masked).to(ctx.weight_dtype)  # (r, N) @ (N, in)
         return grad_x, grad_weight, None
 

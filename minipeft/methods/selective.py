@@ -48,7 +48,8 @@ class SelectiveConfig:
 
     peft_type: ClassVar[str] = "SELECTIVE"
 
-    freeze_layers: list = layers_option([], flag="--freeze_layers", help='blocks to freeze, e.g. "0,1,2,3", "0-5", "-1"')
+    freeze_layers: list = layers_option([], flag="--freeze_layers",
+                                        help='blocks to freeze, e.g. "0,1,2,3", "0-5", "-1"')
     train_embeddings: bool = option(False, flag="--train_embeddings", help="also train the embeddings")
     train_final_norm: bool = option(True, flag="--no_train_final_norm", help="freeze the final norm")
     train_lm_head: bool = option(False, flag="--train_lm_head", help="also train the LM head")

@@ -107,7 +107,8 @@ class VeraConfig:
     bias: str = option("none", flag="--vera_bias", choices=["none", "all", "vera_only"], help="which biases train")
     modules_to_save: object = modules_to_save_option()
     init_weights: bool = True
-    layers_to_transform: object = layers_option(None, flag="--layers_to_transform", help='only these blocks, e.g. "0-5,-1"')
+    layers_to_transform: object = layers_option(None, flag="--layers_to_transform",
+                                                help='only these blocks, e.g. "0-5,-1"')
     layers_pattern: object = None
 
     def validate(self, name=str) -> None:
