@@ -22,7 +22,7 @@ from minipeft.core.errors import UserError
 from minipeft.core.layers import transformer_blocks
 from minipeft.methods.lora import LoRAConfig, LoRALinear
 from minipeft.training import TrainingConfig, train
-from minipeft.training.compile import check_compiler_available
+from minipeft.training.compile import check_compiler_available, compiled_blocks
 
 HAS_COMPILER = any(shutil.which(name) for name in ("g++", "c++", "clang++"))
 # torch.compile's own import of torch.jit warns about torch.jit; the suite turns warnings into errors.
@@ -58,10 +58,30 @@ def test_compiled_run_trains_like_the_eager_one_and_puts_everything_back(tmp_pat
         [record["eval_loss"] for record in eager_evals], rel=1e-5)
     for name, tensor in adapter_tensors(eager).items():
         torch.testing.assert_close(adapter_tensors(compiled)[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    # put back: the class's forward, the attention implementation and the cache setting of before
-    assert all("forward" not in vars(block) for block in transformer_blocks(compiled))
+    # put back: uncompiled blocks, no forward assigned on any instance, the attention and cache settings
+    assert all(block._compiled_call_impl is None for block in transformer_blocks(compiled))
+    assert not [name for name, module in compiled.named_modules() if "forward" in vars(module)]
     assert compiled.base_model.config._attn_implementation == attention_before
     assert compiled.base_model.config.use_cache is True
+
+
+def test_attention_that_cannot_be_switched_or_put_back_is_a_warning_not_a_traceback(monkeypatch):
+    """A transformers release whose ``set_attn_implementation`` refuses: --compile goes on with the model's own
+    attention and says so; leaving the context never raises (nothing is compiled until the first call)."""
+    peft_model = lora_on_every_projection()
+    model = peft_model.base_model
+    model.config._attn_implementation = "sdpa"
+
+    def refuse(implementation):
+        raise ValueError(f"{implementation} is not supported")
+
+    monkeypatch.setattr(model, "set_attn_implementation", refuse)
+    heard = []
+    with compiled_blocks(peft_model, torch.device("cpu"), heard.append):
+        assert all(block._compiled_call_impl is not None for block in transformer_blocks(peft_model))
+    assert len(heard) == 1 and "could not set the attention implementation to 'eager'" in heard[0]
+    assert model.config._attn_implementation == "sdpa"
+    assert all(block._compiled_call_impl is None for block in transformer_blocks(peft_model))
 
 
 @needs_compiler

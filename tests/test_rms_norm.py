@@ -11,7 +11,7 @@ from training_fixtures import ListLoader, assert_same_training_steps, make_batch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from minipeft.training import TrainingConfig, train
-from minipeft.training.rms_norm import RMSNormFunction, use_memory_lean_rms_norm
+from minipeft.training.rms_norm import LeanRMSNorm, RMSNormFunction, use_memory_lean_rms_norm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -35,17 +35,59 @@ def test_same_output_and_gradients_as_llamas_norm(dtype):
 
 
 def test_swapped_for_the_run_and_put_back():
+    """Each norm is replaced by a LeanRMSNorm module holding the same weight (no instance's forward is
+    assigned), the logits stay the same bits, and the very same norm objects are back afterwards."""
     model = tiny_model("llama")
-    norms = [module for module in model.modules() if isinstance(module, LlamaRMSNorm)]
+    norms = {name: module for name, module in model.named_modules() if isinstance(module, LlamaRMSNorm)}
+    keys = list(model.state_dict())
     batch = make_batches(1, rows=2, length=12, seed=4)[0]
     expected = model(input_ids=batch["input_ids"]).logits
     with use_memory_lean_rms_norm(model) as swapped:
         assert swapped == len(norms) == 2 * model.config.num_hidden_layers + 1
-        assert all("forward" in vars(norm) for norm in norms)
+        for name, norm in norms.items():
+            lean = model.get_submodule(name)
+            assert isinstance(lean, LeanRMSNorm) and lean.weight is norm.weight
+        assert list(model.state_dict()) == keys  # checkpoints written during the run keep their names
+        assert not [name for name, module in model.named_modules() if "forward" in vars(module)]
         torch.testing.assert_close(model(input_ids=batch["input_ids"]).logits, expected, rtol=0, atol=0)
-    assert all("forward" not in vars(norm) for norm in norms)
+    assert all(model.get_submodule(name) is norm for name, norm in norms.items())
     with use_memory_lean_rms_norm(tiny_model("gpt2")) as swapped:
         assert swapped == 0  # GPT-2's LayerNorm is torch's own fused kernel: left alone
+
+
+class LlamaRMSNormOfAnotherRelease(LlamaRMSNorm):
+    """What a future transformers might ship under the same name: Gemma's ``(1 + w)`` scaling."""
+
+    def forward(self, hidden_states):
+        return super().forward(hidden_states) / self.weight * (1 + self.weight)
+
+
+LlamaRMSNormOfAnotherRelease.__name__ = "LlamaRMSNorm"
+
+
+def test_a_norm_that_computes_something_else_is_left_alone_and_said():
+    model = tiny_model("llama")
+    layer = model.model.layers[0]
+    changed = LlamaRMSNormOfAnotherRelease(64, eps=1e-5)
+    changed.weight.data = torch.randn(64)
+    layer.input_layernorm = changed
+    heard = []
+    with use_memory_lean_rms_norm(model, heard.append) as swapped:
+        assert swapped == 2 * model.config.num_hidden_layers  # all but the changed one
+        assert layer.input_layernorm is changed
+    assert len(heard) == 1 and "its forward computes something else" in heard[0]
+
+
+def test_putting_back_never_raises(monkeypatch):
+    """A norm replaced during the run (by another tool) is left where it is, with one warning."""
+    model = tiny_model("llama")
+    heard = []
+    with use_memory_lean_rms_norm(model, heard.append):
+        stranger = torch.nn.Identity()
+        model.model.layers[1].post_attention_layernorm = stranger
+    assert model.model.layers[1].post_attention_layernorm is stranger
+    assert isinstance(model.model.layers[0].input_layernorm, LlamaRMSNorm)
+    assert len(heard) == 1 and "post_attention_layernorm was replaced during the run" in heard[0]
 
 
 def test_training_a_llama_goes_through_it_and_learns_the_same(tmp_path, monkeypatch):
@@ -59,7 +101,7 @@ def test_training_a_llama_goes_through_it_and_learns_the_same(tmp_path, monkeypa
     train(lean, ListLoader(batches, shuffle=False), None,
           TrainingConfig(output_dir=str(tmp_path / "lean"), **settings))
     assert calls
-    monkeypatch.setattr("minipeft.training.loop.use_memory_lean_rms_norm", lambda model: nullcontext())
+    monkeypatch.setattr("minipeft.training.loop.use_memory_lean_rms_norm", lambda model, warn: nullcontext())
     plain = tiny_peft_model("lora", family="llama")
     train(plain, ListLoader(batches, shuffle=False), None,
           TrainingConfig(output_dir=str(tmp_path / "plain"), **settings))

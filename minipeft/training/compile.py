@@ -35,11 +35,12 @@ draws cost what the fusion saves. It needs a C++ compiler (``g++``), as TorchInd
   a graph break in each adapted layer), which costs most of the gain: SmolLM2 bf16 with ``lora_dropout=0.05``
   goes from 5.0 s to 4.4 s a step where without dropout it goes from 4.1 s to 2.6 s.
 
-Everything is undone on exit: the blocks' ``forward`` is the class's again, attention and cache settings are
+Everything is undone on exit: the blocks run uncompiled again, attention and cache settings are
 restored, so generation after training runs eagerly (a KV cache grows each step, a poor fit for a graph).
 """
 
 import shutil
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -56,8 +57,16 @@ def check_compiler_available(device: torch.device) -> None:
 
 
 @contextmanager
-def compiled_blocks(peft_model, device: torch.device):
-    """Within the ``with``: each transformer block's ``forward`` compiled (see the module docstring)."""
+def compiled_blocks(peft_model, device: torch.device, warn=None):
+    """Within the ``with``: each transformer block compiled (see the module docstring); ``warn(message)``
+    (default :func:`warnings.warn`) hears of any setting that could not be changed or put back.
+
+    Compiling goes through torch's own ``nn.Module.compile`` (the module's call, hooks included, runs the
+    compiled graph), never through an assignment to a transformers module's ``forward``; undoing it resets
+    what ``compile`` set. Nothing here raises on the way out: a run never ends in a traceback because an
+    optimisation could not be undone.
+    """
+    warn = warn or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
     base_model = peft_model.base_model
     config = base_model.config
     saved_use_cache = getattr(config, "use_cache", None)
@@ -67,16 +76,24 @@ def compiled_blocks(peft_model, device: torch.device):
     except UserError:
         raise UserError(f"--compile: cannot find the transformer blocks of {type(base_model).__name__}") from None
     config.use_cache = False
-    if device.type == "cpu" and saved_attention == "sdpa" and hasattr(base_model, "set_attn_implementation"):
-        base_model.set_attn_implementation("eager")
+    if device.type == "cpu" and saved_attention == "sdpa":
+        set_attention(base_model, "eager", warn)
     for block in blocks:
-        # An attribute on this instance, in front of the class's forward: ``del`` below brings that back.
-        block.forward = torch.compile(block.forward, dynamic=True)
+        block.compile(dynamic=True)
     try:
         yield
     finally:
         for block in blocks:
-            del block.forward
+            block._compiled_call_impl = None  # what nn.Module.compile set; the class default is None
         if getattr(config, "_attn_implementation", None) != saved_attention:
-            base_model.set_attn_implementation(saved_attention)
+            set_attention(base_model, saved_attention, warn)
         config.use_cache = saved_use_cache
+
+
+def set_attention(model, implementation: str, warn) -> None:
+    """transformers' public ``set_attn_implementation``; on failure the model keeps its attention, loudly."""
+    try:
+        model.set_attn_implementation(implementation)
+    except Exception as error:  # noqa: BLE001 (an optimisation's setting, never worth the run)
+        warn(f"warning: --compile could not set the attention implementation to {implementation!r} ({error}); "
+             "the model keeps its own")

@@ -78,8 +78,9 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
     resume_or_start_fresh(run, train_loader)  # the state of a checkpoint, or a checked new --output_dir
     stop = StopRequest()
     # Llama-style norms keep only x and 1/rms for the backward; compiled blocks (--compile) fuse them anyway
-    lean_norms = use_memory_lean_rms_norm(model) if not config.compile else nullcontext()
-    compiled = compiled_blocks(model, context.device) if config.compile else nullcontext()
+    warn = lambda message: say(run, message, file=sys.stderr)  # noqa: E731
+    lean_norms = use_memory_lean_rms_norm(model, warn) if not config.compile else nullcontext()
+    compiled = compiled_blocks(model, context.device, warn) if config.compile else nullcontext()
     with lean_norms, compiled:
         if val_loader is not None and run.state.eval_loss_before is None:
             evaluate_before_training(run, val_loader)

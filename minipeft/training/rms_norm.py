@@ -16,19 +16,27 @@ keeps only those two and derives the gradient by hand (with ``g`` the gradient o
     ∂L/∂w = Σ_rows g ⊙ x̂
     ∂L/∂x = rstd · (ĝ − x̂ · mean(ĝ ⊙ x̂))      where ĝ = g ⊙ w, in float32
 
-:func:`use_memory_lean_rms_norm` swaps it into a model's norms for the length of a training run; the forward
-is transformers' own, operation for operation, so the outputs are the same bits
-(``tests/test_rms_norm.py``; gradients within float32 rounding).
+:func:`use_memory_lean_rms_norm` puts a :class:`LeanRMSNorm` module in place of each of a model's Llama-style
+norms for the length of a training run, the way adapters are put in (the parent's attribute is set; no class
+or instance of transformers is patched), and puts the originals back afterwards. The forward is transformers'
+own, operation for operation, so the outputs are the same bits (``tests/test_rms_norm.py``; gradients within
+float32 rounding).
+
+**When transformers changes.** A norm is swapped only if it looks as expected (a 1-D ``weight``, a number
+``variance_epsilon``, nothing else) *and* its own forward gives the same bits as :class:`LeanRMSNorm` on a probe
+input; any other norm keeps transformers' forward, and the run says so in one line. Putting the norms back
+never raises: a run does not end in a traceback because a memory optimisation could not be undone.
 """
 
+import warnings
 from contextlib import contextmanager
-from functools import partial
 
 import torch
 from torch import nn
 
 # The norms whose forward is LlamaRMSNorm's exactly (``weight * normalised.to(input_dtype)``, weight not
 # offset by 1 as in Gemma): by class name, so that no transformers model module has to be imported here.
+# Each is still checked against LeanRMSNorm before it is swapped (swap_refusal).
 LLAMA_STYLE_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
 
 
@@ -57,21 +65,76 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
-def rms_norm_forward(norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """What a swapped norm's ``forward`` runs: :class:`RMSNormFunction` with the norm's weight and ε."""
-    return RMSNormFunction.apply(hidden_states, norm.weight, norm.variance_epsilon)
+
+class LeanRMSNorm(nn.Module):
+    """Stands in for one Llama-style norm during a run: the *same* ``weight`` parameter, the forward through
+    :class:`RMSNormFunction`; its ``state_dict`` key is the original's (``weight``)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = norm.weight  # the same Parameter: optimizer, requires_grad and checkpoints see no change
+        self.variance_epsilon = float(norm.variance_epsilon)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def swap_refusal(norm: nn.Module):
+    """Why ``norm`` cannot be swapped (a phrase), or None when it computes exactly what LeanRMSNorm does."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+        return "it has no 1-D weight"
+    if not isinstance(getattr(norm, "variance_epsilon", None), (float, int)):
+        return "it has no numeric variance_epsilon"
+    if len(list(norm.parameters())) != 1 or list(norm.buffers()) or list(norm.children()):
+        return "it holds more than a weight"
+    generator = torch.Generator().manual_seed(0)
+    probe = (torch.randn(2, weight.shape[0], generator=generator) * 3).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        if not torch.equal(norm(probe), LeanRMSNorm(norm)(probe)):
+            return "its forward computes something else"
+    return None
 
 
 @contextmanager
-def use_memory_lean_rms_norm(model: nn.Module):
-    """Within the ``with``: every Llama-style RMSNorm of ``model`` runs :class:`RMSNormFunction`."""
-    norms = [module for module in model.modules() if type(module).__name__ in LLAMA_STYLE_RMS_NORMS
-             and hasattr(module, "variance_epsilon")]
-    for norm in norms:
-        # An attribute on this instance, in front of the class's forward: ``del`` below brings that back.
-        norm.forward = partial(rms_norm_forward, norm)
+def use_memory_lean_rms_norm(model: nn.Module, warn=None):
+    """Within the ``with``: every Llama-style RMSNorm of ``model`` replaced by a :class:`LeanRMSNorm`.
+
+    Yields the number swapped. ``warn(message)`` (default :func:`warnings.warn`) hears of each kind of norm left
+    as it was, and of anything that could not be put back.
+    """
+    warn = warn or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
+    swapped, refused = [], {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ not in LLAMA_STYLE_RMS_NORMS:
+                continue
+            reason = swap_refusal(child)
+            if reason is not None:
+                refused.setdefault(type(child).__name__, reason)
+                continue
+            lean = LeanRMSNorm(child)
+            setattr(parent, name, lean)  # nn.Module's own way to replace a child, as adapter injection does
+            swapped.append((parent, name, child, lean))
+    for class_name, reason in refused.items():
+        warn(f"note: {class_name} keeps transformers' own forward, so the memory-lean RMSNorm is not used "
+             f"({reason}); training is unaffected, only its memory is not reduced")
     try:
-        yield len(norms)
+        yield len(swapped)
     finally:
-        for norm in norms:
-            del norm.forward
+        restore_norms(swapped, warn)
+
+
+def restore_norms(swapped: list, warn) -> None:
+    """Put each original norm back where its LeanRMSNorm stands; never raises (see the module docstring)."""
+    for parent, name, original, lean in swapped:
+        try:
+            if lean.weight is not original.weight:  # the run gave the norm a new parameter: keep it
+                original.weight = lean.weight
+            if parent._modules.get(name) is not lean:
+                warn(f"warning: {type(parent).__name__}.{name} was replaced during the run; left as it is")
+                continue
+            setattr(parent, name, original)
+        except Exception as error:  # noqa: BLE001 (never cost the run its saved adapter)
+            warn(f"warning: could not put {type(original).__name__} back at {name} ({error}); the model keeps "
+                 "the memory-lean RMSNorm, which computes the same values")
