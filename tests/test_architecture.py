@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "minipeft"
 
 # Each folder may import from itself and from the folders before it, never from one after it.
-LAYERS = ["builtin", "core", "methods", "model", "data", "training", "inference", "cli"]
+LAYERS = ["builtin", "core", "methods", "model", "data", "fast", "training", "inference", "cli"]
 
 # A method imports only core. The one exception is a variant of another method, which builds on it.
 METHOD_VARIANTS = {"minipeft.methods.dora": {"minipeft.methods.lora"}}

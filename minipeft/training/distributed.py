@@ -96,11 +96,6 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
     return model.no_sync()
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DistributedDataParallel (``.module``), else ``model``."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
