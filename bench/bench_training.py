@@ -82,14 +82,14 @@ def parse_args(argv=None):
 def load_tokenizer():
     from transformers import AutoTokenizer
 
-    from minipeft.core.models import smollm2_gguf_path
+    from minipeft.loading.models import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def load_model(name: str):
-    from minipeft.core.models import build_from_known_config, load_model_and_tokenizer
+    from minipeft.loading.models import build_from_known_config, load_model_and_tokenizer
 
     if name == "gpt2":
         return build_from_known_config("gpt2")

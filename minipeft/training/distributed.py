@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from minipeft.core.errors import UserError
-from minipeft.core.models import resolve_device
+from minipeft.loading.models import resolve_device
 
 
 @dataclass

@@ -21,7 +21,7 @@ Output directory (``--output_dir``)::
     train_config.json        every setting of the run
     loss_curve.png           train and eval loss (with the ``plot`` extra)
     .minipeft                marker: minipeft wrote this folder (each folder it writes has one; see
-                             :mod:`minipeft.core.safe_files`); .minipeft.lock while a run writes here
+                             :mod:`minipeft.files.safe_files`); .minipeft.lock while a run writes here
 
 Only rank 0 writes files and prints; every process runs the same steps.
 
@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from minipeft.core.errors import UserError
 from minipeft.core.finite import first_nonfinite_tensor
-from minipeft.core.safe_files import remove_incomplete, remove_our_directory
+from minipeft.files.safe_files import remove_incomplete, remove_our_directory
 from minipeft.fast import switched_on
 from minipeft.fast.compile import check_compiler_available
 from minipeft.fast.loss import accepts_logits_to_keep, target_only_loss_sum
