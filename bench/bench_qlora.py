@@ -7,7 +7,7 @@ Prints:
 
 1. **Bytes of the quantized linear layers** (the 210 q/k/v/o/gate/up/down projections) in NF4 with double
    quantization against the same weights in float32 (goal: <= 0.135x), from SmolLM2 streamed from its
-   GGUF file (:func:`minipeft.core.loading.load_smollm2_streaming`).
+   GGUF file (:func:`minipeft.loading.streaming.load_smollm2_streaming`).
 2. **The same LoRA run twice**, each side in its own subprocess so that each peak RSS is its own:
    ``nf4``  the base's linear layers in NF4 (quantized from float32, computed in bf16 on this CPU),
             embeddings and norms in bfloat16 (QLoRA's setting: the activations are bf16 on both sides);
@@ -51,8 +51,8 @@ def reset_high_water_mark() -> bool:
 
 
 def memory_table() -> None:
-    from minipeft.core.loading import load_smollm2_streaming
-    from minipeft.core.nf4 import memory_stats
+    from minipeft.loading.streaming import load_smollm2_streaming
+    from minipeft.quantization.nf4 import memory_stats
 
     started = time.perf_counter()
     model, _, names = load_smollm2_streaming()
@@ -80,8 +80,8 @@ def worker(side: str, steps: int, threads: int, output: str) -> None:
 
     from minipeft.data import DataConfig, build_dataloaders
     from minipeft.methods.lora import LoRAConfig
-    from minipeft.core.models import load_model_and_tokenizer
-    from minipeft.core.loading import load_base_model
+    from minipeft.loading.models import load_model_and_tokenizer
+    from minipeft.loading.streaming import load_base_model
     from minipeft.model.peft_model import get_peft_model
     from minipeft.training import TrainingConfig, train
 

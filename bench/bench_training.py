@@ -10,7 +10,7 @@ each side's peak RSS is its own), the sides alternating over ``--rounds`` rounds
     seed       the seed's recipe: every record padded to max_length, logits at every position
     minipeft-compile / trainer-compile
                the same two with torch.compile: minipeft's --compile (its blocks, see
-               minipeft/training/compile.py), the Trainer's ``torch_compile=True`` (the whole model)
+               minipeft/fast/compile.py), the Trainer's ``torch_compile=True`` (the whole model)
 
 **Compile time.** It falls in the first optimizer step, which is not timed; the table shows that step's
 seconds as its own column, and a fresh Inductor cache per side and round (``TORCHINDUCTOR_CACHE_DIR`` in a
@@ -82,14 +82,14 @@ def parse_args(argv=None):
 def load_tokenizer():
     from transformers import AutoTokenizer
 
-    from minipeft.core.models import smollm2_gguf_path
+    from minipeft.loading.models import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def load_model(name: str):
-    from minipeft.core.models import build_from_known_config, load_model_and_tokenizer
+    from minipeft.loading.models import build_from_known_config, load_model_and_tokenizer
 
     if name == "gpt2":
         return build_from_known_config("gpt2")
@@ -192,7 +192,7 @@ def run_seed(args, model, tokenizer) -> list:
     from minipeft.data.batching import PaddingCollator
     from minipeft.data.tokenization import pad_token_id
     from minipeft.training.loop import autocast_for
-    from minipeft.training.loss import causal_lm_loss_sum_all_logits
+    from minipeft.training.loss import causal_lm_loss_sum  # the reference: every logit
 
     config = minipeft_config(args.method, args.lora_dropout)
     if args.method == "lora":
@@ -212,7 +212,7 @@ def run_seed(args, model, tokenizer) -> list:
         n_targets = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in window)
         for batch in window:
             with autocast:
-                nll_sum, _ = causal_lm_loss_sum_all_logits(peft_model, batch)
+                nll_sum, _ = causal_lm_loss_sum(peft_model, batch)
             (nll_sum / n_targets).backward()
         torch.nn.utils.clip_grad_norm_([p for p in peft_model.parameters() if p.requires_grad], 1.0)
         optimizer.step()

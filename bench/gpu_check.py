@@ -42,7 +42,7 @@ def synchronize() -> None:
 
 def smollm2_shaped():
     """SmolLM2-135M's architecture with random weights (tiny: 2 blocks, d=64, for a CPU smoke test)."""
-    from minipeft.core.models import KNOWN_CONFIGS, SMOLLM2_NAME, build_from_known_config
+    from minipeft.loading.models import KNOWN_CONFIGS, SMOLLM2_NAME, build_from_known_config
 
     if not TINY:
         return build_from_known_config(SMOLLM2_NAME)

@@ -52,8 +52,8 @@ def main() -> None:
     from minipeft.training.precision import cast_frozen_weights
     from minipeft.training.loop import accumulate_gradients, autocast_for
     from minipeft.training.optimizer import build_optimizer
-    from minipeft.training.compile import compiled_blocks
-    from minipeft.training.rms_norm import use_memory_lean_rms_norm
+    from minipeft.fast import switched_on
+    from minipeft.fast.loss import target_only_loss_sum
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -72,15 +72,14 @@ def main() -> None:
     autocast = autocast_for(args.precision, torch.device("cpu"))
 
     def step():
-        accumulate_gradients(peft_model, [batch], context, autocast)
+        accumulate_gradients(peft_model, [batch], context, autocast, loss_sum=target_only_loss_sum)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     as_train_does = contextlib.ExitStack()  # kept open until the process ends
-    if args.compile:  # train --compile: compiled blocks
-        as_train_does.enter_context(compiled_blocks(peft_model, torch.device("cpu")))
-    else:  # train without --compile: Llama's norms keep only x and 1/rms
-        as_train_does.enter_context(use_memory_lean_rms_norm(peft_model))
+    # what train() switches on: dropout by gaps, and compiled blocks (--compile) or Llama's lean norms
+    as_train_does.enter_context(switched_on(peft_model, torch.device("cpu"), args.compile))
+    if args.compile:  # the first step compiles
         started = time.perf_counter()
         step()
         print(f"compile + first step: {time.perf_counter() - started:.1f} s")

@@ -8,13 +8,9 @@ The public API, by what a user does with it:
 - save and load adapters in peft's format: :meth:`PeftModel.save_adapter`, :func:`load_adapter`;
 - load models offline: :func:`load_model_and_tokenizer` (``"builtin"``, ``"gpt2"``, ``"smollm2-135m"``, ...).
 
-The package is laid out in layers; each imports only the ones above it in this list:
-
-- ``core/``: what every method goes through (errors, files, models, the layer contract, injection, NF4);
-- ``methods/``: one module per ``--modification_type``, importing only ``core``;
-- ``model/``: :class:`PeftModel` and the adapter files;
-- ``data/``, ``training/``, ``inference/``: the pipeline, the training loop, generation and merging;
-- ``cli/``: the commands; no library module imports it.
+The package is laid out in layers, one folder per meaning (``builtin``, ``core``, ``files``, ``quantization``,
+``loading``, ``methods``, ``model``, ``data``, ``fast``, ``training``, ``inference``, ``pretraining``, ``cli``);
+each imports only the ones before it. The picture, one line per folder: ``docs/architecture.md``.
 
 Names are imported on first use (``minipeft.LoRAConfig`` loads torch then), so ``import minipeft`` and
 ``python -m minipeft --help`` are instant, and Ctrl-C while torch loads is handled by the command line.
@@ -27,7 +23,7 @@ _EXPORTS = {
     "UserError": "minipeft.core.errors",
     "ParameterStats": "minipeft.core.inject",
     "count_parameters": "minipeft.core.inject",
-    "load_model_and_tokenizer": "minipeft.core.models",
+    "load_model_and_tokenizer": "minipeft.loading.models",
     "LoRALinear": "minipeft.methods.lora",
     "PeftModel": "minipeft.model.peft_model",
     "get_peft_model": "minipeft.model.peft_model",

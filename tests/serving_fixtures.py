@@ -80,7 +80,7 @@ def perturb(peft_model, seed: int = 0, scale: float = 0.05):
 def save_adapter_for(model_dir: Path, method: str, family: str, adapter_dir: Path, template: str = "plain",
                      seed: int = 0, **overrides) -> Path:
     """A perturbed adapter of ``method`` for the model in ``model_dir``, saved with its template recorded."""
-    from minipeft.core.models import load_model_and_tokenizer
+    from minipeft.loading.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(model_dir))
     torch.manual_seed(seed)  # the method's own initialisation (LoRA's A, ...)

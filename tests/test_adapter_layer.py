@@ -13,7 +13,7 @@ from minipeft.core.adapter_layer import AdapterLayer, adapter_layers
 from minipeft.core.layers import layer_features
 from minipeft.core.virtual_tokens import PromptEncoder
 from minipeft.methods import METHODS, method_for_config
-from minipeft.training.loss import positions_prepended
+from minipeft.fast.loss import positions_prepended
 from minipeft.training.optimizer import added_linear_weights
 from minipeft.training.precision import adapter_added_parameters
 from tests.conftest import make_llama_tiny

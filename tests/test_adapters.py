@@ -6,7 +6,7 @@ import torch
 
 from minipeft import UserError, get_peft_model, load_adapter
 from minipeft.methods.adapter import AdapterConfig, BottleneckAdapter, ProjectionWithAdapter
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 from tests.conftest import randomise_adapter, train_steps
 
 

@@ -1,18 +1,24 @@
-"""The package's layers, checked from the source: who may import whom (docs/README.md, "Reading the code").
+"""The package's layers, checked from the source: who may import whom (docs/architecture.md draws them).
 
 Every ``minipeft`` import is read from the syntax tree, the ones inside functions included, so a lazy import
 cannot hide a dependency that the folder names do not show.
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "minipeft"
+ARCHITECTURE_PAGE = PACKAGE.parent / "docs" / "architecture.md"
 
 # Each folder may import from itself and from the folders before it, never from one after it.
-LAYERS = ["builtin", "core", "methods", "model", "data", "training", "inference", "cli"]
+LAYERS = ["builtin", "core", "files", "quantization", "loading", "methods", "model", "data", "fast", "training",
+          "inference", "pretraining", "cli"]
+
+# The folders only the command line may import: the programs that use the library.
+PROGRAMS = ["pretraining", "cli"]
 
 # A method imports only core. The one exception is a variant of another method, which builds on it.
 METHOD_VARIANTS = {"minipeft.methods.dora": {"minipeft.methods.lora"}}
@@ -71,11 +77,52 @@ def test_methods_import_only_core(path):
     assert others <= METHOD_VARIANTS.get(module, set()), f"{module} imports {sorted(others)}"
 
 
-def test_nothing_but_the_command_line_imports_it():
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_nothing_but_the_command_line_imports_a_program(program):
     importers = sorted(module_name(path) for path in SOURCES
-                       if folder_of(module_name(path)) not in ("cli", None)
-                       and any(folder_of(imported) == "cli" for imported in minipeft_imports(path)))
+                       if folder_of(module_name(path)) not in (program, "cli", None)
+                       and any(folder_of(imported) == program for imported in minipeft_imports(path)))
     assert importers == []
+
+
+def folders_drawn_on_the_architecture_page() -> list:
+    """The folder names of the picture in docs/architecture.md, top to bottom (``  name/   ...`` lines)."""
+    block = ARCHITECTURE_PAGE.read_text(encoding="utf-8").split("```text\n", 1)[1].split("```", 1)[0]
+    return [match.group(1) for match in re.finditer(r"^  (\w+)/ ", block, re.MULTILINE)]
+
+
+def test_the_architecture_page_draws_the_layers_in_order():
+    assert folders_drawn_on_the_architecture_page() == LAYERS
+
+
+def test_no_import_circle_between_modules():
+    """Module-level imports form no cycle (a cycle would need an import hidden inside a function)."""
+    graph = {module_name(path): {imported for imported in top_level_imports(path) if imported != module_name(path)}
+             for path in SOURCES}
+    done, active = set(), []
+
+    def visit(module):
+        if module in active:
+            raise AssertionError("import circle: " + " -> ".join(active[active.index(module):] + [module]))
+        if module in done or module not in graph:
+            return
+        active.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        active.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+def top_level_imports(path: Path) -> set:
+    """The ``minipeft...`` modules ``path`` imports at the top of the file (not inside a function)."""
+    found = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "minipeft":
+            found.add(node.module)
+    return found
 
 
 def test_import_minipeft_loads_no_library():

@@ -7,7 +7,7 @@ from torch import nn
 
 from minipeft import UserError, get_peft_model, load_adapter
 from minipeft.methods.bitfit import BitFitConfig, LinearWithAddedBias
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 from tests.conftest import train_steps
 
 

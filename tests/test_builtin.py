@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
 from minipeft.builtin import MODEL_DIR, default_dataset_path, load_builtin_model_and_tokenizer, load_builtin_tokenizer
-from minipeft.builtin.corpus import generate_corpus
+from minipeft.pretraining.corpus import generate_corpus
 from minipeft.builtin.facts import ANTONYMS, COUNTRIES, PLURALS
 from minipeft.builtin.tasks import NUM_RECORDS, default_data_text, generate_instruction_data
 

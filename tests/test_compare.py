@@ -11,7 +11,7 @@ from minipeft.cli import main as cli_main
 from minipeft.cli.compare import main as compare_main, markdown_table, parse_learning_rates
 from minipeft.methods import METHODS
 from minipeft.methods.ia3 import IA3Config
-from minipeft.core.models import load_model_and_tokenizer
+from minipeft.loading.models import load_model_and_tokenizer
 from minipeft.methods.prompt import PromptTuningConfig
 from minipeft.training.metrics import directory_size
 from serving_fixtures import save_model_dir

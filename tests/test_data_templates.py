@@ -172,7 +172,7 @@ def test_smollm2_chat_record_is_masked_exactly_at_the_assistant_turn():
     from transformers import AutoTokenizer
 
     from minipeft.data.templates import resolve_template_name
-    from minipeft.core.models import smollm2_gguf_path
+    from minipeft.loading.models import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

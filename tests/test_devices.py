@@ -1,11 +1,11 @@
-"""``--device``: one :func:`~minipeft.core.models.resolve_device` for every command, its choices checked with
+"""``--device``: one :func:`~minipeft.loading.models.resolve_device` for every command, its choices checked with
 CUDA and MPS mocked present or absent (so the test means the same on a laptop, a GPU box and CI)."""
 
 import pytest
 import torch
 
 from minipeft.core.errors import UserError
-from minipeft.core.models import resolve_device
+from minipeft.loading.models import resolve_device
 
 
 @pytest.fixture
@@ -65,4 +65,4 @@ def test_every_command_resolves_devices_through_the_same_function():
     assert distributed.resolve_device is resolve_device
     assert generate.resolve_device is resolve_device
     source = compare.__loader__.get_source(compare.__name__)  # compare imports it where it runs
-    assert "from minipeft.core.models import resolve_device" in source
+    assert "from minipeft.loading.models import resolve_device" in source

@@ -8,7 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 from minipeft import LoRAConfig, get_peft_model, load_adapter
 from minipeft.methods.dora import DoRALinear
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 from tests.conftest import randomise_adapter, train_steps
 
 TARGETS = {"GPT2LMHeadModel": ["c_attn", "mlp.c_proj"], "LlamaForCausalLM": ["q_proj", "v_proj", "down_proj"]}

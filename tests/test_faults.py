@@ -206,7 +206,7 @@ def test_overwrite_output_dir_refuses_a_folder_minipeft_did_not_write(tmp_path, 
 
 
 def test_a_locked_output_dir_is_refused_and_left_alone(tmp_path, capsys):
-    from minipeft.core.safe_files import OutputLock
+    from minipeft.files.safe_files import OutputLock
 
     out = tmp_path / "out"
     with OutputLock(out):  # this process (alive) holds it, as a running training would

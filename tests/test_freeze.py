@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from minipeft import UserError, get_peft_model, load_adapter
 from minipeft.methods.selective import SelectiveConfig
 from minipeft.core.layers import num_hidden_layers, parse_layer_spec, transformer_blocks
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 
 
 def block_count(model, index):

@@ -13,7 +13,7 @@ from minipeft.data.tokenization import encode_prompt
 from minipeft.inference.prompts import Prompt, read_prompts_file, resolve_model_name, resolve_template
 from minipeft.cli.generate import main as generate_main
 from minipeft.methods import METHODS
-from minipeft.core.models import load_model_and_tokenizer
+from minipeft.loading.models import load_model_and_tokenizer
 from serving_fixtures import make_tokenizer, save_adapter_for, save_model_dir
 
 PROMPTS = ["What is the capital of France?", "Name the opposite of hot.", "Give three tips."]

@@ -8,7 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 from minipeft import UserError, get_peft_model, load_adapter
 from minipeft.methods.ia3 import IA3Config, IA3Linear
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 from tests.conftest import randomise_adapter, train_steps
 
 

@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from minipeft import LoRAConfig, LoRALinear, UserError, get_peft_model
 from minipeft.methods.lora import merge_lora, unmerge_lora
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 
 
 def lora_count(model, names, r):

@@ -11,7 +11,7 @@ from minipeft import load_adapter
 from minipeft.cli import main as cli_main
 from minipeft.inference.merge import MERGE_INFO_NAME, max_logit_difference, sample_batch
 from minipeft.cli.merge import main as merge_main
-from minipeft.core.models import load_model_and_tokenizer
+from minipeft.loading.models import load_model_and_tokenizer
 from serving_fixtures import make_tokenizer, save_adapter_for, save_model_dir
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import minipeft.cli.modify
 from minipeft.cli import run
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 from minipeft.cli.modify import main
 
 ROOT = Path(__file__).resolve().parents[1]

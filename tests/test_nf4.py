@@ -16,8 +16,8 @@ from minipeft.core.errors import UserError
 from minipeft.methods.ia3 import IA3Config
 from minipeft.core.inject import count_parameters
 from minipeft.methods.lora import LoRAConfig
-from minipeft.core.nf4 import Linear4bit, dequantize_model, memory_stats, quantize_model
-from minipeft.core.nf4_format import dequantize_nf4, quantize_nf4
+from minipeft.quantization.nf4 import Linear4bit, dequantize_model, memory_stats, quantize_model
+from minipeft.quantization.nf4_format import dequantize_nf4, quantize_nf4
 from minipeft.model.peft_model import get_peft_model
 from tests.conftest import train_steps
 

@@ -4,8 +4,8 @@ weights equal bit for bit, on random tensors and on SmolLM2-135M's real weights.
 import pytest
 import torch
 
-from minipeft.core.nf4_format import (DYNAMIC_8BIT_LEVELS, NF4_LEVELS, NF4Weight, dequantize_nf4, derive_nf4_levels,
-                                     quantize_nf4)
+from minipeft.quantization.nf4_format import (DYNAMIC_8BIT_LEVELS, NF4_LEVELS, NF4Weight, dequantize_nf4,
+                                             derive_nf4_levels, quantize_nf4)
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -89,7 +89,7 @@ def test_lora_trained_on_nf4_is_an_ordinary_peft_file(tmp_path, sample_batch):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from minipeft.methods.lora import LoRAConfig
-    from minipeft.core.nf4 import quantize_model
+    from minipeft.quantization.nf4 import quantize_model
     from minipeft.model.peft_model import get_peft_model
 
     make_llama_tiny().save_pretrained(tmp_path / "base")
@@ -127,8 +127,8 @@ def test_lora_trained_on_nf4_is_an_ordinary_peft_file(tmp_path, sample_batch):
 @pytest.mark.slow
 def test_smollm2_streamed_from_its_file_equals_load_then_quantize(smollm2):
     """Quantizing each tensor as it is read from the GGUF file gives the same 4-bit model, bit for bit."""
-    from minipeft.core.nf4 import Linear4bit, quantizable_layers
-    from minipeft.core.loading import load_smollm2_streaming
+    from minipeft.quantization.nf4 import Linear4bit, quantizable_layers
+    from minipeft.loading.streaming import load_smollm2_streaming
 
     reference = smollm2[0]
     streamed, _, names = load_smollm2_streaming()

@@ -23,7 +23,7 @@ import torch
 
 from minipeft.cli.arguments import add_method_arguments, config_from_args, method_flags
 from minipeft.core.errors import UserError
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 from minipeft.core.options import option, target_modules_option
 from minipeft.methods import METHODS
 from minipeft.methods.lora import LoRAConfig

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from minipeft import LoRAConfig, get_peft_model, load_adapter
 from minipeft.methods.ia3 import IA3Config
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.oracle, pytest.mark.filterwarnings("ignore:fan_in_fan_out is set")]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minipeft import LoRAConfig, get_peft_model, load_adapter
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.oracle

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from minipeft import get_peft_model, load_adapter
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 from minipeft.methods.vera import VeraConfig, shared_projections
 
 peft = pytest.importorskip("peft")

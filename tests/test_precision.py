@@ -40,7 +40,7 @@ def test_bf16_and_fp32_training_reach_the_same_eval_loss_within_2_percent(tmp_pa
     from minipeft.data import build_dataloaders
     from minipeft.data.config import DataConfig
     from minipeft.methods.lora import LoRAConfig
-    from minipeft.core.models import load_model_and_tokenizer
+    from minipeft.loading.models import load_model_and_tokenizer
     from minipeft.training.config import TrainingConfig
     from minipeft.training.loop import train
 

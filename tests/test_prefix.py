@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from minipeft import UserError, get_peft_model, load_adapter
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 from minipeft.methods.prefix import PrefixTuningConfig, key_value_shape
 from minipeft.core.transformers_api import cache_keyword_argument, cache_of, enable_activation_checkpointing
 

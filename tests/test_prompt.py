@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minipeft import UserError, get_peft_model, load_adapter
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 from minipeft.methods.prompt import PromptTuningConfig
 from minipeft.core.transformers_api import enable_activation_checkpointing
 

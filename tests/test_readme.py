@@ -11,7 +11,7 @@ import torch
 
 from minipeft import get_peft_model
 from minipeft.cli.arguments import add_method_arguments, config_from_args
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -13,7 +13,7 @@ from training_fixtures import adapter_tensors, make_batches, one_thread, tiny_pe
 from minipeft.core import safe_files
 from minipeft.core.errors import UserError
 from minipeft.training import checkpoint
-from minipeft.core.safe_files import remove_incomplete
+from minipeft.files.safe_files import remove_incomplete
 from minipeft.training.checkpoint import (capture_rng_state, list_checkpoints, load_checkpoint, prune_checkpoints,
                                           resolve_resume, restore_rng_state, save_checkpoint)
 from minipeft.training.loss import causal_lm_loss_sum

@@ -325,7 +325,7 @@ def test_run_files_get_the_users_umask_not_tempfiles_private_mode(tmp_path, umas
     import os
     import stat
 
-    from minipeft.core.safe_files import write_json_atomically
+    from minipeft.files.safe_files import write_json_atomically
     from minipeft.training.metrics import plot_loss_curve
 
     previous = os.umask(umask)

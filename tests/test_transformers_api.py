@@ -36,19 +36,23 @@ def test_pop_cache_takes_either_name_and_refuses_both():
 
 def test_a_transformers_without_boolean_logits_to_keep_gets_every_logit(gpt2_tiny, monkeypatch):
     """transformers 5.17 (seen on a CUDA machine) takes only an int ``logits_to_keep`` and fails on a mask: the
-    loss then computes every logit, with the same result."""
-    from minipeft.training import loss
+    training run then uses the reference loss, which computes every logit, with the same result."""
+    from minipeft.fast import loss as fast_loss
+    from minipeft.training.loop import loss_for
+    from minipeft.training.loss import causal_lm_loss_sum
 
     labels = torch.tensor([[-100, -100, 5, 7, 9, -100], [-100, 3, 4, 6, 8, 2]])
     batch = {"input_ids": labels.clamp(min=1), "attention_mask": torch.ones_like(labels), "labels": labels}
-    assert loss.accepts_logits_to_keep(gpt2_tiny)  # the installed transformers takes a mask
-    with_mask = loss.causal_lm_loss_sum(gpt2_tiny, batch)
-    monkeypatch.setattr(loss, "BOOLEAN_LOGITS_TO_KEEP", False)
-    assert not loss.accepts_logits_to_keep(gpt2_tiny)
+    assert fast_loss.accepts_logits_to_keep(gpt2_tiny)  # the installed transformers takes a mask
+    assert loss_for(gpt2_tiny) is fast_loss.target_only_loss_sum
+    with_mask = loss_for(gpt2_tiny)(gpt2_tiny, batch)
+    monkeypatch.setattr(fast_loss, "BOOLEAN_LOGITS_TO_KEEP", False)
+    assert not fast_loss.accepts_logits_to_keep(gpt2_tiny)
+    assert loss_for(gpt2_tiny) is causal_lm_loss_sum
     calls = []
     original_forward = gpt2_tiny.forward
     monkeypatch.setattr(gpt2_tiny, "forward", lambda **kwargs: calls.append(kwargs) or original_forward(**kwargs))
-    without = loss.causal_lm_loss_sum(gpt2_tiny, batch)
+    without = loss_for(gpt2_tiny)(gpt2_tiny, batch)
     assert calls and "logits_to_keep" not in calls[0]
     assert without[1] == with_mask[1] == 8
     assert without[0].item() == pytest.approx(with_mask[0].item(), rel=1e-5)

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from minipeft import UserError, get_peft_model, load_adapter
-from minipeft.core.models import build_from_known_config
+from minipeft.loading.models import build_from_known_config
 from minipeft.methods.vera import VeraConfig, VeRALinear, VeRAProjections, kaiming_uniform, shared_projections
 
 

@@ -7,7 +7,7 @@ enough to commit and to fine-tune on a laptop CPU in a minute, plus data it visi
   with GPT-2's own architecture (fused ``c_attn`` Conv1D attention, ``c_fc``/``c_proj`` MLP, tied input
   and output embeddings) at toy size: 4 layers, 4 heads, ``n_embd`` 160, 512 positions, a byte-level BPE
   vocabulary of 3,063 tokens, 1,809,440 parameters, fp32 (7 MB). It was pretrained from scratch on a
-  synthetic English corpus (:mod:`minipeft.builtin.corpus`): facts about 83 countries and their capitals,
+  synthetic English corpus (:mod:`minipeft.pretraining.corpus`): facts about 83 countries and their capitals,
   34 animals, 66 pairs of opposites, 69 plural nouns, colors of things, sums of small numbers, the
   alphabet, lists of words, little stories. It has never seen the Alpaca prompt layout.
 * **the tokenizer** (same directory): GPT-2 style byte-level BPE; ``<|endoftext|>`` is bos, eos and unk;

@@ -1,6 +1,6 @@
 """The small world the built-in model knows about: fixed tables of plain facts.
 
-Both the pretraining corpus (:mod:`minipeft.builtin.corpus`) and the instruction data set
+Both the pretraining corpus (:mod:`minipeft.pretraining.corpus`) and the instruction data set
 (:mod:`minipeft.builtin.tasks`) are written from these tables, so every answer in the instruction data is
 something the pretrained model has read many times, only never in the question-and-answer *format* that
 fine-tuning teaches. Each table is small enough to read; every key is unique, so an answer is fully
@@ -136,3 +136,25 @@ NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Finn", "Grace", "Hugo", "Iris
          "Mia", "Noah", "Olga", "Paul", "Rosa", "Sam", "Tara", "Umar", "Vera", "Will", "Yuki", "Zoe"]
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+# -- the facts as words (shared by the pretraining corpus and the instruction tasks) --
+def number_word(n: int) -> str:
+    """``4 -> "four"`` for 0..20, digits above."""
+    return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
+
+
+def with_article(noun: str) -> str:
+    """``"owl" -> "an owl"``, ``"cat" -> "a cat"``."""
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def capitalize(text: str) -> str:
+    """Upper-case the first letter only (``"the sky" -> "The sky"``; ``str.capitalize`` would lower the rest)."""
+    return text[:1].upper() + text[1:]
+
+
+def animal_legs(animal: str) -> str:
+    """``"A spider has eight legs."``; ``"A snake has no legs."``"""
+    legs = ANIMALS[animal][2]
+    return f"{capitalize(with_article(animal))} has {number_word(legs) if legs else 'no'} legs."

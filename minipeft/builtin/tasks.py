@@ -16,8 +16,8 @@ Rebuild the committed file with ``python -m minipeft builtin-data`` (a test chec
 import json
 import random
 
-from minipeft.builtin.corpus import animal_legs, capitalize, number_word, with_article
-from minipeft.builtin.facts import ALPHABET, ANIMALS, ANTONYMS, COLORS, COUNTRIES, LIST_WORDS, PLURALS
+from minipeft.builtin.facts import (ALPHABET, ANIMALS, ANTONYMS, COLORS, COUNTRIES, LIST_WORDS, PLURALS, animal_legs,
+                                    capitalize, number_word, with_article)
 
 NUM_RECORDS = 2000
 SEED = 1234

@@ -15,7 +15,7 @@ from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
 from minipeft.core.layers import num_hidden_layers, parse_layer_spec
 from minipeft.core.options import flag_names
-from minipeft.core.nf4 import QUANTIZE_CHOICES
+from minipeft.quantization.nf4 import QUANTIZE_CHOICES
 from minipeft.methods import METHODS
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from minipeft.builtin import default_dataset_path
 from minipeft.builtin.tasks import NUM_RECORDS, default_data_text
 from minipeft.cli import CommandLineParser
-from minipeft.core.safe_files import write_text_atomically
+from minipeft.files.safe_files import write_text_atomically
 def write_default_data(path: Path) -> None:
     """Write :func:`default_data_text` to ``path`` atomically (temporary file, then ``os.replace``)."""
     write_text_atomically(path, default_data_text())

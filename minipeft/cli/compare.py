@@ -47,7 +47,7 @@ from minipeft.cli.compare_report import describe_machine, markdown_report, markd
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
 from minipeft.methods import METHODS
-from minipeft.core.safe_files import remove_our_directory, write_json_atomically, write_text_atomically
+from minipeft.files.safe_files import remove_our_directory, write_json_atomically, write_text_atomically
 
 DEFAULT_METHODS = ["lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit", "selective"]
 TRAIN_LOSS_LAST_STEPS = 10
@@ -313,8 +313,8 @@ def main(argv=None) -> int:
     from minipeft.data import DataConfig, build_dataloaders
     from minipeft.data.tokenization import encode_prompt
     from minipeft.inference.prompts import Prompt, resolve_template
-    from minipeft.core.models import resolve_device
-    from minipeft.core.models import load_model_and_tokenizer
+    from minipeft.loading.models import resolve_device
+    from minipeft.loading.models import load_model_and_tokenizer
 
     args = build_parser().parse_args(argv)
     methods = parse_methods(args.methods)

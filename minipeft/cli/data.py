@@ -39,7 +39,7 @@ def load_tokenizer(name: str):
         except (ImportError, OSError) as error:
             raise UserError(f"--model builtin: the built-in tokenizer is not available ({str(error).splitlines()[0]}); "
                             "pass --model with a tokenizer directory or smollm2-135m") from None
-    from minipeft.core.models import SMOLLM2_NAME, smollm2_gguf_path
+    from minipeft.loading.models import SMOLLM2_NAME, smollm2_gguf_path
 
     if name == SMOLLM2_NAME:
         path = smollm2_gguf_path()

@@ -20,8 +20,8 @@ from minipeft.cli import CommandLineParser
 from minipeft.cli.arguments import add_quantize_arguments, check_quantize_arguments, resolve_quantize
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
-from minipeft.core.models import resolve_device
-from minipeft.core.safe_files import check_apart, write_text_atomically
+from minipeft.loading.models import resolve_device
+from minipeft.files.safe_files import check_apart, write_text_atomically
 from minipeft.inference.prompts import (Prompt, generate_texts, load_for_generation, read_prompts_file,
                                         resolve_model_name, resolve_template)
 

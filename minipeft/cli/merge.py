@@ -16,7 +16,7 @@ from minipeft.cli import CommandLineParser
 from minipeft.cli.arguments import add_quantize_arguments
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
-from minipeft.core.safe_files import check_apart
+from minipeft.files.safe_files import check_apart
 from minipeft.inference.merge import SAVE_DTYPES, check_not_merged_already, export_merged_model
 
 
@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     from minipeft.inference.prompts import resolve_model_name, resolve_template
     from minipeft.methods import method_for_config
     from minipeft.cli.arguments import check_quantize_arguments, resolve_quantize
-    from minipeft.core.nf4 import dequantize_model
-    from minipeft.core.loading import load_base_model
+    from minipeft.quantization.nf4 import dequantize_model
+    from minipeft.loading.streaming import load_base_model
 
     from minipeft.model.adapter_files import adapter_fingerprint
 

@@ -15,12 +15,12 @@ from minipeft.model.adapter_files import config_to_dict
 from minipeft.cli import CommandLineParser
 from minipeft.core.errors import UserError
 from minipeft.cli.arguments import add_method_arguments, config_from_args
-from minipeft.core.models import load_model_for_counting
+from minipeft.loading.models import load_model_for_counting
 from minipeft.cli.arguments import add_quantize_arguments, check_quantize_arguments
-from minipeft.core.loading import check_not_quantized_folder
-from minipeft.core.nf4 import memory_stats, quantize_model
+from minipeft.loading.streaming import check_not_quantized_folder
+from minipeft.quantization.nf4 import memory_stats, quantize_model
 from minipeft.model.peft_model import get_peft_model
-from minipeft.core.safe_files import is_empty_directory
+from minipeft.files.safe_files import is_empty_directory
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,9 +1,10 @@
-"""``python -m minipeft pretrain``: pretrain the built-in tiny GPT-2 from scratch (:mod:`minipeft.builtin.pretrain`)."""
+"""``python -m minipeft pretrain``: pretrain the built-in tiny GPT-2 from scratch
+(:mod:`minipeft.pretraining.pretrain`)."""
 
 from pathlib import Path
 
 from minipeft.builtin import MODEL_DIR
-from minipeft.builtin.pretrain import PretrainConfig, pretrain
+from minipeft.pretraining.pretrain import PretrainConfig, pretrain
 from minipeft.cli import CommandLineParser
 from minipeft.core.errors import UserError
 

@@ -27,8 +27,8 @@ from minipeft.model.adapter_files import config_to_dict
 from minipeft.cli import CommandLineParser
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float, nonfinite_to_none
-from minipeft.core.input_files import check_input_file, loads_json, read_input_text
-from minipeft.core.safe_files import MARKER_NAME, OutputLock, check_apart, remove_our_directory, write_json_atomically
+from minipeft.files.input_files import check_input_file, loads_json, read_input_text
+from minipeft.files.safe_files import MARKER_NAME, OutputLock, check_apart, remove_our_directory, write_json_atomically
 from minipeft.methods import METHODS
 from minipeft.training.config import PRECISIONS, TrainingConfig
 from minipeft.training.distributed import init_distributed, shutdown_distributed
@@ -270,7 +270,7 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
     from minipeft.data import build_dataloaders
     from minipeft.data.templates import resolve_template_name
     from minipeft.cli.arguments import config_from_args
-    from minipeft.core.loading import load_base_model
+    from minipeft.loading.streaming import load_base_model
     from minipeft.model.peft_model import get_peft_model
 
     def say(message: str = "") -> None:

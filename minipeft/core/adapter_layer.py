@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from minipeft.core.errors import UserError
-from minipeft.core.nf4 import refuse_4bit_merge
+from minipeft.core.inject import QuantizedLinear
 
 
 class AdapterLayer(nn.Module):
@@ -84,7 +84,8 @@ class AdapterLayer(nn.Module):
             raise UserError(f"{type(self).__name__}: this method's update cannot be merged into the base weights")
         if self.merged:
             return
-        refuse_4bit_merge(self.base_layer)
+        if isinstance(self.base_layer, QuantizedLinear):  # its weight is a dequantized copy: ΔW would be lost
+            raise UserError(self.base_layer.merge_refusal)
         weight = self.base_layer.weight
         self.weight_before_merge = weight.detach().clone()
         weight.copy_(self.merged_weight().to(weight.dtype))

@@ -155,20 +155,32 @@ class ParameterStats:
                 f"Trainable ratio: {self.ratio:.4f}%")
 
 
+class QuantizedLinear(nn.Module):
+    """What the core knows of a quantized, frozen linear base layer; :class:`minipeft.quantization.nf4.Linear4bit`
+    is one. Methods adapt it like an ``nn.Linear``; nothing may merge into it.
+
+    Attributes a subclass sets: ``in_features``, ``out_features``, ``fan_in_fan_out`` (the layout of the layer it
+    replaced) and the class attribute ``merge_refusal`` (the error that says what to do instead of merging).
+    """
+
+    merge_refusal = "cannot merge into a quantized base layer; dequantize the base first"
+
+    def counted_weights(self) -> int:
+        """How many weights it stands for in a parameter count (peft's way of counting packed bytes)."""
+        raise NotImplementedError
+
+
 def count_parameters(model: nn.Module) -> ParameterStats:
     """Total and trainable parameter counts; tied parameters counted once (same as peft's
     ``get_nb_trainable_parameters()``).
 
-    A 4-bit base layer (:class:`minipeft.core.nf4.Linear4bit`) holds its frozen weight as packed bytes, not as a
-    parameter; it is counted as peft counts it, 2 weights per packed byte (so the total equals the float
-    model's, plus one for an odd-sized weight's padding). The real bytes: :func:`minipeft.core.nf4.memory_stats`.
+    A quantized base layer (:class:`QuantizedLinear`; QLoRA's 4-bit one) holds its frozen weight as packed bytes,
+    not as a parameter; it is counted as peft counts it (:meth:`QuantizedLinear.counted_weights`).
     """
-    from minipeft.core.nf4 import Linear4bit
-
     parameters = list(model.parameters())  # ``parameters()`` yields a shared tensor once
-    packed_4bit = sum(2 * module.packed.numel() for module in model.modules() if isinstance(module, Linear4bit))
+    packed = sum(module.counted_weights() for module in model.modules() if isinstance(module, QuantizedLinear))
     return ParameterStats(trainable=sum(p.numel() for p in parameters if p.requires_grad),
-                          total=sum(p.numel() for p in parameters) + packed_4bit)
+                          total=sum(p.numel() for p in parameters) + packed)
 
 
 def parameter_table(model: nn.Module, group_layers: bool = True) -> list:

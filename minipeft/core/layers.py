@@ -1,5 +1,5 @@
 """A model's layers as every method sees them: the transformer blocks, block specs such as ``"0-5,-1"``,
-norms, and the shape of a linear layer (``nn.Linear``, GPT-2's ``Conv1D`` or a 4-bit :class:`Linear4bit`)."""
+norms, and the shape of a linear layer (``nn.Linear``, GPT-2's ``Conv1D`` or a :class:`QuantizedLinear`)."""
 
 import re
 
@@ -7,18 +7,20 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from minipeft.core.errors import UserError
-from minipeft.core.inject import LAYER_LIST_NAMES
-from minipeft.core.nf4 import Linear4bit
+from minipeft.core.inject import LAYER_LIST_NAMES, QuantizedLinear
+
+# The linear layers a method such as LoRA, IA3 or VeRA can adapt: dense, GPT-2's transposed Conv1D, quantized.
+LINEAR_LAYERS = (nn.Linear, Conv1D, QuantizedLinear)
 
 
 def layer_features(layer: nn.Module):
-    """``(in_features, out_features, fan_in_fan_out)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
+    """``(in_features, out_features, fan_in_fan_out)`` of an ``nn.Linear``, a GPT-2 ``Conv1D`` or a quantized layer."""
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features, False
     if isinstance(layer, Conv1D):
         in_features, out_features = layer.weight.shape  # Conv1D keeps its weight as (in, out)
         return in_features, out_features, True
-    if isinstance(layer, Linear4bit):  # a 4-bit base (QLoRA) keeps the layout of the layer it replaced
+    if isinstance(layer, QuantizedLinear):  # a 4-bit base (QLoRA) keeps the layout of the layer it replaced
         return layer.in_features, layer.out_features, layer.fan_in_fan_out
     raise TypeError(type(layer).__name__)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minipeft.core.errors import UserError
-from minipeft.core.input_files import duplicate_keys, loads_json, read_input_bytes
+from minipeft.files.input_files import duplicate_keys, loads_json, read_input_bytes
 
 SHOWN_REASONS = 5  # how many skip reasons an error message or a report quotes
 

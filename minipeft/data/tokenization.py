@@ -35,7 +35,7 @@ import numpy as np
 
 from minipeft.data.templates import TEMPLATES, format_prompt, prompt_and_response
 from minipeft.core.errors import UserError
-from minipeft.core.safe_files import write_file_atomically
+from minipeft.files.safe_files import write_file_atomically
 
 CACHE_VERSION = "minipeft-data-1"  # change when the layout or the meaning of a cache file changes
 IGNORE_INDEX = -100  # label of a token that is not trained on (PyTorch cross_entropy's ignore_index)

@@ -33,7 +33,7 @@ How, so that the result can be trusted:
    ``lm_head``), the head is untied, ``tie_word_embeddings`` is set to false, and the report says so:
    keeping the tie would either lose the trained head or overwrite the input embedding with it.
 4. **Never half-written, never someone else's**: everything is written into a temporary directory beside
-   ``--out`` and renamed into place only after the reload check passed (:mod:`minipeft.core.safe_files`).
+   ``--out`` and renamed into place only after the reload check passed (:mod:`minipeft.files.safe_files`).
    ``--overwrite`` replaces only a directory minipeft wrote; ``--out`` may not be, contain or lie inside
    the adapter or the base model's directory.
 5. **Which adapter it holds**: ``minipeft_merge.json`` records the adapter's sha256, so that applying the
@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 
 from minipeft.core.errors import UserError
-from minipeft.core.input_files import loads_json, read_input_text
-from minipeft.core.safe_files import check_replaceable, is_empty_directory, json_text, write_directory_atomically
+from minipeft.files.input_files import loads_json, read_input_text
+from minipeft.files.safe_files import check_replaceable, is_empty_directory, json_text, write_directory_atomically
 
 MERGE_INFO_NAME = "minipeft_merge.json"
 SAMPLE_INSTRUCTIONS = ("What is the capital of France?", "Name the opposite of hot.",
@@ -148,7 +148,7 @@ def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca"
     log(tying)
     requantized_difference = None
     if requantize:
-        from minipeft.core.nf4 import dequantize_model, quantize_model
+        from minipeft.quantization.nf4 import dequantize_model, quantize_model
 
         quantize_model(merged, compute_dtype=torch.float32)
         requantized_difference = (real_position_logits(merged, batch) - unmerged_logits).abs().max().item()

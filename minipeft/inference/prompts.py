@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from minipeft.core.errors import UserError
-from minipeft.core.input_files import read_input_text
+from minipeft.files.input_files import read_input_text
 
 
 # --- choosing the model and the template ------------------------------------------------------------------
@@ -233,7 +233,7 @@ def load_for_generation(model_name: str, adapter_dir, dtype, device, quantize: s
     """``(model or PeftModel, tokenizer)`` in eval mode on ``device``; linear layers in NF4 with ``quantize``."""
     from minipeft.model.adapter_files import load_adapter
     from minipeft.inference.merge import check_not_merged_already
-    from minipeft.core.loading import load_base_model
+    from minipeft.loading.streaming import load_base_model
 
     model, tokenizer = load_base_model(model_name, quantize, quantize_lm_head, dtype=dtype,
                                        log=lambda message: print(message, file=sys.stderr))

@@ -24,14 +24,12 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
 from minipeft.core.inject import find_target_modules, module_matches, replace_module
-from minipeft.core.layers import default_target_modules, layer_features
+from minipeft.core.layers import LINEAR_LAYERS, default_target_modules, layer_features
 from minipeft.core.method import Method
-from minipeft.core.nf4 import Linear4bit
 from minipeft.core.options import module_names, modules_to_save_option, option, target_modules_option
 
 # peft's defaults (TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and ..._FEEDFORWARD_MODULES_MAPPING).
@@ -176,7 +174,7 @@ def apply_ia3(model: nn.Module, config: IA3Config) -> None:
         config.feedforward_modules = default_feedforward_modules(model, config.target_modules)
     for name in find_target_modules(model, config.target_modules):
         layer = model.get_submodule(name)
-        if not isinstance(layer, (nn.Linear, Conv1D, Linear4bit)):
+        if not isinstance(layer, LINEAR_LAYERS):
             raise UserError(f"--target_modules: {name} is a {type(layer).__name__}; IA3 adapts nn.Linear "
                             "and GPT-2's Conv1D layers only (or their 4-bit versions)")
         config.fan_in_fan_out = layer_features(layer)[2]

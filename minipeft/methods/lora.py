@@ -15,6 +15,8 @@ A frozen weight ``W`` (out × in) learns only a low-rank update ``ΔW = s · B A
   the forward pass is the same for both layer kinds because ``A`` and ``B`` are ordinary ``nn.Linear``.
 - ``merge()`` adds ``ΔW`` into ``W`` so inference costs nothing extra; ``unmerge()`` restores the exact
   original weight (kept aside at merge time, because ``(W + ΔW) - ΔW`` is not ``W`` in floating point).
+- Dropout drawn faster on a CPU (by the gaps between dropped entries, the same distribution) is an
+  optimisation the training run switches on: :mod:`minipeft.fast.lora_dropout`.
 - ``rank stabilised`` LoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) scales by ``α/√r`` so that
   larger ranks keep learning.
 """
@@ -25,15 +27,13 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
 from minipeft.core.finite import require_finite
 from minipeft.core.inject import find_target_modules, replace_module, unfreeze_biases
-from minipeft.core.layers import default_target_modules, layer_features
+from minipeft.core.layers import LINEAR_LAYERS, default_target_modules, layer_features
 from minipeft.core.method import Method
-from minipeft.core.nf4 import Linear4bit
 from minipeft.core.options import layers_option, modules_to_save_option, option, target_modules_option
 
 # What LoRA targets when the user names nothing (the attention projections; peft's defaults).
@@ -106,90 +106,6 @@ class LoRAConfig:
             raise UserError("rank_pattern/alpha_pattern (per-module ranks) are not supported by minipeft")
 
 
-def dropped_positions(n: int, p: float) -> torch.Tensor:
-    """The positions dropout zeroes in a flattened tensor of ``n`` entries, each independently with
-    probability ``p``: an increasing ``(k,)`` long tensor, ``k ≈ p·n``.
-
-    Same distribution as ``bernoulli(p)`` per entry, drawn more cheaply on a CPU. The dropped positions form a
-    Bernoulli(p) process, and the gaps between consecutive dropped positions are independent Geometric(p) on
-    {1, 2, ...} (``P(gap = k) = (1 - p)^(k-1) p``), so
-
-        position_k = gap_1 + ... + gap_k - 1
-
-    needs about ``p·n`` random numbers instead of ``n`` (p = 0.05: 20× fewer; a Bernoulli draw per entry
-    was 18% of a SmolLM2 bf16 step). CPU only: on a GPU the per-entry draw is a fast fused kernel, and this
-    loop would wait for the device.
-    """
-    chunks, last = [], -1  # last: the last dropped position found so far
-    while last < n:  # until the process has passed the end
-        expected = (n - last) * p
-        gaps = torch.empty(int(expected + 6 * math.sqrt(expected) + 16), dtype=torch.long).geometric_(p)
-        positions = last + gaps.cumsum(0)  # (k,) increasing
-        chunks.append(positions)
-        last = int(positions[-1])
-    chunks[-1] = chunks[-1][:int(torch.searchsorted(chunks[-1], n))]  # only the last chunk passes the end
-    return torch.cat(chunks)
-
-
-def zero_dropped_entries(x: torch.Tensor, p: float) -> torch.Tensor:
-    """``x`` with each entry set to 0 independently with probability ``p`` (dropout's mask, *not* divided by
-    ``1 - p``: the caller folds that into its scale), at :func:`dropped_positions`. Differentiable: the
-    dropped entries get no gradient."""
-    return zeroed_at(x, dropped_positions(x.numel(), p))
-
-
-def zeroed_at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A copy of ``x`` with the entries at ``positions`` of its flattened view set to 0 (differentiable)."""
-    return x.reshape(-1).index_fill(0, positions, 0).view(x.shape)
-
-
-@torch.compiler.disable  # under --compile: run eagerly (the loop's length depends on its draws), see below
-def dropped_input_projection(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
-    """``A (x ⊙ mask)`` for a fresh dropout mask of probability ``p``: ``x (..., in)``, ``A (r, in)`` -> ``(..., r)``.
-
-    Under ``torch.compile`` (``--compile``) this runs eagerly, a break in the compiled graph: TorchInductor's
-    own per-entry draw on a CPU cost more than that break (SmolLM2 bf16, p = 0.05: 5.0 s a step against 4.4 s).
-    """
-    return DroppedInputProjection.apply(x, weight, dropped_positions(x.numel(), p))
-
-
-class DroppedInputProjection(torch.autograd.Function):
-    """``A (x ⊙ mask)``: LoRA's down-projection of its dropped-out input, which keeps for the backward ``x``
-    (that the model keeps anyway) and the dropped positions, not a masked copy of ``x``.
-
-    Through autograd, ``lora_A(zero_dropped_entries(x))`` would keep that copy for ``∂/∂A``: one tensor the
-    size of ``x`` per adapted layer (SmolLM2, 7 projections × 30 blocks at 8 × 256 tokens: ~600 MB).
-    Here the backward rebuilds it::
-
-        forward    x (..., in), A (r, in), positions (k,)  ->  (x ⊙ mask) Aᵀ  (..., r)
-        backward   ∂/∂x = (g A) ⊙ mask                       (..., in)
-                   ∂/∂A = gᵀ (x ⊙ mask)                       (r, in)
-
-    ``A`` is used in ``x``'s dtype (bf16 under autocast, as ``F.linear`` would cast it); its gradient is
-    returned in ``A``'s own (float32).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, positions):
-        weight_as_x = weight.to(x.dtype)  # (r, in)
-        ctx.save_for_backward(x, weight_as_x, positions)
-        ctx.weight_dtype = weight.dtype
-        return zeroed_at(x, positions) @ weight_as_x.T  # (..., in) @ (in, r) -> (..., r); the copy is freed here
-
-    @staticmethod
-    def backward(ctx, grad):  # grad: (..., r)
-        x, weight_as_x, positions = ctx.saved_tensors
-        grad = grad.to(x.dtype)
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ weight_as_x  # (..., r) @ (r, in) -> (..., in)
-            grad_x.view(-1).index_fill_(0, positions, 0)  # a dropped entry gets no gradient
-        if ctx.needs_input_grad[1]:
-            masked = zeroed_at(x, positions).view(-1, x.shape[-1])  # (N, in), rebuilt
-            grad_weight = (grad.reshape(-1, grad.shape[-1]).T @ masked).to(ctx.weight_dtype)  # (r, N) @ (N, in)
-        return grad_x, grad_weight, None
-
-
 class LoRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` or ``Conv1D`` plus a trainable low-rank update (see the module docstring).
 
@@ -226,33 +142,13 @@ class LoRALinear(AdapterLayer):
             nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)  # (..., out)
+        result = self.base_layer(x)  # W x: (..., out)
         if self.merged or not self.adapter_enabled:
             return result
-        lora_input, scale = x, self.scaling
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast (to bf16) themselves
-            lora_input = lora_input.to(self.lora_A.weight.dtype)
-        # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out); ΔW itself is never built. The scale is
-        # applied to the r-wide A x, not the out-wide result: the same s·B A x, out/r times fewer multiplies.
-        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
-        if self.training and p > 0:
-            # dropout(x) = x · mask / (1 - p): the mask zeroes entries, and the 1 / (1 - p) joins the scale,
-            # where it multiplies the r-wide A x instead of every entry of the in-wide x.
-            scale = scale / (1 - p)
-            if x.device.type == "cpu":  # the mask drawn by its gaps; x, not a masked copy, kept for backward
-                down = dropped_input_projection(lora_input, self.lora_A.weight, p)  # (..., r)
-            else:
-                down = self.lora_A(lora_input * torch.empty_like(lora_input).bernoulli_(1 - p))
-        else:
-            down = self.lora_A(lora_input)  # (..., r)
-        scaled_down = down * scale
-        if scaled_down.dtype == result.dtype:
-            # result + (s·A x) Bᵀ in one addmm: the out-wide sum is the matmul's own accumulation, not a
-            # second pass over (..., out) (under autocast B is cast to bf16, as lora_B's matmul would be)
-            rows = torch.addmm(result.reshape(-1, self.out_features), scaled_down.reshape(-1, self.r),
-                               self.lora_B.weight.T)
-            return rows.view(result.shape)
-        return result + self.lora_B(scaled_down).to(result.dtype)  # float32 branch on a lower-precision base
+            x = x.to(self.lora_A.weight.dtype)  # the adapter's float32, even on a bf16 base
+        # (..., in) -> A -> (..., r) -> B -> (..., out); ΔW itself is never built
+        return result + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """``ΔW = s · B A`` in the base layer's own layout: ``(out, in)``, or ``(in, out)`` for Conv1D."""
@@ -279,7 +175,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, layer_class=LoRALinear) -> 
     names = find_target_modules(model, config.target_modules, config.layers_to_transform, config.layers_pattern)
     for name in names:
         layer = model.get_submodule(name)
-        if not isinstance(layer, (nn.Linear, Conv1D, Linear4bit)):
+        if not isinstance(layer, LINEAR_LAYERS):
             raise UserError(f"--target_modules: {name} is a {type(layer).__name__}; LoRA adapts nn.Linear "
                             "and GPT-2's Conv1D layers only (or their 4-bit versions)")
         config.fan_in_fan_out = layer_features(layer)[2]

@@ -34,15 +34,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
 from minipeft.core.finite import require_finite
 from minipeft.core.inject import find_target_modules, replace_module, unfreeze_biases
-from minipeft.core.layers import default_target_modules, layer_features
+from minipeft.core.layers import LINEAR_LAYERS, default_target_modules, layer_features
 from minipeft.core.method import Method
-from minipeft.core.nf4 import Linear4bit
 from minipeft.core.options import layers_option, modules_to_save_option, option, target_modules_option
 
 # What VeRA targets when the user names nothing: peft's TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
@@ -238,7 +236,7 @@ def apply_vera(model: nn.Module, config: VeraConfig) -> None:
     names = find_target_modules(model, config.target_modules, config.layers_to_transform, config.layers_pattern)
     layers = {name: model.get_submodule(name) for name in names}
     for name, layer in layers.items():
-        if not isinstance(layer, (nn.Linear, Conv1D, Linear4bit)):
+        if not isinstance(layer, LINEAR_LAYERS):
             raise UserError(f"--target_modules: {name} is a {type(layer).__name__}; VeRA adapts nn.Linear "
                             "and GPT-2's Conv1D layers only (or their 4-bit versions)")
     shapes = [layer_features(layer) for layer in layers.values()]  # (in, out, fan_in_fan_out) per target

@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from minipeft.core.errors import UserError
 from minipeft.core.finite import first_nonfinite_tensor, require_finite
 from minipeft.methods import method_for_config, method_for_peft_type
-from minipeft.core.input_files import check_input_file, duplicate_keys, loads_json, read_input_text
-from minipeft.core.safe_files import json_text, write_directory_atomically
+from minipeft.files.input_files import check_input_file, duplicate_keys, loads_json, read_input_text
+from minipeft.files.safe_files import json_text, write_directory_atomically
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -144,7 +144,7 @@ def save_adapter(peft_model, directory, **metadata) -> Path:
 
     ``metadata`` may hold ``base_model_name_or_path`` and anything minipeft should remember (template...).
 
-    The directory is written atomically and marked as minipeft's (:mod:`minipeft.core.safe_files`): an existing
+    The directory is written atomically and marked as minipeft's (:mod:`minipeft.files.safe_files`): an existing
     ``directory`` is replaced only when minipeft wrote it, never a user's own directory.
 
     Raises:

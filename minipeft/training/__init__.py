@@ -1,6 +1,6 @@
 """Training: the loop (:mod:`~minipeft.training.loop`) and its parts.
 
-- :mod:`~minipeft.training.loss`: the causal-LM loss, the one place where labels are shifted;
+- :mod:`~minipeft.training.loss`: the causal-LM loss (the reference), the one place where labels are shifted;
 - :mod:`~minipeft.training.schedule`: ``get_lr`` (constant, linear, cosine; warmup);
 - :mod:`~minipeft.training.optimizer`: AdamW, weight decay only where it belongs;
 - :mod:`~minipeft.training.prepare`: precision, gradient checkpointing, the output directory, before step one;
@@ -11,8 +11,8 @@
 - :mod:`~minipeft.training.checkpoint`: atomic checkpoints and exact resume;
 - :mod:`~minipeft.training.metrics`: the log line, ``metrics.jsonl``, the loss curve;
 - :mod:`~minipeft.training.distributed`: devices and DistributedDataParallel;
-- :mod:`~minipeft.training.compile`: ``--compile``, the transformer blocks through ``torch.compile``;
-- :mod:`~minipeft.training.rms_norm`: Llama's RMSNorm with a hand-written backward (less memory);
+- :mod:`minipeft.fast`: the optimisations a run switches on (the fast loss, dropout by gaps, the lean
+  RMSNorm, ``--compile``), each equal to its reference;
 - :mod:`~minipeft.cli.train`: ``train_llm.py`` / ``python -m minipeft train``.
 """
 

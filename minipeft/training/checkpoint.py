@@ -14,7 +14,7 @@ No pickle is written or read: tensors go to safetensors, everything else to JSON
 
 **Atomic.** The files are written into a hidden temporary directory beside the final one, each file is
 ``fsync``-ed, then the directory is renamed into place (a rename is atomic on POSIX file systems) and the
-parent directory is ``fsync``-ed (:func:`minipeft.core.safe_files.write_directory_atomically`). A process killed at
+parent directory is ``fsync``-ed (:func:`minipeft.files.safe_files.write_directory_atomically`). A process killed at
 any moment leaves either no ``step-N`` or a complete one, so the previous checkpoint always stays loadable;
 leftover ``.tmp-*`` directories are removed on the next run. The training loop saves a checkpoint only when
 the adapter's weights are finite, so every checkpoint is one to go back to.
@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from minipeft.model.adapter_files import WEIGHTS_NAME, load_peft_state_dict
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
-from minipeft.core.safe_files import json_text, write_directory_atomically
+from minipeft.files.safe_files import json_text, write_directory_atomically
 
 FORMAT = "minipeft-checkpoint/1"
 STATE_NAME = "trainer_state.json"

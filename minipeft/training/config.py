@@ -39,7 +39,7 @@ class TrainingConfig:
         tf32: let CUDA matmuls use TensorFloat-32 (no effect on CPU).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         gradient_checkpointing: recompute activations in backward (less memory, ~30% more time).
-        compile: run the transformer blocks through ``torch.compile`` (:mod:`minipeft.training.compile`):
+        compile: run the transformer blocks through ``torch.compile`` (:mod:`minipeft.fast.compile`):
             faster steps after a one-time compile (~75 s for SmolLM2 on 2 cores, seconds when cached).
         eval_every: evaluate every N optimizer steps and at the end (None: 5 evaluations per run).
         eval_max_batches: evaluate on at most this many validation batches (None: all of them).

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from minipeft.core.errors import UserError
-from minipeft.core.models import resolve_device
+from minipeft.loading.models import resolve_device
 
 
 @dataclass
@@ -94,11 +94,6 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
     if sync or not hasattr(model, "no_sync"):
         return nullcontext()
     return model.no_sync()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DistributedDataParallel (``.module``), else ``model``."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def shutdown_distributed() -> None:

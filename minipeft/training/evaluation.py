@@ -11,9 +11,12 @@ from minipeft.training.loss import causal_lm_loss_sum, perplexity
 
 
 @torch.inference_mode()
-def evaluate(model, loader, context: DistributedContext, autocast, max_batches: int = None) -> tuple:
+def evaluate(model, loader, context: DistributedContext, autocast, max_batches: int = None,
+             loss_sum=causal_lm_loss_sum) -> tuple:
     """``(loss, perplexity, target_tokens)`` over the validation set: loss = total NLL / total target tokens
-    (all processes), perplexity = exp(loss). A progress bar (on a terminal, main process) like training's."""
+    (all processes), perplexity = exp(loss). A progress bar (on a terminal, main process) like training's.
+    ``loss_sum``: the reference loss or one equal to it (as in
+    :func:`~minipeft.training.gradients.accumulate_gradients`)."""
     was_training = model.training
     model.eval()
     total_nll = torch.zeros((), dtype=torch.float64, device=context.device)
@@ -26,7 +29,7 @@ def evaluate(model, loader, context: DistributedContext, autocast, max_batches: 
     for batch in batches:
         batch = {key: value.to(context.device) for key, value in batch.items()}
         with autocast:
-            nll_sum, n_targets = causal_lm_loss_sum(model, batch)
+            nll_sum, n_targets = loss_sum(model, batch)
         total_nll += nll_sum.double()
         total_targets += n_targets
         n_tokens += int(batch["attention_mask"].sum())

@@ -13,13 +13,18 @@ from minipeft.core.errors import UserError
 from minipeft.training.distributed import DistributedContext, gradient_sync
 from minipeft.training.loss import causal_lm_loss_sum, count_target_tokens
 
-def accumulate_gradients(model, window: list, context: DistributedContext, autocast, scaler=None) -> tuple:
+
+def accumulate_gradients(model, window: list, context: DistributedContext, autocast, scaler=None,
+                         loss_sum=causal_lm_loss_sum) -> tuple:
     """Forward and backward over one accumulation window (a list of micro-batches).
 
     Each micro-batch's loss is its NLL *sum* divided by the target tokens of the whole window on all
     processes, so the gradients that add up in ``.grad`` are those of ``total NLL / total target tokens``:
     batch b × accumulation k gives the gradient of one batch of b·k, whatever the token counts and however
     short the window. Under DDP the loss is multiplied by the world size, because DDP *averages* gradients.
+
+    ``loss_sum(model, batch) -> (nll_sum, n_targets)``: the reference loss, or a faster one equal to it
+    (a training run passes :func:`minipeft.fast.loss.target_only_loss_sum`).
 
     Returns ``(window NLL, target tokens, input tokens)``, each summed over all processes.
     """
@@ -33,7 +38,7 @@ def accumulate_gradients(model, window: list, context: DistributedContext, autoc
         batch = {key: value.to(device) for key, value in batch.items()}
         with gradient_sync(model, sync=index == len(window) - 1):
             with autocast:
-                nll_sum, _ = causal_lm_loss_sum(model, batch)
+                nll_sum, _ = loss_sum(model, batch)
             loss = nll_sum * loss_scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
         window_nll += nll_sum.detach()

@@ -21,7 +21,7 @@ Output directory (``--output_dir``)::
     train_config.json        every setting of the run
     loss_curve.png           train and eval loss (with the ``plot`` extra)
     .minipeft                marker: minipeft wrote this folder (each folder it writes has one; see
-                             :mod:`minipeft.core.safe_files`); .minipeft.lock while a run writes here
+                             :mod:`minipeft.files.safe_files`); .minipeft.lock while a run writes here
 
 Only rank 0 writes files and prints; every process runs the same steps.
 
@@ -34,7 +34,6 @@ import itertools
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,20 +42,21 @@ from tqdm import tqdm
 
 from minipeft.core.errors import UserError
 from minipeft.core.finite import first_nonfinite_tensor
-from minipeft.core.safe_files import remove_incomplete, remove_our_directory
+from minipeft.files.safe_files import remove_incomplete, remove_our_directory
+from minipeft.fast import switched_on
+from minipeft.fast.compile import check_compiler_available
+from minipeft.fast.loss import accepts_logits_to_keep, target_only_loss_sum
 from minipeft.model.adapter_files import peft_state_dict
 from minipeft.training.checkpoint import (capture_rng_state, list_checkpoints, load_checkpoint, prune_checkpoints,
                                           resolve_resume, restore_rng_state, save_checkpoint)
-from minipeft.training.compile import check_compiler_available, compiled_blocks
 from minipeft.training.config import TrainingConfig
 from minipeft.training.distributed import DistributedContext, wrap_for_data_parallel
 from minipeft.training.evaluation import evaluate
 from minipeft.training.gradients import GradientCheck, accumulate_gradients
-from minipeft.training.loss import perplexity
+from minipeft.training.loss import causal_lm_loss_sum, perplexity
 from minipeft.training.metrics import MetricsLog, format_eval_line, format_log_line, format_plan_line, micro_batch_size
 from minipeft.training.optimizer import build_optimizer
 from minipeft.training.precision import cast_frozen_weights
-from minipeft.training.rms_norm import use_memory_lean_rms_norm
 from minipeft.training.prepare import (autocast_for, check_output_dir, enable_gradient_checkpointing,
                                        prepare_output_dir, resolve_precision)
 from minipeft.training.schedule import get_lr, warmup_steps_for
@@ -77,11 +77,9 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
     run = start_run(model, config, plan, context, adapter_metadata or {})  # model, optimizer, DDP
     resume_or_start_fresh(run, train_loader)  # the state of a checkpoint, or a checked new --output_dir
     stop = StopRequest()
-    # Llama-style norms keep only x and 1/rms for the backward; compiled blocks (--compile) fuse them anyway
+    # the optimisations of minipeft/fast (dropout by gaps, lean norms or --compile), each equal to the reference
     warn = lambda message: say(run, message, file=sys.stderr)  # noqa: E731
-    lean_norms = use_memory_lean_rms_norm(model, warn) if not config.compile else nullcontext()
-    compiled = compiled_blocks(model, context.device, warn) if config.compile else nullcontext()
-    with lean_norms, compiled:
+    with switched_on(model, context.device, config.compile, warn):
         if val_loader is not None and run.state.eval_loss_before is None:
             evaluate_before_training(run, val_loader)
         records, tokens = micro_batch_size(train_loader)  # per process; the effective batch multiplies them
@@ -134,7 +132,13 @@ def start_run(model, config: TrainingConfig, plan: RunPlan, context: Distributed
     ddp_model = wrap_for_data_parallel(model, context)  # == model on one process
     return TrainingRun(config=config, plan=plan, context=context, model=model, ddp_model=ddp_model,
                        optimizer=optimizer, scaler=scaler, trainable=trainable, autocast=autocast,
-                       adapter_metadata=adapter_metadata)
+                       adapter_metadata=adapter_metadata, loss_sum=loss_for(model))
+
+
+def loss_for(model):
+    """The loss at the target positions only (:mod:`minipeft.fast.loss`) where the model can be asked for
+    logits there (a boolean ``logits_to_keep``), else the reference: the same numbers either way."""
+    return target_only_loss_sum if accepts_logits_to_keep(model) else causal_lm_loss_sum
 
 
 def resume_or_start_fresh(run: TrainingRun, train_loader) -> None:
@@ -174,7 +178,8 @@ def resume_or_start_fresh(run: TrainingRun, train_loader) -> None:
 def evaluate_before_training(run: TrainingRun, val_loader) -> None:
     """The base model's eval loss, before any training: the number to beat."""
     started = time.perf_counter()
-    loss, ppl, n_targets = evaluate(run.model, val_loader, run.context, run.autocast, run.config.eval_max_batches)
+    loss, ppl, n_targets = evaluate(run.model, val_loader, run.context, run.autocast, run.config.eval_max_batches,
+                                 run.loss_sum)
     run.state.eval_loss_before, run.state.eval_perplexity_before = loss, ppl
     run.metrics.write({"kind": "eval", "step": 0, "epoch": 0, "eval_loss": loss, "eval_perplexity": ppl,
                        "eval_tokens": n_targets, "eval_seconds": time.perf_counter() - started})
@@ -213,7 +218,7 @@ def train_step(run: TrainingRun, window: list, val_loader, stop: StopRequest, pr
     started = time.perf_counter()
     # 1-2) forward and backward over the window: .grad = ∇ (window NLL / window target tokens)
     window_nll, n_targets, n_tokens = accumulate_gradients(run.ddp_model, window, run.context, run.autocast,
-                                                           run.scaler)
+                                                           run.scaler, run.loss_sum)
     step_loss = window_nll / n_targets if n_targets else float("nan")
     (stop_votes,) = run.context.all_reduce_sum([stop.requested])  # any process asked: all stop together
     # 3-4) clip, then the optimizer step unless the loss is not finite
@@ -304,7 +309,8 @@ def evaluate_and_keep_best(run: TrainingRun, val_loader) -> None:
     """Evaluate; an eval loss lower than every earlier one saves the adapter to ``best/``."""
     state = run.state
     started = time.perf_counter()
-    loss, ppl, n_targets = evaluate(run.model, val_loader, run.context, run.autocast, run.config.eval_max_batches)
+    loss, ppl, n_targets = evaluate(run.model, val_loader, run.context, run.autocast, run.config.eval_max_batches,
+                                 run.loss_sum)
     seconds = time.perf_counter() - started
     # a NaN eval loss is never "best" (nan < x is False, but so would be the first-evaluation shortcut)
     improved = math.isfinite(loss) and (state.best_eval_loss is None or loss < state.best_eval_loss)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minipeft.core.safe_files import cannot_write, write_file_atomically, write_text_atomically
+from minipeft.files.safe_files import cannot_write, write_file_atomically, write_text_atomically
 
 
 def read_metrics(path: Path) -> list:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from minipeft.core.errors import UserError
-from minipeft.core.safe_files import is_empty_directory, is_ours, make_directory, mark_as_ours
+from minipeft.files.safe_files import is_empty_directory, is_ours, make_directory, mark_as_ours
 from minipeft.core.transformers_api import enable_activation_checkpointing
 from minipeft.training.checkpoint import list_checkpoints
 from minipeft.training.config import TrainingConfig

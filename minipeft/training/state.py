@@ -68,6 +68,7 @@ class TrainingRun:
     trainable: list  # the parameters that are clipped
     autocast: object  # the forward pass's autocast context (autocast_for)
     adapter_metadata: dict  # goes into every saved adapter's config
+    loss_sum: object  # (model, batch) -> (nll_sum, n_targets): the reference loss or the fast one, equal to it
     state: TrainState = field(default_factory=TrainState)
     metrics: MetricsLog | None = None
     gradient_check: GradientCheck | None = None  # None once passed

@@ -16,29 +16,9 @@ documents on every machine and Python version.
 import random
 
 from minipeft.builtin.facts import (
-    ALPHABET, ANIMALS, ANTONYMS, COLORS, COUNTRIES, LIST_WORDS, NAMES, NUMBER_WORDS, PLURALS,
+    ALPHABET, ANIMALS, ANTONYMS, COLORS, COUNTRIES, LIST_WORDS, NAMES, NUMBER_WORDS, PLURALS, animal_legs, capitalize,
+    number_word, with_article,
 )
-
-
-def number_word(n: int) -> str:
-    """``4 -> "four"`` for 0..20, digits above."""
-    return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
-
-
-def with_article(noun: str) -> str:
-    """``"owl" -> "an owl"``, ``"cat" -> "a cat"``."""
-    return ("an " if noun[0] in "aeiou" else "a ") + noun
-
-
-def capitalize(text: str) -> str:
-    """Upper-case the first letter only (``"the sky" -> "The sky"``; ``str.capitalize`` would lower the rest)."""
-    return text[:1].upper() + text[1:]
-
-
-def animal_legs(animal: str) -> str:
-    """``"A spider has eight legs."``; ``"A snake has no legs."``"""
-    legs = ANIMALS[animal][2]
-    return f"{capitalize(with_article(animal))} has {number_word(legs) if legs else 'no'} legs."
 
 
 def dialogue(rng: random.Random, question: str, answer: str) -> str:

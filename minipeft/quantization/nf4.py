@@ -8,7 +8,7 @@ QLoRA trains an ordinary LoRA adapter on a base model whose frozen linear weight
      x ──────────────────────────────────────────► dropout ─► A ─► B (fp32) ──────┘
 
 The format (the 16 levels, block-wise absmax, packing, double quantization, memory per weight) is
-:mod:`minipeft.core.nf4_format`: about 4.13 bits per weight, so SmolLM2-135M's linear layers take ≈ 54.8 MB
+:mod:`minipeft.quantization.nf4_format`: about 4.13 bits per weight, so SmolLM2-135M's linear layers take ≈ 54.8 MB
 instead of 425 MB. Embeddings, norms and the LM head stay in full precision (bitsandbytes' default), unless
 ``quantize_lm_head``.
 
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from minipeft.core.errors import UserError
-from minipeft.core.nf4_format import NF4Weight, dequantize_nf4, quantize_nf4
+from minipeft.core.inject import QuantizedLinear, replace_module
+from minipeft.quantization.nf4_format import NF4Weight, dequantize_nf4, quantize_nf4
 
 
 def default_compute_dtype(device=None) -> torch.dtype:
@@ -53,7 +53,7 @@ class _DequantizedMatmul(torch.autograd.Function):
         return grad_output @ ctx.layer.dequantize(grad_output.dtype), None  # (..., out) @ (out, in) -> (..., in)
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(QuantizedLinear):
     """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` whose weight is stored in NF4 (see the module docstring).
 
     The quantized weight is always the ``(out, in)`` view (``Conv1D``'s ``(in, out)`` weight is transposed
@@ -63,6 +63,9 @@ class Linear4bit(nn.Module):
 
     Shapes: ``x (..., in) -> (..., out)``; computed in ``compute_dtype``, returned in ``x``'s dtype.
     """
+
+    merge_refusal = ("cannot merge into a 4-bit (NF4) base layer; dequantize the base first "
+                     "(minipeft.quantization.nf4.dequantize_model; `python -m minipeft merge` does it and says so)")
 
     def __init__(self, layer: nn.Module, double_quant: bool = True, compute_dtype: torch.dtype = None):
         super().__init__()
@@ -82,6 +85,10 @@ class Linear4bit(nn.Module):
         for name in ("packed", "absmax", "absmax_codes", "absmax_scales", "absmax_offset"):
             self.register_buffer(name, getattr(quantized, name))  # None for the state this layer does not use
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    def counted_weights(self) -> int:
+        """2 weights per packed byte, as peft counts (the float layer's count, plus one for an odd size's padding)."""
+        return 2 * self.packed.numel()
 
     def quantized_weight(self) -> NF4Weight:
         return NF4Weight(shape=(self.out_features, self.in_features), blocksize=self.blocksize,
@@ -147,8 +154,6 @@ def quantize_model(model: nn.Module, quantize_lm_head: bool = False, double_quan
                    compute_dtype: torch.dtype = None) -> list:
     """Replace every linear layer of ``model`` by a :class:`Linear4bit`, in place, one layer at a time: each
     float weight is freed as soon as its layer is quantized. Returns the names of the replaced layers."""
-    from minipeft.core.inject import replace_module
-
     names = quantizable_layers(model, quantize_lm_head)
     for name in names:
         layer = model.get_submodule(name)
@@ -162,8 +167,6 @@ def quantize_model(model: nn.Module, quantize_lm_head: bool = False, double_quan
 def dequantize_model(model: nn.Module, dtype: torch.dtype = None) -> int:
     """Replace every :class:`Linear4bit` in ``model`` (also inside adapter layers) by its dense float layer,
     in place; returns how many. Used before merging an adapter trained on a 4-bit base."""
-    from minipeft.core.inject import replace_module
-
     names = [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]
     for name in names:
         replace_module(model, name, model.get_submodule(name).to_dense(dtype))
@@ -217,10 +220,3 @@ def memory_stats(model: nn.Module) -> MemoryStats:
     other = sum(p.numel() * p.element_size() for p in parameters)
     return MemoryStats(linear_params, float_bytes, nf4_bytes, other, packed_bytes,
                        sum(p.numel() for p in parameters) + linear_params)
-
-
-def refuse_4bit_merge(base_layer: nn.Module) -> None:
-    """A 4-bit weight cannot take ``ΔW`` in place (its ``weight`` is a dequantized copy): say what to do."""
-    if isinstance(base_layer, Linear4bit):
-        raise UserError("cannot merge into a 4-bit (NF4) base layer; dequantize the base first "
-                        "(minipeft.core.nf4.dequantize_model; `python -m minipeft merge` does it and says so)")

@@ -9,7 +9,7 @@ config file with one is refused, a data record with one is skipped (which of the
 guess).
 
 Errors are :class:`~minipeft.core.errors.UserError` lines naming the path (and the flag that gave it); the
-command line turns them into ``error: ...`` and exit status 2. Writing outputs: :mod:`minipeft.core.safe_files`.
+command line turns them into ``error: ...`` and exit status 2. Writing outputs: :mod:`minipeft.files.safe_files`.
 """
 
 import json

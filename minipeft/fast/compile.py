@@ -31,7 +31,7 @@ draws cost what the fusion saves. It needs a C++ compiler (``g++``), as TorchInd
 - *No key/value cache while training* (``config.use_cache = False``): a cache is only needed to generate,
   and its state would be one more thing the compiled graph is specialised on. A prefix method's own cache is
   still passed, as with ``--gradient_checkpointing``.
-- LoRA dropout on a CPU draws its mask outside the graph (:func:`minipeft.methods.lora.dropped_input_projection`,
+- LoRA dropout on a CPU draws its mask outside the graph (:func:`minipeft.fast.lora_dropout.dropped_input_projection`,
   a graph break in each adapted layer), which costs most of the gain: SmolLM2 bf16 with ``lora_dropout=0.05``
   goes from 5.0 s to 4.4 s a step where without dropout it goes from 4.1 s to 2.6 s.
 

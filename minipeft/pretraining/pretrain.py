@@ -2,7 +2,7 @@
 
 What it does, top to bottom (about 6 minutes on 2 CPU cores):
 
-1. write 55,000 short documents with :func:`minipeft.builtin.corpus.generate_corpus` (seed 0) and 500
+1. write 55,000 short documents with :func:`minipeft.pretraining.corpus.generate_corpus` (seed 0) and 500
    held-out ones (seed 1) for the final evaluation;
 2. train a byte-level BPE tokenizer on them (GPT-2 style: ``<|endoftext|>`` is bos, eos and unk; no pad);
 3. pack the documents, each followed by ``<|endoftext|>``, into blocks of 128 tokens;
@@ -25,7 +25,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from minipeft.builtin.corpus import generate_corpus
+from minipeft.pretraining.corpus import generate_corpus
 
 EOS_TOKEN = "<|endoftext|>"
 

@@ -1,7 +1,7 @@
 """NF4, the format: QLoRA's 4-bit NormalFloat codes (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314).
 
 How a float weight becomes 4-bit codes and back, bit for bit as bitsandbytes does it. The layer that stores its
-weight this way, and quantizing whole models: :mod:`minipeft.core.nf4`.
+weight this way, and quantizing whole models: :mod:`minipeft.quantization.nf4`.
 
 **The 16 NormalFloat levels.** Pretrained weights are roughly normal with mean 0. A 4-bit code has 16
 values; NF4 puts them at *quantiles* of N(0, 1), so that each code is used about equally often, then scales
@@ -59,7 +59,7 @@ NF4_LEVELS = torch.tensor([
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
-], dtype=torch.float32)
+], dtype=torch.float32, device="cpu")  # cpu even if first imported under a `with torch.device("meta")`
 
 # Both levels of every possible byte: PAIR_LEVELS[byte] = (level[byte >> 4], level[byte & 15]), (256, 2).
 # Dequantizing is then one gather per byte instead of two shifts and two gathers.
@@ -84,12 +84,12 @@ def dynamic_8bit_levels() -> torch.Tensor:
     """
     levels = []
     for exponent in range(7):
-        boundaries = torch.linspace(0.1, 1, 2 ** exponent + 1, dtype=torch.float32)
+        boundaries = torch.linspace(0.1, 1, 2 ** exponent + 1, dtype=torch.float32, device="cpu")
         means = (boundaries[:-1] + boundaries[1:]) / 2.0  # 2^exponent levels, midway between boundaries
         levels += ((10 ** (exponent - 6)) * means).tolist()
         levels += (-(10 ** (exponent - 6)) * means).tolist()
     levels += [0.0, 1.0]
-    return torch.tensor(sorted(levels), dtype=torch.float32)
+    return torch.tensor(sorted(levels), dtype=torch.float32, device="cpu")
 
 
 DYNAMIC_8BIT_LEVELS = dynamic_8bit_levels()

@@ -1,7 +1,7 @@
-"""Loading a base model with its linear layers in NF4, layer by layer (QLoRA's base, :mod:`minipeft.core.nf4`).
+"""Loading a base model with its linear layers in NF4, layer by layer (QLoRA's base, :mod:`minipeft.quantization.nf4`).
 
 :func:`load_base_model` is what every command calls to get its base model: with ``quantize="none"`` it is
-:func:`minipeft.core.models.load_model_and_tokenizer`; with ``"nf4"`` the linear layers are quantized as
+:func:`minipeft.loading.models.load_model_and_tokenizer`; with ``"nf4"`` the linear layers are quantized as
 their weights arrive, so the float model never exists whole (SmolLM2 streams from its GGUF file).
 """
 
@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from minipeft.core.errors import UserError
-from minipeft.core.nf4 import Linear4bit, quantizable_layers, quantize_model
-from minipeft.core.nf4_format import BLOCKSIZE
+from minipeft.core.inject import replace_module
+from minipeft.loading.models import SMOLLM2_NAME, load_model_and_tokenizer, smollm2_gguf_path
+from minipeft.quantization.nf4 import Linear4bit, quantizable_layers, quantize_model
+from minipeft.quantization.nf4_format import BLOCKSIZE
 
 
 def check_not_quantized_folder(name: str) -> None:
@@ -43,8 +45,6 @@ def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set
     """Put one checkpoint tensor into a model built on the meta device; a weight of a layer in ``targets``
     is quantized on arrival (the layer becomes a :class:`Linear4bit`), so its float copy lives only here.
     Every other tensor is stored in ``dtype`` (the 4-bit codes are those of the float32 weight either way)."""
-    from minipeft.core.inject import replace_module
-
     module_name, _, attribute = name.rpartition(".")
     module = model.get_submodule(module_name)
     if not (module_name in targets and attribute == "weight"):
@@ -73,8 +73,6 @@ def load_streaming(model: nn.Module, tensors, quantize_lm_head: bool = False,
         quantize_model(model, quantize_lm_head=True)  # a tied head: quantized from the embedding
     for module_name, module in model.named_modules():  # buffers computed in __init__ (rotary inv_freq)
         if any(buffer.is_meta for buffer in module.buffers(recurse=False)) and "Rotary" in type(module).__name__:
-            from minipeft.core.inject import replace_module
-
             replace_module(model, module_name, type(module)(config=model.config))
     still_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if still_meta:
@@ -114,8 +112,6 @@ def load_smollm2_streaming(quantize_lm_head: bool = False, dtype: torch.dtype = 
     the rest of the model in ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from minipeft.core.models import SMOLLM2_NAME, smollm2_gguf_path
-
     path = smollm2_gguf_path()
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     with torch.device("meta"):
@@ -127,12 +123,10 @@ def load_smollm2_streaming(quantize_lm_head: bool = False, dtype: torch.dtype = 
 
 def load_base_model(name: str, quantize: str = "none", quantize_lm_head: bool = False,
                     dtype: torch.dtype = torch.float32, log=print):
-    """``(model, tokenizer)`` like :func:`minipeft.core.models.load_model_and_tokenizer`, with the linear layers in
+    """``(model, tokenizer)`` like :func:`minipeft.loading.models.load_model_and_tokenizer`, with the linear layers in
     NF4 when ``quantize == "nf4"``. SmolLM2 streams: each tensor is quantized (from float32) as it is read
     from the file, and the rest is stored in ``dtype``. Other models are loaded in ``dtype``, then quantized
     one layer at a time, each float weight freed as soon as its layer is quantized (peak: the float model)."""
-    from minipeft.core.models import SMOLLM2_NAME, load_model_and_tokenizer
-
     check_not_quantized_folder(name)
     if quantize == "nf4" and name == SMOLLM2_NAME:
         model, tokenizer, names = load_smollm2_streaming(quantize_lm_head, dtype)

@@ -23,6 +23,7 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
+from minipeft.builtin import load_builtin_model_and_tokenizer
 from minipeft.core.errors import UserError
 
 SMOLLM2_NAME = "smollm2-135m"
@@ -76,8 +77,6 @@ def load_model_and_tokenizer(name: str = "builtin", dtype: torch.dtype = torch.f
         UserError: when the weights cannot be found locally and the hub cannot be reached.
     """
     if name == "builtin":
-        from minipeft.builtin import load_builtin_model_and_tokenizer
-
         return load_builtin_model_and_tokenizer(dtype=dtype)
     if name == SMOLLM2_NAME:
         return _load_smollm2(dtype)

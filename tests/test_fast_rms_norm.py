@@ -1,4 +1,4 @@
-"""The memory-lean RMSNorm (:mod:`minipeft.training.rms_norm`) computes what transformers' LlamaRMSNorm
+"""The memory-lean RMSNorm (:mod:`minipeft.fast.rms_norm`) computes what transformers' LlamaRMSNorm
 computes: the same output bits, gradients within float32 rounding (float32) or one bf16 rounding (bf16);
 it is swapped in for a run and taken out afterwards."""
 
@@ -10,8 +10,8 @@ from training_fixtures import one_thread  # noqa: F401
 from training_fixtures import ListLoader, assert_same_training_steps, make_batches, tiny_model, tiny_peft_model
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from minipeft.fast.rms_norm import LeanRMSNorm, RMSNormFunction, use_memory_lean_rms_norm
 from minipeft.training import TrainingConfig, train
-from minipeft.training.rms_norm import LeanRMSNorm, RMSNormFunction, use_memory_lean_rms_norm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -101,7 +101,7 @@ def test_training_a_llama_goes_through_it_and_learns_the_same(tmp_path, monkeypa
     train(lean, ListLoader(batches, shuffle=False), None,
           TrainingConfig(output_dir=str(tmp_path / "lean"), **settings))
     assert calls
-    monkeypatch.setattr("minipeft.training.loop.use_memory_lean_rms_norm", lambda model, warn: nullcontext())
+    monkeypatch.setattr("minipeft.fast.use_memory_lean_rms_norm", lambda model, warn: nullcontext())
     plain = tiny_peft_model("lora", family="llama")
     train(plain, ListLoader(batches, shuffle=False), None,
           TrainingConfig(output_dir=str(tmp_path / "plain"), **settings))

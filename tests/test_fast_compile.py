@@ -1,4 +1,4 @@
-"""``--compile`` (:mod:`minipeft.training.compile`): the compiled blocks train as the eager ones do, and
+"""``--compile`` (:mod:`minipeft.fast.compile`): the compiled blocks train as the eager ones do, and
 everything is put back afterwards.
 
 Compiling costs tens of seconds of C++ on 2 cores, so the suite compiles one training run (tiny Llama, the
@@ -20,9 +20,10 @@ from training_fixtures import (ListLoader, adapter_tensors, assert_same_training
 from minipeft import get_peft_model
 from minipeft.core.errors import UserError
 from minipeft.core.layers import transformer_blocks
+from minipeft.fast.compile import check_compiler_available, compiled_blocks
+from minipeft.fast.lora_dropout import dropout_by_gaps
 from minipeft.methods.lora import LoRAConfig, LoRALinear
 from minipeft.training import TrainingConfig, train
-from minipeft.training.compile import check_compiler_available, compiled_blocks
 
 HAS_COMPILER = any(shutil.which(name) for name in ("g++", "c++", "clang++"))
 # torch.compile's own import of torch.jit warns about torch.jit; the suite turns warnings into errors.
@@ -86,8 +87,8 @@ def test_attention_that_cannot_be_switched_or_put_back_is_a_warning_not_a_traceb
 
 @needs_compiler
 def test_lora_dropout_under_compile_is_dropout():
-    """Compiled, the LoRA branch still drops each input entry with probability p and scales the rest by
-    1 / (1 - p) (the mask is drawn eagerly, outside the graph)."""
+    """Compiled, the LoRA branch with dropout by gaps (what a CPU run swaps in) still drops each input entry with
+    probability p and scales the rest by 1 / (1 - p) (the mask is drawn eagerly, outside the graph)."""
     torch.manual_seed(0)
     layer = LoRALinear(torch.nn.Linear(64, 64), r=64, alpha=64, dropout=0.25, init_lora_weights=False)
     layer.base_layer.weight.data.zero_()
@@ -96,7 +97,8 @@ def test_lora_dropout_under_compile_is_dropout():
     layer.lora_B.weight.data = torch.eye(64)
     layer.train()
     x = torch.ones(256, 64)
-    output = torch.compile(layer)(x)
+    with dropout_by_gaps(layer):
+        output = torch.compile(layer)(x)
     dropped = (output == 0).float().mean().item()
     assert dropped == pytest.approx(0.25, abs=5 * (0.25 * 0.75 / x.numel()) ** 0.5)
     torch.testing.assert_close(output[output != 0], torch.full_like(output[output != 0], 1 / 0.75))

@@ -19,7 +19,7 @@ keeps only those two and derives the gradient by hand (with ``g`` the gradient o
 :func:`use_memory_lean_rms_norm` puts a :class:`LeanRMSNorm` module in place of each of a model's Llama-style
 norms for the length of a training run, the way adapters are put in (the parent's attribute is set; no class
 or instance of transformers is patched), and puts the originals back afterwards. The forward is transformers'
-own, operation for operation, so the outputs are the same bits (``tests/test_rms_norm.py``; gradients within
+own, operation for operation, so the outputs are the same bits (``tests/test_fast_rms_norm.py``; gradients within
 float32 rounding).
 
 **When transformers changes.** A norm is swapped only if it looks as expected (a 1-D ``weight``, a number

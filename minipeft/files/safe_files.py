@@ -16,7 +16,7 @@ directory; a second process that wants to write there stops with one line. A loc
 crashed or killed run) is taken over.
 
 Errors are :class:`~minipeft.core.errors.UserError` lines naming the path; the command line turns them into
-``error: ...`` and exit status 2. Reading inputs: :mod:`minipeft.core.input_files`.
+``error: ...`` and exit status 2. Reading inputs: :mod:`minipeft.files.input_files`.
 """
 
 import errno
@@ -31,7 +31,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from minipeft.core.errors import UserError
-from minipeft.core.input_files import flag_and_path
+from minipeft.files.input_files import flag_and_path
 
 MARKER_NAME = ".minipeft"  # in every directory minipeft writes: "this one may be replaced by minipeft"
 MARKER_TEXT = "written by minipeft; minipeft may replace or delete this directory\n"

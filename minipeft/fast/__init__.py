@@ -1,0 +1,44 @@
+"""Every optimisation, apart from the reference code it speeds up. A training run switches them on.
+
+Each module here computes what a reference elsewhere in minipeft computes, in less time or memory, and has a
+test that it equals that reference (outputs and gradients, stated tolerances):
+
+- :mod:`~minipeft.fast.loss`: logits only at the target positions, the head fused into the cross-entropy
+  (reference :func:`minipeft.training.loss.causal_lm_loss_sum`; ``tests/test_fast_loss.py``);
+- :mod:`~minipeft.fast.lora_dropout`: LoRA's dropout drawn by its gaps on a CPU, ``x`` kept instead of a
+  masked copy (reference :class:`minipeft.methods.lora.LoRALinear`; ``tests/test_fast_lora_dropout.py``);
+- :mod:`~minipeft.fast.rms_norm`: Llama's RMSNorm with a hand-written backward that keeps a third of the
+  memory (reference: transformers' own norm; ``tests/test_fast_rms_norm.py``);
+- :mod:`~minipeft.fast.compile`: ``--compile``, the transformer blocks through ``torch.compile`` (reference:
+  the eager blocks; ``tests/test_fast_compile.py``).
+
+:func:`switched_on` is where a run turns on the module swaps; every swap sets a parent's attribute (as adapter
+injection does), never a class or a ``forward`` of transformers, and is undone on the way out without raising.
+The loss is chosen by the run itself (:func:`minipeft.training.loop.start_run`).
+"""
+
+from contextlib import ExitStack, contextmanager
+
+import torch
+
+from minipeft.fast.compile import compiled_blocks
+from minipeft.fast.lora_dropout import dropout_by_gaps
+from minipeft.fast.rms_norm import use_memory_lean_rms_norm
+
+
+@contextmanager
+def switched_on(model: torch.nn.Module, device: torch.device, compile: bool, warn=None):
+    """Within the ``with``: the optimisations of a training run on ``model`` (a PeftModel) on ``device``.
+
+    - on a CPU, LoRA's dropout by its gaps (a GPU draws per entry in one fused kernel);
+    - with ``compile``, the blocks compiled; without, Llama-style norms memory-lean (compiled blocks fuse them
+      anyway).
+    """
+    with ExitStack() as stack:
+        if device.type == "cpu":
+            stack.enter_context(dropout_by_gaps(model, warn))  # before compiling: the graph sees the swap
+        if compile:
+            stack.enter_context(compiled_blocks(model, device, warn))
+        else:
+            stack.enter_context(use_memory_lean_rms_norm(model, warn))
+        yield
