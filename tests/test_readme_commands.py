@@ -7,9 +7,9 @@ What is changed, and why:
 
 - install lines (``pip install ...``) are skipped: the test runs in the environment it was installed into;
 - test-runner lines (``python -m pytest ...``) are skipped: this *is* the test run;
-- training and evaluation are cut short (``--max_steps 2 --eval_max_batches 1``) so the whole README
-  runs in minutes;
-  the commands are otherwise exactly as written;
+- training and evaluation are cut short (``--max_steps 2 --eval_max_batches 1 --max_length 64``, and at
+  most 48 records and 4 generated tokens where a command names those flags; see :func:`shortened`) so the
+  whole README runs in a few minutes; the commands are otherwise exactly as written;
 - a command that needs the real SmolLM2 model or ``../shared/data/`` is skipped when those are absent.
 
 Each command must exit 0 without a traceback and without a library's warning (``torchrun`` aside, which
@@ -53,17 +53,26 @@ def readme_commands() -> list:
     return commands
 
 
+# Every training or comparison command: flag -> the most it may ask for here (added where absent). Each cap
+# only shrinks the work (steps, evaluation batches, tokens per record, records, generated tokens); the flags
+# and the files they name are the README's own.
+CAPS = {"--max_steps": 2, "--eval_max_batches": 1, "--max_length": 64}
+CAPS_WHERE_GIVEN = {"--max_records": 48, "--generation_tokens": 4, "--speed_tokens": 4}
+
+
 def shortened(words: list) -> list:
-    """The command with its training cut to two optimizer steps and its evaluation to one batch."""
+    """The command with its training cut to two optimizer steps, its evaluation to one batch, its records to
+    64 tokens, and (where the command names them) its data to 48 records and its generation to 4 tokens."""
     text = " ".join(words)
     if not any(name in f" {text}" for name in TRAINING_COMMANDS):
         return words
     words = list(words)
-    for flag, value in (("--max_steps", "2"), ("--eval_max_batches", "1")):
+    for flag, most in {**CAPS, **CAPS_WHERE_GIVEN}.items():
         if flag in words:
-            words[words.index(flag) + 1] = value
-        else:
-            words += [flag, value]
+            index = words.index(flag) + 1
+            words[index] = str(min(int(words[index]), most)) if flag != "--max_steps" else str(most)
+        elif flag in CAPS:
+            words += [flag, str(most)]
     return words
 
 
@@ -82,7 +91,7 @@ def why_skipped(words: list):
 
 def is_quiet_command(words: list) -> bool:
     """The set-up's default job and ``generate``: these print no warning at all, not even minipeft's own."""
-    return words[1:] == ["train_llm.py", "--max_steps", "2", "--eval_max_batches", "1"] or "generate" in words
+    return words[1:] == shortened(["python", "train_llm.py"])[1:] or "generate" in words
 
 
 def warning_lines(output: str, own_too: bool) -> list:

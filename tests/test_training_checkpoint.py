@@ -10,7 +10,7 @@ import pytest
 import torch
 from training_fixtures import adapter_tensors, make_batches, one_thread, tiny_peft_model  # noqa: F401
 
-from minipeft.core import safe_files
+from minipeft.files import safe_files
 from minipeft.core.errors import UserError
 from minipeft.training import checkpoint
 from minipeft.files.safe_files import remove_incomplete
