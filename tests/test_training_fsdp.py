@@ -227,7 +227,8 @@ def test_nf4_codes_shard_and_scales_stay_float32_under_bf16(runs):
 def test_resuming_a_sharded_run_ends_where_an_uninterrupted_one_does(runs):
     out, _, single = runs
     assert max_difference(adapter(out / "resumed"), adapter(out / "fsdp")) == 0.0
-    assert read_records(out / "resumed" / "metrics.jsonl", "train") == read_records(out / "fsdp" / "metrics.jsonl", "train")
+    resumed, uninterrupted = (read_records(out / run / "metrics.jsonl", "train") for run in ("resumed", "fsdp"))
+    assert resumed == uninterrupted
 
 
 def test_a_sharded_checkpoint_resumes_on_one_process(runs, tmp_path):

@@ -363,7 +363,8 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
         "train_tokens": state["tokens_seen"],
         "train_tokens_per_s": state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] else None,
         # (a sharded model generates only with every process taking part: not measured)
-        "inference_tokens_per_s": None if context.is_sharded else measure_inference_speed(peft_model, inference_batch),
+        "inference_tokens_per_s": None if context.is_sharded else measure_inference_speed(peft_model,
+                                                                                          inference_batch),
         **peak_memory(context.device),
         "adapter_size_bytes": directory_size(adapter_dir),
         "world_size": context.world_size,
@@ -385,7 +386,8 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
         if abs(change) < LOW_CHANGE:
             say(low_change_hint(args.modification_type, config.learning_rate))
     say(f"Trained {state['step']} steps in {state['train_seconds']:.1f} s "
-        f"({summary['train_tokens_per_s'] or 0:,.0f} tokens/s); generation {summary['inference_tokens_per_s'] or 0:,.0f} "
+        f"({summary['train_tokens_per_s'] or 0:,.0f} tokens/s); generation "
+        f"{summary['inference_tokens_per_s'] or 0:,.0f} "
         f"tokens/s; peak memory {summary['peak_memory_mb']:,.0f} MB")
     say(f"adapter:      {adapter_dir}/ ({summary['adapter_size_bytes']:,} bytes)")
     if state["best_step"] is not None:

@@ -48,7 +48,6 @@ from minipeft.files.safe_files import remove_incomplete, remove_our_directory
 from minipeft.fast import switched_on
 from minipeft.fast.compile import check_compiler_available
 from minipeft.fast.loss import accepts_logits_to_keep, target_only_loss_sum
-from minipeft.model.adapter_files import peft_state_dict
 from minipeft.training.checkpoint import (capture_rng_state, list_checkpoints, load_checkpoint, prune_checkpoints,
                                           resolve_resume, restore_rng_state, save_checkpoint)
 from minipeft.training.config import TrainingConfig
@@ -62,7 +61,7 @@ from minipeft.training.precision import cast_frozen_weights
 from minipeft.training.prepare import (autocast_for, check_output_dir, enable_gradient_checkpointing,
                                        prepare_output_dir, resolve_precision)
 from minipeft.training.schedule import get_lr, warmup_steps_for
-from minipeft.training.sharding import (full_adapter_state, full_norm, full_optimizer_state, load_full_adapter_state,
+from minipeft.training.sharding import (adapter_tensors, full_norm, full_optimizer_state, load_full_adapter_state,
                                         load_full_optimizer_state, shard_model)
 from minipeft.training.signals import StopRequest
 from minipeft.training.state import RunPlan, TrainingRun, TrainState
@@ -83,9 +82,7 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
     stop = StopRequest()
     # the optimisations of minipeft/fast (dropout by gaps, lean norms or --compile), each equal to the reference
     warn = lambda message: say(run, message, file=sys.stderr)  # noqa: E731
-    # (FSDP2 owns the modules of its units: no module swaps there; the fast loss still applies)
-    optimisations = nullcontext() if context.is_sharded else switched_on(model, context.device, config.compile, warn)
-    with optimisations:
+    with nullcontext() if context.is_sharded else switched_on(model, context.device, config.compile, warn):
         if val_loader is not None and run.state.eval_loss_before is None:
             evaluate_before_training(run, val_loader)
         records, tokens = micro_batch_size(train_loader)  # per process; the effective batch multiplies them
@@ -119,8 +116,8 @@ def plan_run(config: TrainingConfig, train_loader, device: torch.device) -> RunP
 
 def start_run(model, config: TrainingConfig, plan: RunPlan, context: DistributedContext,
               adapter_metadata: dict) -> TrainingRun:
-    """The model on its device in its precision, in training mode; DDP around it or FSDP2 sharding it; the
-    optimizer (after sharding: it must hold the sharded parameters)."""
+    """The model on its device in its precision, in training mode; DDP around it or FSDP2 sharding it, then
+    the optimizer (over the sharded parameters). (FSDP2 owns its units' modules: :func:`train` swaps none.)"""
     device = context.device
     autocast = autocast_for(plan.precision, device)
     if device.type == "cuda":
@@ -156,8 +153,8 @@ def resume_or_start_fresh(run: TrainingRun, train_loader) -> None:
     config, context, output_dir, checkpoints_dir = run.config, run.context, run.output_dir, run.checkpoints_dir
     if config.resume:
         checkpoint = resolve_resume(config.resume, output_dir)
-        loaders = (dict(load_adapter=load_full_adapter_state, load_optimizer=load_full_optimizer_state)
-                   if context.is_sharded else {})  # every process reads the full tensors and keeps its piece
+        loaders = dict(load_adapter=load_full_adapter_state, load_optimizer=load_full_optimizer_state) \
+            if context.is_sharded else {}  # every process reads the full tensors and keeps its piece
         saved = load_checkpoint(checkpoint, run.model, run.optimizer, run.scaler, context.rank, **loaders)
         run.rng_to_restore = saved.pop("rng")
         run.state = TrainState(**saved)
@@ -340,7 +337,7 @@ def save_training_state(run: TrainingRun) -> None:
     """A checkpoint at this step (rank 0 writes it; every process gives its random state), then prune."""
     state = run.state
     rng_states = run.context.all_gather_objects(capture_rng_state())  # every process's generators
-    adapter = adapter_state(run)  # FSDP2: gathered to rank 0 (every process takes part)
+    adapter = adapter_tensors(run.model, run.context.is_sharded)  # FSDP2: gathered to rank 0 (every process takes part)
     optimizer_state = full_optimizer_state(run.model, run.optimizer) if run.context.is_sharded else None
     if not run.context.is_main:
         return
@@ -374,14 +371,8 @@ def say(run: TrainingRun, message: str, file=None) -> None:
         tqdm.write(message, file=file)
 
 
-def adapter_state(run: TrainingRun) -> dict:
-    """The adapter's tensors by their names in peft's file: under FSDP2 gathered to rank 0 ({} on the others:
-    every process must call it), else the model's own."""
-    return full_adapter_state(run.model) if run.context.is_sharded else peft_state_dict(run.model)
-
-
 def save_adapter_to(run: TrainingRun, directory: Path, **extra) -> None:
-    tensors = adapter_state(run)
+    tensors = adapter_tensors(run.model, run.context.is_sharded)
     if run.context.is_main:  # atomic; refuses non-finite weights
         run.model.save_adapter(directory, tensors=tensors, **run.adapter_metadata, **extra)
 

@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor
 
 from minipeft.core.errors import UserError
 from minipeft.core.layers import transformer_blocks
-from minipeft.model.adapter_files import to_peft_key
+from minipeft.model.adapter_files import peft_state_dict, to_peft_key
 from minipeft.quantization.nf4 import Linear4bit
 
 # Methods whose adapter file is not a copy of trainable parameters: prompt/prefix tuning save what their prompt
@@ -107,6 +107,12 @@ def full_adapter_state(peft_model) -> dict:
     if not gathered:
         return {}
     return {to_peft_key(name): gathered[name] for name in peft_model.adapter_parameters()}
+
+
+def adapter_tensors(peft_model, sharded: bool) -> dict:
+    """The adapter's tensors by file name: gathered to rank 0 when ``sharded`` (``{}`` on the other ranks, and
+    every rank must call it), else the model's own (:func:`~minipeft.model.adapter_files.peft_state_dict`)."""
+    return full_adapter_state(peft_model) if sharded else peft_state_dict(peft_model)
 
 
 def load_full_adapter_state(peft_model, tensors: dict, source: str) -> None:
