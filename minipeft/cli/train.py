@@ -30,7 +30,7 @@ from minipeft.core.finite import finite_float, nonfinite_to_none
 from minipeft.files.input_files import check_input_file, loads_json, read_input_text
 from minipeft.files.safe_files import MARKER_NAME, OutputLock, check_apart, remove_our_directory, write_json_atomically
 from minipeft.methods import METHODS
-from minipeft.training.config import PRECISIONS, TrainingConfig
+from minipeft.training.config import PRECISIONS, SHARDINGS, TrainingConfig
 from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.checkpoint import resolve_resume
 from minipeft.training.loop import train
@@ -44,7 +44,7 @@ CLI_OUTPUTS = ("metrics.json", "train_config.json", "loss_curve.png")
 # Settings that may change between an interrupted run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = {"resume", "overwrite_output_dir", "max_steps", "epochs", "log_every", "eval_every",
                      "save_every", "save_total_limit", "early_stopping_patience", "cache_dir", "no_cache",
-                     "num_workers", "eval_max_batches"}
+                     "num_workers", "eval_max_batches", "sharding", "fsdp_cpu_offload"}
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -98,6 +98,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         help="stop after N evaluations without a better eval loss; 0: never (default: %(default)s)")
     add("--max_nonfinite_steps", type=int, default=defaults.max_nonfinite_steps,
         help="stop after N steps in a row with a NaN/inf loss (default: %(default)s)")
+    add("--sharding", default=defaults.sharding, choices=SHARDINGS,
+        help="under torchrun: ddp (every process holds the whole model) or fsdp (PyTorch's FSDP2: each process "
+             "holds 1/N of every tensor; docs/sharding.md) (default: %(default)s)")
+    add("--fsdp_cpu_offload", action="store_true",
+        help="with --sharding fsdp: keep the pieces, gradients and optimizer step in host memory")
     add("--resume", default=None, metavar="latest|DIR",
         help="continue from the newest checkpoint in --output_dir (latest) or from a checkpoint directory")
     add("--overwrite_output_dir", action="store_true",
@@ -225,7 +230,11 @@ def main(argv=None) -> int:
     from minipeft.data.config import data_config_from_args
 
     data_config = data_config_from_args(args)
-    context = init_distributed(config.device)
+    if config.sharding == "fsdp":
+        from minipeft.training.sharding import check_can_shard
+
+        check_can_shard(args.modification_type)  # before starting processes talking
+    context = init_distributed(config.device, config.sharding)
     try:
         return run(args, config, data_config, context)
     finally:
@@ -353,7 +362,9 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
         "wall_minutes": (time.perf_counter() - started) / 60,
         "train_tokens": state["tokens_seen"],
         "train_tokens_per_s": state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] else None,
-        "inference_tokens_per_s": measure_inference_speed(peft_model, inference_batch),
+        # (a sharded model generates only with every process taking part: not measured)
+        "inference_tokens_per_s": None if context.is_sharded else measure_inference_speed(peft_model,
+                                                                                          inference_batch),
         **peak_memory(context.device),
         "adapter_size_bytes": directory_size(adapter_dir),
         "world_size": context.world_size,
@@ -375,7 +386,8 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
         if abs(change) < LOW_CHANGE:
             say(low_change_hint(args.modification_type, config.learning_rate))
     say(f"Trained {state['step']} steps in {state['train_seconds']:.1f} s "
-        f"({summary['train_tokens_per_s'] or 0:,.0f} tokens/s); generation {summary['inference_tokens_per_s']:,.0f} "
+        f"({summary['train_tokens_per_s'] or 0:,.0f} tokens/s); generation "
+        f"{summary['inference_tokens_per_s'] or 0:,.0f} "
         f"tokens/s; peak memory {summary['peak_memory_mb']:,.0f} MB")
     say(f"adapter:      {adapter_dir}/ ({summary['adapter_size_bytes']:,} bytes)")
     if state["best_step"] is not None:

@@ -139,9 +139,11 @@ def _check_number_field(key: str, value, annotation, source: str) -> None:
         require_finite(f'"{key}"', value, source)
 
 
-def save_adapter(peft_model, directory, **metadata) -> Path:
+def save_adapter(peft_model, directory, tensors: dict = None, **metadata) -> Path:
     """Write the adapter of ``peft_model`` to ``directory`` (created if needed); returns the directory.
 
+    ``tensors``: the adapter's tensors by file name when the model cannot give them itself (a sharded model's,
+    gathered by :func:`minipeft.training.sharding.full_adapter_state`); default :func:`peft_state_dict`.
     ``metadata`` may hold ``base_model_name_or_path`` and anything minipeft should remember (template...).
 
     The directory is written atomically and marked as minipeft's (:mod:`minipeft.files.safe_files`): an existing
@@ -151,7 +153,7 @@ def save_adapter(peft_model, directory, **metadata) -> Path:
         UserError: when the adapter holds no tensor (an empty adapter is always a mistake upstream), or a
             tensor that is not finite (a diverged adapter is never saved as if it were one).
     """
-    state = peft_state_dict(peft_model)
+    state = peft_state_dict(peft_model) if tensors is None else tensors
     if not state:
         raise UserError(f"{directory}: refusing to save an adapter with no tensors")
     state = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}

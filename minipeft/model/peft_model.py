@@ -171,11 +171,12 @@ class PeftModel(nn.Module):
         return model
 
     # -- files --------------------------------------------------------------------------------------------
-    def save_adapter(self, directory, **metadata) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout, docs/peft_format.md)."""
+    def save_adapter(self, directory, tensors: dict = None, **metadata) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout, docs/peft_format.md);
+        ``tensors``: given for a sharded model (see :func:`minipeft.model.adapter_files.save_adapter`)."""
         from minipeft.model.adapter_files import save_adapter
 
-        save_adapter(self, directory, **metadata)
+        save_adapter(self, directory, tensors, **metadata)
 
     save_pretrained = save_adapter  # the name peft users know
 

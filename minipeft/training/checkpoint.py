@@ -80,13 +80,14 @@ def restore_rng_state(tensors: dict, scalars: dict) -> None:
 
 
 # -- optimizer ---------------------------------------------------------------------------------------------
-def optimizer_state_to_files(optimizer: torch.optim.Optimizer, parameter_names: dict) -> tuple:
-    """``(tensors, json_values)`` for ``optimizer.state_dict()``; ``parameter_names`` maps ``id(p)`` -> name.
+def optimizer_state_to_files(optimizer: torch.optim.Optimizer, parameter_names: dict, state_dict: dict = None) -> tuple:
+    """``(tensors, json_values)`` for ``state_dict`` (default ``optimizer.state_dict()``; a sharded run passes
+    the gathered full one); ``parameter_names`` maps ``id(p)`` -> name.
 
     Tensors are keyed ``state.<index>.<key>`` (``state.3.exp_avg``); the parameter behind each index is
     recorded by name, so that loading into a differently built model fails loudly instead of mixing moments.
     """
-    state_dict = optimizer.state_dict()
+    state_dict = optimizer.state_dict() if state_dict is None else state_dict
     tensors, scalars = {}, {}
     for index, values in state_dict["state"].items():
         for key, value in values.items():
@@ -100,8 +101,9 @@ def optimizer_state_to_files(optimizer: torch.optim.Optimizer, parameter_names: 
     return tensors, {"param_groups": groups, "parameter_names": names, "scalars": scalars}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, values: dict, parameter_names: dict,
-                         source: str) -> None:
+def optimizer_state_from_files(optimizer: torch.optim.Optimizer, tensors: dict, values: dict, parameter_names: dict,
+                               source: str) -> dict:
+    """The ``optimizer.state_dict()`` that :func:`optimizer_state_to_files` wrote (checked against the names)."""
     names = [parameter_names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
     if names != values["parameter_names"]:
         raise UserError(f"{source}: the optimizer state was saved for other trainable parameters "
@@ -115,16 +117,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, values
         state.setdefault(int(index), {})[name] = value
     groups = [{key: tuple(value) if key == "betas" else value for key, value in group.items()}
               for group in values["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------
 def save_checkpoint(directory: Path, peft_model, optimizer, scaler, trainer_state: dict, rng_states: list,
-                    adapter_metadata: dict) -> Path:
+                    adapter_metadata: dict, adapter_tensors: dict = None, optimizer_state: dict = None) -> Path:
     """Write a checkpoint atomically (see the module docstring); ``rng_states`` holds one
-    ``(tensors, scalars)`` pair per process, rank 0 first."""
+    ``(tensors, scalars)`` pair per process, rank 0 first. A sharded run passes the full ``adapter_tensors``
+    and ``optimizer_state`` it gathered (:mod:`minipeft.training.sharding`): the files are the same."""
     parameter_names = {id(parameter): name for name, parameter in peft_model.named_parameters()}
-    optimizer_tensors, optimizer_values = optimizer_state_to_files(optimizer, parameter_names)
+    optimizer_tensors, optimizer_values = optimizer_state_to_files(optimizer, parameter_names, optimizer_state)
     rng_tensors = {f"rank{rank}.{key}": tensor for rank, (tensors, _) in enumerate(rng_states)
                    for key, tensor in tensors.items()}
     state = {
@@ -136,7 +139,7 @@ def save_checkpoint(directory: Path, peft_model, optimizer, scaler, trainer_stat
     }
 
     def write(temporary: Path) -> None:
-        peft_model.save_adapter(temporary / ADAPTER_DIR, **adapter_metadata)  # refuses an empty adapter
+        peft_model.save_adapter(temporary / ADAPTER_DIR, adapter_tensors, **adapter_metadata)  # refuses an empty one
         save_file(optimizer_tensors, temporary / OPTIMIZER_NAME, metadata={"format": "pt"})
         save_file(rng_tensors, temporary / RNG_NAME, metadata={"format": "pt"})
         (temporary / STATE_NAME).write_text(json_text(state, indent=1))  # written last
@@ -151,8 +154,12 @@ def _read_tensors(path: Path) -> dict:
         raise UserError(f"{path}: not a readable safetensors file ({error})") from None
 
 
-def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 0) -> dict:
+def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 0, load_adapter=None,
+                    load_optimizer=None) -> dict:
     """Load a checkpoint into a freshly built ``peft_model``, ``optimizer`` and ``scaler``.
+
+    ``load_adapter(peft_model, tensors, source)`` and ``load_optimizer(peft_model, optimizer, state_dict)`` put
+    the full tensors into a sharded model (:mod:`minipeft.training.sharding`); by default they are copied.
 
     Returns the trainer state (a dict) with ``"rng"`` = this process's ``(tensors, scalars)``, or None when the
     checkpoint has no state for this rank (a different number of processes).
@@ -169,10 +176,14 @@ def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 
     if state.get("format") != FORMAT:
         raise UserError(f"{state_path}: format {state.get('format')!r}, expected {FORMAT!r}")
     weights = directory / ADAPTER_DIR / WEIGHTS_NAME
-    load_peft_state_dict(peft_model, _read_tensors(weights), source=str(weights))
+    (load_adapter or load_peft_state_dict)(peft_model, _read_tensors(weights), str(weights))
     parameter_names = {id(parameter): name for name, parameter in peft_model.named_parameters()}
-    load_optimizer_state(optimizer, _read_tensors(directory / OPTIMIZER_NAME), state["optimizer"],
-                         parameter_names, str(directory / OPTIMIZER_NAME))
+    optimizer_state = optimizer_state_from_files(optimizer, _read_tensors(directory / OPTIMIZER_NAME),
+                                                 state["optimizer"], parameter_names, str(directory / OPTIMIZER_NAME))
+    if load_optimizer is not None:
+        load_optimizer(peft_model, optimizer, optimizer_state)
+    else:
+        optimizer.load_state_dict(optimizer_state)
     if scaler is not None and state["grad_scaler"]:
         scaler.load_state_dict(state["grad_scaler"])
     rng_tensors = _read_tensors(directory / RNG_NAME)

@@ -11,6 +11,7 @@ from minipeft.core.finite import require_finite
 from minipeft.training.schedule import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SHARDINGS = ("ddp", "fsdp")
 
 
 @dataclass
@@ -51,6 +52,9 @@ class TrainingConfig:
         resume: ``latest`` or a checkpoint (or run) directory to continue from.
         overwrite_output_dir: start afresh in an ``output_dir`` that holds an earlier run's checkpoints.
         seed: seeds the adapter's initialisation and dropout (the data pipeline uses the same flag).
+        sharding: under ``torchrun``: ``ddp`` (every process holds the whole model) or ``fsdp`` (PyTorch's FSDP2:
+            each process holds 1/N of every tensor; :mod:`minipeft.training.sharding`).
+        fsdp_cpu_offload: with ``fsdp``, keep the pieces, gradients and optimizer step in host memory.
     """
 
     output_dir: str = "outputs"
@@ -79,6 +83,8 @@ class TrainingConfig:
     resume: str | None = None
     overwrite_output_dir: bool = False
     seed: int = 42
+    sharding: str = "ddp"
+    fsdp_cpu_offload: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -113,5 +119,12 @@ class TrainingConfig:
             raise UserError(f"--warmup_steps {self.warmup_steps}: must be 0 or more")
         if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError(f"--warmup_ratio {self.warmup_ratio}: must be in [0, 1)")
+        if self.sharding not in SHARDINGS:
+            raise UserError(f"--sharding {self.sharding}: choose one of {', '.join(SHARDINGS)}")
+        if self.fsdp_cpu_offload and self.sharding != "fsdp":
+            raise UserError("--fsdp_cpu_offload needs --sharding fsdp")
+        if self.sharding == "fsdp" and self.compile:
+            raise UserError("--sharding fsdp with --compile: minipeft compiles by swapping the blocks' modules, "
+                            "which FSDP2's per-block units own; drop --compile or use --sharding ddp")
         if self.resume is not None and self.overwrite_output_dir:
             raise UserError("--resume and --overwrite_output_dir: continue a run or start it over, not both")

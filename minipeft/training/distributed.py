@@ -10,6 +10,9 @@ averages the gradients across processes during ``backward``. Only rank 0 writes 
   why ``find_unused_parameters`` stays off;
 - gradient accumulation: all but the last micro-batch of a window run under ``no_sync()``, so gradients are
   exchanged once per optimizer step.
+
+``--sharding fsdp`` replaces DDP by PyTorch's FSDP2, which keeps 1/N of every tensor on each process
+(:mod:`minipeft.training.sharding`); it needs torchrun's environment, even for one process.
 """
 
 import os
@@ -31,6 +34,11 @@ class DistributedContext:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    sharding: str = "ddp"  # or "fsdp": the model is sharded with FSDP2 (a process group even at world size 1)
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.sharding == "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -62,13 +70,16 @@ class DistributedContext:
             dist.barrier()
 
 
-def init_distributed(device_flag: str = "auto") -> DistributedContext:
+def init_distributed(device_flag: str = "auto", sharding: str = "ddp") -> DistributedContext:
     """Read torchrun's environment and start the process group; a plain run gets a one-process context."""
+    if sharding == "fsdp" and not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
+        raise UserError("--sharding fsdp: start the run with torchrun (torchrun --nproc_per_node=N train_llm.py "
+                        "...), which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; see docs/sharding.md")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_flag, local_rank)
-    if world_size > 1:
+    if world_size > 1 or sharding == "fsdp":
         if device.type == "mps":
             raise UserError("--device mps: distributed training needs CUDA (nccl) or CPU (gloo)")
         if device.type == "cuda":
@@ -76,12 +87,13 @@ def init_distributed(device_flag: str = "auto") -> DistributedContext:
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                     rank=rank, world_size=world_size)
-    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+                              sharding=sharding)
 
 
 def wrap_for_data_parallel(model: torch.nn.Module, context: DistributedContext) -> torch.nn.Module:
-    """``DistributedDataParallel(model)`` under torchrun, else ``model`` itself."""
-    if not context.is_distributed:
+    """``DistributedDataParallel(model)`` under torchrun, else ``model`` itself (FSDP2 shards it in place)."""
+    if not context.is_distributed or context.is_sharded:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -90,7 +102,11 @@ def wrap_for_data_parallel(model: torch.nn.Module, context: DistributedContext) 
 
 
 def gradient_sync(model: torch.nn.Module, sync: bool):
-    """Context for one micro-batch's backward: DDP exchanges gradients only when ``sync`` (the last one)."""
+    """Context for one micro-batch's backward: DDP exchanges gradients only when ``sync`` (the last one);
+    FSDP2 reduce-scatters them only then (its switch stays set until the next call sets it)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        model.set_requires_gradient_sync(sync)
+        return nullcontext()
     if sync or not hasattr(model, "no_sync"):
         return nullcontext()
     return model.no_sync()

@@ -10,7 +10,7 @@ from minipeft.training.distributed import DistributedContext
 from minipeft.training.loss import causal_lm_loss_sum, perplexity
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 reuses its all-gather buffers in training, which inference tensors forbid
 def evaluate(model, loader, context: DistributedContext, autocast, max_batches: int = None,
              loss_sum=causal_lm_loss_sum) -> tuple:
     """``(loss, perplexity, target_tokens)`` over the validation set: loss = total NLL / total target tokens

@@ -12,6 +12,7 @@ import torch
 from minipeft.core.errors import UserError
 from minipeft.training.distributed import DistributedContext, gradient_sync
 from minipeft.training.loss import causal_lm_loss_sum, count_target_tokens
+from minipeft.training.sharding import full_tensor
 
 
 def accumulate_gradients(model, window: list, context: DistributedContext, autocast, scaler=None,
@@ -67,7 +68,8 @@ class GradientCheck:
     def observe(self, model) -> bool:
         """Look at this step's gradients; True once the check has passed."""
         for name, parameter in model.named_parameters():
-            if name in self.waiting and parameter.grad is not None and bool(parameter.grad.ne(0).any()):
+            # (a sharded gradient is gathered: one process's piece of it may be all zero, or empty)
+            if name in self.waiting and parameter.grad is not None and bool(full_tensor(parameter.grad).ne(0).any()):
                 self.waiting.discard(name)
         self.steps += 1
         if self.steps < GRADIENT_CHECK_STEPS:

@@ -23,7 +23,8 @@ Output directory (``--output_dir``)::
     .minipeft                marker: minipeft wrote this folder (each folder it writes has one; see
                              :mod:`minipeft.files.safe_files`); .minipeft.lock while a run writes here
 
-Only rank 0 writes files and prints; every process runs the same steps.
+Only rank 0 writes files and prints; every process runs the same steps. Under ``--sharding fsdp`` each process
+holds 1/N of the model (:mod:`minipeft.training.sharding`); the steps are the same.
 
 :func:`train` below is that list, one named function per step; the functions share one
 :class:`~minipeft.training.state.TrainingRun`. Their parts live beside this module, in ``gradients.py``
@@ -34,6 +35,7 @@ import itertools
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -46,7 +48,6 @@ from minipeft.files.safe_files import remove_incomplete, remove_our_directory
 from minipeft.fast import switched_on
 from minipeft.fast.compile import check_compiler_available
 from minipeft.fast.loss import accepts_logits_to_keep, target_only_loss_sum
-from minipeft.model.adapter_files import peft_state_dict
 from minipeft.training.checkpoint import (capture_rng_state, list_checkpoints, load_checkpoint, prune_checkpoints,
                                           resolve_resume, restore_rng_state, save_checkpoint)
 from minipeft.training.config import TrainingConfig
@@ -60,6 +61,8 @@ from minipeft.training.precision import cast_frozen_weights
 from minipeft.training.prepare import (autocast_for, check_output_dir, enable_gradient_checkpointing,
                                        prepare_output_dir, resolve_precision)
 from minipeft.training.schedule import get_lr, warmup_steps_for
+from minipeft.training.sharding import (adapter_tensors, full_norm, full_optimizer_state, load_full_adapter_state,
+                                        load_full_optimizer_state, shard_model)
 from minipeft.training.signals import StopRequest
 from minipeft.training.state import RunPlan, TrainingRun, TrainState
 
@@ -79,7 +82,7 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
     stop = StopRequest()
     # the optimisations of minipeft/fast (dropout by gaps, lean norms or --compile), each equal to the reference
     warn = lambda message: say(run, message, file=sys.stderr)  # noqa: E731
-    with switched_on(model, context.device, config.compile, warn):
+    with nullcontext() if context.is_sharded else switched_on(model, context.device, config.compile, warn):
         if val_loader is not None and run.state.eval_loss_before is None:
             evaluate_before_training(run, val_loader)
         records, tokens = micro_batch_size(train_loader)  # per process; the effective batch multiplies them
@@ -113,7 +116,8 @@ def plan_run(config: TrainingConfig, train_loader, device: torch.device) -> RunP
 
 def start_run(model, config: TrainingConfig, plan: RunPlan, context: DistributedContext,
               adapter_metadata: dict) -> TrainingRun:
-    """The model on its device in its precision, in training mode; the optimizer; DDP around the model."""
+    """The model on its device in its precision, in training mode; DDP around it or FSDP2 sharding it, then
+    the optimizer (over the sharded parameters). (FSDP2 owns its units' modules: :func:`train` swaps none.)"""
     device = context.device
     autocast = autocast_for(plan.precision, device)
     if device.type == "cuda":
@@ -126,6 +130,8 @@ def start_run(model, config: TrainingConfig, plan: RunPlan, context: Distributed
         enable_gradient_checkpointing(model)
     if config.compile:
         check_compiler_available(device)
+    if context.is_sharded:
+        shard_model(model, device, context.world_size, plan.precision, config.fsdp_cpu_offload)
     optimizer = build_optimizer(model, config.learning_rate, config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" else None
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -147,7 +153,9 @@ def resume_or_start_fresh(run: TrainingRun, train_loader) -> None:
     config, context, output_dir, checkpoints_dir = run.config, run.context, run.output_dir, run.checkpoints_dir
     if config.resume:
         checkpoint = resolve_resume(config.resume, output_dir)
-        saved = load_checkpoint(checkpoint, run.model, run.optimizer, run.scaler, context.rank)
+        loaders = dict(load_adapter=load_full_adapter_state, load_optimizer=load_full_optimizer_state) \
+            if context.is_sharded else {}  # every process reads the full tensors and keeps its piece
+        saved = load_checkpoint(checkpoint, run.model, run.optimizer, run.scaler, context.rank, **loaders)
         run.rng_to_restore = saved.pop("rng")
         run.state = TrainState(**saved)
         if run.state.batches_done > len(train_loader):
@@ -252,7 +260,7 @@ def optimizer_step(run: TrainingRun, window_nll: float, n_targets: int, step_los
     # gradient norm before clipping (clipping to inf only measures), then clip
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm or math.inf))
+    grad_norm = float(full_norm(torch.nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm or math.inf)))
     lr = get_lr(state.step, schedule=config.lr_schedule, learning_rate=config.learning_rate,
                 total_steps=run.plan.total_steps, warmup_steps=run.plan.warmup_steps, min_lr=config.min_lr)
     if math.isfinite(step_loss) and (math.isfinite(grad_norm) or scaler is not None):
@@ -329,15 +337,18 @@ def save_training_state(run: TrainingRun) -> None:
     """A checkpoint at this step (rank 0 writes it; every process gives its random state), then prune."""
     state = run.state
     rng_states = run.context.all_gather_objects(capture_rng_state())  # every process's generators
-    bad = first_nonfinite_tensor(peft_state_dict(run.model))  # a checkpoint is a state worth going back to
+    adapter = adapter_tensors(run.model, run.context.is_sharded)  # FSDP2: gathered to rank 0 (every process takes part)
+    optimizer_state = full_optimizer_state(run.model, run.optimizer) if run.context.is_sharded else None
+    if not run.context.is_main:
+        return
+    bad = first_nonfinite_tensor(adapter)  # a checkpoint is a state worth going back to
     if bad is not None:
         say(run, f"warning: step {state.step}: adapter tensor {bad} is not finite; no checkpoint saved",
             file=sys.stderr)
         return
-    if run.context.is_main:
-        save_checkpoint(run.checkpoints_dir / f"step-{state.step}", run.model, run.optimizer, run.scaler,
-                        asdict(state), rng_states, run.adapter_metadata)
-        prune_checkpoints(run.checkpoints_dir, run.config.save_total_limit, keep_steps=[state.best_step])
+    save_checkpoint(run.checkpoints_dir / f"step-{state.step}", run.model, run.optimizer, run.scaler,
+                    asdict(state), rng_states, run.adapter_metadata, adapter, optimizer_state)
+    prune_checkpoints(run.checkpoints_dir, run.config.save_total_limit, keep_steps=[state.best_step])
 
 
 # -- the end ------------------------------------------------------------------------------------------------
@@ -361,8 +372,9 @@ def say(run: TrainingRun, message: str, file=None) -> None:
 
 
 def save_adapter_to(run: TrainingRun, directory: Path, **extra) -> None:
-    if run.context.is_main:
-        run.model.save_adapter(directory, **run.adapter_metadata, **extra)  # atomic; refuses non-finite weights
+    tensors = adapter_tensors(run.model, run.context.is_sharded)
+    if run.context.is_main:  # atomic; refuses non-finite weights
+        run.model.save_adapter(directory, tensors=tensors, **run.adapter_metadata, **extra)
 
 
 def divergence_message(what: str, steps: int, precision: str, checkpoints: list) -> str:
