@@ -46,6 +46,7 @@ from minipeft.core.layers import is_norm_layer
 from minipeft.core.inject import find_target_modules, layer_index, replace_module
 from minipeft.core.layers import default_target_modules, layer_features
 from minipeft.core.method import Method
+from minipeft.core.nf4 import Linear4bit
 from minipeft.core.options import modules_to_save_option, option, target_modules_option
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -179,12 +180,14 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> None:
         config.target_modules = default_target_modules(model, defaults)
     for name in find_target_modules(model, config.target_modules):
         layer = model.get_submodule(name)
-        if not isinstance(layer, (nn.Linear, Conv1D)):
+        if not isinstance(layer, (nn.Linear, Conv1D, Linear4bit)):
             raise UserError(f"--target_modules: {name} is a {type(layer).__name__}; bottleneck adapters wrap "
-                            "nn.Linear and GPT-2's Conv1D output projections only")
+                            "nn.Linear and GPT-2's Conv1D output projections only (or their 4-bit versions)")
         _, hidden_size, _ = layer_features(layer)
         adapter = BottleneckAdapter(hidden_size, config.bottleneck_for(hidden_size), config.activation)
-        replace_module(model, name, ProjectionWithAdapter(layer, adapter.to(layer.weight.device)))
+        # the adapter reads only the projection's output, never its weight: a 4-bit (QLoRA) base works as is
+        device = layer.packed.device if isinstance(layer, Linear4bit) else layer.weight.device
+        replace_module(model, name, ProjectionWithAdapter(layer, adapter.to(device)))
     if config.train_layernorms:
         for name, module in model.named_modules():
             if layer_index(name) is not None and is_norm_layer(module):
