@@ -54,7 +54,8 @@ def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set
     else:
         module.register_buffer(attribute, tensor)
     if module_name in targets and attribute == "weight":
-        replace_module(model, module_name, Linear4bit(module, compute_dtype=compute_dtype))  # a bias arriving later lands on the Linear4bit
+        # a bias arriving later lands on the Linear4bit
+        replace_module(model, module_name, Linear4bit(module, compute_dtype=compute_dtype))
 
 
 def load_streaming(model: nn.Module, tensors, quantize_lm_head: bool = False,
@@ -70,7 +71,8 @@ def load_streaming(model: nn.Module, tensors, quantize_lm_head: bool = False,
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()  # the head shares the embedding (it was never in the file)
     if quantize_lm_head and isinstance(model.get_output_embeddings(), nn.Linear):
-        quantize_model(model, quantize_lm_head=True, compute_dtype=compute_dtype)  # a tied head: quantized from the embedding
+        # a tied head: quantized from the embedding
+        quantize_model(model, quantize_lm_head=True, compute_dtype=compute_dtype)
     for module_name, module in model.named_modules():  # buffers computed in __init__ (rotary inv_freq)
         if any(buffer.is_meta for buffer in module.buffers(recurse=False)) and "Rotary" in type(module).__name__:
             from minipeft.core.inject import replace_module
