@@ -4,6 +4,7 @@ with exit status 2. (Bit-for-bit equality with bitsandbytes: test_nf4_oracle.py.
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -205,3 +206,72 @@ def test_modify_prints_bytes_per_parameter_before_and_after(tiny_inputs, capsys)
     out = capsys.readouterr().out
     assert "Bytes per base parameter: 4.000 ->" in out and "bits per weight" in out
     assert "as peft does" in out
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_precision_sets_the_compute_dtype_of_the_4bit_layers(tiny_inputs, tmp_path, capsys, precision, dtype):
+    from minipeft.cli.train import main as train_main
+
+    assert run(train_main, train_args(tiny_inputs, tmp_path / "run", "--quantize", "nf4", "--max_steps", "1",
+                                      "--precision", precision)) == 0
+    out = capsys.readouterr().out
+    assert f"double quant; compute dtype {dtype})" in out
+
+
+def test_the_summary_states_the_loss_change_of_quantizing(tiny_inputs, tmp_path, capsys):
+    from minipeft.cli.train import main as train_main
+
+    assert run(train_main, train_args(tiny_inputs, tmp_path / "run", "--quantize", "nf4", "--max_steps", "1",
+                                      "--precision", "fp32")) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    line = next(line for line in out.splitlines() if line.startswith("Loss change of quantizing the base to NF4"))
+    assert f"eval loss {metrics['eval_loss_float_base']:.4f} (float base) -> " \
+           f"{metrics['eval_loss_nf4_base']:.4f} (NF4 base)" in line
+    assert f"on the first {metrics['quantization_cost_batches']} validation batch(es)" in line
+    # the NF4 side is the base this run trained on: a fresh LoRA (B = 0) leaves it as it is
+    assert metrics["eval_loss_nf4_base"] == pytest.approx(metrics["eval_loss_before"], abs=1e-5)
+    assert metrics["eval_loss_float_base"] != metrics["eval_loss_nf4_base"]
+    assert re.search(r"generation [\d,.]+ tokens/s", out)
+
+
+def test_quantization_cost_is_the_float_and_the_nf4_eval_loss_on_the_same_batches(tiny_model_factory, sample_batch):
+    import contextlib
+    import copy
+
+    from minipeft.training.loss import causal_lm_loss_sum
+    from minipeft.training.quantization_cost import measure_quantization_cost
+
+    batch = {**sample_batch, "labels": sample_batch["input_ids"].clone()}
+    model = tiny_model_factory()
+    reference = copy.deepcopy(model)
+    cost = measure_quantization_cost(model, [batch, batch], contextlib.nullcontext(), torch.device("cpu"),
+                                     compute_dtype=torch.float32)
+    assert any(isinstance(m, Linear4bit) for m in model.modules())  # quantized in place
+    with torch.no_grad():
+        nll, n = causal_lm_loss_sum(reference.eval(), batch)
+        float_loss = (nll / n).item()
+        quantize_model(reference, compute_dtype=torch.float32)
+        nll, n = causal_lm_loss_sum(reference, batch)
+    assert cost.float_loss == pytest.approx(float_loss, rel=1e-6)
+    assert cost.nf4_loss == pytest.approx((nll / n).item(), rel=1e-6)
+    assert cost.batches == 2 and cost.target_tokens == 2 * int(n)
+    assert "+" in cost.line() or "-" in cost.line()
+
+
+@pytest.mark.parametrize("value, shown", [(0.2134, "0.21"), (0.0456, "0.046"), (14.8, "15"), (578.3, "578"),
+                                          (12345.6, "12,346"), (0.0, "0")])
+def test_speeds_are_printed_in_significant_digits(value, shown):
+    from minipeft.cli.train import significant
+
+    assert significant(value) == shown
+
+
+def test_modify_states_the_loss_change_of_quantizing(tiny_inputs, capsys):
+    from minipeft.cli.modify import main as modify_main
+
+    assert run(modify_main, ["--model", str(tiny_inputs[0]), "--quantize", "nf4", "--table", "none"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"Loss change of quantizing the base to NF4: eval loss \d+\.\d{4} \(float base\) -> "
+                        r"\d+\.\d{4} \(NF4 base\), [+-]\d+\.\d%, on the first 4 validation batch\(es\), [\d,]+ target "
+                        r"tokens of the built-in data \(batch 8, (bf16|fp32)\)", line), line

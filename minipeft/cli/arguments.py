@@ -55,10 +55,10 @@ def check_quantize_arguments(args) -> bool:
             raise UserError("--quantize_lm_head needs --quantize nf4")
         return False
     method = getattr(args, "modification_type", None)
-    if method in ("selective", "bitfit"):
-        what = "base weights" if method == "selective" else "the biases of the base's linear layers"
-        raise UserError(f"--quantize nf4 with --modification_type {method}: {method} trains {what}, and a 4-bit "
-                        "base is frozen; use lora, dora, ia3, adapter, prefix or prompt, or --quantize none")
+    if method in METHODS and METHODS[method].why_not_on_4bit:
+        working = ", ".join(name for name, record in METHODS.items() if not record.why_not_on_4bit)
+        raise UserError(f"--quantize nf4 with --modification_type {method}: {METHODS[method].why_not_on_4bit}; "
+                        f"use {working}, or --quantize none")
     if getattr(args, "lora_bias", None) == "all":
         raise UserError("--quantize nf4 with --lora_bias all: that trains every bias of the 4-bit base; "
                         "use --lora_bias none or lora_only")

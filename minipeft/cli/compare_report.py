@@ -105,7 +105,7 @@ def markdown_report(result: dict) -> str:
         f"(`{settings['dataset_path'] or 'built-in data'}`), template `{settings['template']}`, max_length "
         f"{settings['max_length']}, {settings['max_steps']} optimizer steps of {settings['batch_size']} records, "
         f"precision {settings['precision']}, seed {settings['seed']}. Each method trains at its default learning "
-        "rate (`minipeft/methods/__init__.py`, the same as `train_llm.py`'s) unless the command sets one.",
+        "rate (each method's module in `minipeft/methods/`, the same as `train_llm.py`'s) unless the command sets one.",
         "",
         "| method | learning rate |",
         "|---|---|",

@@ -37,6 +37,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The records the loss change of quantizing is measured on: the built-in instruction data, held-out split.
+COST_RECORDS = 400
+
+
+def measure_cost_while_quantizing(model, tokenizer, quantize_lm_head: bool) -> str:
+    """Quantize ``model`` to NF4 in place and return one line: its eval loss before and after, on the first
+    validation batches of the built-in data, in the precision training would use on this machine (random
+    weights, or shapes without weights, are quantized and not measured)."""
+    import torch
+
+    from minipeft.data import build_dataloaders
+    from minipeft.data.config import DataConfig
+    from minipeft.training.prepare import autocast_for, resolve_precision
+    from minipeft.training.quantization_cost import COMPUTE_DTYPES, measure_quantization_cost
+
+    device = torch.device("cpu")
+    precision = resolve_precision("auto", device)
+    if tokenizer is None or any(parameter.is_meta for parameter in model.parameters()):
+        quantize_model(model, quantize_lm_head, compute_dtype=COMPUTE_DTYPES[precision])
+        return "Loss change of quantizing the base to NF4: not measured (no real weights)"
+    data = DataConfig(max_records=COST_RECORDS, batch_size=8, cache_dir=None)
+    _, val_loader, _ = build_dataloaders(data, tokenizer, progress=False)
+    cost = measure_quantization_cost(model, val_loader, autocast_for(precision, device), device, quantize_lm_head,
+                                     COMPUTE_DTYPES[precision])
+    return cost.line() + f" of the built-in data (batch 8, {precision})"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quantize = check_quantize_arguments(args)
@@ -46,8 +73,9 @@ def main(argv=None) -> int:
                         "a fresh one); choose a new directory")
     model, tokenizer = load_model_for_counting(args.model)
     base_stats_total = sum(p.numel() for p in model.parameters())
+    cost_line = None
     if quantize:
-        quantize_model(model, args.quantize_lm_head)
+        cost_line = measure_cost_while_quantizing(model, tokenizer, args.quantize_lm_head)
         base_memory = memory_stats(model)  # the base alone, before the method adds its parameters
     config = config_from_args(args, model, tokenizer)
     peft_model = get_peft_model(model, config)
@@ -65,6 +93,7 @@ def main(argv=None) -> int:
         print("(with --quantize nf4 the totals count each packed byte of a 4-bit weight as 2 parameters, as peft does)")
         print()
         print("\n".join(base_memory.lines()))
+        print(cost_line)
     if args.save_adapter:
         peft_model.save_adapter(args.save_adapter, base_model_name_or_path=args.model)
         print(f"Adapter written to {args.save_adapter}")

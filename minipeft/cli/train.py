@@ -36,6 +36,7 @@ from minipeft.training.checkpoint import resolve_resume
 from minipeft.training.loop import train
 from minipeft.training.prepare import RUN_OUTPUTS, check_output_dir, prepare_output_dir
 from minipeft.training.metrics import directory_size, peak_memory, plot_loss_curve
+from minipeft.training.quantization_cost import COMPUTE_DTYPES
 from minipeft.training.schedule import SCHEDULES
 
 # What this command writes into --output_dir besides what the training loop writes.
@@ -194,6 +195,41 @@ def measure_inference_speed(peft_model, batch: dict, new_tokens: int = 32) -> fl
     return generated.shape[1] / (time.perf_counter() - started)
 
 
+def significant(value: float, digits: int = 2) -> str:
+    """``value`` with at least ``digits`` significant digits and thousands separators: 0.2134 -> "0.21",
+    14.8 -> "15", 578.3 -> "578", 12345.6 -> "12,346" (a speed of 0.2 tokens/s is not "0")."""
+    if not value or value != value or value in (float("inf"), float("-inf")):
+        return f"{value or 0:g}"
+    import math
+
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{value:,.{decimals}f}"
+
+
+def quantization_cost_line(args, precision: str, val_loader, device, n_parameters: int) -> tuple:
+    """``(line, QuantizationCost or None)``: the base's eval loss in float and in NF4 on the first validation
+    batches. Run after training and after the peak memory was read, so the float copy it loads is in neither
+    the run nor its figures."""
+    import gc
+
+    from minipeft.loading.streaming import load_base_model
+    from minipeft.training.prepare import autocast_for
+    from minipeft.training.quantization_cost import float_model_fits, measure_quantization_cost
+
+    if val_loader is None:
+        return "Loss change of quantizing the base to NF4: not measured (no validation set)", None
+    gc.collect()
+    if not float_model_fits(n_parameters, device):
+        return ("Loss change of quantizing the base to NF4: not measured (a float copy of the base does not fit in "
+                "the free memory; modify_llm.py --quantize nf4 measures it)"), None
+    float_model, _ = load_base_model(args.model, "none", log=lambda message: None)
+    cost = measure_quantization_cost(float_model.to(device), val_loader, autocast_for(precision, device), device,
+                                     args.quantize_lm_head, COMPUTE_DTYPES[precision])
+    del float_model
+    gc.collect()
+    return cost.line(), cost
+
+
 def saved_arguments(output_dir: Path) -> dict:
     """The command-line settings an earlier run recorded in ``output_dir/train_config.json`` ({} if none)."""
     path = output_dir / "train_config.json"
@@ -281,6 +317,7 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
     from minipeft.cli.arguments import config_from_args
     from minipeft.loading.streaming import load_base_model
     from minipeft.model.peft_model import get_peft_model
+    from minipeft.training.prepare import resolve_precision
 
     def say(message: str = "") -> None:
         if context.is_main:
@@ -294,7 +331,9 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
 
     # 1) model + method. The seed makes the adapter's initialisation identical on every process.
     torch.manual_seed(config.seed)
-    model, tokenizer = load_base_model(args.model, args.quantize, args.quantize_lm_head, log=say)
+    precision = resolve_precision(config.precision, context.device)  # the 4-bit layers compute in it too
+    model, tokenizer = load_base_model(args.model, args.quantize, args.quantize_lm_head, log=say,
+                                       compute_dtype=COMPUTE_DTYPES[precision])
     data_config.template = resolve_template_name(data_config.template, tokenizer)  # auto -> chat or alpaca
     peft_model = get_peft_model(model, config_from_args(args, model, tokenizer))
     stats = peft_model.parameter_stats()
@@ -371,6 +410,12 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
         "device": str(context.device),
         "precision": result["precision"],
     }
+    if args.quantize == "nf4":  # after the peak memory was read: the float copy is not the run's
+        del peft_model, model
+        cost_line, cost = quantization_cost_line(args, precision, val_loader, context.device, stats.total)
+        if cost is not None:
+            summary.update(eval_loss_float_base=cost.float_loss, eval_loss_nf4_base=cost.nf4_loss,
+                           quantization_cost_batches=cost.batches)
     write_json_atomically(output_dir / "metrics.json", nonfinite_to_none(summary))
     run_config["plan"] = {key: result[key] for key in ("total_steps", "steps_per_epoch", "warmup_steps",
                                                        "eval_every", "save_every", "precision")}
@@ -386,9 +431,10 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
         if abs(change) < LOW_CHANGE:
             say(low_change_hint(args.modification_type, config.learning_rate))
     say(f"Trained {state['step']} steps in {state['train_seconds']:.1f} s "
-        f"({summary['train_tokens_per_s'] or 0:,.0f} tokens/s); generation "
-        f"{summary['inference_tokens_per_s'] or 0:,.0f} "
-        f"tokens/s; peak memory {summary['peak_memory_mb']:,.0f} MB")
+        f"({significant(summary['train_tokens_per_s'] or 0)} tokens/s); generation "
+        f"{significant(summary['inference_tokens_per_s'])} tokens/s; peak memory {summary['peak_memory_mb']:,.0f} MB")
+    if args.quantize == "nf4":
+        say(cost_line)
     say(f"adapter:      {adapter_dir}/ ({summary['adapter_size_bytes']:,} bytes)")
     if state["best_step"] is not None:
         say(f"best adapter: {output_dir / 'best'}/ (step {state['best_step']}, eval loss {state['best_eval_loss']:.4f})")

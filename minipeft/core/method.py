@@ -50,6 +50,9 @@ class Method:
             :class:`~minipeft.core.errors.UserError` naming ``source`` (the file) for anything it does not know
             or anything missing. None: an unclaimed tensor is an error (``tensor ... has no place in this
             model``).
+        why_not_on_4bit: for a method that cannot train on a 4-bit (NF4, ``--quantize nf4``) base, why, in
+            words an error message can use: the commands refuse the pair before loading anything. Empty: the
+            method works on a 4-bit base (it trains only weights of its own, beside the frozen base).
     """
 
     name: str
@@ -63,6 +66,7 @@ class Method:
     order: int = LAST
     save_extra: Callable = None
     load_extra: Callable = None
+    why_not_on_4bit: str = ""
 
     @property
     def module(self) -> str:

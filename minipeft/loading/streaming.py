@@ -41,7 +41,7 @@ def check_not_quantized_folder(name: str) -> None:
 
 
 def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = None) -> None:
     """Put one checkpoint tensor into a model built on the meta device; a weight of a layer in ``targets``
     is quantized on arrival (the layer becomes a :class:`Linear4bit`), so its float copy lives only here.
     Every other tensor is stored in ``dtype`` (the 4-bit codes are those of the float32 weight either way)."""
@@ -54,23 +54,25 @@ def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set
     else:
         module.register_buffer(attribute, tensor)
     if module_name in targets and attribute == "weight":
-        replace_module(model, module_name, Linear4bit(module))  # a bias arriving later lands on the Linear4bit
+        # a bias arriving later lands on the Linear4bit
+        replace_module(model, module_name, Linear4bit(module, compute_dtype=compute_dtype))
 
 
 def load_streaming(model: nn.Module, tensors, quantize_lm_head: bool = False,
-                   dtype: torch.dtype = torch.float32) -> list:
+                   dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = None) -> list:
     """Fill ``model`` (built on the meta device) from ``tensors``, an iterable of ``(name, float tensor)`` read
     one at a time, quantizing the linear layers as their weights arrive: peak memory is the quantized model
     plus one float tensor, not the float model. Embeddings, norms and biases are kept in ``dtype``.
     Returns the names of the quantized layers."""
     targets = set(quantizable_layers(model, quantize_lm_head))
     for name, tensor in tensors:
-        place_tensor(model, name, tensor, targets, dtype)
+        place_tensor(model, name, tensor, targets, dtype, compute_dtype)
         del tensor
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()  # the head shares the embedding (it was never in the file)
     if quantize_lm_head and isinstance(model.get_output_embeddings(), nn.Linear):
-        quantize_model(model, quantize_lm_head=True)  # a tied head: quantized from the embedding
+        # a tied head: quantized from the embedding
+        quantize_model(model, quantize_lm_head=True, compute_dtype=compute_dtype)
     for module_name, module in model.named_modules():  # buffers computed in __init__ (rotary inv_freq)
         if any(buffer.is_meta for buffer in module.buffers(recurse=False)) and "Rotary" in type(module).__name__:
             replace_module(model, module_name, type(module)(config=model.config))
@@ -107,7 +109,8 @@ def gguf_tensors(path, model: nn.Module):
             yield mapping[result.name], torch.from_numpy(np.ascontiguousarray(result.weights))
 
 
-def load_smollm2_streaming(quantize_lm_head: bool = False, dtype: torch.dtype = torch.float32):
+def load_smollm2_streaming(quantize_lm_head: bool = False, dtype: torch.dtype = torch.float32,
+                           compute_dtype: torch.dtype = None):
     """SmolLM2-135M with NF4 linear layers, quantized while its GGUF file is read (see :func:`load_streaming`);
     the rest of the model in ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -116,23 +119,25 @@ def load_smollm2_streaming(quantize_lm_head: bool = False, dtype: torch.dtype = 
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    names = load_streaming(model, gguf_tensors(path, model), quantize_lm_head, dtype)
+    names = load_streaming(model, gguf_tensors(path, model), quantize_lm_head, dtype, compute_dtype)
     model.config.name_or_path = model.name_or_path = SMOLLM2_NAME
     return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), names
 
 
 def load_base_model(name: str, quantize: str = "none", quantize_lm_head: bool = False,
-                    dtype: torch.dtype = torch.float32, log=print):
+                    dtype: torch.dtype = torch.float32, log=print, compute_dtype: torch.dtype = None):
     """``(model, tokenizer)`` like :func:`minipeft.loading.models.load_model_and_tokenizer`, with the linear layers in
     NF4 when ``quantize == "nf4"``. SmolLM2 streams: each tensor is quantized (from float32) as it is read
     from the file, and the rest is stored in ``dtype``. Other models are loaded in ``dtype``, then quantized
-    one layer at a time, each float weight freed as soon as its layer is quantized (peak: the float model)."""
+    one layer at a time, each float weight freed as soon as its layer is quantized (peak: the float model).
+    ``compute_dtype``: what the 4-bit layers multiply in (``train_llm.py --precision fp32``: float32); None:
+    :func:`~minipeft.quantization.nf4.default_compute_dtype`."""
     check_not_quantized_folder(name)
     if quantize == "nf4" and name == SMOLLM2_NAME:
-        model, tokenizer, names = load_smollm2_streaming(quantize_lm_head, dtype)
+        model, tokenizer, names = load_smollm2_streaming(quantize_lm_head, dtype, compute_dtype)
     elif quantize == "nf4":
         model, tokenizer = load_model_and_tokenizer(name, dtype)
-        names = quantize_model(model, quantize_lm_head)
+        names = quantize_model(model, quantize_lm_head, compute_dtype=compute_dtype)
     else:
         return load_model_and_tokenizer(name, dtype)
     layer = model.get_submodule(names[0])

@@ -32,19 +32,19 @@ The adapter wraps the projection module (:class:`ProjectionWithAdapter`), so no 
 the block's own dropout and residual add stay where they were.
 """
 
+import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
 from minipeft.core.finite import require_finite
 from minipeft.core.layers import is_norm_layer
 from minipeft.core.inject import find_target_modules, layer_index, replace_module
-from minipeft.core.layers import default_target_modules, layer_features
+from minipeft.core.layers import LINEAR_LAYERS, default_target_modules, layer_features
 from minipeft.core.method import Method
 from minipeft.core.options import modules_to_save_option, option, target_modules_option
 
@@ -179,12 +179,14 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> None:
         config.target_modules = default_target_modules(model, defaults)
     for name in find_target_modules(model, config.target_modules):
         layer = model.get_submodule(name)
-        if not isinstance(layer, (nn.Linear, Conv1D)):
+        if not isinstance(layer, LINEAR_LAYERS):
             raise UserError(f"--target_modules: {name} is a {type(layer).__name__}; bottleneck adapters wrap "
-                            "nn.Linear and GPT-2's Conv1D output projections only")
+                            "nn.Linear and GPT-2's Conv1D output projections only (or their 4-bit versions)")
         _, hidden_size, _ = layer_features(layer)
         adapter = BottleneckAdapter(hidden_size, config.bottleneck_for(hidden_size), config.activation)
-        replace_module(model, name, ProjectionWithAdapter(layer, adapter.to(layer.weight.device)))
+        # the adapter reads only the projection's output, never its weight: a 4-bit (QLoRA) base works as is
+        device = next(itertools.chain(layer.parameters(), layer.buffers())).device  # a 4-bit one has buffers
+        replace_module(model, name, ProjectionWithAdapter(layer, adapter.to(device)))
     if config.train_layernorms:
         for name, module in model.named_modules():
             if layer_index(name) is not None and is_norm_layer(module):

@@ -116,4 +116,5 @@ METHOD = Method(
     mergeable=False, order=80,
     learning_rate=1e-3, learning_rate_source="Ben Zaken et al. 2021, the top of "
     "their sweep {1e-4, 4e-4, 7e-4, 1e-3}",
-    why_not_mergeable="BitFit trains the base biases themselves; save the full model instead")
+    why_not_mergeable="BitFit trains the base biases themselves; save the full model instead",
+    why_not_on_4bit="bitfit trains the biases of the base's linear layers, and a 4-bit base is frozen")

@@ -112,4 +112,5 @@ METHOD = Method(
     mergeable=False, order=70,
     learning_rate=1e-4, learning_rate_source="full fine-tuning practice for small "
     "language models (1e-5 to 1e-4), at its top for short runs",
-    why_not_mergeable="selective fine-tuning trains the base weights themselves; save the full model instead")
+    why_not_mergeable="selective fine-tuning trains the base weights themselves; save the full model instead",
+    why_not_on_4bit="selective trains base weights, and a 4-bit base is frozen")
