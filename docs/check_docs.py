@@ -34,11 +34,19 @@ percentage with decimals (``0.74%``) outside fenced blocks (inline code included
 ``8 · (768 + 2304) = 24,576``) must appear in a checked output of the same page (a percentage: rounded
 to the decimals the prose uses). So a worked example by hand comes with a snippet that prints its steps.
 
+Figures that hold on every CPU: a page prints what another CPU prints too. Kernels with other vector widths
+(AVX2, AVX-512, AMX, or none) sum in other orders, so a float's last digits move: a page prints a bound
+(``< 1e-4``) or rounds to where no kernel reaches, and says which figures depend on the machine (timings
+are never checked). ``tests/test_docs.py`` re-runs every page with ATen, oneDNN and MKL held to their
+plainest kernels, as below.
+
 Usage::
 
     python docs/check_docs.py                 # check every page; print what differs; exit status 1 if stale
     python docs/check_docs.py --update        # rewrite the outputs from what the code prints today
     python docs/check_docs.py docs/methods/lora.md [--update]   # one page
+    ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 python docs/check_docs.py
+                                              # as another CPU would print them
 """
 
 import argparse

@@ -192,3 +192,18 @@ def test_a_marker_without_its_block_is_an_error(tmp_path):
     page.write_text("<!-- doc-check: rm -rf / -->\n```text\n```\n", encoding="utf-8")
     with pytest.raises(ValueError, match="must be 'python' or 'python -m minipeft"):
         check_docs.parse_page(page)
+
+
+# A CPU with other vector units: ATen's kernels at their plainest level (no AVX), oneDNN and MKL held to SSE4.
+# The figures the pages print are chosen to hold there too (bounds or rounding; see docs/check_docs.py).
+OTHER_CPU = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
+
+
+@pytest.mark.slow
+def test_every_page_prints_the_same_with_another_cpus_kernels():
+    """Sums in another order (other vector widths) change the last bits of every float: no page may print them."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **OTHER_CPU,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, str(DOCS / "check_docs.py")], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
