@@ -134,3 +134,8 @@ def test_import_minipeft_loads_no_library():
     code = "import sys, minipeft; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_readme_draws_the_same_picture():
+    picture = ARCHITECTURE_PAGE.read_text(encoding="utf-8").split("```text\n", 1)[1].split("```", 1)[0]
+    assert picture in (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
