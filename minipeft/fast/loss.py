@@ -42,18 +42,7 @@ from minipeft.data.tokenization import IGNORE_INDEX
 
 def target_only_loss_sum(model, batch: dict):
     """``(nll_sum, n_target_tokens)`` of a causal LM on one batch, as :func:`~minipeft.training.loss.causal_lm_loss_sum`
-    computes them, for a model that :func:`accepts_logits_to_keep`.
-
-    Args:
-        model: a causal LM (a :class:`~minipeft.PeftModel`, a transformers model, or DDP around either)
-            whose output has ``.logits``.
-        batch: ``input_ids (B, T)``, ``attention_mask (B, T)``, ``labels (B, T)`` unshifted with -100 where no
-            loss is taken, optionally ``position_ids (B, T)`` (packing).
-
-    Returns:
-        ``nll_sum``: a float32 scalar tensor, the summed cross-entropy over the target tokens;
-        ``n_target_tokens``: a long scalar tensor.
-    """
+    computes them (the same arguments and results), for a model that :func:`accepts_logits_to_keep`."""
     labels = batch["labels"]
     shift_labels = labels[:, 1:]  # (B, T-1): the label at t+1 is what position t predicts
     keep = torch.zeros_like(labels, dtype=torch.bool)  # (B, T): True where a position predicts a target
