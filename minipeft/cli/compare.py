@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="builtin", help="builtin | smollm2-135m | ... (default: builtin)")
     parser.add_argument("--dataset_path", default=None, help="Alpaca records (default: the built-in data set)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma list of methods, or all ({','.join(METHODS)}) (default: {','.join(DEFAULT_METHODS)})")
+                        help=f"comma list of methods, or all ({','.join(METHODS)}) "
+                             f"(default: {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--max_records", type=int, default=None,
                         help="use a seeded random subset of this many records (default: all)")
     parser.add_argument("--val_size", type=int, default=None,
