@@ -8,7 +8,7 @@ formula, a function ``contract_trainable_count(shapes, config) -> int`` in its o
 without one fails :func:`test_trainable_count_equals_the_formula`, saying so. Test ids read ``lora-gpt2``,
 ``prefix-llama``, ...
 
-The promises, each through the public API only (``get_peft_model``, ``PeftModel``, ``load_adapter``,
+The promises, (a) to (f) through the public API only (``get_peft_model``, ``PeftModel``, ``load_adapter``,
 ``METHODS[name]``):
 
 (a) identity at init: a fresh adapter leaves the logits as the base model's (|Δ| ≤ 1e-6), except the
@@ -29,8 +29,8 @@ The promises, each through the public API only (``get_peft_model``, ``PeftModel`
 (f) a loaded adapter is frozen, ``load_adapter(..., is_trainable=True)`` makes exactly the adapter trainable
     again, and one optimizer step over *all* parameters changes every adapter parameter and nothing else.
 
-(g) the layer contract (minipeft/core/adapter_layer.py, core/virtual_tokens.PromptEncoder), on the built-in
-    GPT-2 and the grouped-query Llama: each method layer is an ``AdapterLayer`` that declares what it adds
+(g) the layer contract, asked of the layers themselves (minipeft/core/adapter_layer.py, core/virtual_tokens),
+    on the built-in GPT-2 and the grouped-query Llama: each method layer is an ``AdapterLayer`` that declares what it adds
     (what the optimizer and bf16 storage treat as added), computes exactly its base layer's output when
     disabled, and merges exactly (or refuses cleanly, layer by layer); each prompt-learning module is a
     ``PromptEncoder`` that says where its virtual tokens are.
