@@ -29,11 +29,11 @@ The promises, (a) to (f) through the public API only (``get_peft_model``, ``Peft
 (f) a loaded adapter is frozen, ``load_adapter(..., is_trainable=True)`` makes exactly the adapter trainable
     again, and one optimizer step over *all* parameters changes every adapter parameter and nothing else.
 
-(g) the layer contract, asked of the layers themselves (minipeft/core/adapter_layer.py, core/virtual_tokens),
-    on the built-in GPT-2 and the grouped-query Llama: each method layer is an ``AdapterLayer`` that declares what it adds
-    (what the optimizer and bf16 storage treat as added), computes exactly its base layer's output when
-    disabled, and merges exactly (or refuses cleanly, layer by layer); each prompt-learning module is a
-    ``PromptEncoder`` that says where its virtual tokens are.
+(g) the layer contract, asked of the layers themselves (minipeft/core/adapter_layer.py, core/virtual_tokens), on the
+    built-in GPT-2 and the grouped-query Llama: each method layer is an ``AdapterLayer`` that declares what it adds
+    (what the optimizer and bf16 storage treat as added), computes exactly its base layer's output when disabled,
+    and merges exactly (or refuses cleanly, layer by layer); each prompt-learning module is a ``PromptEncoder`` that
+    says where its virtual tokens are.
 
 Every check except (a) first perturbs the fresh adapter (``randomise_adapter``): a fresh adapter is the
 identity by design, so saving, merging or disabling it would prove nothing.
