@@ -4,19 +4,19 @@ One test per promise, parametrised over ``minipeft.methods.METHODS`` × {GPT-2 (
 tied head), Llama (grouped-query attention: 4 query heads, 2 key/value heads, tied head)}, so a method added
 to the registry is checked here with no edit to this file. It must bring one thing: its trainable-parameter
 formula, a function ``contract_trainable_count(shapes, config) -> int`` in its own test module
-``tests/test_<name>.py`` (the built-in methods' formulas are in :data:`TRAINABLE_FORMULAS` below); a method
+``tests/test_<name>.py`` (the built-in methods' formulas are in ``tests/contract_formulas.py``); a method
 without one fails :func:`test_trainable_count_equals_the_formula`, saying so. Test ids read ``lora-gpt2``,
 ``prefix-llama``, ...
 
-The promises, each through the public API only (``get_peft_model``, ``PeftModel``, ``load_adapter``,
+The promises, (a) to (f) through the public API only (``get_peft_model``, ``PeftModel``, ``load_adapter``,
 ``METHODS[name]``):
 
 (a) identity at init: a fresh adapter leaves the logits as the base model's (|Δ| ≤ 1e-6), except the
     methods in :data:`CHANGES_OUTPUT_BY_DESIGN` (prompt, prefix: the virtual tokens start random), whose
     output must differ, and whose ``disable_adapters()`` gives the base model back;
-(b) formula count: trainable parameters equal a formula written from the method's docstring (below, or in
-    the method's own test module), and the total is the base model's plus what the method adds (tied weights
-    once);
+(b) formula count: trainable parameters equal a formula written from the method's docstring (in
+    tests/contract_formulas.py, or in the method's own test module), and the total is the base model's plus
+    what the method adds (tied weights once);
 (c) save/load round trip: the directory holds ``adapter_config.json`` + ``adapter_model.safetensors``
     (and minipeft's hidden ``.minipeft`` marker), and the adapter loaded onto a fresh base gives bitwise
     the same logits;
@@ -29,20 +29,33 @@ The promises, each through the public API only (``get_peft_model``, ``PeftModel`
 (f) a loaded adapter is frozen, ``load_adapter(..., is_trainable=True)`` makes exactly the adapter trainable
     again, and one optimizer step over *all* parameters changes every adapter parameter and nothing else.
 
+(g) the layer contract, asked of the layers themselves (minipeft/core/adapter_layer.py, core/virtual_tokens), on the
+    built-in GPT-2 and the grouped-query Llama: each method layer is an ``AdapterLayer`` that declares what it adds
+    (what the optimizer and bf16 storage treat as added), computes exactly its base layer's output when disabled,
+    and merges exactly (or refuses cleanly, layer by layer); each prompt-learning module is a ``PromptEncoder`` that
+    says where its virtual tokens are.
+
 Every check except (a) first perturbs the fresh adapter (``randomise_adapter``): a fresh adapter is the
 identity by design, so saving, merging or disabling it would prove nothing.
 """
 
-import dataclasses
-import importlib
-
 import pytest
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from minipeft import UserError, count_parameters, get_peft_model, load_adapter
-from minipeft.methods import METHODS
+from minipeft.builtin import load_builtin_model_and_tokenizer
+from minipeft.core.adapter_layer import AdapterLayer, adapter_layers
+from minipeft.core.layers import layer_features
+from minipeft.core.virtual_tokens import PromptEncoder
+from minipeft.fast.loss import positions_prepended
+from minipeft.methods import METHODS, method_for_config
+from minipeft.training.optimizer import added_linear_weights
+from minipeft.training.precision import adapter_added_parameters
 from tests.conftest import make_gpt2_tiny, make_llama_tiny, randomise_adapter
+# Shapes and linears: what a method's own formula (tests/test_<name>.py) imports, from here or contract_formulas
+from tests.contract_formulas import Shapes, linears, model_shapes, trainable_formula  # noqa: F401
 
 FAMILIES = {"gpt2": make_gpt2_tiny, "llama": make_llama_tiny}
 CASES = [(method, family) for method in METHODS for family in FAMILIES]
@@ -69,151 +82,12 @@ CONTRACT_SETTINGS = {
 CHANGES_OUTPUT_BY_DESIGN = {"prefix", "prompt"}
 
 
-# --- the models' shapes, read from their transformers configs ------------------------------------------------
-
-@dataclasses.dataclass
-class Shapes:
-    """What the formulas need to know about a model, from its config alone.
-
-    ``linears``: ``{suffix: (in, out)}`` of one block's projections (GPT-2's ``Conv1D`` included);
-    ``block_norms`` / ``final_norm``: parameters per norm (GPT-2 LayerNorm: weight and bias; Llama RMSNorm:
-    weight only); ``has_biases``: whether the projections have biases.
-    """
-
-    layers: int
-    hidden: int
-    kv_width: int  # key/value heads × head dim: the width of k, v and of a prefix per layer
-    linears: dict
-    block_norms: list
-    final_norm: int
-    has_biases: bool
-
-
-def model_shapes(config) -> Shapes:
-    if config.model_type == "gpt2":
-        d, inner = config.n_embd, config.n_inner or 4 * config.n_embd
-        return Shapes(layers=config.n_layer, hidden=d, kv_width=d,
-                      linears={"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, inner),
-                               "mlp.c_proj": (inner, d)},
-                      block_norms=[2 * d, 2 * d], final_norm=2 * d, has_biases=True)
-    if config.model_type == "llama":
-        d, inner = config.hidden_size, config.intermediate_size
-        head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-        q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-        assert not config.attention_bias and not config.mlp_bias
-        return Shapes(layers=config.num_hidden_layers, hidden=d, kv_width=kv_width,
-                      linears={"self_attn.q_proj": (d, q_width), "self_attn.k_proj": (d, kv_width),
-                               "self_attn.v_proj": (d, kv_width), "self_attn.o_proj": (q_width, d),
-                               "mlp.gate_proj": (d, inner), "mlp.up_proj": (d, inner), "mlp.down_proj": (inner, d)},
-                      block_norms=[d, d], final_norm=d, has_biases=False)
-    raise AssertionError(f"no shapes for {config.model_type}")
-
-
-def family_of(shapes: Shapes) -> str:
-    return "gpt2" if shapes.has_biases else "llama"
-
-
-def linears(shapes: Shapes, suffixes) -> list:
-    """``[(in, out)]`` of one block's projections whose name is or ends with one of ``suffixes``."""
-    chosen = [shape for name, shape in shapes.linears.items()
-              if any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)]
-    assert chosen, f"no projection of {sorted(shapes.linears)} ends with one of {suffixes}"
-    return chosen
-
-
-# --- (b) the formulas, one per method, as each method's docstring states them --------------------------------
-# Each takes the model's shapes and the config the test passed (before get_peft_model fills in defaults), and
-# writes the defaults it relies on out here, so a changed default fails loudly.
-
-def lora_count(shapes: Shapes, config) -> int:
-    """``r · (in + out)`` per adapted layer; default targets: GPT-2 ``c_attn``, Llama ``q_proj``, ``v_proj``."""
-    targets = config.target_modules or {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}[family_of(shapes)]
-    return shapes.layers * sum(config.r * (d_in + d_out) for d_in, d_out in linears(shapes, targets))
-
-
-def dora_count(shapes: Shapes, config) -> int:
-    """``r · (in + out) + out`` per adapted layer (LoRA's count plus the magnitude vector ``m``, ``(out,)``)."""
-    targets = config.target_modules or {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}[family_of(shapes)]
-    return shapes.layers * sum(config.r * (d_in + d_out) + d_out for d_in, d_out in linears(shapes, targets))
-
-
-def ia3_count(shapes: Shapes, config) -> int:
-    """``out`` per attention-side layer, ``in`` per feed-forward layer. Defaults: GPT-2 ``c_attn`` +
-    ``mlp.c_proj`` (feed-forward); Llama ``k_proj``, ``v_proj`` + ``down_proj`` (feed-forward)."""
-    attention, feedforward = {"gpt2": (["attn.c_attn"], ["mlp.c_proj"]),
-                              "llama": (["k_proj", "v_proj"], ["down_proj"])}[family_of(shapes)]
-    per_block = sum(d_out for _, d_out in linears(shapes, attention))
-    per_block += sum(d_in for d_in, _ in linears(shapes, feedforward))
-    return shapes.layers * per_block
-
-
-def adapter_count(shapes: Shapes, config) -> int:
-    """``2·d·m + d + m`` per adapter; Houlsby (the default): 2 per block, Pfeiffer: 1."""
-    d, m = shapes.hidden, config.bottleneck_size
-    per_block = 2 if config.adapter_type == "houlsby" else 1
-    return shapes.layers * per_block * (2 * d * m + d + m)
-
-
-def prefix_count(shapes: Shapes, config) -> int:
-    """``n · 2L · token_dim`` without the MLP, ``token_dim = kv_heads · head_dim`` (grouped-query attention)."""
-    assert not config.prefix_projection, "the MLP's count is n·td + (td + 1)·h + (h + 1)·2L·td; not written here"
-    return config.num_virtual_tokens * 2 * shapes.layers * shapes.kv_width
-
-
-def prompt_count(shapes: Shapes, config) -> int:
-    """``n · d``: ``n`` virtual-token embeddings of the model's width."""
-    return config.num_virtual_tokens * shapes.hidden
-
-
-def selective_count(shapes: Shapes, config) -> int:
-    """``Σ params(block i)`` for the blocks not in ``freeze_layers``, plus the final norm (on by default)."""
-    assert not config.train_embeddings and not config.train_lm_head
-    block = sum(d_in * d_out + (d_out if shapes.has_biases else 0) for d_in, d_out in shapes.linears.values())
-    block += sum(shapes.block_norms)
-    trained_blocks = shapes.layers - len({index % shapes.layers for index in config.freeze_layers})
-    return trained_blocks * block + (shapes.final_norm if config.train_final_norm else 0)
-
-
-def bitfit_count(shapes: Shapes, config) -> int:
-    """``Σ len(b)``: every bias (GPT-2: each projection's and each LayerNorm's), and on a bias-less Llama one
-    new zero bias per projection inside the blocks (``out`` each); RMSNorm has no bias to train."""
-    assert config.target_modules is None
-    projection_biases = sum(d_out for _, d_out in shapes.linears.values())
-    if shapes.has_biases:  # LayerNorm bias = half of its parameters
-        return shapes.layers * (projection_biases + sum(shapes.block_norms) // 2) + shapes.final_norm // 2
-    return shapes.layers * projection_biases
-
-
-TRAINABLE_FORMULAS = {
-    "lora": lora_count,
-    "dora": dora_count,
-    "ia3": ia3_count,
-    "adapter": adapter_count,
-    "prefix": prefix_count,
-    "prompt": prompt_count,
-    "selective": selective_count,
-    "bitfit": bitfit_count,
-}
-
-
-def trainable_formula(method: str):
-    """The count formula of ``method``: :data:`TRAINABLE_FORMULAS`, else ``contract_trainable_count`` in the
-    method's own test module ``tests/test_<method>.py``, else None."""
-    if method in TRAINABLE_FORMULAS:
-        return TRAINABLE_FORMULAS[method]
-    try:
-        module = importlib.import_module(f"tests.test_{method}")
-    except ModuleNotFoundError as error:
-        if error.name != f"tests.test_{method}":
-            raise
-        return None
-    return getattr(module, "contract_trainable_count", None)
-
-
 # --- helpers -------------------------------------------------------------------------------------------------
 
 def contract_config(method: str):
-    return METHODS[method].config_class(**CONTRACT_SETTINGS.get(method, {}))
+    config = METHODS[method].config_class(**CONTRACT_SETTINGS.get(method, {}))
+    assert method_for_config(config) is METHODS[method]
+    return config
 
 
 def fresh_base(family: str):
@@ -277,7 +151,7 @@ def test_trainable_count_equals_the_formula(method, family):
     if formula is None:
         pytest.fail(f"--modification_type {method} has no trainable-parameter formula: define "
                     f"contract_trainable_count(shapes, config) -> int in tests/test_{method}.py, written from the "
-                    "count its module docstring states (shapes: see Shapes in tests/test_method_contract.py)")
+                    "count its module docstring states (shapes: see Shapes in tests/contract_formulas.py)")
     config = contract_config(method)
     base = fresh_base(family)
     base_total = sum(parameter.numel() for parameter in base.parameters())  # tied weights once
@@ -370,3 +244,141 @@ def test_loaded_adapter_trains_again_and_a_step_changes_only_the_adapter(method,
     optimizer.step()
     changed = {name for name, parameter in loaded.named_parameters() if not torch.equal(parameter, before[name])}
     assert changed == trainable
+
+
+# --- (g) the layer contract ----------------------------------------------------------------------------------
+# On the built-in GPT-2 (the model a learner meets first) and the tiny grouped-query Llama.
+
+LAYER_MODELS = {"builtin-gpt2": lambda: load_builtin_model_and_tokenizer()[0], "llama-gqa": make_llama_tiny}
+each_layer_case = pytest.mark.parametrize("name, model", [(name, model) for name in METHODS for model in LAYER_MODELS],
+                                          ids=[f"{name}-{model}" for name in METHODS for model in LAYER_MODELS])
+
+
+def perturbed(name: str, model: str):
+    """``(base model, a copy with method ``name`` applied and every adapter parameter moved off its start)``."""
+    torch.manual_seed(0)
+    base = LAYER_MODELS[model]().eval()
+    torch.manual_seed(0)
+    peft_model = get_peft_model(LAYER_MODELS[model]().eval(), contract_config(name))
+    randomise_adapter(peft_model)
+    return base, peft_model
+
+
+def small_batch():
+    input_ids = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+
+
+@each_layer_case
+def test_method_layers_keep_the_contract(name, model):
+    _, peft_model = perturbed(name, model)
+    layers = adapter_layers(peft_model)
+    method = METHODS[name]
+    if layers:  # a method that puts layers in: each says what it adds, and all of that trains
+        assert all(layer.mergeable == method.mergeable for layer in layers)
+    trained = {id(p) for p in peft_model.adapter_parameters().values()}
+    for layer in layers:
+        added = layer.adapter_parameters()
+        assert added, f"{type(layer).__name__} adds nothing"
+        base_ids = {id(p) for p in layer.base_layer.parameters()}
+        assert not base_ids & {id(p) for p in added.values()}  # the frozen layer inside is not the method's
+        assert {id(p) for p in added.values()} <= trained
+        assert not layer.merged and layer.adapter_enabled
+        x = torch.randn(2, 5, layer_features(layer.base_layer)[0])  # (B, T, in)
+        with torch.no_grad():
+            adapted = layer(x)
+            layer.adapter_enabled = False
+            disabled = layer(x)
+            layer.adapter_enabled = True
+            assert torch.equal(disabled, layer.base_layer(x))  # disabled = exactly the base layer
+            assert not torch.equal(adapted, disabled)  # and the (perturbed) adapter does change it
+    # What the optimizer and bf16 storage treat as "added by the method" is what the contract declares.
+    declared = {id(p) for layer in layers for p in layer.adapter_parameters().values()}
+    encoder = peft_model.prompt_encoder
+    if encoder is not None:
+        assert isinstance(encoder, PromptEncoder) and not layers
+        declared |= {id(p) for p in encoder.adapter_parameters().values()}
+        assert {id(p) for p in encoder.parameters()} <= trained
+    assert adapter_added_parameters(peft_model) == declared
+    assert added_linear_weights(peft_model) <= declared
+
+
+@each_layer_case
+def test_disabling_gives_the_base_model_or_a_clean_refusal(name, model):
+    base, peft_model = perturbed(name, model)
+    inputs = small_batch()
+    with torch.no_grad():
+        expected = base(**inputs).logits
+        adapted = peft_model(**inputs).logits
+        if peft_model.in_place_parameter_names:  # BitFit on GPT-2, selective: base weights trained in place
+            with pytest.raises(UserError, match="trains base weights in place"):
+                with peft_model.disable_adapters():
+                    pass
+            return
+        with peft_model.disable_adapters():
+            disabled = peft_model(**inputs).logits
+            assert positions_prepended(peft_model) == 0
+        enabled_again = peft_model(**inputs).logits
+    assert torch.equal(disabled, expected)
+    assert not torch.allclose(adapted[:, -expected.shape[1]:], expected, atol=1e-4)
+    assert torch.equal(enabled_again, adapted)
+
+
+@each_layer_case
+def test_merging_is_exact_or_refused(name, model):
+    _, peft_model = perturbed(name, model)
+    inputs = small_batch()
+    method = METHODS[name]
+    with torch.no_grad():
+        before = peft_model(**inputs).logits
+        if not method.mergeable:
+            with pytest.raises(UserError, match=f"modification_type {name}: cannot be merged"):
+                peft_model.merge_adapter()
+            for layer in adapter_layers(peft_model):
+                with pytest.raises(UserError, match="cannot be merged"):
+                    layer.merge()
+                assert not layer.merged
+            assert torch.equal(peft_model(**inputs).logits, before)
+            return
+        weights = {key: p.detach().clone() for key, p in peft_model.base_model.named_parameters()}
+        peft_model.merge_adapter()
+        assert all(layer.merged for layer in adapter_layers(peft_model))
+        merged = peft_model(**inputs).logits
+        with pytest.raises(UserError, match="cannot disable a merged adapter"):
+            with peft_model.disable_adapters():
+                pass
+        peft_model.unmerge_adapter()
+        after = peft_model(**inputs).logits
+    torch.testing.assert_close(merged, before, atol=1e-4, rtol=1e-4)  # float32 rounding of W + ΔW
+    assert torch.equal(after, before)  # unmerge restores the exact weights
+    assert all(torch.equal(p, weights[key]) for key, p in peft_model.base_model.named_parameters())
+
+
+def test_prompt_encoders_say_where_their_virtual_tokens_are(llama_tiny):
+    prompt = get_peft_model(make_llama_tiny(), contract_config("prompt"))
+    prefix = get_peft_model(make_llama_tiny(), contract_config("prefix"))
+    n = prompt.peft_config.num_virtual_tokens
+    assert prompt.prompt_encoder.in_sequence and not prefix.prompt_encoder.in_sequence
+    assert positions_prepended(prompt) == n and positions_prepended(prefix) == 0
+    assert positions_prepended(llama_tiny) == 0  # a plain model
+    with torch.no_grad():
+        assert prompt(**small_batch()).logits.shape[1] == n + 7  # the n virtual positions come first
+        assert prefix(**small_batch()).logits.shape[1] == 7
+
+
+def test_a_layer_that_is_not_mergeable_refuses_by_default():
+    class ScaledOutput(AdapterLayer):
+        def __init__(self, base_layer):
+            super().__init__(base_layer)
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            result = self.base_layer(x)
+            return result * self.scale if self.adapter_enabled else result
+
+    layer = ScaledOutput(nn.Linear(3, 2))
+    assert not layer.mergeable and list(layer.adapter_parameters()) == ["scale"]
+    with pytest.raises(UserError, match="ScaledOutput: this method's update cannot be merged"):
+        layer.merge()
+    with pytest.raises(UserError, match="cannot be merged"):
+        layer.unmerge()

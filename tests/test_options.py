@@ -24,6 +24,7 @@ import torch
 from minipeft.cli.arguments import add_method_arguments, config_from_args, method_flags
 from minipeft.core.errors import UserError
 from minipeft.loading.models import build_from_known_config
+from minipeft.core.method import Method
 from minipeft.core.options import option, target_modules_option
 from minipeft.methods import METHODS
 from minipeft.methods.lora import LoRAConfig
@@ -169,7 +170,8 @@ def test_a_new_methods_config_brings_its_flags_with_no_cli_edit(monkeypatch, gpt
             if self.width < 1:
                 raise UserError(f"{name('width')} must be a positive integer, got {self.width}")
 
-    monkeypatch.setitem(METHODS, "toy", types.SimpleNamespace(config_class=ToyConfig))
+    monkeypatch.setitem(METHODS, "toy", Method(name="toy", config_class=ToyConfig, apply=None, peft_type="TOY",
+                                               mergeable=False, learning_rate=1e-3, learning_rate_source="a test"))
     assert method_flags()["--target_modules"].methods[-1] == "toy"
     config = config_from_args(parse("--modification_type toy --toy_scale 2 --target_modules a,b"), gpt2_small_meta)
     assert config == ToyConfig(width=3, scale=2.0, target_modules=["a", "b"])

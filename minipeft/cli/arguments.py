@@ -59,9 +59,10 @@ def check_quantize_arguments(args) -> bool:
         working = ", ".join(name for name, record in METHODS.items() if not record.why_not_on_4bit)
         raise UserError(f"--quantize nf4 with --modification_type {method}: {METHODS[method].why_not_on_4bit}; "
                         f"use {working}, or --quantize none")
-    if getattr(args, "lora_bias", None) == "all":
-        raise UserError("--quantize nf4 with --lora_bias all: that trains every bias of the 4-bit base; "
-                        "use --lora_bias none or lora_only")
+    for record in METHODS.values():  # a setting that would train the base's own tensors, whatever the method
+        for flag, value, why in record.flag_values_not_on_4bit:
+            if getattr(args, flag.lstrip("-"), None) == value:
+                raise UserError(f"--quantize nf4 with {flag} {value}: {why}")
     return True
 
 
@@ -72,7 +73,7 @@ class MethodFlag:
     """One command-line flag of the methods, made from the config fields that declare it."""
     flag: str              # "--lora_rank"
     field: dataclasses.Field  # the first declaring field (every declaration of a shared flag must agree)
-    fields: dict           # method name -> field name in that method's config ("lora": "r", "dora": "r")
+    fields: dict           # method name -> field name in that method's config (lora: r, dora: r)
 
     @property
     def dest(self) -> str:  # where argparse puts the value: args.lora_rank
@@ -131,8 +132,9 @@ def method_flags() -> dict:
 def add_method_arguments(parser) -> None:
     """Add ``--modification_type`` and every method's flags to an argparse parser."""
     group = parser.add_argument_group("PEFT method")
-    group.add_argument("--modification_type", default="lora", choices=list(METHODS),
-                       help="which PEFT method to apply (default lora)")
+    default = next(iter(METHODS))  # the first method by its record's order
+    group.add_argument("--modification_type", default=default, choices=list(METHODS),
+                       help=f"which PEFT method to apply (default {default})")
     add_method_flags(group)
 
 
@@ -161,7 +163,8 @@ def config_from_args(args, model=None, tokenizer=None):
     flag = unusable_flag(args, [name])
     if flag is not None:
         raise UserError(f"{flag.flag} applies to --modification_type {' or '.join(flag.methods)}, not {name}")
-    config_class = METHODS[name].config_class
+    method = METHODS[name]
+    config_class = method.config_class
     given = {}
     for flag in method_flags().values():
         value = getattr(args, flag.dest, None)
@@ -176,9 +179,7 @@ def config_from_args(args, model=None, tokenizer=None):
             given[field_name] = parse(value) if parse else value
         if field.metadata.get("layer_spec"):  # "0-5,-1" -> [0, 1, 2, 3, 4, 5, 29]: needs the model's block count
             given[field_name] = parse_layer_spec(given[field_name], num_hidden_layers(model), flag.flag)
-    if name == "dora":  # DoRA is LoRA's config with use_dora=True, as peft records it
-        given["use_dora"] = True
-    from_flags = getattr(config_class, "from_flags", None)
-    config = from_flags(given, model, tokenizer) if from_flags else config_class(**given)
+    given.update(method.variant_settings)  # DoRA: LoRA's config with use_dora=True, as peft records it
+    config = method.from_flags(given, model, tokenizer) if method.from_flags else config_class(**given)
     config.validate(flag_names(config_class))
     return config

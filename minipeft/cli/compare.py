@@ -49,7 +49,8 @@ from minipeft.core.finite import nonfinite_to_none
 from minipeft.methods import METHODS
 from minipeft.files.safe_files import remove_our_directory, write_json_atomically, write_text_atomically
 
-DEFAULT_METHODS = ["lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit", "selective"]
+# compare's default run: the registered methods that say so (Method.in_compare_by_default); --methods all: every one
+DEFAULT_METHODS = [name for name, method in METHODS.items() if method.in_compare_by_default]
 TRAIN_LOSS_LAST_STEPS = 10
 
 
@@ -111,13 +112,12 @@ def recent_train_loss(metrics_path: Path, last_steps: int = TRAIN_LOSS_LAST_STEP
 
 def method_config(name: str, args, model, tokenizer):
     """The config of method ``name`` from the method flags that apply to it (the others are left out)."""
-    from minipeft.core.layers import num_hidden_layers
-
     values = {flag.dest: getattr(args, flag.dest) if name in flag.methods else None
               for flag in method_flags().values()}
-    if name == "selective" and values["freeze_layers"] is None:  # compare's default: train the last block
-        last = num_hidden_layers(model) - 1
-        values["freeze_layers"] = f"0-{last - 1}" if last >= 1 else ""
+    compare_settings = METHODS[name].compare_settings  # selective: train the last block, its flag has no default
+    for dest, value in (compare_settings(model) if compare_settings else {}).items():
+        if values[dest] is None:
+            values[dest] = value
     return config_from_args(argparse.Namespace(modification_type=name, **values), model, tokenizer)
 
 
@@ -201,7 +201,7 @@ def compare_method(name: str, base_model, tokenizer, loaders, args, template: st
 def parse_methods(text: str) -> list:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if names == ["all"]:
-        return list(DEFAULT_METHODS)
+        return list(METHODS)
     unknown = [name for name in names if name not in METHODS]
     if unknown or not names:
         raise UserError(f"--methods {text}: unknown method {', '.join(unknown) or '(none given)'}; "
@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="builtin", help="builtin | smollm2-135m | ... (default: builtin)")
     parser.add_argument("--dataset_path", default=None, help="Alpaca records (default: the built-in data set)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma list of methods, or all (default: {','.join(DEFAULT_METHODS)})")
+                        help=f"comma list of methods, or all ({','.join(METHODS)}) "
+                             f"(default: {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--max_records", type=int, default=None,
                         help="use a seeded random subset of this many records (default: all)")
     parser.add_argument("--val_size", type=int, default=None,

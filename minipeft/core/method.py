@@ -9,10 +9,14 @@ and :mod:`minipeft.methods` collects the records of every module in its folder i
 method is adding one module: nothing else lists the methods. The record holds the objects themselves (the
 config class, the apply function), not their names, so a reader can follow them with "go to definition".
 
+Every rule that belongs to one method lives in its record, so generic code (the command line, adapter files,
+training) asks the record and names no method: which method is a variant of which (DoRA of LoRA), what cannot
+run on a 4-bit base or under FSDP, what ``compare`` runs by default, how a file's missing keys are read.
+
 This module defines only the record; it imports no method (the methods import it).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 # The order of a method that gives none: after every built-in method (whose orders are 10 .. 80).
@@ -53,6 +57,29 @@ class Method:
         why_not_on_4bit: for a method that cannot train on a 4-bit (NF4, ``--quantize nf4``) base, why, in
             words an error message can use: the commands refuse the pair before loading anything. Empty: the
             method works on a 4-bit base (it trains only weights of its own, beside the frozen base).
+        flag_values_not_on_4bit: ``((flag, value, why), ...)``: settings of a method that itself works on a
+            4-bit base but, so set, would train the base's own tensors (LoRA's ``("--lora_bias", "all", ...)``).
+            The commands refuse ``--quantize nf4`` with any of them, whatever the method, before loading.
+        why_not_sharded: for a method ``--sharding fsdp`` cannot run, why (it continues ``--sharding fsdp with
+            --modification_type NAME: ``). Empty: FSDP shards it.
+        variant_of: the method this one is a variant of, sharing its config class, ``peft_type`` and flags
+            (DoRA: ``"lora"``, as peft records DoRA as ``LoraConfig(use_dora=True)``); its module may import that
+            method's module. Empty: a method of its own.
+        variant_settings: the config values that make a config of the shared class this method
+            (DoRA: ``{"use_dora": True}``): the command line sets them, and
+            :func:`~minipeft.methods.method_for_config` picks the method whose settings a config matches.
+        in_compare_by_default: whether ``python -m minipeft compare`` runs it when ``--methods`` is not given
+            (``--methods all`` runs every method).
+        compare_settings: ``compare_settings(model) -> {flag dest: value}``: values ``compare`` gives flags the
+            user left out, for a method that has no usable default (selective: train the last block). None:
+            the config's defaults.
+        from_flags: ``from_flags(given, model, tokenizer) -> config``: builds the config from the fields the
+            command line gave (``{field: value}``) where that needs the model or tokenizer (prompt tuning's
+            init text, selective's layers). None: ``config_class(**given)``.
+        file_defaults: ``{field: value}`` that peft assumes for a key its ``adapter_config.json`` lacks, where
+            that differs from the config's own default (LoRA: ``lora_alpha`` 8): a file is read as peft reads it.
+        whole_number_fields: float fields written as integers when whole, as peft writes them (``lora_alpha``:
+            16, not 16.0).
     """
 
     name: str
@@ -67,6 +94,15 @@ class Method:
     save_extra: Callable = None
     load_extra: Callable = None
     why_not_on_4bit: str = ""
+    flag_values_not_on_4bit: tuple = ()
+    why_not_sharded: str = ""
+    variant_of: str = ""
+    variant_settings: dict = field(default_factory=dict, hash=False)
+    in_compare_by_default: bool = True
+    compare_settings: Callable = None
+    from_flags: Callable = None
+    file_defaults: dict = field(default_factory=dict, hash=False)
+    whole_number_fields: tuple = ()
 
     @property
     def module(self) -> str:

@@ -56,12 +56,13 @@ def default_learning_rate(name: str) -> float:
 
 
 def method_for_config(config) -> Method:
-    """The :class:`Method` a config object belongs to (DoRA is LoRA with ``use_dora=True``, as in peft)."""
-    candidates = [method for method in METHODS.values() if type(config) is method.config_class]
-    if len(candidates) > 1:  # LoRA and DoRA share LoRAConfig: use_dora says which, as in peft
-        return METHODS["dora" if getattr(config, "use_dora", False) else "lora"]
+    """The :class:`Method` a config object belongs to: of the methods with its config class, the one whose
+    ``variant_settings`` the config matches, the most specific first (DoRA is LoRA with ``use_dora=True``, as in
+    peft: a LoRAConfig with ``use_dora`` is DoRA's, without it LoRA's)."""
+    candidates = [method for method in METHODS.values() if type(config) is method.config_class
+                  and all(getattr(config, key) == value for key, value in method.variant_settings.items())]
     if candidates:
-        return candidates[0]
+        return max(candidates, key=lambda method: len(method.variant_settings))
     raise UserError(f"{type(config).__name__} is not the config of a minipeft method")
 
 

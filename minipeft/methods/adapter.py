@@ -195,6 +195,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> None:
 
 
 METHOD = Method(
+    from_flags=AdapterConfig.from_flags,
     name="adapter", config_class=AdapterConfig, apply=apply_adapters, peft_type="BOTTLENECK_ADAPTER",
     mergeable=False, order=40,
     learning_rate=1e-3, learning_rate_source="Houlsby et al. 2019, inside their sweep {3e-5, 3e-4, 3e-3}",

@@ -29,6 +29,7 @@ from torch import nn
 
 from minipeft.core.errors import UserError
 from minipeft.core.method import Method
+from minipeft.methods.lora import METHOD as LORA
 from minipeft.methods.lora import LoRAConfig, LoRALinear, apply_lora
 
 
@@ -97,4 +98,7 @@ def apply_dora(model: nn.Module, config: LoRAConfig) -> None:
 
 METHOD = Method(
     name="dora", config_class=LoRAConfig, apply=apply_dora, peft_type="LORA", mergeable=True, order=20,
-    learning_rate=1e-3, learning_rate_source="as LoRA (DoRA trains the same matrices plus a magnitude)")
+    learning_rate=1e-3, learning_rate_source="as LoRA (DoRA trains the same matrices plus a magnitude)",
+    variant_of="lora", variant_settings={"use_dora": True},  # LoRAConfig(use_dora=True), as peft records DoRA
+    file_defaults=LORA.file_defaults, whole_number_fields=LORA.whole_number_fields,
+    flag_values_not_on_4bit=LORA.flag_values_not_on_4bit)

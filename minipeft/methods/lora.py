@@ -70,9 +70,6 @@ class LoRAConfig:
     """
 
     peft_type: ClassVar[str] = "LORA"
-    # What peft assumes for a key its adapter_config.json lacks, where that differs from our default above:
-    # a file is read as peft reads it (peft writes every key; a hand-written file may not).
-    file_defaults: ClassVar[dict] = {"lora_alpha": 8}
 
     r: int = option(8, flag="--lora_rank", help="LoRA rank r")
     lora_alpha: float = option(16.0, flag="--lora_alpha", help="LoRA scale numerator alpha; update x alpha/r")
@@ -201,4 +198,9 @@ def unmerge_lora(model: nn.Module) -> None:
 METHOD = Method(
     name="lora", config_class=LoRAConfig, apply=apply_lora, peft_type="LORA", mergeable=True, order=10,
     learning_rate=1e-3, learning_rate_source="between the LoRA paper's 2e-4 (GPT-2, 5 epochs) and "
-    "peft's causal-LM LoRA example's 3e-3 (20 epochs)")
+    "peft's causal-LM LoRA example's 3e-3 (20 epochs)",
+    # peft reads a file without "lora_alpha" as alpha 8 (peft writes every key; a hand-written file may not),
+    # and writes a whole alpha as 16, not 16.0
+    file_defaults={"lora_alpha": 8}, whole_number_fields=("lora_alpha",),
+    flag_values_not_on_4bit=(("--lora_bias", "all", "that trains every bias of the 4-bit base; "
+                              "use --lora_bias none or lora_only"),))

@@ -216,5 +216,7 @@ def apply_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> PrefixE
 METHOD = Method(
     name="prefix", config_class=PrefixTuningConfig, apply=apply_prefix_tuning, peft_type="PREFIX_TUNING",
     mergeable=False, order=50,
+    why_not_sharded="its adapter file is computed from its modules (the prefix encoder's output), "
+    "not a copy of the sharded parameters",
     learning_rate=1e-2, learning_rate_source="peft's prefix-tuning example (1e-2)",
     why_not_mergeable="prefixes are extra attention keys and values, not a change of any weight")

@@ -194,8 +194,11 @@ def apply_prompt_tuning(model: nn.Module, config: PromptTuningConfig) -> PromptE
 
 
 METHOD = Method(
+    from_flags=PromptTuningConfig.from_flags,
     name="prompt", config_class=PromptTuningConfig, apply=apply_prompt_tuning, peft_type="PROMPT_TUNING",
     mergeable=False, order=60,
+    why_not_sharded="its adapter file is computed from its modules (the prompt encoder's output), "
+    "not a copy of the sharded parameters",
     learning_rate=3e-2, learning_rate_source="peft's prompt-tuning example with "
     "AdamW (3e-2); Lester et al. 2021 use 0.3 with Adafactor, whose steps scale with the weights",
     why_not_mergeable="virtual tokens are extra inputs, not a change of any weight")

@@ -107,10 +107,18 @@ def apply_selective(model: nn.Module, config: SelectiveConfig) -> None:
         unfreeze(output_embeddings)
 
 
+def train_the_last_block(model) -> dict:
+    """``compare``'s setting for selective, whose ``--freeze_layers`` has no default: freeze every block but
+    the last (``"0-10"`` on a 12-block model; ``""`` on a one-block model)."""
+    last = len(transformer_blocks(model)) - 1
+    return {"freeze_layers": f"0-{last - 1}" if last >= 1 else ""}
+
+
 METHOD = Method(
     name="selective", config_class=SelectiveConfig, apply=apply_selective, peft_type="SELECTIVE",
     mergeable=False, order=70,
     learning_rate=1e-4, learning_rate_source="full fine-tuning practice for small "
     "language models (1e-5 to 1e-4), at its top for short runs",
     why_not_mergeable="selective fine-tuning trains the base weights themselves; save the full model instead",
-    why_not_on_4bit="selective trains base weights, and a 4-bit base is frozen")
+    why_not_on_4bit="selective trains base weights, and a 4-bit base is frozen",
+    from_flags=SelectiveConfig.from_flags, compare_settings=train_the_last_block)

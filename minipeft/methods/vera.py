@@ -304,5 +304,8 @@ def load_projections(peft_model, tensors: dict, source: str) -> None:
 METHOD = Method(
     name="vera", config_class=VeraConfig, apply=apply_vera, peft_type="VERA", mergeable=True,
     save_extra=save_projections, load_extra=load_projections,
+    why_not_sharded="its adapter file holds its shared projections, which are buffers, "
+    "not a copy of the sharded parameters",
+    in_compare_by_default=False,  # compare's default run left it out before the registry; --methods all runs it
     learning_rate=4e-3, learning_rate_source="Kopiczko et al. 2024, their instruction tuning of Llama 2 "
     "(appendix hyperparameters): VeRA 4e-3, ten times their LoRA rate of 4e-4")

@@ -74,13 +74,14 @@ def peft_state_dict(peft_model) -> dict:
 
 def config_to_dict(config, **metadata) -> dict:
     """A method config as peft writes it (plus ``base_model_name_or_path`` and our ``minipeft`` block)."""
+    method = method_for_config(config)
     values = dataclasses.asdict(config)
     for key, value in values.items():
         if isinstance(value, (set, tuple)):
             values[key] = sorted(value)
-        elif isinstance(value, float) and value.is_integer() and key in ("lora_alpha",):
-            values[key] = int(value)  # peft writes 16, not 16.0
-    values["peft_type"] = method_for_config(config).peft_type
+        elif isinstance(value, float) and value.is_integer() and key in method.whole_number_fields:
+            values[key] = int(value)  # peft writes lora_alpha 16, not 16.0
+    values["peft_type"] = method.peft_type
     values["task_type"] = "CAUSAL_LM"
     values["inference_mode"] = True
     values["base_model_name_or_path"] = metadata.pop("base_model_name_or_path", None)
@@ -96,7 +97,7 @@ def config_to_dict(config, **metadata) -> dict:
 
 def config_from_dict(values: dict, source: str = CONFIG_NAME):
     """The config dataclass for a saved config; unknown keys are ignored, missing ones take the defaults (peft's,
-    where a config class says in ``file_defaults`` that they differ from its own).
+    where the method's record says in ``file_defaults`` that they differ from its own).
 
     Numeric fields are checked against the dataclass's annotations before the config is built, and the built
     config by its own ``validate()``, so a file's mistake is reported in the file's terms
@@ -110,7 +111,7 @@ def config_from_dict(values: dict, source: str = CONFIG_NAME):
     block = values.get("minipeft") if isinstance(values.get("minipeft"), dict) else {}
     values = {**values, **{key: block[key] for key in MINIPEFT_ONLY_FIELDS if key in block}}
     fields = {field.name: field for field in dataclasses.fields(config_class)}
-    given = {**getattr(config_class, "file_defaults", {}),
+    given = {**method.file_defaults,
              **{key: value for key, value in values.items() if key in fields}}
     for key, value in given.items():
         if value is not None or fields[key].default is not None:  # `token_dim: int = None` may be null

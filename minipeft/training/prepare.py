@@ -16,7 +16,7 @@ import torch
 from minipeft.core.errors import UserError
 from minipeft.files.safe_files import is_empty_directory, is_ours, make_directory, mark_as_ours
 from minipeft.core.transformers_api import enable_activation_checkpointing
-from minipeft.training.checkpoint import list_checkpoints
+from minipeft.training.checkpoint import ADAPTER_DIR, list_checkpoints
 from minipeft.training.config import TrainingConfig
 from minipeft.training.precision import native_bf16
 
@@ -56,7 +56,7 @@ def enable_gradient_checkpointing(peft_model) -> None:
 
 
 # What :func:`train` writes into --output_dir (a new run there would replace these); train_llm.py adds its own.
-RUN_OUTPUTS = ("adapter", "best", "checkpoints", "metrics.jsonl")
+RUN_OUTPUTS = (ADAPTER_DIR, "best", "checkpoints", "metrics.jsonl")
 
 
 def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> None:

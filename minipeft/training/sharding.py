@@ -38,21 +38,18 @@ from torch.distributed.tensor import DTensor
 
 from minipeft.core.errors import UserError
 from minipeft.core.layers import transformer_blocks
+from minipeft.methods import METHODS
 from minipeft.model.adapter_files import peft_state_dict, to_peft_key
 from minipeft.quantization.nf4 import Linear4bit
 
-# Methods whose adapter file is not a copy of trainable parameters: prompt/prefix tuning save what their prompt
-# encoder *computes* (prefix: the MLP's output), VeRA saves shared projections that are buffers. Their adapters
-# are a few thousand weights outside the blocks: nothing to shard; DDP trains them.
-UNSHARDABLE_METHODS = ("prompt", "prefix", "vera")
-
-
 def check_can_shard(method: str) -> None:
-    """Raise :class:`UserError` (naming the flag) for a method ``--sharding fsdp`` does not run."""
-    if method in UNSHARDABLE_METHODS:
-        raise UserError(f"--sharding fsdp with --modification_type {method}: its adapter file is computed from "
-                        "its modules (prompt/prefix encoder, VeRA's shared buffers), not a copy of the sharded "
-                        "parameters; use --sharding ddp (its adapter is tiny and lives outside the blocks)")
+    """Raise :class:`UserError` (naming the flag) for a method ``--sharding fsdp`` does not run: one whose
+    adapter file is not a copy of trainable parameters (its record's ``why_not_sharded``). Such adapters are a
+    few thousand weights outside the blocks: nothing to shard; DDP trains them."""
+    why = METHODS[method].why_not_sharded
+    if why:
+        raise UserError(f"--sharding fsdp with --modification_type {method}: {why}; "
+                        "use --sharding ddp (its adapter is tiny and lives outside the blocks)")
 
 
 def shard_model(peft_model: nn.Module, device: torch.device, world_size: int, precision: str,
