@@ -196,11 +196,12 @@ def evaluate_before_training(run: TrainingRun, val_loader) -> None:
 
 # -- the steps ----------------------------------------------------------------------------------------------
 def epoch_batches(run: TrainingRun, train_loader):
-    """An iterator over this epoch's micro-batches, past those a resumed checkpoint had already consumed."""
+    """An iterator over this epoch's micro-batches, past those a resumed checkpoint had already consumed (all
+    of them, at an epoch's end: then none, and no loader iterator drawing a seed the uninterrupted run never drew)."""
     set_epoch(train_loader, run.state.epoch)
     batches = iter(train_loader) if run.state.batches_done < len(train_loader) else iter(())
-    for _ in range(run.state.batches_done):  # resume: skip what the checkpoint had already consumed
-        next(batches)
+    for _ in itertools.islice(batches, run.state.batches_done):  # resume: skip what the checkpoint consumed
+        pass
     if run.rng_to_restore is not None:  # ... and only then continue the random streams where they were
         restore_rng_state(*run.rng_to_restore)
         run.rng_to_restore = None

@@ -1,0 +1,81 @@
+"""Fault injection, round two (issue #26): resume from any checkpoint moment, runs that fail say so, absurd
+values refused before allocation, meaningless requests refused.
+
+Each case asserts what the user sees (exit status, exactly one ``error:`` line naming the flag or file, no
+traceback) and what is left on disk. Every case runs in this process through :func:`minipeft.cli.run`, as the
+scripts do; the helpers come from ``tests/test_faults.py``.
+"""
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_faults import TINY_RUN, builtin_model_available, digests, in_process, one_error, records, write_records
+
+from minipeft.cli import run
+from minipeft.cli.train import main as train_main
+from minipeft.training import loop
+from minipeft.training.signals import StopRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+ALPACA_SAMPLE = ROOT / "examples" / "data" / "alpaca_sample.json"  # 32 records: 28 train + 4 val, 7 batches of 4
+
+pytestmark = pytest.mark.skipif(not builtin_model_available(), reason="the built-in model is not built")
+
+
+# -- 1. resume from any checkpoint moment ---------------------------------------------------------------------------
+def stop_after(step: int):
+    """A :class:`StopRequest` that asks to stop during optimizer step ``step``, as a Ctrl-C then would."""
+
+    class StopAt(StopRequest):
+        reads = 0
+
+        @property
+        def requested(self):
+            StopAt.reads += 1
+            if StopAt.reads == step:
+                self.signal_number = signal.SIGINT
+            return StopAt.reads == step
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    return StopAt
+
+
+def train_losses_and_adapter(output_dir: Path) -> tuple:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    losses = [(record["step"], record["loss"]) for record in map(json.loads, lines) if record["kind"] == "train"]
+    return losses, load_file(output_dir / "adapter" / "adapter_model.safetensors")
+
+
+# (records, val_size, batch_size, accumulation, max_steps, stop at): 7 batches an epoch, stopped at its end (one
+# batch a step; windows of 2, the last one short); 7 batches and a window of 8 (one short step an epoch) with a
+# validation split smaller than a batch. (Mid-epoch: tests/test_faults.py, SIGKILL then resume.)
+RESUME_CASES = [(32, 4, 4, 1, 9, 7), (32, 4, 4, 2, 6, 4), (30, 2, 4, 8, 3, 1)]
+
+
+@pytest.mark.parametrize("count, val_size, batch_size, accumulation, steps, stop_at", RESUME_CASES)
+def test_a_run_stopped_at_any_checkpoint_resumes_to_the_uninterrupted_result(
+        count, val_size, batch_size, accumulation, steps, stop_at, tmp_path, capsys, monkeypatch):
+    data = write_records(tmp_path / "data.json", json.loads(ALPACA_SAMPLE.read_text())[:count])
+    common = ["--dataset_path", data, "--val_size", val_size, "--batch_size", batch_size, "--save_every", "1",
+              "--gradient_accumulation_steps", accumulation, "--max_steps", steps, "--lora_dropout", "0.1",
+              "--precision", "fp32", "--eval_max_batches", "1", "--no_cache", "--num_threads", "1"]
+    code, _, err = in_process(train_main, *common, "--output_dir", tmp_path / "whole", capsys=capsys)
+    assert code == 0, err
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "StopRequest", stop_after(stop_at))
+        code, out, err = in_process(train_main, *common, "--output_dir", tmp_path / "parts", capsys=capsys)
+    assert code == 130 and f"interrupted at step {stop_at}/{steps}" in out, err
+    code, out, err = in_process(train_main, *common, "--output_dir", tmp_path / "parts", "--resume", "latest",
+                                capsys=capsys)
+    assert code == 0 and "resumed from" in out, err
+    (whole_losses, whole), (resumed_losses, resumed) = map(train_losses_and_adapter, (tmp_path / "whole",
+                                                                                     tmp_path / "parts"))
+    assert resumed_losses == whole_losses and len(whole_losses) == steps
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[key], resumed[key]) for key in whole)
