@@ -79,3 +79,36 @@ def test_a_run_stopped_at_any_checkpoint_resumes_to_the_uninterrupted_result(
                                                                                      tmp_path / "parts"))
     assert resumed_losses == whole_losses and len(whole_losses) == steps
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
+# -- 2. runs that fail say so ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, value, message", [
+    ("--learning_rate", "1e30", "the eval loss at step 2 is nan"),  # weights ~1e30, eval loss NaN
+    ("--lora_alpha", "1e38", "no optimizer step was taken"),  # every step skipped (2 < --max_nonfinite_steps)
+])
+def test_a_run_that_trained_nothing_usable_fails_and_saves_no_adapter(flag, value, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = in_process(train_main, *TINY_RUN, "--output_dir", out, flag, value, capsys=capsys)
+    one_error(code, err, "training failed:", message, "lower --learning_rate", "no adapter saved")
+    assert "Trained" not in stdout
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+    assert (out / "train_config.json").is_file()  # what the run was stays on record
+    leftovers = [path for path in out.rglob("*") if ".tmp" in path.name or path.name.startswith(".tmp")]
+    assert leftovers == []  # nothing half-written
+
+
+def test_adapter_weights_beyond_any_trained_scale_are_a_failure():
+    from minipeft.training.outcome import WEIGHT_BOUND, failure_message
+    from minipeft.training.state import TrainState
+
+    stepped = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    stepped.param_groups[0]["params"][0].grad = torch.ones(2)
+    stepped.step()
+    state = TrainState(step=3, eval_loss=1.5, eval_step=3)
+    assert failure_message(state, stepped, {"a": torch.ones(2)}, "fp32") is None
+    huge = failure_message(state, stepped, {"a": torch.full((2,), WEIGHT_BOUND * 10)}, "fp32")
+    assert "adapter tensor a reaches 1e+07 at step 3" in huge and "--precision fp32" not in huge
+    assert "adapter tensor a is not finite" in failure_message(state, stepped, {"a": torch.tensor([float("inf")])},
+                                                               "bf16")
+    never = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    assert "no optimizer step was taken" in failure_message(state, never, {"a": torch.ones(2)}, "fp32")
