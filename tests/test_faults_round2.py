@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_faults import TINY_RUN, builtin_model_available, digests, in_process, one_error, records, write_records
+from test_faults import GENERATE, TINY_RUN, builtin_model_available, digests, in_process, one_error, records, write_records
 
 from minipeft.cli import run
 from minipeft.cli.train import main as train_main
@@ -112,3 +112,47 @@ def test_adapter_weights_beyond_any_trained_scale_are_a_failure():
                                                                "bf16")
     never = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
     assert "no optimizer step was taken" in failure_message(state, never, {"a": torch.ones(2)}, "fp32")
+
+
+# -- 3. absurd values refused before allocation --------------------------------------------------------------------
+@pytest.mark.parametrize("flags, fragments", [
+    (["--lora_rank", "1000000000"], ["--lora_rank 1000000000 is larger than the target layers allow",
+                                     "min(in, out) = 160"]),
+    (["--modification_type", "vera", "--vera_rank", "1000000000"], ["--vera_rank 1000000000:", "GB, more than"]),
+    (["--modification_type", "prompt", "--num_virtual_tokens", "1000000"], ["--num_virtual_tokens 1000000",
+                                                                             "at most 511 virtual tokens"]),
+    (["--modification_type", "prefix", "--prefix_length", "1000000"], ["--prefix_length 1000000"]),
+])
+def test_sizes_beyond_the_model_or_the_machine_are_refused_before_allocating(flags, fragments, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = in_process(train_main, *TINY_RUN, "--output_dir", out, *flags, capsys=capsys)
+    one_error(code, err, *fragments)
+    assert not out.exists()  # a run that failed before writing anything leaves no folder
+
+
+@pytest.mark.parametrize("flag, value, fragment", [("--seed", "-1", "give an integer from 0 to 4294967295"),
+                                                   ("--seed", "18446744073709551616", "is not a seed"),
+                                                   ("--num_threads", "100000", "CPU cores"),
+                                                   ("--num_threads", "0", "CPU cores")])
+def test_seeds_and_threads_out_of_range_are_usage_errors(flag, value, fragment, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_main, [*TINY_RUN, "--output_dir", str(tmp_path / "out"), flag, value])
+    one_error(exit_info.value.code, capsys.readouterr().err, f"argument {flag}: {value}", fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_in_an_adapter_config_beyond_the_model_names_the_file(tmp_path, capsys):
+    from minipeft.cli.modify import main as modify_main
+
+    adapter = tmp_path / "adapter"
+    code, _, err = in_process(modify_main, "--model", "builtin", "--save_adapter", adapter, capsys=capsys)
+    assert code == 0, err
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "r": 1000000000}))
+    before = digests(adapter)
+    code, out, err = in_process(GENERATE, "--adapter", adapter, "--prompt", "Hi", "--max_new_tokens", "2",
+                                capsys=capsys)
+    one_error(code, err, f"{config_path}: r 1000000000 is larger than the target layers allow")
+    assert "--lora_rank" not in err and out == "" and digests(adapter) == before
+

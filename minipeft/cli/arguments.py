@@ -181,4 +181,6 @@ def config_from_args(args, model=None, tokenizer=None):
     from_flags = getattr(config_class, "from_flags", None)
     config = from_flags(given, model, tokenizer) if from_flags else config_class(**given)
     config.validate(flag_names(config_class))
+    if model is not None and hasattr(config, "check_model"):  # sizes against the model, before allocating
+        config.check_model(model, flag_names(config_class))
     return config

@@ -44,6 +44,7 @@ import torch
 from minipeft.cli import CommandLineParser
 from minipeft.cli.arguments import add_method_flags, config_from_args, method_flags, unusable_flag
 from minipeft.cli.compare_report import describe_machine, markdown_report, markdown_table, plot_comparison
+from minipeft.core.bounds import seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
 from minipeft.methods import METHODS
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                         help="training precision (default fp32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=42, help="seed for the subset, split, order and initialisation")
+    parser.add_argument("--seed", type=seed_number, default=42, help="seed for the subset, split, order and initialisation")
     parser.add_argument("--output_dir", default="compare_outputs", help="where adapters and tables go")
     add_method_flags(parser.add_argument_group("method settings (each applies to the methods it names)"))
     return parser

@@ -18,6 +18,7 @@ import torch
 
 from minipeft.cli import CommandLineParser
 from minipeft.cli.arguments import add_quantize_arguments, check_quantize_arguments, resolve_quantize
+from minipeft.core.bounds import seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
 from minipeft.loading.models import resolve_device
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=finite_float, default=None, help="sampling temperature (default 1.0)")
     parser.add_argument("--top_k", type=int, default=None, help="sample from the k likeliest tokens (default off)")
     parser.add_argument("--top_p", type=finite_float, default=None, help="nucleus sampling threshold (default off)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--seed", type=seed_number, default=None, help="seed for sampling")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per batch (default 8)")
     parser.add_argument("--no_stream", action="store_true", help="do not stream a single prompt's reply")
     parser.add_argument("--output_file", default=None, help="also write one JSON object per prompt (JSONL)")

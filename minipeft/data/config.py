@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from minipeft.data.templates import TEMPLATE_CHOICES
+from minipeft.core.bounds import seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float, require_finite
 
@@ -146,7 +147,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="validation records: a count (200) or a fraction (0.1) (default: %(default)s)")
     add("--batch_size", type=int, default=defaults.batch_size, help="training batch size (default: %(default)s)")
     add("--eval_batch_size", type=int, default=None, help="validation batch size (default: --batch_size)")
-    add("--seed", type=int, default=defaults.seed, help="seed for the split and shuffling (default: %(default)s)")
+    add("--seed", type=seed_number, default=defaults.seed, help="seed for the split and shuffling (default: %(default)s)")
     add("--instruction_column", default=defaults.instruction_column, help="field holding the instruction")
     add("--input_column", default=defaults.input_column, help="field holding the optional input")
     add("--output_column", default=defaults.output_column, help="field holding the response")
