@@ -156,3 +156,32 @@ def test_a_rank_in_an_adapter_config_beyond_the_model_names_the_file(tmp_path, c
     one_error(code, err, f"{config_path}: r 1000000000 is larger than the target layers allow")
     assert "--lora_rank" not in err and out == "" and digests(adapter) == before
 
+
+
+# -- 4. meaningless requests refused --------------------------------------------------------------------------------
+@pytest.mark.parametrize("command, argv, fragment", [
+    ("generate", ["--max_new_tokens", "0"], "--max_new_tokens 0: asks for no new token"),
+    ("generate", ["--do_sample", "--top_k", "0"], "--top_k 0: keeps no token to sample from"),
+    ("generate", ["--output_file", ""], "argument --output_file: an empty name"),
+    ("modify", ["--save_adapter", ""], "argument --save_adapter: an empty name"),
+    ("train", ["--output_dir", ""], "argument --output_dir: an empty name"),
+    ("compare", ["--val_size", "0"], "argument --val_size: 0 asks for nothing"),
+    ("compare", ["--output_dir", " "], "argument --output_dir: an empty name"),
+    ("train", ["--cache_dir", "{file}"], "not a folder; give a folder name, or --no_cache"),
+])
+def test_meaningless_requests_are_refused(command, argv, fragment, tmp_path, capsys, monkeypatch):
+    from minipeft.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)  # nothing may land in the current folder
+    data = write_records(tmp_path / "data.json", records(20))
+    before = digests(tmp_path)
+    argv = [arg.format(file=data) for arg in argv]
+    extra = {"generate": ["--model", "builtin", "--prompt", "Hi"], "modify": ["--model", "builtin"],
+             "train": ["--max_steps", "2", "--num_threads", "1", "--dataset_path", str(data)], "compare": ["--dataset_path", str(data)]}
+    try:
+        code = cli_main([command, *extra[command], *argv])
+    except SystemExit as exit_info:  # argparse's usage errors
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    one_error(code, err, fragment)
+    assert digests(tmp_path) == before and sorted(path.name for path in tmp_path.iterdir()) == ["data.json"]

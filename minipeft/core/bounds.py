@@ -75,3 +75,18 @@ def whole_number(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts that mean nothing at 0 (``--max_new_tokens``, ``compare --val_size``)."""
+    value = whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} asks for nothing: give a positive integer")
+    return value
+
+
+def path_name(text: str) -> str:
+    """argparse ``type=`` for a file or folder to write: an empty name would write nothing, or into ``.``."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty name: give a file or folder name")
+    return text

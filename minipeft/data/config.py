@@ -164,4 +164,7 @@ def data_config_from_args(args: argparse.Namespace) -> DataConfig:
     values = {item.name: getattr(args, item.name) for item in fields(DataConfig)}
     if getattr(args, "no_cache", False):
         values["cache_dir"] = None
+    cache = values["cache_dir"]
+    if cache is not None and (not str(cache).strip() or (Path(cache).exists() and not Path(cache).is_dir())):
+        raise UserError(f"--cache_dir {cache!r}: not a folder; give a folder name, or --no_cache")
     return DataConfig(**values)
