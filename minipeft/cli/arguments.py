@@ -182,4 +182,6 @@ def config_from_args(args, model=None, tokenizer=None):
     given.update(method.variant_settings)  # DoRA: LoRA's config with use_dora=True, as peft records it
     config = method.from_flags(given, model, tokenizer) if method.from_flags else config_class(**given)
     config.validate(flag_names(config_class))
+    if model is not None and hasattr(config, "check_model"):  # sizes against the model, before allocating
+        config.check_model(model, flag_names(config_class))
     return config

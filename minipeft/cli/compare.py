@@ -44,6 +44,7 @@ import torch
 from minipeft.cli import CommandLineParser
 from minipeft.cli.arguments import add_method_flags, config_from_args, method_flags, unusable_flag
 from minipeft.cli.compare_report import describe_machine, markdown_report, markdown_table, plot_comparison
+from minipeft.core.bounds import path_name, positive_int, seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
 from minipeft.methods import METHODS
@@ -241,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default: {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--max_records", type=int, default=None,
                         help="use a seeded random subset of this many records (default: all)")
-    parser.add_argument("--val_size", type=int, default=None,
+    parser.add_argument("--val_size", type=positive_int, default=None,
                         help="held-out records for evaluation (default: 10%% of the records)")
     parser.add_argument("--max_length", type=int, default=256, help="tokens per record (default 256)")
     parser.add_argument("--template", choices=["auto", "alpaca", "plain", "chat"], default="auto",
@@ -263,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                         help="training precision (default fp32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=42, help="seed for the subset, split, order and initialisation")
-    parser.add_argument("--output_dir", default="compare_outputs", help="where adapters and tables go")
+    parser.add_argument("--seed", type=seed_number, default=42, help="seed for the subset, split, order and initialisation")
+    parser.add_argument("--output_dir", type=path_name, default="compare_outputs", help="where adapters and tables go")
     add_method_flags(parser.add_argument_group("method settings (each applies to the methods it names)"))
     return parser
 

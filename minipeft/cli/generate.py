@@ -18,6 +18,7 @@ import torch
 
 from minipeft.cli import CommandLineParser
 from minipeft.cli.arguments import add_quantize_arguments, check_quantize_arguments, resolve_quantize
+from minipeft.core.bounds import path_name, seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
 from minipeft.loading.models import resolve_device
@@ -52,10 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=finite_float, default=None, help="sampling temperature (default 1.0)")
     parser.add_argument("--top_k", type=int, default=None, help="sample from the k likeliest tokens (default off)")
     parser.add_argument("--top_p", type=finite_float, default=None, help="nucleus sampling threshold (default off)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--seed", type=seed_number, default=None, help="seed for sampling")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per batch (default 8)")
     parser.add_argument("--no_stream", action="store_true", help="do not stream a single prompt's reply")
-    parser.add_argument("--output_file", default=None, help="also write one JSON object per prompt (JSONL)")
+    parser.add_argument("--output_file", type=path_name, default=None, help="also write one JSON object per prompt (JSONL)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     add_quantize_arguments(parser, from_adapter=True)
@@ -68,6 +69,8 @@ def check_sampling_flags(args) -> None:
     if given and not args.do_sample:
         raise UserError(f"{', '.join(given)} only apply when sampling; add --do_sample "
                         "(greedy decoding is the default)")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top_k {args.top_k}: keeps no token to sample from; give k >= 1, or leave --top_k out")
 
 
 def main(argv=None) -> int:
@@ -75,6 +78,8 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     check_sampling_flags(args)
+    if args.max_new_tokens == 0:  # (a negative count: core/generation.py says what is right)
+        raise UserError("--max_new_tokens 0: asks for no new token; give 1 or more")
     if args.input and not args.prompt:
         raise UserError("--input goes with --prompt; in --prompts_file give {\"instruction\", \"input\"} objects")
     prompts = ([Prompt(text, args.input) for text in args.prompt] if args.prompt

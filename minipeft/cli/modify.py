@@ -13,6 +13,7 @@ from pathlib import Path
 
 from minipeft.model.adapter_files import config_to_dict
 from minipeft.cli import CommandLineParser
+from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
 from minipeft.cli.arguments import add_method_arguments, config_from_args
 from minipeft.loading.models import load_model_for_counting
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trainability table: one row per parameter kind with blocks grouped (default), "
                              "one row per parameter, or none")
     add_quantize_arguments(parser)
-    parser.add_argument("--save_adapter", metavar="DIR",
+    parser.add_argument("--save_adapter", metavar="DIR", type=path_name,
                         help="also write the freshly initialised adapter to DIR (peft format)")
     return parser
 

@@ -25,6 +25,7 @@ import torch
 
 from minipeft.model.adapter_files import config_to_dict
 from minipeft.cli import CommandLineParser
+from minipeft.core.bounds import path_name, thread_count
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float, nonfinite_to_none
 from minipeft.files.input_files import check_input_file, loads_json, read_input_text
@@ -53,7 +54,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     defaults = TrainingConfig()
     group = parser.add_argument_group("training")
     add = group.add_argument
-    add("--output_dir", default=defaults.output_dir,
+    add("--output_dir", type=path_name, default=defaults.output_dir,
         help="where the adapter, checkpoints, metrics and loss curve go (default: %(default)s)")
     add("--epochs", type=int, default=defaults.epochs, help="passes over the training data (default: %(default)s)")
     add("--max_steps", type=int, default=None, help="optimizer steps to take; overrides --epochs")
@@ -79,7 +80,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     add("--tf32", action=argparse.BooleanOptionalAction, default=defaults.tf32,
         help="TensorFloat-32 matmuls on CUDA (default: on; no effect on CPU)")
     add("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    add("--num_threads", type=int, default=None,
+    add("--num_threads", type=thread_count, default=None,
         help="CPU threads for PyTorch (default: 1 for models under 20M parameters, else one per core; "
              "OMP_NUM_THREADS, when set, wins)")
     add("--gradient_checkpointing", action="store_true",

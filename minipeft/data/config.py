@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from minipeft.data.templates import TEMPLATE_CHOICES
+from minipeft.core.bounds import seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float, require_finite
 
@@ -146,7 +147,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="validation records: a count (200) or a fraction (0.1) (default: %(default)s)")
     add("--batch_size", type=int, default=defaults.batch_size, help="training batch size (default: %(default)s)")
     add("--eval_batch_size", type=int, default=None, help="validation batch size (default: --batch_size)")
-    add("--seed", type=int, default=defaults.seed, help="seed for the split and shuffling (default: %(default)s)")
+    add("--seed", type=seed_number, default=defaults.seed, help="seed for the split and shuffling (default: %(default)s)")
     add("--instruction_column", default=defaults.instruction_column, help="field holding the instruction")
     add("--input_column", default=defaults.input_column, help="field holding the optional input")
     add("--output_column", default=defaults.output_column, help="field holding the response")
@@ -163,4 +164,7 @@ def data_config_from_args(args: argparse.Namespace) -> DataConfig:
     values = {item.name: getattr(args, item.name) for item in fields(DataConfig)}
     if getattr(args, "no_cache", False):
         values["cache_dir"] = None
+    cache = values["cache_dir"]
+    if cache is not None and (not str(cache).strip() or (Path(cache).exists() and not Path(cache).is_dir())):
+        raise UserError(f"--cache_dir {cache!r}: not a folder; give a folder name, or --no_cache")
     return DataConfig(**values)

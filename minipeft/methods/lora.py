@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from minipeft.core.adapter_layer import AdapterLayer
+from minipeft.core.bounds import check_rank
 from minipeft.core.errors import UserError
 from minipeft.core.finite import require_finite
 from minipeft.core.inject import find_target_modules, replace_module, unfreeze_biases
@@ -101,6 +102,13 @@ class LoRAConfig:
             raise UserError(f"{name('bias')} must be none, all or lora_only, got {self.bias!r}")
         if self.rank_pattern or self.alpha_pattern:
             raise UserError("rank_pattern/alpha_pattern (per-module ranks) are not supported by minipeft")
+
+    def check_model(self, model: nn.Module, name=str) -> None:
+        """``r`` against ``model``'s target layers, before any A or B is allocated (``r ≤ min(in, out)``)."""
+        targets = self.target_modules if self.target_modules is not None else default_target_modules(
+            model, DEFAULT_TARGETS)
+        names = find_target_modules(model, targets, self.layers_to_transform, self.layers_pattern)
+        check_rank(self.r, {target: model.get_submodule(target) for target in names}, name("r"))
 
 
 class LoRALinear(AdapterLayer):

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from minipeft.core.bounds import check_virtual_tokens
 from minipeft.core.errors import UserError
 from minipeft.core.method import Method
 from minipeft.core.options import option
@@ -91,6 +92,10 @@ class PrefixTuningConfig:
         if self.num_transformer_submodules != 1:
             raise UserError(f"{name('num_transformer_submodules')} must be 1 (decoder-only models), "
                             f"got {self.num_transformer_submodules!r}")
+
+    def check_model(self, model: nn.Module, name=str) -> None:
+        """The virtual tokens against the model's positions, before any embedding is allocated."""
+        check_virtual_tokens(self.num_virtual_tokens, model, name("num_virtual_tokens"))
 
 
 def key_value_shape(model: nn.Module):

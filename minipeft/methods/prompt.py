@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from minipeft.core.bounds import check_virtual_tokens
 from minipeft.core.errors import UserError
 from minipeft.core.method import Method
 from minipeft.core.options import flag_of, option
@@ -104,6 +105,10 @@ class PromptTuningConfig:
         if self.num_transformer_submodules != 1:
             raise UserError(f"{name('num_transformer_submodules')} must be 1 (decoder-only models), "
                             f"got {self.num_transformer_submodules!r}")
+
+    def check_model(self, model: nn.Module, name=str) -> None:
+        """The virtual tokens against the model's positions, before any embedding is allocated."""
+        check_virtual_tokens(self.num_virtual_tokens, model, name("num_virtual_tokens"))
 
 
 class PromptEmbedding(PromptEncoder):

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipeft.core.adapter_layer import AdapterLayer
+from minipeft.core.bounds import check_allocation
 from minipeft.core.errors import UserError
 from minipeft.core.finite import require_finite
 from minipeft.core.inject import find_target_modules, replace_module, unfreeze_biases
@@ -124,6 +125,18 @@ class VeraConfig:
             raise UserError(f"{name('bias')} must be none, all or vera_only, got {self.bias!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise UserError("layers_pattern is only used with layers_to_transform; give both or neither")
+
+    def check_model(self, model: nn.Module, name=str) -> None:
+        """The shared A ``(r, max_in)`` and B ``(max_out, r)`` against this machine's memory, before drawing them
+        (a VeRA rank may exceed a layer's width: the paper uses 1024 on RoBERTa's 768)."""
+        targets = self.target_modules if self.target_modules is not None else default_target_modules(
+            model, DEFAULT_TARGETS)
+        names = find_target_modules(model, targets, self.layers_to_transform, self.layers_pattern)
+        shapes = [layer_features(layer) for layer in map(model.get_submodule, names) if isinstance(layer, LINEAR_LAYERS)]
+        if shapes:
+            width = max(shape[0] for shape in shapes) + max(shape[1] for shape in shapes)
+            check_allocation(4 * self.r * width, f"{name('r')} {self.r}", f"VeRA's shared A and B (float32, "
+                             f"{self.r} x {width})")
 
 
 def kaiming_uniform(shape: tuple, generator: torch.Generator) -> torch.Tensor:

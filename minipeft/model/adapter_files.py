@@ -204,6 +204,11 @@ def load_adapter(base_model, directory, is_trainable: bool = False):
     from minipeft.model.peft_model import get_peft_model
 
     config, state, source = read_adapter(directory)
+    if hasattr(config, "check_model"):  # a field of the file (its "r"), named after the file
+        try:
+            config.check_model(base_model)
+        except UserError as error:
+            raise UserError(f"{Path(directory) / CONFIG_NAME}: {error}") from None
     peft_model = get_peft_model(base_model, config)
     load_peft_state_dict(peft_model, state, source=source)
     peft_model.set_trainable(is_trainable)

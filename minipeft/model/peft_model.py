@@ -198,6 +198,8 @@ def get_peft_model(model: nn.Module, config) -> PeftModel:
 
     method = method_for_config(config)
     config = copy.deepcopy(config)
+    if hasattr(config, "check_model"):  # sizes against the model, before anything is allocated
+        config.check_model(model)
     freeze(model)
     base_parameters = {id(parameter) for parameter in model.parameters()}
     prompt_encoder = method.apply(model, config)

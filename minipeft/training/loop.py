@@ -57,6 +57,7 @@ from minipeft.training.gradients import GradientCheck, accumulate_gradients
 from minipeft.training.loss import causal_lm_loss_sum, perplexity
 from minipeft.training.metrics import MetricsLog, format_eval_line, format_log_line, format_plan_line, micro_batch_size
 from minipeft.training.optimizer import build_optimizer
+from minipeft.training.outcome import divergence_message, failure_message
 from minipeft.training.precision import cast_frozen_weights
 from minipeft.training.prepare import (autocast_for, check_output_dir, enable_gradient_checkpointing,
                                        prepare_output_dir, resolve_precision)
@@ -196,11 +197,12 @@ def evaluate_before_training(run: TrainingRun, val_loader) -> None:
 
 # -- the steps ----------------------------------------------------------------------------------------------
 def epoch_batches(run: TrainingRun, train_loader):
-    """An iterator over this epoch's micro-batches, past those a resumed checkpoint had already consumed."""
+    """An iterator over this epoch's micro-batches, past those a resumed checkpoint had already consumed (all
+    of them, at an epoch's end: then none, and no loader iterator drawing a seed the uninterrupted run never drew)."""
     set_epoch(train_loader, run.state.epoch)
     batches = iter(train_loader) if run.state.batches_done < len(train_loader) else iter(())
-    for _ in range(run.state.batches_done):  # resume: skip what the checkpoint had already consumed
-        next(batches)
+    for _ in itertools.islice(batches, run.state.batches_done):  # resume: skip what the checkpoint consumed
+        pass
     if run.rng_to_restore is not None:  # ... and only then continue the random streams where they were
         restore_rng_state(*run.rng_to_restore)
         run.rng_to_restore = None
@@ -353,9 +355,14 @@ def save_training_state(run: TrainingRun) -> None:
 
 # -- the end ------------------------------------------------------------------------------------------------
 def finish(run: TrainingRun, stop: StopRequest) -> dict:
-    """Save the final adapter (unless interrupted: the checkpoint is the way back) and sum the run up."""
+    """Save the final adapter (unless interrupted: the checkpoint is the way back; or failed: one line, no
+    adapter, see :mod:`minipeft.training.outcome`) and sum the run up."""
     if run.outcome != "interrupted":
-        save_adapter_to(run, run.output_dir / "adapter", step=run.state.step)
+        tensors = adapter_tensors(run.model, run.context.is_sharded)
+        failure = failure_message(run.state, run.optimizer, tensors, run.plan.precision)
+        if run.context.all_reduce_sum([failure is not None])[0]:  # every process fails together
+            raise UserError(f"training failed: {failure or 'on another process'}")
+        save_adapter_to(run, run.output_dir / "adapter", tensors, step=run.state.step)
     run.context.barrier()
     plan = run.plan
     return {"outcome": run.outcome, "signal": stop.signal_number, "state": asdict(run.state),
@@ -371,23 +378,10 @@ def say(run: TrainingRun, message: str, file=None) -> None:
         tqdm.write(message, file=file)
 
 
-def save_adapter_to(run: TrainingRun, directory: Path, **extra) -> None:
-    tensors = adapter_tensors(run.model, run.context.is_sharded)
+def save_adapter_to(run: TrainingRun, directory: Path, tensors: dict = None, **extra) -> None:
+    tensors = adapter_tensors(run.model, run.context.is_sharded) if tensors is None else tensors
     if run.context.is_main:  # atomic; refuses non-finite weights
         run.model.save_adapter(directory, tensors=tensors, **run.adapter_metadata, **extra)
-
-
-def divergence_message(what: str, steps: int, precision: str, checkpoints: list) -> str:
-    """The one line for a run stopped by non-finite steps: what was not finite, what to try, where to go back.
-
-    Every checkpoint holds finite weights (the loop saves no other), so the newest one is a good one.
-    """
-    remedies = "lower --learning_rate" + (" or use --precision fp32" if precision != "fp32" else "")
-    where = (f"the last good checkpoint (finite weights) is {checkpoints[-1]}" if checkpoints
-             else "no checkpoint was saved before it")
-    note = ", while the loss was finite" if what == "gradient norm" else ""
-    return (f"training diverged: the {what} was not finite for {steps} steps in a row{note} "
-            f"(--max_nonfinite_steps); {remedies}; {where}")
 
 
 def set_epoch(loader, epoch: int) -> None:
