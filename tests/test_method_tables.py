@@ -1,6 +1,6 @@
 """Every list of the methods outside their own modules has a row for each registered method, or a test here fails
 naming the file and the missing row: the README's (its opening list, methods table, default learning rates,
-page links and folder picture), docs/README.md's (the counts it computes and prints, the pages table, the reading
+page links), docs/README.md's (the counts it computes and prints, the pages table, the reading
 order) and the serving fixtures' (an adapter with a visible effect on both tiny models).
 
 These are the places docs/adding_a_method.md tells a new method to add itself to; the numbers in the rows are
@@ -36,13 +36,6 @@ def readme_opening() -> str:
     return README.split("\n\n")[1].lower()
 
 
-def readme_methods_folder() -> str:
-    """The README's folder picture's ``methods/`` entry (its line and the lines continuing it)."""
-    match = re.search(r"^  methods/.*\n(?:^ {4,}.*\n)*", README, flags=re.MULTILINE)
-    assert match, "README.md: the folder picture has no methods/ line"
-    return match.group(0)
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_readme_has_a_row_for_the_method(name):
     missing = [where for where, present in [
@@ -52,7 +45,6 @@ def test_readme_has_a_row_for_the_method(name):
         ("a row of the default learning rates table (| `NAME` | RATE | SOURCE |)",
          re.search(rf"^\| `{name}` \| [\d.e-]+ \| .+ \|$", README, flags=re.MULTILINE)),
         (f"a link to its page (docs/methods/{page(name)}) under Learn", f"(docs/methods/{page(name)})" in README),
-        (f"{module_file(name)} in the folder picture's methods/ entry", module_file(name) in readme_methods_folder()),
     ] if not present]
     assert missing == [], f"README.md has no row for --modification_type {name}: add {'; '.join(missing)}"
 
