@@ -205,3 +205,18 @@ def test_modify_prints_bytes_per_parameter_before_and_after(tiny_inputs, capsys)
     out = capsys.readouterr().out
     assert "Bytes per base parameter: 4.000 ->" in out and "bits per weight" in out
     assert "as peft does" in out
+
+
+@pytest.mark.parametrize("size", [64 * 37, 64 * 37 + 22, 1001])  # whole blocks, a ragged last block, odd
+def test_quantizing_in_chunks_gives_the_same_bits(monkeypatch, size):
+    """A large weight is quantized a chunk of whole blocks at a time (bounded temporaries, loading); the codes
+    and absmaxes are those of quantizing it whole."""
+    from minipeft.quantization import nf4_format
+
+    weight = torch.randn(size, generator=torch.Generator().manual_seed(0))
+    whole = quantize_nf4(weight)
+    monkeypatch.setattr(nf4_format, "QUANTIZE_CHUNK", 256)  # 4 blocks per chunk
+    chunked = quantize_nf4(weight)
+    assert whole.tensors().keys() == chunked.tensors().keys()
+    for name, tensor in whole.tensors().items():
+        assert torch.equal(tensor, chunked.tensors()[name]), name

@@ -272,6 +272,8 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
     from minipeft.cli.arguments import config_from_args
     from minipeft.loading.streaming import load_base_model
     from minipeft.model.peft_model import get_peft_model
+    from minipeft.training.precision import load_dtype, trains_base_weights
+    from minipeft.training.prepare import resolve_precision
 
     def say(message: str = "") -> None:
         if context.is_main:
@@ -284,10 +286,20 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
     started = time.perf_counter()
 
     # 1) model + method. The seed makes the adapter's initialisation identical on every process.
+    # A bf16 run loads its base in bf16 (no float32 copy ever exists); a method that trains base weights
+    # needs them in float32 (the optimizer's masters), so its base is loaded again in float32.
+    dtype = load_dtype(resolve_precision(config.precision, context.device))
     torch.manual_seed(config.seed)
-    model, tokenizer = load_base_model(args.model, args.quantize, args.quantize_lm_head, log=say)
+    model, tokenizer = load_base_model(args.model, args.quantize, args.quantize_lm_head, dtype=dtype, log=say)
     data_config.template = resolve_template_name(data_config.template, tokenizer)  # auto -> chat or alpaca
     peft_model = get_peft_model(model, config_from_args(args, model, tokenizer))
+    if dtype != torch.float32 and trains_base_weights(peft_model):
+        say(f"note: --modification_type {args.modification_type} trains base weights, which need float32; "
+            "loading the base again in float32")
+        del model, peft_model
+        torch.manual_seed(config.seed)
+        model, tokenizer = load_base_model(args.model, args.quantize, args.quantize_lm_head, log=say)
+        peft_model = get_peft_model(model, config_from_args(args, model, tokenizer))
     stats = peft_model.parameter_stats()
     if context.device.type == "cpu" or args.num_threads is not None:
         torch.set_num_threads(choose_cpu_threads(args.num_threads, stats.total))
