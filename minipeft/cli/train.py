@@ -291,6 +291,9 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
     dtype = load_dtype(resolve_precision(config.precision, context.device))
     torch.manual_seed(config.seed)
     model, tokenizer = load_base_model(args.model, args.quantize, args.quantize_lm_head, dtype=dtype, log=say)
+    if tokenizer is None:
+        raise UserError(f"--model {args.model}: has no tokenizer (tokenizer.json, tokenizer_config.json); "
+                        "training needs one: save it beside the model with tokenizer.save_pretrained")
     data_config.template = resolve_template_name(data_config.template, tokenizer)  # auto -> chat or alpaca
     peft_model = get_peft_model(model, config_from_args(args, model, tokenizer))
     if dtype != torch.float32 and trains_base_weights(peft_model):

@@ -52,6 +52,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed codes + 8-bit absmax + one fp32 scale per 256 blocks
 
 
@@ -244,14 +245,16 @@ def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set
 
 
 def load_checkpoint_dir(directory, quantize: str = "none", quantize_lm_head: bool = False,
-                        dtype: torch.dtype = torch.float32, log=print):
-    """``(model, tokenizer)`` from a checkpoint directory, tensor by tensor (see the module docstring).
+                        dtype: torch.dtype = torch.float32, log=print, device="cpu"):
+    """``(model, tokenizer)`` from a checkpoint directory, tensor by tensor (see the module docstring); the
+    tokenizer is None when the directory has none.
 
     Args:
         directory: a folder with ``config.json`` and safetensors weights.
         quantize: ``"nf4"`` quantizes every linear layer but the head (and the head with ``quantize_lm_head``)
             as its weight is read.
         dtype: every other floating tensor's dtype (embeddings, norms, biases, a full-precision head).
+        device: where each tensor goes as it is read (and is quantized: a GPU quantizes in milliseconds).
 
     Raises:
         UserError: no weights, a missing shard, an architecture that is not a causal LM, or a model larger
@@ -284,11 +287,12 @@ def load_checkpoint_dir(directory, quantize: str = "none", quantize_lm_head: boo
     try:
         for name, tensor_info in sorted(stored.items(), key=lambda item: (str(item[1].file), item[1].begin)):
             handle = handles.get(tensor_info.file) or handles.setdefault(tensor_info.file, open(tensor_info.file, "rb"))
-            place_tensor(model, mapping[name], read_tensor(tensor_info, handle), targets, dtype)
+            place_tensor(model, mapping[name], read_tensor(tensor_info, handle).to(device), targets, dtype)
     finally:
         for handle in handles.values():
             handle.close()
     finish_loading(model, quantize_lm_head and quantize == "nf4")
+    model.to(device)  # the rebuilt rotary buffers
     files = sorted({t.file for t in stored.values()})
     in_memory = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     log(f"Loaded {directory}: {len(stored)} tensors from {len(files)} file(s), "
@@ -297,7 +301,8 @@ def load_checkpoint_dir(directory, quantize: str = "none", quantize_lm_head: boo
     model.config._name_or_path = model.name_or_path = str(directory)
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
-    return model.eval(), AutoTokenizer.from_pretrained(directory)
+    has_tokenizer = any((directory / name).is_file() for name in TOKENIZER_FILES)
+    return model.eval(), AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
 
 
 def finish_loading(model: nn.Module, quantize_tied_head: bool) -> None:

@@ -85,6 +85,7 @@ class Linear4bit(QuantizedLinear):
         for name in ("packed", "absmax", "absmax_codes", "absmax_scales", "absmax_offset"):
             self.register_buffer(name, getattr(quantized, name))  # None for the state this layer does not use
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.dequantize_with = None  # a faster function of the same bits (minipeft.fast.nf4_dequant), or None
 
     def counted_weights(self) -> int:
         """2 weights per packed byte, as peft counts (the float layer's count, plus one for an odd size's padding)."""
@@ -96,7 +97,7 @@ class Linear4bit(QuantizedLinear):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as ``(out, in)`` in ``dtype``: a new tensor on each call."""
-        return dequantize_nf4(self.quantized_weight(), dtype)
+        return (getattr(self, "dequantize_with", None) or dequantize_nf4)(self.quantized_weight(), dtype)
 
     @property
     def weight(self) -> torch.Tensor:
