@@ -171,6 +171,18 @@ def test_train_resume_generate_merge_and_peft_round_trip(checkpoints, name, flag
             assert not torch.equal(ours(**batch).logits, adapted)  # the trained adapter is not a no-op
 
 
+def test_a_method_that_trains_base_weights_loads_them_again_in_float32(checkpoints, tmp_path, capsys):
+    """BitFit trains the base's biases: their optimizer masters must be float32, so a bf16 run's bf16 load is
+    replaced by a float32 one (and the run says so), as the frozen-weight cast would have refused too."""
+    out = tmp_path / "run"
+    assert run(train_main, train_args(checkpoints, "gpt2", out, "--max_steps", "1", "--precision", "bf16",
+                                      "--modification_type", "bitfit")) == 0
+    printed = capsys.readouterr().out
+    assert "note: --modification_type bitfit trains base weights, which need float32" in printed
+    assert printed.index("in memory (bfloat16)") < printed.index("in memory (float32)")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
 # --- bad input: one line, exit 2, nothing written -------------------------------------------------------------
 
 
