@@ -180,6 +180,11 @@ def warn_about_changed_settings(output_dir: Path, current: dict) -> None:
 
 
 @torch.no_grad()
+def speed(tokens_per_s: float) -> str:
+    """``15.3`` or, below one token a second, two significant digits (``0.042``), never ``0``."""
+    return f"{tokens_per_s:,.1f}" if tokens_per_s >= 1 else f"{tokens_per_s:.2g}"
+
+
 def saved_arguments(output_dir: Path) -> dict:
     """The command-line settings an earlier run recorded in ``output_dir/train_config.json`` ({} if none)."""
     path = output_dir / "train_config.json"
@@ -381,7 +386,7 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
         if abs(change) < LOW_CHANGE:
             say(low_change_hint(args.modification_type, config.learning_rate))
     say(f"Trained {state['step']} steps in {state['train_seconds']:.1f} s "
-        f"({summary['train_tokens_per_s'] or 0:,.0f} tokens/s); generation {summary['inference_tokens_per_s']:,.1f} "
+        f"({summary['train_tokens_per_s'] or 0:,.0f} tokens/s); generation {speed(summary['inference_tokens_per_s'])} "
         f"tokens/s; peak memory {summary['peak_memory_mb']:,.0f} MB")
     say(f"adapter:      {adapter_dir}/ ({summary['adapter_size_bytes']:,} bytes)")
     if state["best_step"] is not None:
