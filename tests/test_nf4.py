@@ -275,3 +275,17 @@ def test_modify_states_the_loss_change_of_quantizing(tiny_inputs, capsys):
     assert re.fullmatch(r"Loss change of quantizing the base to NF4: eval loss \d+\.\d{4} \(float base\) -> "
                         r"\d+\.\d{4} \(NF4 base\), [+-]\d+\.\d%, on the first 4 validation batch\(es\), [\d,]+ target "
                         r"tokens of the built-in data \(batch 8, (bf16|fp32)\)", line), line
+
+@pytest.mark.parametrize("size", [64 * 37, 64 * 37 + 22, 1001])  # whole blocks, a ragged last block, odd
+def test_quantizing_in_chunks_gives_the_same_bits(monkeypatch, size):
+    """A large weight is quantized a chunk of whole blocks at a time (bounded temporaries, loading); the codes
+    and absmaxes are those of quantizing it whole."""
+    from minipeft.quantization import nf4_format
+
+    weight = torch.randn(size, generator=torch.Generator().manual_seed(0))
+    whole = quantize_nf4(weight)
+    monkeypatch.setattr(nf4_format, "QUANTIZE_CHUNK", 256)  # 4 blocks per chunk
+    chunked = quantize_nf4(weight)
+    assert whole.tensors().keys() == chunked.tensors().keys()
+    for name, tensor in whole.tensors().items():
+        assert torch.equal(tensor, chunked.tensors()[name]), name

@@ -36,7 +36,7 @@ from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.checkpoint import resolve_resume
 from minipeft.training.loop import train
 from minipeft.training.prepare import RUN_OUTPUTS, check_output_dir, prepare_output_dir
-from minipeft.training.metrics import directory_size, peak_memory, plot_loss_curve
+from minipeft.training.metrics import directory_size, measure_inference_speed, peak_memory, plot_loss_curve
 from minipeft.training.quantization_cost import COMPUTE_DTYPES
 from minipeft.training.schedule import SCHEDULES
 
@@ -186,16 +186,6 @@ def warn_about_changed_settings(output_dir: Path, current: dict) -> None:
               "training and the best so far; they no longer compare", file=sys.stderr)
 
 
-@torch.no_grad()
-def measure_inference_speed(peft_model, batch: dict, new_tokens: int = 32) -> float:
-    """Greedy KV-cached generation speed, batch 1: new tokens per second (after one warm-up token)."""
-    prompt = batch["input_ids"][:1, :16].to(next(peft_model.parameters()).device)
-    peft_model.generate(prompt, max_new_tokens=1)
-    started = time.perf_counter()
-    generated = peft_model.generate(prompt, max_new_tokens=new_tokens)  # no EOS given: exactly new_tokens
-    return generated.shape[1] / (time.perf_counter() - started)
-
-
 def significant(value: float, digits: int = 2) -> str:
     """``value`` with at least ``digits`` significant digits and thousands separators: 0.2134 -> "0.21",
     14.8 -> "15", 578.3 -> "578", 12345.6 -> "12,346" (a speed of 0.2 tokens/s is not "0")."""
@@ -318,6 +308,7 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
     from minipeft.cli.arguments import config_from_args
     from minipeft.loading.streaming import load_base_model
     from minipeft.model.peft_model import get_peft_model
+    from minipeft.training.precision import load_dtype, trains_base_weights
     from minipeft.training.prepare import resolve_precision
 
     def say(message: str = "") -> None:
@@ -330,13 +321,26 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
         warn_about_changed_settings(output_dir, arguments)
     started = time.perf_counter()
 
-    # 1) model + method. The seed makes the adapter's initialisation identical on every process.
-    torch.manual_seed(config.seed)
-    precision = resolve_precision(config.precision, context.device)  # the 4-bit layers compute in it too
-    model, tokenizer = load_base_model(args.model, args.quantize, args.quantize_lm_head, log=say,
-                                       compute_dtype=COMPUTE_DTYPES[precision])
+    def base_and_method(dtype: torch.dtype):
+        torch.manual_seed(config.seed)  # the seed makes the adapter's initialisation identical on every process
+        model, tokenizer = load_base_model(args.model, args.quantize, args.quantize_lm_head, dtype=dtype, log=say,
+                                           compute_dtype=COMPUTE_DTYPES[precision])  # 4-bit layers compute in it
+        if tokenizer is None:
+            raise UserError(f"--model {args.model}: has no tokenizer (tokenizer.json, tokenizer_config.json); "
+                            "training needs one: save it beside the model with tokenizer.save_pretrained")
+        return get_peft_model(model, config_from_args(args, model, tokenizer)), model, tokenizer
+
+    # 1) model + method. A bf16 run loads its base in bf16 (no float32 copy ever exists); a method that trains
+    # base weights needs them in float32 (the optimizer's masters), so its base is loaded again in float32.
+    precision = resolve_precision(config.precision, context.device)
+    dtype = load_dtype(precision)
+    peft_model, model, tokenizer = base_and_method(dtype)
+    if dtype != torch.float32 and trains_base_weights(peft_model):
+        say(f"note: --modification_type {args.modification_type} trains base weights, which need float32; "
+            "loading the base again in float32")
+        del peft_model, model
+        peft_model, model, tokenizer = base_and_method(torch.float32)
     data_config.template = resolve_template_name(data_config.template, tokenizer)  # auto -> chat or alpaca
-    peft_model = get_peft_model(model, config_from_args(args, model, tokenizer))
     stats = peft_model.parameter_stats()
     if context.device.type == "cpu" or args.num_threads is not None:
         torch.set_num_threads(choose_cpu_threads(args.num_threads, stats.total))

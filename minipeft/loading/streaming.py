@@ -12,6 +12,7 @@ from torch import nn
 
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
+from minipeft.loading.checkpoint_dir import load_checkpoint_dir, place_tensor
 from minipeft.loading.models import SMOLLM2_NAME, load_model_and_tokenizer, smollm2_gguf_path
 from minipeft.quantization.nf4 import Linear4bit, quantizable_layers, quantize_model
 from minipeft.quantization.nf4_format import BLOCKSIZE
@@ -38,24 +39,6 @@ def check_not_quantized_folder(name: str) -> None:
             raise UserError(f"--model {name}: config.json has a quantization_config "
                             f"({quantization.get('quant_method', '?')}); give the full-precision base model, "
                             "--quantize nf4 quantizes it while loading")
-
-
-def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set,
-                 dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = None) -> None:
-    """Put one checkpoint tensor into a model built on the meta device; a weight of a layer in ``targets``
-    is quantized on arrival (the layer becomes a :class:`Linear4bit`), so its float copy lives only here.
-    Every other tensor is stored in ``dtype`` (the 4-bit codes are those of the float32 weight either way)."""
-    module_name, _, attribute = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if not (module_name in targets and attribute == "weight"):
-        tensor = tensor.to(dtype)
-    if attribute in module._parameters:
-        setattr(module, attribute, nn.Parameter(tensor, requires_grad=False))
-    else:
-        module.register_buffer(attribute, tensor)
-    if module_name in targets and attribute == "weight":
-        # a bias arriving later lands on the Linear4bit
-        replace_module(model, module_name, Linear4bit(module, compute_dtype=compute_dtype))
 
 
 def load_streaming(model: nn.Module, tensors, quantize_lm_head: bool = False,
@@ -127,13 +110,25 @@ def load_smollm2_streaming(quantize_lm_head: bool = False, dtype: torch.dtype = 
 def load_base_model(name: str, quantize: str = "none", quantize_lm_head: bool = False,
                     dtype: torch.dtype = torch.float32, log=print, compute_dtype: torch.dtype = None):
     """``(model, tokenizer)`` like :func:`minipeft.loading.models.load_model_and_tokenizer`, with the linear layers in
-    NF4 when ``quantize == "nf4"``. SmolLM2 streams: each tensor is quantized (from float32) as it is read
-    from the file, and the rest is stored in ``dtype``. Other models are loaded in ``dtype``, then quantized
-    one layer at a time, each float weight freed as soon as its layer is quantized (peak: the float model).
-    ``compute_dtype``: what the 4-bit layers multiply in (``train_llm.py --precision fp32``: float32); None:
+    NF4 when ``quantize == "nf4"``, everything else in ``dtype``. A checkpoint directory (``config.json`` and
+    safetensors) is read tensor by tensor, each linear weight quantized as it is read
+    (:func:`~minipeft.loading.checkpoint_dir.load_checkpoint_dir`); SmolLM2 streams from its GGUF file the
+    same way. Other models (the built-in one, hub ids not yet in a local folder) are loaded in ``dtype``,
+    then quantized one layer at a time (peak: the float model). ``compute_dtype``: what the 4-bit layers
+    multiply in (``train_llm.py --precision fp32``: float32); None:
     :func:`~minipeft.quantization.nf4.default_compute_dtype`."""
+    from pathlib import Path
+
     check_not_quantized_folder(name)
-    if quantize == "nf4" and name == SMOLLM2_NAME:
+    if Path(name).is_dir() and (Path(name) / "config.json").is_file():
+        model, tokenizer = load_checkpoint_dir(name, quantize, quantize_lm_head, dtype, log,
+                                               compute_dtype=compute_dtype)
+        names = [layer for layer, module in model.named_modules() if isinstance(module, Linear4bit)]
+        if quantize == "none":
+            return model, tokenizer
+        if not names:  # the loader fell back to from_pretrained: quantize the dense model layer by layer
+            names = quantize_model(model, quantize_lm_head, compute_dtype=compute_dtype)
+    elif quantize == "nf4" and name == SMOLLM2_NAME:
         model, tokenizer, names = load_smollm2_streaming(quantize_lm_head, dtype, compute_dtype)
     elif quantize == "nf4":
         model, tokenizer = load_model_and_tokenizer(name, dtype)

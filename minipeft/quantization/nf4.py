@@ -86,6 +86,7 @@ class Linear4bit(QuantizedLinear):
         for name in self.STATE:
             self.register_buffer(name, getattr(quantized, name))  # None for the state this layer does not use
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.dequantize_with = None  # a faster function of the same bits (minipeft.fast.nf4_dequant), or None
 
     def store_codes_as_parameters(self) -> None:
         """Hold the integer codes (``packed``, ``absmax_codes``) as frozen uint8 parameters instead of buffers,
@@ -107,7 +108,7 @@ class Linear4bit(QuantizedLinear):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as ``(out, in)`` in ``dtype``: a new tensor on each call."""
-        return dequantize_nf4(self.quantized_weight(), dtype)
+        return (getattr(self, "dequantize_with", None) or dequantize_nf4)(self.quantized_weight(), dtype)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -109,12 +109,23 @@ def _scaled(blocks: torch.Tensor, absmax: torch.Tensor, n: int) -> torch.Tensor:
     return torch.clamp(blocks * inverse[:, None], -1, 1).reshape(-1)[:n]
 
 
+QUANTIZE_CHUNK = 1 << 22  # weights quantized at a time (a multiple of 2 and of any block size up to 2^21)
+
+
 def quantize_4bit_nf4(weight: torch.Tensor, blocksize: int = BLOCKSIZE):
     """Block-wise NF4 quantization: ``(packed uint8 (ceil(n/2),), absmax float32 (ceil(n/blocksize),))``.
 
     ``weight`` is read flattened row by row (any shape); codes are packed two per byte, high nibble first.
+    Blocks are independent, so a large weight is quantized :data:`QUANTIZE_CHUNK` weights at a time (whole
+    blocks, whole bytes): the float32 and index temporaries are those of one chunk (~100 MB), not of the
+    weight, and the result is the same bits.
     """
     n = weight.numel()
+    if n > QUANTIZE_CHUNK and QUANTIZE_CHUNK % blocksize == 0:
+        flat = weight.reshape(-1)
+        parts = [quantize_4bit_nf4(flat[start:start + QUANTIZE_CHUNK], blocksize)
+                 for start in range(0, n, QUANTIZE_CHUNK)]
+        return torch.cat([packed for packed, _ in parts]), torch.cat([absmax for _, absmax in parts])
     blocks, absmax = _blocks(weight, blocksize)
     midpoints = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) / 2  # 15 decision boundaries between the 16 levels
     scaled = F.pad(_scaled(blocks, absmax, n), (0, n % 2))  # an odd count gets one more value, 0, to fill a byte

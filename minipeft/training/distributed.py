@@ -91,13 +91,34 @@ def init_distributed(device_flag: str = "auto", sharding: str = "ddp") -> Distri
                               sharding=sharding)
 
 
+def frozen_state_names(model: torch.nn.Module) -> list:
+    """Names of every buffer and every frozen parameter of ``model``: what DDP need never send. Each process
+    loaded the same files (an NF4 base's codes are buffers, or frozen uint8 parameters), and buffers such as
+    rotary ``inv_freq`` are computed from the config, so they are equal everywhere without a broadcast."""
+    frozen = [name for name, parameter in model.named_parameters() if not parameter.requires_grad]
+    return frozen + [name for name, _ in model.named_buffers()]
+
+
 def wrap_for_data_parallel(model: torch.nn.Module, context: DistributedContext) -> torch.nn.Module:
-    """``DistributedDataParallel(model)`` under torchrun, else ``model`` itself (FSDP2 shards it in place)."""
+    """``DistributedDataParallel(model)`` under torchrun, else ``model`` itself (FSDP2 shards it in place).
+
+    DDP sends nothing frozen: with its default ``broadcast_buffers=True`` it would re-send every buffer from
+    rank 0 before *each* forward (an NF4 base's codes: ~0.52 byte per base weight, every step), and at
+    construction it broadcasts the whole model once. Buffers and frozen parameters are listed in
+    ``_ddp_params_and_buffers_to_ignore`` (the attribute DDP reads for this), so DDP has no buffer to sync
+    (``broadcast_buffers=False`` would skip only the per-forward part, and torch 2.13 deprecates it); only the
+    trainable parameters are broadcast once and all-reduced each step."""
     if not context.is_distributed or context.is_sharded:
         return model
+    return data_parallel(model, context.device)
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``DistributedDataParallel`` around ``model`` in the started process group, sending nothing frozen."""
     from torch.nn.parallel import DistributedDataParallel
 
-    device_ids = [context.device.index] if context.device.type == "cuda" else None
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen_state_names(model))
+    device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -168,3 +169,17 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = None):
     write_file_atomically(png_path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
     plt.close(figure)
     return Path(png_path)
+
+
+def measure_inference_speed(peft_model, batch: dict, new_tokens: int = 32) -> float:
+    """Greedy KV-cached generation speed, batch 1: new tokens per second (after one warm-up token); 2 tokens
+    on a 4-bit base, which dequantizes every layer for every token (a 3B-shaped model on 2 CPU cores: ~50 s
+    a token, so 32 would outlast a short run)."""
+    from minipeft.quantization.nf4 import has_4bit_layers
+
+    new_tokens = min(new_tokens, 2) if has_4bit_layers(peft_model) else new_tokens
+    prompt = batch["input_ids"][:1, :16].to(next(peft_model.parameters()).device)
+    peft_model.generate(prompt, max_new_tokens=1)
+    started = time.perf_counter()
+    generated = peft_model.generate(prompt, max_new_tokens=new_tokens)  # no EOS given: exactly new_tokens
+    return generated.shape[1] / (time.perf_counter() - started)

@@ -58,6 +58,19 @@ def adapter_added_parameters(model: torch.nn.Module) -> set:
     return ids
 
 
+def trains_base_weights(model: torch.nn.Module) -> bool:
+    """Whether a parameter of the base (not one a method added) trains: BitFit, selective fine-tuning,
+    ``modules_to_save``, LoRA ``bias="all"``. Such a run keeps its base in float32 (see below)."""
+    added = adapter_added_parameters(model)
+    return any(parameter.requires_grad and id(parameter) not in added for parameter in model.parameters())
+
+
+def load_dtype(precision: str) -> torch.dtype:
+    """The dtype a run loads its base model in: bfloat16 for a bf16 run (the frozen weights would be stored
+    in it anyway, so float32 never needs to exist), else float32 (fp16 runs keep float32 weights: autocast)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def cast_frozen_weights(model: torch.nn.Module, precision: str) -> int:
     """Store the frozen floating-point parameters of ``model`` in bf16/fp16 (``precision``), in place.
 
@@ -70,8 +83,7 @@ def cast_frozen_weights(model: torch.nn.Module, precision: str) -> int:
     dtype = LOW_PRECISION_DTYPES.get(precision)
     if dtype is None:
         return 0
-    added = adapter_added_parameters(model)
-    if any(parameter.requires_grad and id(parameter) not in added for parameter in model.parameters()):
+    if trains_base_weights(model):
         return 0
     cast = 0
     for parameter in model.parameters():  # each shared parameter once
