@@ -61,10 +61,39 @@ def shard(batches: list, rank: int, world_size: int) -> list:
     return [{key: value[rank * rows:(rank + 1) * rows] for key, value in batch.items()} for batch in batches]
 
 
-def train_tiny(output_dir, context, quantize=False, interrupt_at=None, **settings):
-    """Train the tiny model on this process's rows; returns the (sharded or not) model. ``interrupt_at``:
-    ``(epoch, batch)`` where a SIGINT arrives (the run checkpoints and stops)."""
-    model = tiny_lora_model(quantize)
+def tiny_llama_lora_model():
+    """A Llama of width 64 and 2 blocks (rotary: its ``inv_freq`` is a non-persistent buffer), LoRA on q and v."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training_fixtures import method_config
+    from minipeft.model.peft_model import get_peft_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                         max_position_embeddings=64, rope_theta=500000.0))
+    torch.manual_seed(1)
+    return get_peft_model(model, method_config(model, "lora", "--target_modules", "q_proj,v_proj"))
+
+
+def built_from_rank0(build, context, materialised: list):
+    """``build``'s model made by :func:`~minipeft.training.sharding.build_sharded` (meta on every rank, rank 0
+    reads and broadcasts); ``materialised`` gets the bytes each ``build()`` call allocated (0 on the meta device)."""
+    from minipeft.training.sharding import build_sharded
+
+    def counted_build():
+        model = build()
+        materialised.append(sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+                                if t.device.type != "meta"))
+        return model
+
+    return build_sharded(counted_build, torch.device("cpu"), context.world_size, "fp32")
+
+
+def train_tiny(output_dir, context, quantize=False, interrupt_at=None, model=None, **settings):
+    """Train the tiny model (or ``model``) on this process's rows; returns the (sharded or not) model.
+    ``interrupt_at``: ``(epoch, batch)`` where a SIGINT arrives (the run checkpoints and stops)."""
+    model = tiny_lora_model(quantize) if model is None else model
     rank, world = (context.rank, context.world_size) if context else (0, 1)
     train(model, ListLoader(shard(global_batches(), rank, world), seed=3, interrupt_at=interrupt_at),
           shard(make_batches(2, rows=GLOBAL_ROWS, seed=22), rank, world),
@@ -86,7 +115,11 @@ def worker(out: Path) -> None:
     try:
         for name, context, quantize in (("fsdp", fsdp, False), ("ddp", ddp, False), ("nf4_fsdp", fsdp, True),
                                         ("nf4_ddp", ddp, True)):
-            model = train_tiny(out / name, context, quantize)
+            model = None
+            if context.is_sharded:  # the FSDP2 runs: built on the meta device, loaded from rank 0
+                results[f"{name}_materialised"] = materialised = []
+                model = built_from_rank0(lambda: tiny_lora_model(quantize), context, materialised)
+            model = train_tiny(out / name, context, quantize, model=model)
             optimizer_state = [t for p in model.parameters() if p.requires_grad for t in (p, p)]  # AdamW: 2 moments
             results[f"{name}_bytes"] = {  # the frozen base: parameters and buffers (NF4 scales, rotary inv_freq)
                 "base": local_bytes([*(p for p in model.parameters() if not p.requires_grad), *model.buffers()]),
@@ -111,6 +144,11 @@ def worker(out: Path) -> None:
         results["nf4_bf16_forward"] = seen
         results["nf4_codes_equal"] = bool(torch.equal(layer.packed.full_tensor(), whole_codes))
         results["nf4_codes_local"] = layer.packed.to_local().numel()
+        # rotary inv_freq (not in the state dict) rebuilt: the same logits as the model built whole
+        ids = global_batches()[0]["input_ids"]
+        with torch.no_grad():
+            got = built_from_rank0(tiny_llama_lora_model, fsdp, [])(input_ids=ids).logits
+            results["rotary_logits_equal"] = bool(torch.equal(got, tiny_llama_lora_model()(input_ids=ids).logits))
         # the command line: train_llm.py --sharding fsdp on the built-in model
         from minipeft.cli.train import main
 
@@ -213,6 +251,17 @@ def test_each_rank_holds_half_of_the_base_and_of_the_adapter_state(runs):
             whole = results[0][f"{base}ddp_bytes"][key]
             pieces = [result[f"{base}fsdp_bytes"][key] for result in results]
             assert sum(pieces) >= whole and max(pieces) <= 0.55 * whole, (base, key, pieces, whole)
+
+
+def test_only_rank_0_materialises_the_model_when_built_on_the_meta_device(runs):
+    """Every rank builds on the meta device (0 bytes), rank 0 alone builds the whole model for real and
+    broadcasts it; the trained adapters above are those of a model loaded on every rank (bitwise DDP's)."""
+    _, results, _ = runs
+    for base in ("", "nf4_"):
+        whole = sum(results[0][f"{base}ddp_bytes"][key] for key in ("base", "adapter"))
+        assert results[0][f"{base}fsdp_materialised"] == [whole, 0]  # the real build, then the meta one
+        assert results[1][f"{base}fsdp_materialised"] == [0]  # the meta build only: never the whole model
+    assert all(result["rotary_logits_equal"] for result in results)
 
 
 def test_nf4_codes_shard_and_scales_stay_float32_under_bf16(runs):
