@@ -200,8 +200,8 @@ def epoch_batches(run: TrainingRun, train_loader):
     """An iterator over this epoch's micro-batches, past those a resumed checkpoint had already consumed."""
     set_epoch(train_loader, run.state.epoch)
     batches = iter(train_loader) if run.state.batches_done < len(train_loader) else iter(())
-    for _ in range(run.state.batches_done):  # resume: skip what the checkpoint had already consumed
-        next(batches)
+    for _ in range(run.state.batches_done):  # resume: skip what the checkpoint had already consumed (all of it
+        next(batches, None)  # when it was saved at the epoch's last step: then the iterator above is empty)
     if run.rng_to_restore is not None:  # ... and only then continue the random streams where they were
         restore_rng_state(*run.rng_to_restore)
         run.rng_to_restore = None
