@@ -1,7 +1,8 @@
 """FSDP2 (``--sharding fsdp``) on CPU with gloo: one launch of 2 processes as 2 torchrun "nodes" × 1 process
 (``--nnodes 2 --rdzv_backend c10d`` on 127.0.0.1), which trains the same tiny Llama + LoRA with FSDP2 and with
 DDP, on a dense and on an NF4 base, measures what each rank holds, resumes, and runs ``train_llm.py --sharding
-fsdp``; the workers write their results under one folder and the tests below assert on them.
+fsdp``; the workers write their results under one folder and the tests below assert on them. Then rank 1 is
+SIGKILLed mid-run: both torchrun agents start their workers again (``--max_restarts 1``), which resume the run.
 
 The worker is this file run as a script by torchrun (``__main__`` at the bottom).
 """
@@ -90,12 +91,14 @@ def built_from_rank0(build, context, materialised: list):
     return build_sharded(counted_build, torch.device("cpu"), context.world_size, "fp32")
 
 
-def train_tiny(output_dir, context, quantize=False, interrupt_at=None, model=None, **settings):
+def train_tiny(output_dir, context, quantize=False, interrupt_at=None, model=None, kill_at=None, **settings):
     """Train the tiny model (or ``model``) on this process's rows; returns the (sharded or not) model.
-    ``interrupt_at``: ``(epoch, batch)`` where a SIGINT arrives (the run checkpoints and stops)."""
+    ``interrupt_at``: ``(epoch, batch)`` where a SIGINT arrives (the run checkpoints and stops); ``kill_at``:
+    where this process is SIGKILLed (no checkpoint)."""
     model = tiny_lora_model(quantize) if model is None else model
     rank, world = (context.rank, context.world_size) if context else (0, 1)
-    train(model, ListLoader(shard(global_batches(), rank, world), seed=3, interrupt_at=interrupt_at),
+    train(model, ListLoader(shard(global_batches(), rank, world), seed=3, interrupt_at=interrupt_at,
+                            kill_at=kill_at),
           shard(make_batches(2, rows=GLOBAL_ROWS, seed=22), rank, world),
           TrainingConfig(output_dir=str(output_dir), **{**SETTINGS, **settings}), context)
     return model
@@ -106,9 +109,11 @@ def worker(out: Path) -> None:
     from dataclasses import replace
 
     from minipeft.quantization.nf4 import Linear4bit
-    from minipeft.training.distributed import init_distributed, shutdown_distributed
+    from minipeft.training.distributed import init_distributed
     from minipeft.training.sharding import local_bytes, shard_model
 
+    if all((out / f"killed.{number}").exists() for number in (0, 1)):  # torchrun restarted us after the SIGKILL
+        return after_the_restart(out)
     fsdp = init_distributed("cpu", "fsdp")
     ddp = replace(fsdp, sharding="ddp")  # the same process group, DDP around the model
     rank, results = fsdp.rank, {}
@@ -149,15 +154,37 @@ def worker(out: Path) -> None:
         with torch.no_grad():
             got = built_from_rank0(tiny_llama_lora_model, fsdp, [])(input_ids=ids).logits
             results["rotary_logits_equal"] = bool(torch.equal(got, tiny_llama_lora_model()(input_ids=ids).logits))
-        # the command line: train_llm.py --sharding fsdp on the built-in model
-        from minipeft.cli.train import main
-
-        results["cli_exit"] = main(["--sharding", "fsdp", "--device", "cpu", "--max_steps", "2", "--max_records", "24",
-                                    "--val_size", "4", "--batch_size", "2", "--no_cache", "--precision", "fp32",
-                                    "--output_dir", str(out / "cli")])
     finally:
         (out / f"rank{rank}.json").write_text(json.dumps(results))
-        shutdown_distributed()
+    # a machine lost: rank 1 is SIGKILLed in step 5 (checkpoint: step 3); rank 0's next collective fails, both
+    # torchrun agents start their worker again (--max_restarts 1), which resumes from the latest checkpoint
+    (out / f"killed.{rank}").touch()
+    train_tiny(out / "killed", fsdp, kill_at=(1, 3) if rank == 1 else None)
+    raise AssertionError("rank 1 was to be killed in step 5")
+
+
+def after_the_restart(out: Path) -> None:
+    """The workers torchrun started again: resume the killed run, then ``train_llm.py --sharding fsdp`` (last:
+    the command line ends the process group). Ranks may be dealt anew by the new rendezvous.
+
+    The process group's keys get a prefix of their own: the agent's store still holds the first workers'
+    addresses under the default one, which gloo would read before the new workers overwrite them."""
+    import torch.distributed as dist
+
+    from minipeft.cli.train import main
+    from minipeft.training.distributed import init_distributed
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    dist.init_process_group("gloo", store=dist.PrefixStore("after-the-kill", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    fsdp = init_distributed("cpu", "fsdp")  # (the group above)
+    saved = sorted(path.name for path in (out / "killed" / "checkpoints").glob("step-*"))
+    (out / f"killed_checkpoints.{fsdp.rank}").write_text(" ".join(saved))  # what the kill left
+    train_tiny(out / "killed", fsdp, resume="latest")
+    exit_status = main(["--sharding", "fsdp", "--device", "cpu", "--max_steps", "2", "--max_records", "24",
+                        "--val_size", "4", "--batch_size", "2", "--no_cache", "--precision", "fp32",
+                        "--output_dir", str(out / "cli")])
+    (out / f"cli_exit.{fsdp.rank}").write_text(str(exit_status))
 
 
 def free_port() -> int:
@@ -176,6 +203,7 @@ def runs(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--max_restarts", "1",  # the workers are started again once, after one of them is SIGKILLed
                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "minipeft-test",
                __file__, str(out)]
     nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -184,7 +212,11 @@ def runs(tmp_path_factory):
     for name, quantize, settings in (("dense", False, {}), ("nf4", True, {}),
                                      ("clipped", False, {"max_grad_norm": CLIPPED})):
         train_tiny(single / name, None, quantize, **settings)
-    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    try:
+        logs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()  # (a no-op once it has exited)
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(logs)[-6000:]
     return out, [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)], single
 
@@ -280,6 +312,16 @@ def test_resuming_a_sharded_run_ends_where_an_uninterrupted_one_does(runs):
     assert resumed == uninterrupted
 
 
+def test_a_run_that_lost_a_rank_to_sigkill_resumes_to_the_uninterrupted_end(runs):
+    """SIGKILL of rank 1 in step 5, torchrun starts both workers again, ``--resume latest`` (step 3): bitwise."""
+    out, _, _ = runs
+    assert sorted(path.name for path in (out / "killed" / "checkpoints").glob("step-*")) == ["step-3", "step-6"]
+    assert max_difference(adapter(out / "killed"), adapter(out / "fsdp")) == 0.0
+    assert [(out / f"killed_checkpoints.{rank}").read_text() for rank in (0, 1)] == ["step-3"] * 2  # at the restart
+    # (the resumed run rewrites metrics.jsonl from the checkpoint's step on: step 4 is in it once)
+    assert read_records(out / "killed" / "metrics.jsonl") == read_records(out / "fsdp" / "metrics.jsonl")
+
+
 def test_a_sharded_checkpoint_resumes_on_one_process(runs, tmp_path):
     import shutil
 
@@ -293,7 +335,7 @@ def test_a_sharded_checkpoint_resumes_on_one_process(runs, tmp_path):
 
 def test_train_llm_runs_sharded_and_only_rank_0_writes(runs):
     out, results, _ = runs
-    assert [result["cli_exit"] for result in results] == [0, 0]
+    assert [(out / f"cli_exit.{rank}").read_text() for rank in (0, 1)] == ["0", "0"]
     summary = json.loads((out / "cli" / "metrics.json").read_text())
     assert summary["steps"] == 2 and summary["world_size"] == 2
     assert (out / "cli" / "adapter" / "adapter_model.safetensors").is_file()
