@@ -1,7 +1,8 @@
 """FSDP2 (``--sharding fsdp``) on CPU with gloo: one launch of 2 processes as 2 torchrun "nodes" × 1 process
 (``--nnodes 2 --rdzv_backend c10d`` on 127.0.0.1), which trains the same tiny Llama + LoRA with FSDP2 and with
 DDP, on a dense and on an NF4 base, measures what each rank holds, resumes, and runs ``train_llm.py --sharding
-fsdp``; the workers write their results under one folder and the tests below assert on them.
+fsdp``; the workers write their results under one folder and the tests below assert on them. Then rank 1 is
+SIGKILLed mid-run: both torchrun agents start their workers again (``--max_restarts 1``), which resume the run.
 
 The worker is this file run as a script by torchrun (``__main__`` at the bottom).
 """
@@ -61,12 +62,43 @@ def shard(batches: list, rank: int, world_size: int) -> list:
     return [{key: value[rank * rows:(rank + 1) * rows] for key, value in batch.items()} for batch in batches]
 
 
-def train_tiny(output_dir, context, quantize=False, interrupt_at=None, **settings):
-    """Train the tiny model on this process's rows; returns the (sharded or not) model. ``interrupt_at``:
-    ``(epoch, batch)`` where a SIGINT arrives (the run checkpoints and stops)."""
-    model = tiny_lora_model(quantize)
+def tiny_llama_lora_model():
+    """A Llama of width 64 and 2 blocks (rotary: its ``inv_freq`` is a non-persistent buffer), LoRA on q and v."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training_fixtures import method_config
+    from minipeft.model.peft_model import get_peft_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                         max_position_embeddings=64, rope_theta=500000.0))
+    torch.manual_seed(1)
+    return get_peft_model(model, method_config(model, "lora", "--target_modules", "q_proj,v_proj"))
+
+
+def built_from_rank0(build, context, materialised: list):
+    """``build``'s model made by :func:`~minipeft.training.sharding.build_sharded` (meta on every rank, rank 0
+    reads and broadcasts); ``materialised`` gets the bytes each ``build()`` call allocated (0 on the meta device)."""
+    from minipeft.training.sharding import build_sharded
+
+    def counted_build():
+        model = build()
+        materialised.append(sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+                                if t.device.type != "meta"))
+        return model
+
+    return build_sharded(counted_build, torch.device("cpu"), context.world_size, "fp32")
+
+
+def train_tiny(output_dir, context, quantize=False, interrupt_at=None, model=None, kill_at=None, **settings):
+    """Train the tiny model (or ``model``) on this process's rows; returns the (sharded or not) model.
+    ``interrupt_at``: ``(epoch, batch)`` where a SIGINT arrives (the run checkpoints and stops); ``kill_at``:
+    where this process is SIGKILLed (no checkpoint)."""
+    model = tiny_lora_model(quantize) if model is None else model
     rank, world = (context.rank, context.world_size) if context else (0, 1)
-    train(model, ListLoader(shard(global_batches(), rank, world), seed=3, interrupt_at=interrupt_at),
+    train(model, ListLoader(shard(global_batches(), rank, world), seed=3, interrupt_at=interrupt_at,
+                            kill_at=kill_at),
           shard(make_batches(2, rows=GLOBAL_ROWS, seed=22), rank, world),
           TrainingConfig(output_dir=str(output_dir), **{**SETTINGS, **settings}), context)
     return model
@@ -77,16 +109,22 @@ def worker(out: Path) -> None:
     from dataclasses import replace
 
     from minipeft.quantization.nf4 import Linear4bit
-    from minipeft.training.distributed import init_distributed, shutdown_distributed
+    from minipeft.training.distributed import init_distributed
     from minipeft.training.sharding import local_bytes, shard_model
 
+    if all((out / f"killed.{number}").exists() for number in (0, 1)):  # torchrun restarted us after the SIGKILL
+        return after_the_restart(out)
     fsdp = init_distributed("cpu", "fsdp")
     ddp = replace(fsdp, sharding="ddp")  # the same process group, DDP around the model
     rank, results = fsdp.rank, {}
     try:
         for name, context, quantize in (("fsdp", fsdp, False), ("ddp", ddp, False), ("nf4_fsdp", fsdp, True),
                                         ("nf4_ddp", ddp, True)):
-            model = train_tiny(out / name, context, quantize)
+            model = None
+            if context.is_sharded:  # the FSDP2 runs: built on the meta device, loaded from rank 0
+                results[f"{name}_materialised"] = materialised = []
+                model = built_from_rank0(lambda: tiny_lora_model(quantize), context, materialised)
+            model = train_tiny(out / name, context, quantize, model=model)
             optimizer_state = [t for p in model.parameters() if p.requires_grad for t in (p, p)]  # AdamW: 2 moments
             results[f"{name}_bytes"] = {  # the frozen base: parameters and buffers (NF4 scales, rotary inv_freq)
                 "base": local_bytes([*(p for p in model.parameters() if not p.requires_grad), *model.buffers()]),
@@ -111,15 +149,42 @@ def worker(out: Path) -> None:
         results["nf4_bf16_forward"] = seen
         results["nf4_codes_equal"] = bool(torch.equal(layer.packed.full_tensor(), whole_codes))
         results["nf4_codes_local"] = layer.packed.to_local().numel()
-        # the command line: train_llm.py --sharding fsdp on the built-in model
-        from minipeft.cli.train import main
-
-        results["cli_exit"] = main(["--sharding", "fsdp", "--device", "cpu", "--max_steps", "2", "--max_records", "24",
-                                    "--val_size", "4", "--batch_size", "2", "--no_cache", "--precision", "fp32",
-                                    "--output_dir", str(out / "cli")])
+        # rotary inv_freq (not in the state dict) rebuilt: the same logits as the model built whole
+        ids = global_batches()[0]["input_ids"]
+        with torch.no_grad():
+            got = built_from_rank0(tiny_llama_lora_model, fsdp, [])(input_ids=ids).logits
+            results["rotary_logits_equal"] = bool(torch.equal(got, tiny_llama_lora_model()(input_ids=ids).logits))
     finally:
         (out / f"rank{rank}.json").write_text(json.dumps(results))
-        shutdown_distributed()
+    # a machine lost: rank 1 is SIGKILLed in step 5 (checkpoint: step 3); rank 0's next collective fails, both
+    # torchrun agents start their worker again (--max_restarts 1), which resumes from the latest checkpoint
+    (out / f"killed.{rank}").touch()
+    train_tiny(out / "killed", fsdp, kill_at=(1, 3) if rank == 1 else None)
+    raise AssertionError("rank 1 was to be killed in step 5")
+
+
+def after_the_restart(out: Path) -> None:
+    """The workers torchrun started again: resume the killed run, then ``train_llm.py --sharding fsdp`` (last:
+    the command line ends the process group). Ranks may be dealt anew by the new rendezvous.
+
+    The process group's keys get a prefix of their own: the agent's store still holds the first workers'
+    addresses under the default one, which gloo would read before the new workers overwrite them."""
+    import torch.distributed as dist
+
+    from minipeft.cli.train import main
+    from minipeft.training.distributed import init_distributed
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    dist.init_process_group("gloo", store=dist.PrefixStore("after-the-kill", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    fsdp = init_distributed("cpu", "fsdp")  # (the group above)
+    saved = sorted(path.name for path in (out / "killed" / "checkpoints").glob("step-*"))
+    (out / f"killed_checkpoints.{fsdp.rank}").write_text(" ".join(saved))  # what the kill left
+    train_tiny(out / "killed", fsdp, resume="latest")
+    exit_status = main(["--sharding", "fsdp", "--device", "cpu", "--max_steps", "2", "--max_records", "24",
+                        "--val_size", "4", "--batch_size", "2", "--no_cache", "--precision", "fp32",
+                        "--output_dir", str(out / "cli")])
+    (out / f"cli_exit.{fsdp.rank}").write_text(str(exit_status))
 
 
 def free_port() -> int:
@@ -138,6 +203,7 @@ def runs(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--max_restarts", "1",  # the workers are started again once, after one of them is SIGKILLed
                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "minipeft-test",
                __file__, str(out)]
     nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -146,7 +212,11 @@ def runs(tmp_path_factory):
     for name, quantize, settings in (("dense", False, {}), ("nf4", True, {}),
                                      ("clipped", False, {"max_grad_norm": CLIPPED})):
         train_tiny(single / name, None, quantize, **settings)
-    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    try:
+        logs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()  # (a no-op once it has exited)
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(logs)[-6000:]
     return out, [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)], single
 
@@ -215,6 +285,17 @@ def test_each_rank_holds_half_of_the_base_and_of_the_adapter_state(runs):
             assert sum(pieces) >= whole and max(pieces) <= 0.55 * whole, (base, key, pieces, whole)
 
 
+def test_only_rank_0_materialises_the_model_when_built_on_the_meta_device(runs):
+    """Every rank builds on the meta device (0 bytes), rank 0 alone builds the whole model for real and
+    broadcasts it; the trained adapters above are those of a model loaded on every rank (bitwise DDP's)."""
+    _, results, _ = runs
+    for base in ("", "nf4_"):
+        whole = sum(results[0][f"{base}ddp_bytes"][key] for key in ("base", "adapter"))
+        assert results[0][f"{base}fsdp_materialised"] == [whole, 0]  # the real build, then the meta one
+        assert results[1][f"{base}fsdp_materialised"] == [0]  # the meta build only: never the whole model
+    assert all(result["rotary_logits_equal"] for result in results)
+
+
 def test_nf4_codes_shard_and_scales_stay_float32_under_bf16(runs):
     _, results, _ = runs
     seen = results[0]["nf4_bf16_forward"]
@@ -231,6 +312,16 @@ def test_resuming_a_sharded_run_ends_where_an_uninterrupted_one_does(runs):
     assert resumed == uninterrupted
 
 
+def test_a_run_that_lost_a_rank_to_sigkill_resumes_to_the_uninterrupted_end(runs):
+    """SIGKILL of rank 1 in step 5, torchrun starts both workers again, ``--resume latest`` (step 3): bitwise."""
+    out, _, _ = runs
+    assert sorted(path.name for path in (out / "killed" / "checkpoints").glob("step-*")) == ["step-3", "step-6"]
+    assert max_difference(adapter(out / "killed"), adapter(out / "fsdp")) == 0.0
+    assert [(out / f"killed_checkpoints.{rank}").read_text() for rank in (0, 1)] == ["step-3"] * 2  # at the restart
+    # (the resumed run rewrites metrics.jsonl from the checkpoint's step on: step 4 is in it once)
+    assert read_records(out / "killed" / "metrics.jsonl") == read_records(out / "fsdp" / "metrics.jsonl")
+
+
 def test_a_sharded_checkpoint_resumes_on_one_process(runs, tmp_path):
     import shutil
 
@@ -244,7 +335,7 @@ def test_a_sharded_checkpoint_resumes_on_one_process(runs, tmp_path):
 
 def test_train_llm_runs_sharded_and_only_rank_0_writes(runs):
     out, results, _ = runs
-    assert [result["cli_exit"] for result in results] == [0, 0]
+    assert [(out / f"cli_exit.{rank}").read_text() for rank in (0, 1)] == ["0", "0"]
     summary = json.loads((out / "cli" / "metrics.json").read_text())
     assert summary["steps"] == 2 and summary["world_size"] == 2
     assert (out / "cli" / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,6 +1,7 @@
 """The training loop: loss normalisation under accumulation, schedules, perplexity, weight decay, exact
 resume, Ctrl-C, non-finite losses, gradient checkpointing and the gradient check."""
 
+import json
 import math
 
 import pytest
@@ -206,6 +207,23 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tmp_pa
     assert result["outcome"] == "finished" and result["state"]["step"] == 8
 
     assert read_records(tmp_path / "split" / "metrics.jsonl") == read_records(tmp_path / "whole" / "metrics.jsonl")
+    whole_tensors, resumed_tensors = adapter_tensors(whole), adapter_tensors(resumed)
+    assert all(torch.equal(resumed_tensors[name], tensor) for name, tensor in whole_tensors.items())
+
+
+def test_a_checkpoint_saved_at_an_epochs_last_step_resumes_in_the_next_epoch(tmp_path):
+    """A periodic checkpoint at the last step of an epoch (all its batches consumed; then the process is lost):
+    the resumed run starts the next epoch and ends where the uninterrupted one does."""
+    batches, val_batches = make_batches(7, seed=11), make_batches(2, seed=12)
+    settings = dict(epochs=2, gradient_accumulation_steps=2, eval_every=4, lr_schedule="cosine", warmup_steps=2)
+    whole = tiny_peft_model("lora")
+    train(whole, ListLoader(batches), val_batches, run_config(tmp_path / "whole", **settings))
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step-4"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["trainer"]["batches_done"] == 7
+    resumed = tiny_peft_model("lora")
+    result = train(resumed, ListLoader(batches), val_batches, run_config(tmp_path / "resumed", resume=str(checkpoint),
+                                                                          **settings))
+    assert result["outcome"] == "finished" and result["state"]["step"] == 8
     whole_tensors, resumed_tensors = adapter_tensors(whole), adapter_tensors(resumed)
     assert all(torch.equal(resumed_tensors[name], tensor) for name, tensor in whole_tensors.items())
 

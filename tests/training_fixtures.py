@@ -84,10 +84,12 @@ def concatenate(batches: list) -> dict:
 class ListLoader:
     """A loader over fixed batches, reshuffled per epoch by ``(seed, epoch)`` like the data pipeline's sampler
     (its own generator: the global RNG is not touched). ``interrupt_at=(epoch, index)`` raises SIGINT when that
-    batch is fetched, as a user pressing Ctrl-C would."""
+    batch is fetched, as a user pressing Ctrl-C would; ``kill_at=(epoch, index)`` sends SIGKILL to this process
+    (no handler, no checkpoint: a machine lost)."""
 
-    def __init__(self, batches: list, seed: int = 0, shuffle: bool = True, interrupt_at=None):
+    def __init__(self, batches: list, seed: int = 0, shuffle: bool = True, interrupt_at=None, kill_at=None):
         self.batches, self.seed, self.shuffle, self.interrupt_at = batches, seed, shuffle, interrupt_at
+        self.kill_at = kill_at
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -105,6 +107,8 @@ class ListLoader:
         for index, batch_index in enumerate(order):
             if self.interrupt_at == (self.epoch, index):
                 signal.raise_signal(signal.SIGINT)
+            if self.kill_at == (self.epoch, index):
+                signal.raise_signal(signal.SIGKILL)
             yield self.batches[batch_index]
 
 

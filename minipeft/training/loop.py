@@ -63,7 +63,7 @@ from minipeft.training.prepare import (autocast_for, check_output_dir, enable_gr
                                        prepare_output_dir, resolve_precision)
 from minipeft.training.schedule import get_lr, warmup_steps_for
 from minipeft.training.sharding import (adapter_tensors, full_norm, full_optimizer_state, load_full_adapter_state,
-                                        load_full_optimizer_state, shard_model)
+                                        load_full_optimizer_state, is_sharded, shard_model)
 from minipeft.training.signals import StopRequest
 from minipeft.training.state import RunPlan, TrainingRun, TrainState
 
@@ -124,14 +124,15 @@ def start_run(model, config: TrainingConfig, plan: RunPlan, context: Distributed
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.tf32
         torch.backends.cudnn.allow_tf32 = config.tf32
-    model.to(device)
-    cast_frozen_weights(model, plan.precision)  # bf16/fp16: frozen weights stored in half precision, no fp32 copy
+    if not is_sharded(model):  # (sharding.build_sharded gives it on its device, cast and in pieces)
+        model.to(device)
+        cast_frozen_weights(model, plan.precision)  # bf16/fp16: frozen weights stored in half precision
     model.train()
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if config.compile:
         check_compiler_available(device)
-    if context.is_sharded:
+    if context.is_sharded and not is_sharded(model):
         shard_model(model, device, context.world_size, plan.precision, config.fsdp_cpu_offload)
     optimizer = build_optimizer(model, config.learning_rate, config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" else None

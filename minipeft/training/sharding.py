@@ -22,18 +22,25 @@ The loop is the same as under DDP (FSDP2 averages gradients over ranks, as DDP d
 reduce-scatter on all but the last micro-batch (``set_requires_gradient_sync(False)``, DDP's ``no_sync``);
 ``clip_grad_norm_`` sums the squares of every rank's pieces, so the norm is the full one.
 
+Loading (:func:`build_sharded`): every rank builds the model on the meta device (shapes, no bytes) and shards
+it; rank 0 alone builds it for real (reads the checkpoint) and broadcasts each tensor, of which every rank keeps
+its piece. Rank r > 0 never holds more than its pieces and one tensor in flight.
+
 Files: an adapter or checkpoint is the *full* tensors, gathered (:func:`full_adapter_state`,
 :func:`full_optimizer_state`), in the same format as a one-process run, so a run may resume with another
 number of processes or under DDP.
 """
 
+from typing import Callable
+
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from minipeft.core.errors import UserError
@@ -41,6 +48,7 @@ from minipeft.core.layers import transformer_blocks
 from minipeft.methods import METHODS
 from minipeft.model.adapter_files import peft_state_dict, to_peft_key
 from minipeft.quantization.nf4 import Linear4bit
+from minipeft.training.precision import cast_frozen_weights
 
 def check_can_shard(method: str) -> None:
     """Raise :class:`UserError` (naming the flag) for a method ``--sharding fsdp`` does not run: one whose
@@ -72,6 +80,52 @@ def shard_model(peft_model: nn.Module, device: torch.device, world_size: int, pr
         fully_shard(block, **settings)
     fully_shard(peft_model, **settings)
     return peft_model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` has already been applied to ``model`` (:func:`build_sharded`)."""
+    return isinstance(model, FSDPModule)
+
+
+def non_persistent_buffers(model: nn.Module) -> dict:
+    """``{module name: [buffer names]}`` of the buffers that are in no state dict (rotary ``inv_freq``)."""
+    return {prefix: sorted(name for name in module._non_persistent_buffers_set if module._buffers.get(name) is not None)
+            for prefix, module in model.named_modules() if module._non_persistent_buffers_set}
+
+
+def build_sharded(build: Callable[[], nn.Module], device: torch.device, world_size: int, precision: str,
+                  cpu_offload: bool = False) -> nn.Module:
+    """The model ``build()`` returns, sharded, with rank 0's values; every rank must call it (collectives).
+
+    1. every rank: ``build()`` under ``torch.device("meta")``: the modules and shapes, no bytes; sharded
+       (:func:`shard_model`), then ``to_empty``: each rank allocates its pieces only, uninitialised;
+    2. rank 0 only: ``build()`` for real (the checkpoint read, the adapter initialised), its state dict;
+    3. ``set_model_state_dict(..., broadcast_from_rank0=True)``: rank 0 sends one tensor at a time, each rank
+       keeps its piece (given a copy of the dict: it replaces the dict's values in place);
+    4. non-persistent buffers (rotary ``inv_freq``) are in no state dict: rank 0 sends its own, computed on a
+       real device by the modules' ``__init__``, so every rank has the exact values.
+
+    ``build`` must give the same model every call (it seeds its own random initialisation).
+    """
+    source = build() if dist.get_rank() == 0 else None
+    if source is not None:
+        cast_frozen_weights(source, precision)
+    with torch.device("meta"):
+        model = build()
+    cast_frozen_weights(model, precision)  # the pieces in the dtype the rank-0 model stores
+    shard_model(model, device, world_size, precision, cpu_offload)
+    model.to_empty(device=device)
+    full = dict(source.state_dict()) if source is not None else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for prefix, names in non_persistent_buffers(model).items():
+        module = model.get_submodule(prefix)
+        for name in names:  # after to_empty: the right shape, uninitialised
+            values = source.get_submodule(prefix)._buffers[name].to(device) if source is not None \
+                else module._buffers[name]
+            dist.broadcast(values, src=0)
+            module._buffers[name] = values
+    del source, full
+    return model
 
 
 def full_norm(norm: torch.Tensor) -> torch.Tensor:
