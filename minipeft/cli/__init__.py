@@ -49,10 +49,25 @@ def handle_signals_after_loading() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_TERMINATED))
 
 
-def run(main, argv=None) -> int:
-    """Call ``main(argv)``; a :class:`UserError` becomes ``error: ...`` on stderr and exit status 2."""
+def ignore_late_interrupts() -> None:
+    """The command's work is done and its exit status decided: a Ctrl-C or SIGTERM arriving now (a second
+    Ctrl-C just after the first's checkpoint was saved, say) changes nothing. Without this, one landing while
+    Python shuts down kills the process by the signal instead of the status the command chose."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+
+
+def run(main, argv=None, leaving: bool = False) -> int:
+    """Call ``main(argv)``; a :class:`UserError` becomes ``error: ...`` on stderr and exit status 2.
+
+    ``leaving``: the process exits with the returned status (the entry scripts), so interrupts are ignored
+    from the moment ``main`` ends (:func:`ignore_late_interrupts`)."""
     try:
-        return main(sys.argv[1:] if argv is None else argv) or 0
+        try:
+            return main(sys.argv[1:] if argv is None else argv) or 0
+        finally:
+            if leaving:
+                ignore_late_interrupts()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -81,7 +96,7 @@ def caused_by_interrupt(error: BaseException) -> bool:
     return False
 
 
-def main(argv=None) -> int:
+def main(argv=None, leaving: bool = False) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = ["usage: python -m minipeft <command> [options]", "", "commands:"]
@@ -93,4 +108,4 @@ def main(argv=None) -> int:
         return 0
     module_name, _ = COMMANDS[argv[0]]
     # the import goes inside run(): Ctrl-C while torch and transformers load is exit 130 too, not a traceback
-    return run(lambda arguments: importlib.import_module(module_name).main(arguments), argv[1:])
+    return run(lambda arguments: importlib.import_module(module_name).main(arguments), argv[1:], leaving)
