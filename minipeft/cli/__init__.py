@@ -11,6 +11,7 @@ and turns a user's mistake into one line on stderr:
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 
@@ -19,6 +20,7 @@ from minipeft.core.errors import UserError
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
+EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE  # 141: the reader of stdout left (``| head``), as shells report it
 
 
 class CommandLineParser(argparse.ArgumentParser):
@@ -71,6 +73,8 @@ def run(main, argv=None, leaving: bool = False) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        return stdout_closed()
     except OSError as error:  # the environment, not the code: name the path and the reason
         where = f"{error.filename}: " if error.filename is not None else ""
         print(f"error: {where}{error.strerror or error}", file=sys.stderr)
@@ -83,6 +87,13 @@ def run(main, argv=None, leaving: bool = False) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def stdout_closed() -> int:
+    """``... | head`` closed stdout: stop writing quietly (stdout now goes nowhere, so the flush at exit cannot
+    fail a second time) and exit 141, as a program killed by SIGPIPE would."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_PIPE_CLOSED
 
 
 def caused_by_interrupt(error: BaseException) -> bool:
@@ -98,13 +109,17 @@ def caused_by_interrupt(error: BaseException) -> bool:
 
 def main(argv=None, leaving: bool = False) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        print(f"error: unknown command {argv[0]!r}: one of {', '.join(COMMANDS)} (see python -m minipeft --help)",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
+    if not argv or argv[0] in ("-h", "--help"):
         lines = ["usage: python -m minipeft <command> [options]", "", "commands:"]
         lines += [f"  {name:<13} {help_text}" for name, (_, help_text) in COMMANDS.items()]
-        print("\n".join(lines), file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"error: unknown command {argv[0]!r}", file=sys.stderr)
-            return EXIT_USER_ERROR
+        try:
+            print("\n".join(lines), flush=True)
+        except BrokenPipeError:
+            return stdout_closed()
         return 0
     module_name, _ = COMMANDS[argv[0]]
     # the import goes inside run(): Ctrl-C while torch and transformers load is exit 130 too, not a traceback

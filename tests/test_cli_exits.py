@@ -1,4 +1,4 @@
-"""A second Ctrl-C (or a SIGTERM) that lands once a command has finished its work and chosen its exit status
+"""How commands end: a second Ctrl-C (or a SIGTERM) that lands once a command has finished its work and chosen
 changes nothing: the status stays the command's, with no traceback and no death by the signal.
 
 (Before ``minipeft.cli.ignore_late_interrupts``, a second Ctrl-C 50 ms after the first, landing while Python
@@ -71,3 +71,16 @@ def test_two_ctrl_c_in_a_row_leave_a_resumable_run(tmp_path):
                              capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (out_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_an_unknown_command_is_one_line_and_a_closed_pipe_is_quiet():
+    bogus = subprocess.run([sys.executable, "-m", "minipeft", "bogus"], env=ENV, capture_output=True, text=True,
+                           timeout=60, cwd=ROOT)
+    assert bogus.returncode == 2 and bogus.stdout == ""
+    assert bogus.stderr.splitlines() == [bogus.stderr.strip()] and "unknown command 'bogus'" in bogus.stderr
+    # the usage into a reader that leaves after one line (``| head -1``): no traceback, 141 as for SIGPIPE
+    process = subprocess.Popen([sys.executable, "-m", "minipeft"], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141 and err == ""
