@@ -1,5 +1,6 @@
-"""How commands end: a second Ctrl-C (or a SIGTERM) that lands once a command has finished its work and chosen
-changes nothing: the status stays the command's, with no traceback and no death by the signal.
+"""How commands end. A second Ctrl-C (or a SIGTERM) that lands once a command has finished its work and chosen
+its exit status changes nothing: the status stays the command's, with no traceback and no death by the signal.
+An unknown command is one line; a reader that closes stdout early gets no traceback.
 
 (Before ``minipeft.cli.ignore_late_interrupts``, a second Ctrl-C 50 ms after the first, landing while Python
 shut down, ended the process by SIGINT: status -2 to ``subprocess``, where the run had decided on 130.)
