@@ -121,7 +121,7 @@ def base_model_on_meta(name: str, quantize: str = "none", quantize_lm_head: bool
     from minipeft.loading.checkpoint_dir import TOKENIZER_FILES, build_on_meta
 
     check_not_quantized_folder(name)
-    folder, source = Path(name), {}
+    folder, where, source = Path(name), name, {}
     if folder.is_dir() and (folder / "config.json").is_file():
         with torch.device("meta"):
             model = build_on_meta(folder, dtype)
@@ -130,11 +130,14 @@ def base_model_on_meta(name: str, quantize: str = "none", quantize_lm_head: bool
     else:
         if name == SMOLLM2_NAME:
             path = smollm2_gguf_path()
-            name, source = str(path.parent), dict(gguf_file=path.name)
+            where, source = str(path.parent), dict(gguf_file=path.name)
         elif name == "builtin":
-            name = str(MODEL_DIR)
-        config = AutoConfig.from_pretrained(name, **source)
-        tokenizer = AutoTokenizer.from_pretrained(name, **source)
+            where = str(MODEL_DIR)
+        try:
+            config = AutoConfig.from_pretrained(where, **source)
+            tokenizer = AutoTokenizer.from_pretrained(where, **source)
+        except OSError as error:  # (process 0, loading it for real, says the same in its own words)
+            raise UserError(f"--model {name}: could not be loaded: {str(error).splitlines()[0]}") from None
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if quantize == "nf4":
