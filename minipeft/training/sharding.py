@@ -24,7 +24,8 @@ reduce-scatter on all but the last micro-batch (``set_requires_gradient_sync(Fal
 
 Loading (:func:`build_sharded`): every rank builds the model on the meta device (shapes, no bytes) and shards
 it; rank 0 alone builds it for real (reads the checkpoint) and broadcasts each tensor, of which every rank keeps
-its piece. Rank r > 0 never holds more than its pieces and one tensor in flight.
+its piece. Rank r > 0 never holds more than its pieces and one tensor in flight. ``train_llm.py --sharding fsdp``
+loads this way (:func:`load_sharded`).
 
 Files: an adapter or checkpoint is the *full* tensors, gathered (:func:`full_adapter_state`,
 :func:`full_optimizer_state`), in the same format as a one-process run, so a run may resume with another
