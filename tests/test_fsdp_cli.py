@@ -162,6 +162,7 @@ def worker(out: Path, llama: str) -> None:
     # DDP's runs would swap in the memory-lean RMSNorm (minipeft/fast), whose backward rounds differently from
     # transformers' norm; FSDP2 swaps no module. Without the swap both compute the same operations.
     minipeft.fast.use_memory_lean_rms_norm = no_norm_swap
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imported now: not in the first run's peak)
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
