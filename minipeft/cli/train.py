@@ -310,6 +310,7 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
     from minipeft.model.peft_model import get_peft_model
     from minipeft.training.precision import load_dtype, trains_base_weights
     from minipeft.training.prepare import resolve_precision
+    from minipeft.training.sharding import load_sharded
 
     def say(message: str = "") -> None:
         if context.is_main:
@@ -321,10 +322,13 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
         warn_about_changed_settings(output_dir, arguments)
     started = time.perf_counter()
 
-    def base_and_method(dtype: torch.dtype):
+    def base_and_method(dtype: torch.dtype, on_meta: bool = None):
+        if on_meta is None and context.is_sharded:  # rank 0 loads, every rank builds on meta (docs/sharding.md)
+            return load_sharded(lambda meta: base_and_method(dtype, meta), context, precision, config.fsdp_cpu_offload)
         torch.manual_seed(config.seed)  # the seed makes the adapter's initialisation identical on every process
         model, tokenizer = load_base_model(args.model, args.quantize, args.quantize_lm_head, dtype=dtype, log=say,
-                                           compute_dtype=COMPUTE_DTYPES[precision])  # 4-bit layers compute in it
+                                           compute_dtype=COMPUTE_DTYPES[precision],  # 4-bit layers compute in it
+                                           on_meta=bool(on_meta))
         if tokenizer is None:
             raise UserError(f"--model {args.model}: has no tokenizer (tokenizer.json, tokenizer_config.json); "
                             "training needs one: save it beside the model with tokenizer.save_pretrained")

@@ -107,8 +107,48 @@ def load_smollm2_streaming(quantize_lm_head: bool = False, dtype: torch.dtype = 
     return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), names
 
 
+def base_model_on_meta(name: str, quantize: str = "none", quantize_lm_head: bool = False,
+                       dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = None):
+    """``(model, tokenizer)``: the model :func:`load_base_model` gives, built on the meta device (its modules,
+    shapes and dtypes, the 4-bit layers included; no bytes, no weight read), and its tokenizer (None when a
+    folder has none). What a process other than 0 builds under ``--sharding fsdp``: FSDP2 then allocates its
+    pieces and process 0 sends their values (:func:`minipeft.training.sharding.build_sharded`)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from minipeft.builtin import MODEL_DIR
+    from minipeft.loading.checkpoint_dir import TOKENIZER_FILES, build_on_meta
+
+    check_not_quantized_folder(name)
+    folder, where, source = Path(name), name, {}
+    if folder.is_dir() and (folder / "config.json").is_file():
+        with torch.device("meta"):
+            model = build_on_meta(folder, dtype)
+        has_tokenizer = any((folder / file).is_file() for file in TOKENIZER_FILES)
+        tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    else:
+        if name == SMOLLM2_NAME:
+            path = smollm2_gguf_path()
+            where, source = str(path.parent), dict(gguf_file=path.name)
+        elif name == "builtin":
+            where = str(MODEL_DIR)
+        try:
+            config = AutoConfig.from_pretrained(where, **source)
+            tokenizer = AutoTokenizer.from_pretrained(where, **source)
+        except OSError as error:  # (process 0, loading it for real, says the same in its own words)
+            raise UserError(f"--model {name}: could not be loaded: {str(error).splitlines()[0]}") from None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if quantize == "nf4":
+        with torch.device("meta"):
+            quantize_model(model, quantize_lm_head, compute_dtype=compute_dtype)
+    return model.eval(), tokenizer
+
+
 def load_base_model(name: str, quantize: str = "none", quantize_lm_head: bool = False,
-                    dtype: torch.dtype = torch.float32, log=print, compute_dtype: torch.dtype = None):
+                    dtype: torch.dtype = torch.float32, log=print, compute_dtype: torch.dtype = None,
+                    on_meta: bool = False):
     """``(model, tokenizer)`` like :func:`minipeft.loading.models.load_model_and_tokenizer`, with the linear layers in
     NF4 when ``quantize == "nf4"``, everything else in ``dtype``. A checkpoint directory (``config.json`` and
     safetensors) is read tensor by tensor, each linear weight quantized as it is read
@@ -116,9 +156,12 @@ def load_base_model(name: str, quantize: str = "none", quantize_lm_head: bool = 
     same way. Other models (the built-in one, hub ids not yet in a local folder) are loaded in ``dtype``,
     then quantized one layer at a time (peak: the float model). ``compute_dtype``: what the 4-bit layers
     multiply in (``train_llm.py --precision fp32``: float32); None:
-    :func:`~minipeft.quantization.nf4.default_compute_dtype`."""
+    :func:`~minipeft.quantization.nf4.default_compute_dtype`. ``on_meta``: the same model on the meta device,
+    nothing read (:func:`base_model_on_meta`)."""
     from pathlib import Path
 
+    if on_meta:
+        return base_model_on_meta(name, quantize, quantize_lm_head, dtype, compute_dtype)
     check_not_quantized_folder(name)
     if Path(name).is_dir() and (Path(name) / "config.json").is_file():
         model, tokenizer = load_checkpoint_dir(name, quantize, quantize_lm_head, dtype, log,
