@@ -8,7 +8,8 @@ A checkpoint is a directory ``output_dir/checkpoints/step-N/``::
       optimizer.safetensors               AdamW's moments and step counts, one tensor per (parameter, key)
       rng_state.safetensors               torch (CPU, CUDA), Python and NumPy generator states, per process
       trainer_state.json                  the rest: step, epoch, position in the epoch, best eval loss,
-                                          optimizer hyper-parameters, grad-scaler scalars, RNG scalars
+                                          optimizer hyper-parameters, grad-scaler scalars, RNG scalars,
+                                          the data's fingerprint (data_fingerprint)
 
 No pickle is written or read: tensors go to safetensors, everything else to JSON.
 
