@@ -12,6 +12,7 @@ from torch import nn
 
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
+from minipeft.loading.checks import check_model_directory, check_weights_finite
 from minipeft.loading.checkpoint_dir import load_checkpoint_dir, place_tensor
 from minipeft.loading.models import SMOLLM2_NAME, load_model_and_tokenizer, smollm2_gguf_path
 from minipeft.quantization.nf4 import Linear4bit, quantizable_layers, quantize_model
@@ -121,8 +122,10 @@ def load_base_model(name: str, quantize: str = "none", quantize_lm_head: bool = 
 
     check_not_quantized_folder(name)
     if Path(name).is_dir() and (Path(name) / "config.json").is_file():
+        check_model_directory(name, quantize, dtype)  # config, size, headers, tokenizer: before reading weights
         model, tokenizer = load_checkpoint_dir(name, quantize, quantize_lm_head, dtype, log,
                                                compute_dtype=compute_dtype)
+        check_weights_finite(model, name)
         names = [layer for layer, module in model.named_modules() if isinstance(module, Linear4bit)]
         if quantize == "none":
             return model, tokenizer
