@@ -49,6 +49,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,8 +159,12 @@ def _sha256(path: str, size: int, modified_ns: int) -> str:
 
 
 def file_sha256(path) -> str:
-    """The sha256 of a file's bytes (recomputed only when its size or modification time changed)."""
+    """The sha256 of a file's bytes, recomputed when its size or modification time changed, or when that time
+    is under two seconds old (a file system's clock ticks coarsely: an edit of the same size within one tick
+    keeps the time, so a recent time proves nothing; git calls such files "racily clean")."""
     info = os.stat(path)
+    if time.time_ns() - info.st_mtime_ns < 2_000_000_000:
+        return _sha256.__wrapped__(str(path), info.st_size, info.st_mtime_ns)
     return _sha256(str(Path(path).resolve()), info.st_size, info.st_mtime_ns)
 
 
