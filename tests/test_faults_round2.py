@@ -375,3 +375,66 @@ def test_a_100_mb_record_is_refused_before_tokenizing(tmp_path, capsys):
     one_error(code, err, f"{data}: record 3 has 100,000,0", "more than --max_length 128 tokens can hold (8,192 = 128 × 64)",
               "raise --max_length")
     assert digests(tmp_path) == before
+
+
+# -- 8. a model directory checked before it is used -----------------------------------------------------------------
+def model_copy(tmp_path: Path, change) -> Path:
+    """A copy of the built-in model's directory (config.json, model.safetensors, tokenizer) after ``change``."""
+    import shutil
+
+    from minipeft.builtin import MODEL_DIR
+
+    directory = Path(shutil.copytree(MODEL_DIR, tmp_path / "model"))
+    change(directory)
+    return directory
+
+
+def config_edit(**values):
+    return lambda directory: edit_json(directory / "config.json", lambda config: config.update(values))
+
+
+def one_weight_nan(directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    tensors["transformer.h.1.mlp.c_fc.weight"] = tensors["transformer.h.1.mlp.c_fc.weight"].clone()
+    tensors["transformer.h.1.mlp.c_fc.weight"][3, 5] = float("nan")
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def cut_in_half(directory: Path) -> None:
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+
+
+def tokenizer_needing_tiktoken(directory: Path) -> None:
+    (directory / "tokenizer.json").unlink()
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    (directory / "tokenizer.model").write_bytes(b"neither sentencepiece nor tiktoken")
+
+
+@pytest.mark.parametrize("change, where, fragments", [
+    (config_edit(layer_norm_epsilon=float("nan")), "config.json", ['"layer_norm_epsilon" must be a finite number']),
+    (config_edit(n_embd=-5), "config.json", ['"n_embd" must be a whole number ≥ 1, got -5']),
+    (config_edit(n_head=0), "config.json", ['"n_head" must be a whole number ≥ 1, got 0']),
+    (config_edit(vocab_size="big"), "config.json", ['"vocab_size" must be a whole number ≥ 1']),
+    (config_edit(resid_pdrop=3), "config.json", ['"resid_pdrop" must be a number in [0, 1]']),
+    (config_edit(n_embd=10_000_000, n_layer=1000), "config.json", ["describes a model of", "GB of memory available",
+                                                                   "n_embd 10,000,000"]),
+    (config_edit(model_type="no_such_architecture"), "config.json", ["no_such_architecture"]),
+    (one_weight_nan, "model.safetensors", ["tensor transformer.h.1.mlp.c_fc.weight: holds NaN or infinity"]),
+    (cut_in_half, "model.safetensors", ["ends inside tensor", "the file is truncated"]),
+    (tokenizer_needing_tiktoken, "tokenizer_config.json", ["the tokenizer does not load"]),
+])
+def test_a_model_directory_that_cannot_work_is_refused_naming_the_file(change, where, fragments, tmp_path, capsys):
+    model = model_copy(tmp_path, change)
+    before = digests(tmp_path)
+    code, out, err = in_process(GENERATE, "--model", model, "--prompt", "Hi", "--max_new_tokens", "2", capsys=capsys)
+    one_error(code, err, f"--model {model / where}: ", *fragments)
+    assert out == "" and digests(tmp_path) == before
+
+
+def test_an_intact_model_directory_passes_the_checks(tmp_path, capsys):
+    model = model_copy(tmp_path, lambda directory: None)
+    code, out, err = in_process(GENERATE, "--model", model, "--prompt", "Hi", "--max_new_tokens", "2", capsys=capsys)
+    assert code == 0 and "error" not in err, err
