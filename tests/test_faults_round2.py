@@ -372,8 +372,8 @@ def test_a_100_mb_record_is_refused_before_tokenizing(tmp_path, capsys):
     data = write_records(tmp_path / "data.json", rows)
     before = digests(tmp_path)
     code, _, err = in_process(data_main, "--dataset_path", data, "--no_cache", "--max_length", "128", capsys=capsys)
-    one_error(code, err, f"{data}: record 3 has 100,000,0", "more than --max_length 128 tokens can hold (8,192 = 128 × 64)",
-              "raise --max_length")
+    one_error(code, err, f"{data}: record 3 has 100,000,0", "raise --max_length",
+              "more than --max_length 128 tokens can hold (8,192 = 128 × 64)")
     assert digests(tmp_path) == before
 
 
@@ -407,6 +407,19 @@ def cut_in_half(directory: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
 
 
+def header_shape_lies(directory: Path) -> None:
+    """The header of model.safetensors says [1, 2] for the first tensor, whose bytes are many more."""
+    import struct
+
+    weights = directory / "model.safetensors"
+    raw = weights.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    header[min(key for key in header if key != "__metadata__")]["shape"] = [1, 2]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(length)  # no longer: padded to the length
+    weights.write_bytes(raw[:8] + text + raw[8 + length:])
+
+
 def tokenizer_needing_tiktoken(directory: Path) -> None:
     (directory / "tokenizer.json").unlink()
     (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
@@ -424,6 +437,7 @@ def tokenizer_needing_tiktoken(directory: Path) -> None:
     (config_edit(model_type="no_such_architecture"), "config.json", ["no_such_architecture"]),
     (one_weight_nan, "model.safetensors", ["tensor transformer.h.1.mlp.c_fc.weight: holds NaN or infinity"]),
     (cut_in_half, "model.safetensors", ["ends inside tensor", "the file is truncated"]),
+    (header_shape_lies, "model.safetensors", ["its header gives", "bytes for shape [1, 2]", "the file is damaged"]),
     (tokenizer_needing_tiktoken, "tokenizer_config.json", ["the tokenizer does not load"]),
 ])
 def test_a_model_directory_that_cannot_work_is_refused_naming_the_file(change, where, fragments, tmp_path, capsys):

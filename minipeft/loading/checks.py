@@ -91,7 +91,8 @@ def _is_number(value) -> bool:
 
 def check_model_fits(directory: Path, quantize: str, dtype: torch.dtype, values: dict) -> None:
     """Step 2: the parameters of the architecture ``config.json`` describes, counted on ``meta``, against the
-    memory available (``values``: the config's, named in the message; in ``dtype``; with NF4, every weight at NF4's 4.13 bits: a lower bound)."""
+    memory available (``values``: the config's, named in the message; in ``dtype``; with NF4, every weight at
+    NF4's 4.13 bits: a lower bound)."""
     config_path = directory / "config.json"
     try:
         model = build_on_meta(directory, dtype)
@@ -117,9 +118,9 @@ def check_weight_headers(directory: Path) -> None:
         size = sizes.get(tensor.file) or sizes.setdefault(tensor.file, tensor.file.stat().st_size)
         expected = tensor.numel * tensor.dtype.itemsize
         if any(dimension < 0 for dimension in tensor.shape) or tensor.end - tensor.begin != expected:
-            raise UserError(f"--model {tensor.file}: tensor {tensor.name}: its header gives {tensor.end - tensor.begin:,} "
-                            f"bytes for shape {list(tensor.shape)} of {str(tensor.dtype).replace('torch.', '')} "
-                            f"({expected:,}); the file is damaged")
+            raise UserError(f"--model {tensor.file}: tensor {tensor.name}: its header gives "
+                            f"{tensor.end - tensor.begin:,} bytes for shape {list(tensor.shape)} of "
+                            f"{str(tensor.dtype).replace('torch.', '')} ({expected:,}); the file is damaged")
         if tensor.end > size:
             raise UserError(f"--model {tensor.file}: ends inside tensor {tensor.name} (the header says {tensor.end:,} "
                             f"bytes, the file has {size:,}); the file is truncated")

@@ -86,9 +86,8 @@ class PrefixTuningConfig:
         """The config of the flags given: a hidden size is the MLP's, so it means nothing without the MLP.
         (A saved config holds ``encoder_hidden_size`` either way: ``apply`` fills it in, as peft does.)"""
         if given.get("encoder_hidden_size") is not None and not given.get("prefix_projection"):
-            raise UserError(f"{flag_of(cls, 'encoder_hidden_size')} sizes the MLP of "
-                            f"{flag_of(cls, 'prefix_projection')}, which is off: add {flag_of(cls, 'prefix_projection')} "
-                            f"or drop {flag_of(cls, 'encoder_hidden_size')}")
+            size, projection = flag_of(cls, "encoder_hidden_size"), flag_of(cls, "prefix_projection")
+            raise UserError(f"{size} sizes the MLP of {projection}, which is off: add {projection} or drop {size}")
         return cls(**given)
 
     def validate(self, name=str) -> None:

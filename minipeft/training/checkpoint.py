@@ -35,7 +35,7 @@ what would continue another one or a damaged one (issue #26):
   ``target_modules`` ...: same shapes, other math, so the strict tensor load alone would not notice);
 - the data: each checkpoint records a fingerprint of what decides the batches (:func:`data_fingerprint`: the
   data file's sha256, the template, batch size, maximum length, seed, accumulation). A file changed since the
-  checkpoint is refused; given the resuming run's fingerprint (``data=``), so is another file or setting, and
+  checkpoint is refused; given the resuming run's metadata (``current=``), so is another file or setting, and
   with it the settings that change the math (:data:`MATH_SETTINGS`, the base model, its quantization).
   ``new_data=True`` (``--resume_new_data``) continues on the new data on purpose: the weights, optimizer and
   step go on, the new data starts at its first batch.
@@ -216,12 +216,14 @@ def check_same_method(directory: Path, saved_config: dict, method_config) -> Non
     """The method settings the checkpoint's adapter was trained with are the ones this run builds."""
     now = json.loads(json_text(config_to_dict(method_config)))
     for key in sorted(set(saved_config) | set(now)):
-        if key not in ("base_model_name_or_path", "inference_mode", "minipeft") and saved_config.get(key) != now.get(key):
+        if key in ("base_model_name_or_path", "inference_mode", "minipeft"):
+            continue  # the base model: check_same_settings; the minipeft block: metadata, init token ids
+        if saved_config.get(key) != now.get(key):
             flag = _flag_of(method_config, key)
-            raise UserError(f"--resume {directory}: the adapter was trained with {key} = {saved_config.get(key)!r:.60} "
-                            f"({directory / ADAPTER_DIR / CONFIG_NAME}), this run builds {now.get(key)!r:.60}"
-                            f"{f' ({flag})' if flag else ''}; resume with the run's own method settings, or start "
-                            "a new run")
+            raise UserError(f"--resume {directory}: the adapter was trained with {key} = "
+                            f"{saved_config.get(key)!r:.60} ({directory / ADAPTER_DIR / CONFIG_NAME}), this run "
+                            f"builds {now.get(key)!r:.60}{f' ({flag})' if flag else ''}; resume with the run's own "
+                            "method settings, or start a new run")
 
 
 def check_same_settings(directory: Path, saved_config: dict, current: dict) -> None:
