@@ -243,6 +243,18 @@ def test_a_damaged_trainer_state_is_refused_naming_the_field(change, fragment, c
     assert digests(copy, checkpointed_run[1]) == before and "resumed from" not in out
 
 
+def test_lines_of_metrics_jsonl_that_are_not_records_are_dropped_on_resume(checkpointed_run, tmp_path, capsys):
+    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys)
+    metrics = copy / "metrics.jsonl"
+    kept = metrics.read_text()
+    metrics.write_text(kept + "[" * 10_000 + "]" * 10_000 + "\n5\n" + '{"kind": "train"}\n' + '{"step": "2"}\n')
+    code, out, err = resume()
+    assert code == 0 and "resumed from" in out, err
+    lines = metrics.read_text().splitlines()
+    assert "\n".join(lines[:len(kept.splitlines())]) + "\n" == kept  # the curve up to the checkpoint, as it was
+    assert all(isinstance(json.loads(line)["step"], int) for line in lines)
+
+
 def test_a_method_setting_other_than_the_checkpoints_is_refused(checkpointed_run, tmp_path, capsys):
     copy, resume = resume_copy(checkpointed_run, tmp_path, capsys, "--lora_alpha", "3")
     before = digests(copy)
@@ -435,6 +447,9 @@ def tokenizer_needing_tiktoken(directory: Path) -> None:
     (config_edit(n_embd=10_000_000, n_layer=1000), "config.json", ["describes a model of", "GB of memory available",
                                                                    "n_embd 10,000,000"]),
     (config_edit(model_type="no_such_architecture"), "config.json", ["no_such_architecture"]),
+    (lambda directory: (directory / "config.json").write_text('{"a": ' + "[" * 5000 + "]" * 5000 + "}"),
+     "config.json", ["not valid JSON", "nested deeper than 64 levels"]),
+    (config_edit(quantization_config="gptq"), "", ["config.json has a quantization_config (gptq)"]),
     (one_weight_nan, "model.safetensors", ["tensor transformer.h.1.mlp.c_fc.weight: holds NaN or infinity"]),
     (cut_in_half, "model.safetensors", ["ends inside tensor", "the file is truncated"]),
     (header_shape_lies, "model.safetensors", ["its header gives", "bytes for shape [1, 2]", "the file is damaged"]),
