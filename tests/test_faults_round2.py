@@ -243,6 +243,51 @@ def test_a_damaged_trainer_state_is_refused_naming_the_field(change, fragment, c
     assert digests(copy, checkpointed_run[1]) == before and "resumed from" not in out
 
 
+def edit_tensors(path: Path, change) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def nan_moment(tensors: dict) -> None:
+    key = min(key for key in tensors if key.endswith("exp_avg"))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize("file, change, fragment", [
+    ("optimizer.safetensors", nan_moment, "exp_avg holds NaN or infinity"),
+    ("optimizer.safetensors", lambda tensors: tensors.update(extra=torch.zeros(1)),
+     "tensor 'extra' is not an optimizer"),
+    ("rng_state.safetensors", lambda tensors: tensors.update({"rank0.numpy": torch.zeros(3, dtype=torch.int64)}),
+     "tensor rank0.numpy is not a numpy generator state (624 values of int64)"),
+    ("rng_state.safetensors", lambda tensors: tensors.update({"rank0.torch_cpu": torch.zeros(7)}),
+     "tensor rank0.torch_cpu is not a torch_cpu generator state"),
+])
+def test_damaged_optimizer_or_random_state_tensors_are_refused(file, change, fragment, checkpointed_run, tmp_path,
+                                                               capsys):
+    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys)
+    path = copy / "checkpoints" / "step-2" / file
+    edit_tensors(path, change)
+    before = digests(copy)
+    code, out, err = resume()
+    one_error(code, err, f"{path}: ", fragment)
+    assert digests(copy) == before and "resumed from" not in out
+
+
+def test_optimizer_groups_that_do_not_fit_are_refused(checkpointed_run, tmp_path, capsys):
+    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys)
+    edit_json(copy / "checkpoints" / "step-2" / "trainer_state.json",
+              lambda state: state["optimizer"]["param_groups"][0].update(params=[0]))
+    before = digests(copy)
+    code, _, err = resume()
+    one_error(code, err, f"{copy / 'checkpoints' / 'step-2' / 'optimizer.safetensors'}: does not fit this run's "
+              "optimizer", "the checkpoint is damaged or from another run")
+    assert digests(copy) == before
+
+
 def test_lines_of_metrics_jsonl_that_are_not_records_are_dropped_on_resume(checkpointed_run, tmp_path, capsys):
     copy, resume = resume_copy(checkpointed_run, tmp_path, capsys)
     metrics = copy / "metrics.jsonl"

@@ -60,7 +60,7 @@ from safetensors.torch import load_file, save_file
 from minipeft.model.adapter_files import (CONFIG_NAME, WEIGHTS_NAME, config_to_dict, load_peft_state_dict,
                                           read_adapter_config)
 from minipeft.core.errors import UserError
-from minipeft.core.finite import is_finite_number, nonfinite_to_none
+from minipeft.core.finite import first_nonfinite_tensor, is_finite_number, nonfinite_to_none
 from minipeft.files.input_files import read_input_text
 from minipeft.files.json_limits import loads_bounded
 from minipeft.files.safe_files import json_text, write_directory_atomically
@@ -341,6 +341,41 @@ def save_checkpoint(directory: Path, peft_model, optimizer, scaler, trainer_stat
     return write_directory_atomically(directory, write)
 
 
+OPTIMIZER_KEY = re.compile(r"state\.\d+\.\w+")
+SCALAR_KEY = re.compile(r"\d+\.\w+")
+# The generator states restore_rng_state sets: (dtype, number of values, largest value + 1 or None).
+RNG_SHAPES = {"torch_cpu": (torch.uint8, torch.get_rng_state().numel(), None),
+              "python": (torch.int64, 625, 2**32), "numpy": (torch.int64, 624, 2**32)}
+
+
+def _check_optimizer_files(tensors: dict, values: dict, path: Path) -> dict:
+    """The optimizer's tensors are named ``state.<index>.<key>`` and finite; its scalars ``<index>.<key>``."""
+    for key in tensors:
+        if not OPTIMIZER_KEY.fullmatch(key):
+            raise UserError(f"{path}: tensor {key!r:.60} is not an optimizer state (state.<index>.<name>)")
+    bad = first_nonfinite_tensor(tensors)
+    if bad is not None:
+        raise UserError(f"{path}: tensor {bad} holds NaN or infinity; the checkpoint is damaged (resume from an "
+                        "earlier one)")
+    for key in values["scalars"]:
+        if not SCALAR_KEY.fullmatch(key):
+            raise UserError(f"{path.with_name(STATE_NAME)}: \"optimizer.scalars\" has the key {key!r:.60}, not "
+                            "<index>.<name>")
+    return tensors
+
+
+def _check_rng_tensors(tensors: dict, path: Path, prefix: str) -> None:
+    """This process's generator states have the dtype and size their generators take."""
+    for key, (dtype, count, bound) in RNG_SHAPES.items():
+        tensor = tensors.get(key)
+        if tensor is None:
+            continue  # (no state for this process: the loop says so and goes on)
+        if tensor.dtype != dtype or tensor.dim() != 1 or tensor.numel() != count or bound is not None and (
+                tensor.min() < 0 or tensor.max() >= bound):
+            raise UserError(f"{path}: tensor {prefix}{key} is not a {key} generator state ({count} values of "
+                            f"{str(dtype).replace('torch.', '')}); the checkpoint is damaged")
+
+
 def _read_tensors(path: Path) -> dict:
     try:
         return load_file(path)
@@ -373,17 +408,24 @@ def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 
     weights = directory / ADAPTER_DIR / WEIGHTS_NAME
     (load_adapter or load_peft_state_dict)(peft_model, _read_tensors(weights), str(weights))
     parameter_names = {id(parameter): name for name, parameter in peft_model.named_parameters()}
-    optimizer_state = optimizer_state_from_files(optimizer, _read_tensors(directory / OPTIMIZER_NAME),
-                                                 state["optimizer"], parameter_names, str(directory / OPTIMIZER_NAME))
-    if load_optimizer is not None:
-        load_optimizer(peft_model, optimizer, optimizer_state)
-    else:
-        optimizer.load_state_dict(optimizer_state)
+    optimizer_path = directory / OPTIMIZER_NAME
+    optimizer_tensors = _check_optimizer_files(_read_tensors(optimizer_path), state["optimizer"], optimizer_path)
+    optimizer_state = optimizer_state_from_files(optimizer, optimizer_tensors, state["optimizer"], parameter_names,
+                                                 str(optimizer_path))
+    try:
+        if load_optimizer is not None:
+            load_optimizer(peft_model, optimizer, optimizer_state)
+        else:
+            optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
+        raise UserError(f"{optimizer_path}: does not fit this run's optimizer ({str(error).splitlines()[0]:.200}); "
+                        "the checkpoint is damaged or from another run") from None
     if scaler is not None and state["grad_scaler"]:
         scaler.load_state_dict(state["grad_scaler"])
     rng_tensors = _read_tensors(directory / RNG_NAME)
     prefix = f"rank{rank}."
     mine = {key[len(prefix):]: tensor for key, tensor in rng_tensors.items() if key.startswith(prefix)}
+    _check_rng_tensors(mine, directory / RNG_NAME, prefix)
     trainer = dict(state["trainer"])
     if new_data and _data_mismatch(state.get("data") or {}, None if current is None else data_fingerprint(current)):
         trainer.update(batches_done=0, epoch_nll=0.0, epoch_target_tokens=0)  # the new data from its first batch
