@@ -30,7 +30,8 @@ does (on CPU, same settings).
 what would continue another one or a damaged one (issue #26):
 
 - every field of ``trainer_state.json`` by type and range (a step of -5, 1e20 or "3", a NaN best loss, a
-  misshaped optimizer group or RNG record; :func:`minipeft.training.state.check_saved_state`);
+  misshaped optimizer group or RNG record; :func:`minipeft.training.state.check_saved_state`), and the
+  tensors beside it (optimizer moments finite and named as written, generator states of their generators' size);
 - a method setting other than the checkpoint's adapter was trained with (``lora_alpha``, ``lora_dropout``,
   ``target_modules`` ...: same shapes, other math, so the strict tensor load alone would not notice);
 - the data: each checkpoint records a fingerprint of what decides the batches (:func:`data_fingerprint`: the
