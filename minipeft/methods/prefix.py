@@ -85,7 +85,8 @@ class PrefixTuningConfig:
     def from_flags(cls, given: dict, model=None, tokenizer=None) -> "PrefixTuningConfig":
         """The config of the flags given: a hidden size is the MLP's, so it means nothing without the MLP.
         (A saved config holds ``encoder_hidden_size`` either way: ``apply`` fills it in, as peft does.)"""
-        if given.get("encoder_hidden_size") is not None and not given.get("prefix_projection"):
+        hidden = given.get("encoder_hidden_size")
+        if isinstance(hidden, int) and hidden > 0 and not given.get("prefix_projection"):  # (a bad size: validate)
             size, projection = flag_of(cls, "encoder_hidden_size"), flag_of(cls, "prefix_projection")
             raise UserError(f"{size} sizes the MLP of {projection}, which is off: add {projection} or drop {size}")
         return cls(**given)
