@@ -58,7 +58,7 @@ def build_dataloaders(config: DataConfig, tokenizer, rank: int = 0, world_size: 
     if config.max_records is not None:  # --max_records: the first N usable records, in file order
         loaded.records = loaded.records[:config.max_records]
     tokenized = tokenize_records(loaded.records, tokenizer, config.template, config.max_length,
-                                 cache_dir=config.cache_dir, progress=progress and rank == 0)
+                                 cache_dir=config.cache_dir, progress=progress and rank == 0, source=str(path))
     train_indices, val_indices = split_indices(len(tokenized), config.val_size, config.seed)
     collator = PaddingCollator(pad_token_id(tokenizer), config.padding, config.max_length,
                                config.pad_to_multiple_of, config.padding_side)

@@ -35,6 +35,7 @@ import torch
 
 from minipeft.core.errors import UserError
 from minipeft.files.input_files import read_input_text
+from minipeft.files.json_limits import loads_bounded
 
 
 # --- choosing the model and the template ------------------------------------------------------------------
@@ -95,7 +96,7 @@ def read_prompts_file(path) -> list:
     text = read_input_text(path, "--prompts_file")
     if text.lstrip().startswith("["):
         try:
-            items = json.loads(text)
+            items = loads_bounded(text)
         except json.JSONDecodeError as error:
             raise UserError(f"--prompts_file {path}: starts with '[' but is not valid JSON ({error})") from None
         prompts = []

@@ -12,6 +12,7 @@ from torch import nn
 
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
+from minipeft.loading.checks import check_config, check_model_directory, check_weights_finite
 from minipeft.loading.checkpoint_dir import load_checkpoint_dir, place_tensor
 from minipeft.loading.models import SMOLLM2_NAME, load_model_and_tokenizer, smollm2_gguf_path
 from minipeft.quantization.nf4 import Linear4bit, quantizable_layers, quantize_model
@@ -19,8 +20,8 @@ from minipeft.quantization.nf4_format import BLOCKSIZE
 
 
 def check_not_quantized_folder(name: str) -> None:
-    """Refuse a folder that is not a float base model: an adapter folder, or a model already quantized."""
-    import json
+    """Refuse a folder that is not a float base model: an adapter folder, or a model already quantized (its
+    ``config.json`` is read within bounds and checked first: :func:`minipeft.loading.checks.check_config`)."""
     from pathlib import Path
 
     folder = Path(name)
@@ -31,13 +32,11 @@ def check_not_quantized_folder(name: str) -> None:
                         "(--quantize nf4 quantizes it while loading) and the adapter with --adapter")
     config = folder / "config.json"
     if config.is_file():
-        try:
-            quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return
+        quantization = check_config(config).get("quantization_config")
         if quantization:
+            method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
             raise UserError(f"--model {name}: config.json has a quantization_config "
-                            f"({quantization.get('quant_method', '?')}); give the full-precision base model, "
+                            f"({str(method)[:40]}); give the full-precision base model, "
                             "--quantize nf4 quantizes it while loading")
 
 
@@ -164,8 +163,10 @@ def load_base_model(name: str, quantize: str = "none", quantize_lm_head: bool = 
         return base_model_on_meta(name, quantize, quantize_lm_head, dtype, compute_dtype)
     check_not_quantized_folder(name)
     if Path(name).is_dir() and (Path(name) / "config.json").is_file():
+        check_model_directory(name, quantize, dtype)  # config, size, headers, tokenizer: before reading weights
         model, tokenizer = load_checkpoint_dir(name, quantize, quantize_lm_head, dtype, log,
                                                compute_dtype=compute_dtype)
+        check_weights_finite(model, name)
         names = [layer for layer, module in model.named_modules() if isinstance(module, Linear4bit)]
         if quantize == "none":
             return model, tokenizer

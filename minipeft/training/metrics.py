@@ -20,18 +20,22 @@ from pathlib import Path
 
 import torch
 
+from minipeft.files.json_limits import loads_bounded
 from minipeft.files.safe_files import cannot_write, write_file_atomically, write_text_atomically
 
 
 def read_metrics(path: Path) -> list:
-    """The records of a ``metrics.jsonl`` (a line cut short by a kill is skipped)."""
+    """The records of a ``metrics.jsonl`` (a line cut short by a kill, or one that is not a record with a
+    whole ``step``, is skipped; lines are read within :mod:`minipeft.files.json_limits`' bounds)."""
     records = []
     if Path(path).is_file():
         for line in Path(path).read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                record = loads_bounded(line)
             except json.JSONDecodeError:
-                pass
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
     return records
 
 
