@@ -27,7 +27,7 @@ _EXPORTS = {
     "LoRALinear": "minipeft.methods.lora",
     "PeftModel": "minipeft.model.peft_model",
     "get_peft_model": "minipeft.model.peft_model",
-    "load_adapter": "minipeft.model.adapter_files",
+    "load_adapter": "minipeft.model.peft_model",
     "save_adapter": "minipeft.model.adapter_files",
     "MultiAdapterModel": "minipeft.inference.multi_adapter",
 }

@@ -42,7 +42,7 @@ from minipeft.files.input_files import read_input_text
 from minipeft.inference.merge import check_not_merged_already, read_merge_info
 from minipeft.loading.streaming import load_base_model
 from minipeft.model.adapter_files import read_adapter_config
-from minipeft.model.adapter_files import load_adapter
+from minipeft.model.peft_model import load_adapter
 
 
 # --- choosing the model and the template ------------------------------------------------------------------
