@@ -35,7 +35,7 @@ _EXPORTS = {
 
 def _config_classes() -> dict:
     """``{class name: config class}`` of every registered method (LoRAConfig, IA3Config, ...)."""
-    from minipeft.methods import METHODS
+    from minipeft.methods import METHODS  # why: on first use only, so that `import minipeft` loads no torch
 
     return {method.config_class.__name__: method.config_class for method in METHODS.values()}
 
