@@ -30,10 +30,10 @@ PER_METHOD = [(path, item) for path, item in listed_files() if "<name>" in path]
 SHARED = [(path, item) for path, item in listed_files() if "<name>" not in path]
 
 
-def test_the_list_is_a_module_a_page_tests_and_the_two_readmes():
+def test_the_list_is_a_module_a_page_tests_and_three_tables():
     assert [path for path, _ in PER_METHOD] == ["minipeft/methods/<name>.py", "docs/methods/<name>.md",
                                                 "tests/test_<name>.py", "tests/test_oracle_<name>.py"]
-    assert [path for path, _ in SHARED] == ["README.md", "docs/README.md"]
+    assert [path for path, _ in SHARED] == ["README.md", "docs/README.md", "docs/peft_format.md"]
 
 
 @pytest.mark.parametrize("name", list(METHODS))
