@@ -153,10 +153,9 @@ def test_no_import_circle_between_modules():
     assert circle is None, "import circle: " + " -> ".join(circle)
 
 
-# Their in-function imports are being moved to the top in branch i24-owner; this list goes after the merge.
-IN_FUNCTION_IMPORTS_BEING_MOVED = {"cli/train.py", "cli/compare.py", "cli/merge.py", "cli/generate.py",
-                                   "cli/pretrain.py", "cli/arguments.py", "training/loop.py", "training/prepare.py",
-                                   "training/sharding.py", "fast/nf4_dequant.py"}
+# The files whose in-function imports are being moved to the top in branch i24-owner (the other files that branch
+# edits have none today, so they are checked already); this list goes after the merge.
+IN_FUNCTION_IMPORTS_BEING_MOVED = {"cli/train.py", "cli/compare.py", "cli/merge.py", "cli/arguments.py"}
 
 
 def imports_inside_functions(path: Path) -> list:
