@@ -58,7 +58,7 @@ class Swap:
                     parameter = getattr(self.stand_ins[name], parameter_name)
                     if parameter is not getattr(original, parameter_name):
                         setattr(original, parameter_name, parameter)
-        changed = [name for name, stand_in in self.stand_ins.items() if self.parent._modules.get(name) is not stand_in]
+        changed = [name for name, stand_in in self.stand_ins.items() if getattr(self.parent, name, None) is not stand_in]
         if changed:
             warn(f"warning: {type(self.parent).__name__}.{changed[0]} was replaced during the run; left as it is")
             return
