@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
+from minipeft.builtin import default_dataset_path
 from minipeft.data.batching import (InstructionDataset, LengthGroupedBatchSampler, PaddingCollator,
                                     split_indices)
 from minipeft.data.config import DataConfig
@@ -27,13 +28,8 @@ def resolve_dataset_path(dataset_path: str | None) -> Path:
     """``dataset_path``, or the built-in default data set when it is None."""
     if dataset_path is not None:
         return Path(dataset_path)
-    try:
-        from minipeft.builtin import default_dataset_path
-
-        path = Path(default_dataset_path())
-    except (ImportError, AttributeError):
-        path = None
-    if path is None or not path.is_file():
+    path = Path(default_dataset_path())
+    if not path.is_file():
         raise UserError("--dataset_path not given and the built-in data set is not available "
                         "(minipeft.builtin.default_dataset_path); pass --dataset_path FILE")
     return path

@@ -133,6 +133,23 @@ def encode_prompt(instruction: str, input: str, template: str, tokenizer) -> lis
     return encode_texts(tokenizer, [prompt], prompt_needs_special_tokens(template))[0]
 
 
+@dataclass
+class Prompt:
+    """An instruction to generate a reply to (a record without its response)."""
+
+    instruction: str
+    input: str = ""
+
+
+def encode_prompts(prompts: list, template: str, tokenizer) -> list:
+    """Token ids of each :class:`Prompt`, exactly as in training (:func:`encode_prompt`); ``template="none"``
+    feeds the text as it is (plain continuation)."""
+    if template == "none":
+        return [tokenizer(prompt.instruction + (f"\n{prompt.input}" if prompt.input else ""))["input_ids"]
+                for prompt in prompts]
+    return [encode_prompt(prompt.instruction, prompt.input, template, tokenizer) for prompt in prompts]
+
+
 def truncate_example(prompt_ids: list[int], response_ids: list[int], max_length: int,
                      bos_id: int | None = None) -> tuple[list[int], list[int]]:
     """Fit ``prompt + response`` into ``max_length`` tokens, keeping the response where possible."""

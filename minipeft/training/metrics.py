@@ -22,6 +22,7 @@ import torch
 
 from minipeft.files.json_limits import loads_bounded
 from minipeft.files.safe_files import cannot_write, write_file_atomically, write_text_atomically
+from minipeft.quantization.nf4 import has_4bit_layers
 
 
 def read_metrics(path: Path) -> list:
@@ -179,8 +180,6 @@ def measure_inference_speed(peft_model, batch: dict, new_tokens: int = 32) -> fl
     """Greedy KV-cached generation speed, batch 1: new tokens per second (after one warm-up token); 2 tokens
     on a 4-bit base, which dequantizes every layer for every token (a 3B-shaped model on 2 CPU cores: ~50 s
     a token, so 32 would outlast a short run)."""
-    from minipeft.quantization.nf4 import has_4bit_layers
-
     new_tokens = min(new_tokens, 2) if has_4bit_layers(peft_model) else new_tokens
     prompt = batch["input_ids"][:1, :16].to(next(peft_model.parameters()).device)
     peft_model.generate(prompt, max_new_tokens=1)
