@@ -62,6 +62,7 @@ from minipeft.model.adapter_files import (CONFIG_NAME, WEIGHTS_NAME, config_to_d
                                           read_adapter_config)
 from minipeft.core.errors import UserError
 from minipeft.core.finite import first_nonfinite_tensor, is_finite_number, nonfinite_to_none
+from minipeft.core.options import flag_of
 from minipeft.files.input_files import read_input_text
 from minipeft.files.json_limits import loads_bounded
 from minipeft.files.safe_files import json_text, write_directory_atomically
@@ -256,8 +257,6 @@ def check_same_data(directory: Path, saved: dict, current: dict = None, new_data
 
 def _flag_of(config, key: str):
     """The command-line flag of a method config's field (``r`` -> ``--lora_rank``), or None."""
-    from minipeft.core.options import flag_of
-
     try:
         return flag_of(type(config), key)
     except (KeyError, TypeError):
