@@ -23,22 +23,30 @@ from pathlib import Path
 
 import torch
 
-from minipeft.model.adapter_files import config_to_dict
 from minipeft.cli import CommandLineParser
+from minipeft.cli.arguments import add_method_arguments, add_quantize_arguments, check_quantize_arguments, config_from_args
 from minipeft.core.bounds import path_name, thread_count
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float, nonfinite_to_none
+from minipeft.data import build_dataloaders
+from minipeft.data.config import add_data_arguments, data_config_from_args
+from minipeft.data.templates import resolve_template_name
 from minipeft.files.input_files import check_input_file, loads_json, read_input_text
-from minipeft.files.safe_files import MARKER_NAME, OutputLock, check_apart, remove_our_directory, write_json_atomically
-from minipeft.methods import METHODS
+from minipeft.files.safe_files import write_json_atomically
+from minipeft.loading.streaming import load_base_model
+from minipeft.methods import METHODS, default_learning_rate
+from minipeft.model.adapter_files import config_to_dict
+from minipeft.model.peft_model import get_peft_model
 from minipeft.training.config import PRECISIONS, SHARDINGS, TrainingConfig
 from minipeft.training.distributed import init_distributed, shutdown_distributed
-from minipeft.training.checkpoint import resolve_resume
 from minipeft.training.loop import train
-from minipeft.training.prepare import RUN_OUTPUTS, check_output_dir, prepare_output_dir
+from minipeft.training.run_dir import RUN_OUTPUTS, open_run_dir
 from minipeft.training.metrics import directory_size, measure_inference_speed, peak_memory, plot_loss_curve
+from minipeft.training.precision import load_dtype, trains_base_weights
+from minipeft.training.prepare import resolve_precision
 from minipeft.training.quantization_cost import COMPUTE_DTYPES
 from minipeft.training.schedule import SCHEDULES
+from minipeft.training.sharding import check_can_shard
 
 # What this command writes into --output_dir besides what the training loop writes.
 CLI_OUTPUTS = ("metrics.json", "train_config.json", "loss_curve.png")
@@ -118,7 +126,6 @@ LOW_CHANGE = 0.05
 
 def low_change_hint(method: str, learning_rate: float) -> str:
     """One line for a run whose eval loss hardly moved: the rate used against the method's default and source."""
-    from minipeft.methods import METHODS
 
     default = METHODS[method]
     if learning_rate < default.learning_rate:
@@ -146,10 +153,6 @@ def choose_cpu_threads(num_threads, total_parameters: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minipeft.data.config import add_data_arguments
-    from minipeft.cli.arguments import add_method_arguments
-    from minipeft.cli.arguments import add_quantize_arguments
-
     parser = CommandLineParser(
         prog="python train_llm.py",
         description="Fine-tune a causal language model with a parameter-efficient method. With no arguments: "
@@ -166,7 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
     """The :class:`TrainingConfig` of the parsed flags; no ``--learning_rate``: the method's default rate."""
-    from minipeft.methods import default_learning_rate
 
     if args.learning_rate is None:
         args.learning_rate = default_learning_rate(args.modification_type)
@@ -203,7 +205,6 @@ def quantization_cost_line(args, precision: str, val_loader, device, n_parameter
     the run nor its figures."""
     import gc
 
-    from minipeft.loading.streaming import load_base_model
     from minipeft.training.prepare import autocast_for
     from minipeft.training.quantization_cost import float_model_fits, measure_quantization_cost
 
@@ -254,63 +255,24 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_arguments(argv)
     config = training_config_from_args(args)
-    from minipeft.data.config import data_config_from_args
-
     data_config = data_config_from_args(args)
     if config.sharding == "fsdp":
-        from minipeft.training.sharding import check_can_shard
-
         check_can_shard(args.modification_type)  # before starting processes talking
     context = init_distributed(config.device, config.sharding)
     try:
-        return run(args, config, data_config, context)
+        check_quantize_arguments(args)
+        if data_config.dataset_path is not None:  # a FIFO or /dev/zero: refused before anything
+            check_input_file(data_config.dataset_path, "--dataset_path")
+        inputs = {"--dataset_path": data_config.dataset_path,
+                  "--model": args.model if Path(args.model).exists() else None}
+        # checked, created, locked and --resume resolved now, before minutes of loading (training/run_dir.py)
+        with open_run_dir(config, context.is_main, RUN_OUTPUTS + CLI_OUTPUTS, inputs) as run_dir:
+            return train_and_report(args, config, data_config, context, run_dir)
     finally:
         shutdown_distributed()
 
 
-def run(args, config: TrainingConfig, data_config, context) -> int:
-    """Check the inputs and the output directory, take its lock, and train (see :func:`train_and_report`)."""
-    from minipeft.cli.arguments import check_quantize_arguments
-
-    check_quantize_arguments(args)
-    output_dir = Path(config.output_dir)
-    if (output_dir.exists() or output_dir.is_symlink()) and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir}: is a file, expected a directory")
-    check_apart(output_dir, "--output_dir", {"--dataset_path": data_config.dataset_path,
-                                             "--model": args.model if Path(args.model).exists() else None},
-                may_contain=True)  # a data file in the run's folder is fine: a run writes only its own names
-    if data_config.dataset_path is not None:
-        check_input_file(data_config.dataset_path, "--dataset_path")  # a FIFO or /dev/zero: refused before anything
-
-    def check_and_train() -> int:
-        if context.is_main:  # (only rank 0 writes; the others would race with its first files)
-            check_output_dir(config, RUN_OUTPUTS + CLI_OUTPUTS)  # before minutes of loading, not after
-        if config.resume:
-            resolve_resume(config.resume, output_dir)  # fails now if there is nothing to resume
-        return train_and_report(args, config, data_config, context)
-
-    if not context.is_main:
-        return check_and_train()
-    created = not output_dir.exists()
-    prepare_output_dir(output_dir)
-    try:
-        with OutputLock(output_dir, "--output_dir"):  # one run at a time writes into output_dir
-            return check_and_train()
-    except BaseException:
-        if created and {path.name for path in output_dir.iterdir()} <= {MARKER_NAME}:
-            remove_our_directory(output_dir)  # a run that failed before writing anything leaves no empty folder
-        raise
-
-
-def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
-    from minipeft.data import build_dataloaders
-    from minipeft.data.templates import resolve_template_name
-    from minipeft.cli.arguments import config_from_args
-    from minipeft.loading.streaming import load_base_model
-    from minipeft.model.peft_model import get_peft_model
-    from minipeft.training.precision import load_dtype, trains_base_weights
-    from minipeft.training.prepare import resolve_precision
-
+def train_and_report(args, config: TrainingConfig, data_config, context, run_dir) -> int:
     def say(message: str = "") -> None:
         if context.is_main:
             print(message, flush=True)
@@ -373,14 +335,14 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
         adapter_metadata["quantization"] = {"quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head}
 
     # 4) train
-    result = train(peft_model, train_loader, val_loader, config, context, adapter_metadata)
-    state = result["state"]
+    result = train(peft_model, train_loader, val_loader, config, context, adapter_metadata, run_dir)
+    state = result.state
     if not context.is_main:
         return 0
-    if result["outcome"] == "interrupted":
-        print(f"interrupted at step {state['step']}/{result['total_steps']}: checkpoint saved to "
-              f"{result['last_checkpoint']}; continue with --resume latest --output_dir {output_dir}")
-        return 128 + (result["signal"] or signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM
+    if result.outcome == "interrupted":
+        print(f"interrupted at step {state.step}/{result.plan.total_steps}: checkpoint saved to "
+              f"{result.last_checkpoint}; continue with --resume latest --output_dir {output_dir}")
+        return 128 + (result.signal or signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM
 
     # 5) the summary: metrics.json, train_config.json with the resolved plan, the loss curve
     adapter_dir = output_dir / "adapter"
@@ -388,24 +350,24 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
     summary = {
         "model": args.model,
         "modification_type": args.modification_type,
-        "outcome": result["outcome"],
+        "outcome": result.outcome,
         "trainable_params": stats.trainable,
         "total_params": stats.total,
         "trainable_ratio_percent": stats.ratio,
         # the last epoch's (or the current partial epoch's) loss: total NLL / total target tokens of its steps
-        "train_loss": state["epoch_nll"] / state["epoch_target_tokens"] if state["epoch_target_tokens"] else None,
-        "eval_loss_before": state["eval_loss_before"],
-        "eval_perplexity_before": state["eval_perplexity_before"],
-        "eval_loss": state["eval_loss"],
-        "eval_perplexity": state["eval_perplexity"],
-        "best_eval_loss": state["best_eval_loss"],
-        "best_step": state["best_step"],
-        "steps": state["step"],
-        "epochs": state["step"] / result["steps_per_epoch"],
-        "train_minutes": state["train_seconds"] / 60,
+        "train_loss": state.epoch_nll / state.epoch_target_tokens if state.epoch_target_tokens else None,
+        "eval_loss_before": state.eval_loss_before,
+        "eval_perplexity_before": state.eval_perplexity_before,
+        "eval_loss": state.eval_loss,
+        "eval_perplexity": state.eval_perplexity,
+        "best_eval_loss": state.best_eval_loss,
+        "best_step": state.best_step,
+        "steps": state.step,
+        "epochs": state.step / result.plan.steps_per_epoch,
+        "train_minutes": state.train_seconds / 60,
         "wall_minutes": (time.perf_counter() - started) / 60,
-        "train_tokens": state["tokens_seen"],
-        "train_tokens_per_s": state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] else None,
+        "train_tokens": state.tokens_seen,
+        "train_tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else None,
         # (a sharded model generates only with every process taking part: not measured)
         "inference_tokens_per_s": None if context.is_sharded else measure_inference_speed(peft_model,
                                                                                           inference_batch),
@@ -413,7 +375,7 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
         "adapter_size_bytes": directory_size(adapter_dir),
         "world_size": context.world_size,
         "device": str(context.device),
-        "precision": result["precision"],
+        "precision": result.plan.precision,
     }
     if args.quantize == "nf4":  # after the peak memory was read: the float copy is not the run's
         del peft_model, model
@@ -422,27 +384,26 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
             summary.update(eval_loss_float_base=cost.float_loss, eval_loss_nf4_base=cost.nf4_loss,
                            quantization_cost_batches=cost.batches)
     write_json_atomically(output_dir / "metrics.json", nonfinite_to_none(summary))
-    run_config["plan"] = {key: result[key] for key in ("total_steps", "steps_per_epoch", "warmup_steps",
-                                                       "eval_every", "save_every", "precision")}
+    run_config["plan"] = {key: value for key, value in asdict(result.plan).items() if key != "accumulation"}
     write_json_atomically(output_dir / "train_config.json", nonfinite_to_none(run_config))
     curve = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
                             title=f"{args.modification_type} on {args.model}, lr {config.learning_rate:g}")
 
     say()
-    if state["eval_loss"] is not None and state["eval_loss_before"]:
-        change = (state["eval_loss"] - state["eval_loss_before"]) / state["eval_loss_before"]
-        say(f"Eval loss: {state['eval_loss_before']:.4f} before training -> {state['eval_loss']:.4f} after "
-            f"({change:+.1%}); perplexity {state['eval_perplexity_before']:.2f} -> {state['eval_perplexity']:.2f}")
+    if state.eval_loss is not None and state.eval_loss_before:
+        change = (state.eval_loss - state.eval_loss_before) / state.eval_loss_before
+        say(f"Eval loss: {state.eval_loss_before:.4f} before training -> {state.eval_loss:.4f} after "
+            f"({change:+.1%}); perplexity {state.eval_perplexity_before:.2f} -> {state.eval_perplexity:.2f}")
         if abs(change) < LOW_CHANGE:
             say(low_change_hint(args.modification_type, config.learning_rate))
-    say(f"Trained {state['step']} steps in {state['train_seconds']:.1f} s "
+    say(f"Trained {state.step} steps in {state.train_seconds:.1f} s "
         f"({significant(summary['train_tokens_per_s'] or 0)} tokens/s); generation "
         f"{significant(summary['inference_tokens_per_s'])} tokens/s; peak memory {summary['peak_memory_mb']:,.0f} MB")
     if args.quantize == "nf4":
         say(cost_line)
     say(f"adapter:      {adapter_dir}/ ({summary['adapter_size_bytes']:,} bytes)")
-    if state["best_step"] is not None:
-        say(f"best adapter: {output_dir / 'best'}/ (step {state['best_step']}, eval loss {state['best_eval_loss']:.4f})")
+    if state.best_step is not None:
+        say(f"best adapter: {output_dir / 'best'}/ (step {state.best_step}, eval loss {state.best_eval_loss:.4f})")
     say(f"checkpoints:  {output_dir / 'checkpoints'}/ (resume with --resume latest)")
     say(f"metrics:      {output_dir / 'metrics.json'}, {output_dir / 'metrics.jsonl'}")
     if curve is not None:
