@@ -9,8 +9,10 @@ minute on two CPU cores. The seed's command works as written::
 Several processes (CPU or GPUs): ``torchrun --nproc_per_node=2 train_llm.py ...`` (see
 :mod:`minipeft.training.distributed`). What lands in ``--output_dir`` is listed in :mod:`minipeft.training.loop`.
 
-The steps: parse flags -> load the model -> apply the method -> build the data loaders -> :func:`train` ->
-write ``metrics.json`` and the loss curve -> say where everything went.
+The steps: parse flags -> open ``--output_dir`` (checked and locked before anything is loaded:
+:func:`~minipeft.training.run_dir.open_run_dir`) -> load the model -> apply the method -> build the data loaders ->
+:func:`train` -> write ``metrics.json`` and the loss curve, say where everything went
+(:mod:`minipeft.training.report`).
 """
 
 import argparse
@@ -40,11 +42,12 @@ from minipeft.model.peft_model import get_peft_model
 from minipeft.training.config import PRECISIONS, SHARDINGS, TrainingConfig
 from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.loop import train
-from minipeft.training.run_dir import RUN_OUTPUTS, open_run_dir
-from minipeft.training.metrics import directory_size, measure_inference_speed, peak_memory, plot_loss_curve
+from minipeft.training.metrics import plot_loss_curve
 from minipeft.training.precision import load_dtype, trains_base_weights
 from minipeft.training.prepare import resolve_precision
 from minipeft.training.quantization_cost import COMPUTE_DTYPES
+from minipeft.training.report import plan_record, quantization_cost_line, run_summary, summary_lines
+from minipeft.training.run_dir import RUN_OUTPUTS, open_run_dir
 from minipeft.training.schedule import SCHEDULES
 from minipeft.training.sharding import check_can_shard
 
@@ -120,22 +123,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
-# An eval loss that moved less than this (relative) after a run usually means too small a learning rate.
-LOW_CHANGE = 0.05
-
-
-def low_change_hint(method: str, learning_rate: float) -> str:
-    """One line for a run whose eval loss hardly moved: the rate used against the method's default and source."""
-
-    default = METHODS[method]
-    if learning_rate < default.learning_rate:
-        return (f"hint: the eval loss moved less than {LOW_CHANGE:.0%}; the learning rate may be too low for this "
-                f"method: {method} ran at {learning_rate:g}, its default is {default.learning_rate:g} "
-                f"({default.learning_rate_source})")
-    return (f"hint: the eval loss moved less than {LOW_CHANGE:.0%}; more steps (--max_steps, --epochs) or a higher "
-            f"--learning_rate than {learning_rate:g} may help")
-
-
 # Below this size a model's matmuls are too small to split across cores: one thread is about as fast, and on a
 # busy machine two spinning OpenMP threads per process make training several times slower.
 SMALL_MODEL_PARAMETERS = 20_000_000
@@ -186,40 +173,6 @@ def warn_about_changed_settings(output_dir: Path, current: dict) -> None:
         print(f"warning: --eval_max_batches {current.get('eval_max_batches')} (was {before['eval_max_batches']}): "
               "from here on the eval loss is measured on another set of batches than the eval loss before "
               "training and the best so far; they no longer compare", file=sys.stderr)
-
-
-def significant(value: float, digits: int = 2) -> str:
-    """``value`` with at least ``digits`` significant digits and thousands separators: 0.2134 -> "0.21",
-    14.8 -> "15", 578.3 -> "578", 12345.6 -> "12,346" (a speed of 0.2 tokens/s is not "0")."""
-    if not value or value != value or value in (float("inf"), float("-inf")):
-        return f"{value or 0:g}"
-    import math
-
-    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
-    return f"{value:,.{decimals}f}"
-
-
-def quantization_cost_line(args, precision: str, val_loader, device, n_parameters: int) -> tuple:
-    """``(line, QuantizationCost or None)``: the base's eval loss in float and in NF4 on the first validation
-    batches. Run after training and after the peak memory was read, so the float copy it loads is in neither
-    the run nor its figures."""
-    import gc
-
-    from minipeft.training.prepare import autocast_for
-    from minipeft.training.quantization_cost import float_model_fits, measure_quantization_cost
-
-    if val_loader is None:
-        return "Loss change of quantizing the base to NF4: not measured (no validation set)", None
-    gc.collect()
-    if not float_model_fits(n_parameters, device):
-        return ("Loss change of quantizing the base to NF4: not measured (a float copy of the base does not fit in "
-                "the free memory; modify_llm.py --quantize nf4 measures it)"), None
-    float_model, _ = load_base_model(args.model, "none", log=lambda message: None)
-    cost = measure_quantization_cost(float_model.to(device), val_loader, autocast_for(precision, device), device,
-                                     args.quantize_lm_head, COMPUTE_DTYPES[precision])
-    del float_model
-    gc.collect()
-    return cost.line(), cost
 
 
 def saved_arguments(output_dir: Path) -> dict:
@@ -336,77 +289,29 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
 
     # 4) train
     result = train(peft_model, train_loader, val_loader, config, context, adapter_metadata, run_dir)
-    state = result.state
     if not context.is_main:
         return 0
     if result.outcome == "interrupted":
-        print(f"interrupted at step {state.step}/{result.plan.total_steps}: checkpoint saved to "
+        print(f"interrupted at step {result.state.step}/{result.plan.total_steps}: checkpoint saved to "
               f"{result.last_checkpoint}; continue with --resume latest --output_dir {output_dir}")
         return 128 + (result.signal or signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM
 
-    # 5) the summary: metrics.json, train_config.json with the resolved plan, the loss curve
-    adapter_dir = output_dir / "adapter"
+    # 5) the summary: metrics.json, train_config.json with the resolved plan, the loss curve, what went where
     inference_batch = next(iter(val_loader if val_loader is not None else train_loader))
-    summary = {
-        "model": args.model,
-        "modification_type": args.modification_type,
-        "outcome": result.outcome,
-        "trainable_params": stats.trainable,
-        "total_params": stats.total,
-        "trainable_ratio_percent": stats.ratio,
-        # the last epoch's (or the current partial epoch's) loss: total NLL / total target tokens of its steps
-        "train_loss": state.epoch_nll / state.epoch_target_tokens if state.epoch_target_tokens else None,
-        "eval_loss_before": state.eval_loss_before,
-        "eval_perplexity_before": state.eval_perplexity_before,
-        "eval_loss": state.eval_loss,
-        "eval_perplexity": state.eval_perplexity,
-        "best_eval_loss": state.best_eval_loss,
-        "best_step": state.best_step,
-        "steps": state.step,
-        "epochs": state.step / result.plan.steps_per_epoch,
-        "train_minutes": state.train_seconds / 60,
-        "wall_minutes": (time.perf_counter() - started) / 60,
-        "train_tokens": state.tokens_seen,
-        "train_tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else None,
-        # (a sharded model generates only with every process taking part: not measured)
-        "inference_tokens_per_s": None if context.is_sharded else measure_inference_speed(peft_model,
-                                                                                          inference_batch),
-        **peak_memory(context.device),
-        "adapter_size_bytes": directory_size(adapter_dir),
-        "world_size": context.world_size,
-        "device": str(context.device),
-        "precision": result.plan.precision,
-    }
+    summary = run_summary(result, peft_model, stats, args.model, args.modification_type, inference_batch, context,
+                          output_dir, started)
+    cost_line = None
     if args.quantize == "nf4":  # after the peak memory was read: the float copy is not the run's
         del peft_model, model
-        cost_line, cost = quantization_cost_line(args, precision, val_loader, context.device, stats.total)
-        if cost is not None:
-            summary.update(eval_loss_float_base=cost.float_loss, eval_loss_nf4_base=cost.nf4_loss,
-                           quantization_cost_batches=cost.batches)
+        cost_line, cost_fields = quantization_cost_line(args.model, args.quantize_lm_head, precision, val_loader,
+                                                        context.device, stats.total)
+        summary.update(cost_fields)
     write_json_atomically(output_dir / "metrics.json", nonfinite_to_none(summary))
-    run_config["plan"] = {key: value for key, value in asdict(result.plan).items() if key != "accumulation"}
+    run_config["plan"] = plan_record(result.plan)
     write_json_atomically(output_dir / "train_config.json", nonfinite_to_none(run_config))
     curve = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
                             title=f"{args.modification_type} on {args.model}, lr {config.learning_rate:g}")
-
-    say()
-    if state.eval_loss is not None and state.eval_loss_before:
-        change = (state.eval_loss - state.eval_loss_before) / state.eval_loss_before
-        say(f"Eval loss: {state.eval_loss_before:.4f} before training -> {state.eval_loss:.4f} after "
-            f"({change:+.1%}); perplexity {state.eval_perplexity_before:.2f} -> {state.eval_perplexity:.2f}")
-        if abs(change) < LOW_CHANGE:
-            say(low_change_hint(args.modification_type, config.learning_rate))
-    say(f"Trained {state.step} steps in {state.train_seconds:.1f} s "
-        f"({significant(summary['train_tokens_per_s'] or 0)} tokens/s); generation "
-        f"{significant(summary['inference_tokens_per_s'])} tokens/s; peak memory {summary['peak_memory_mb']:,.0f} MB")
-    if args.quantize == "nf4":
-        say(cost_line)
-    say(f"adapter:      {adapter_dir}/ ({summary['adapter_size_bytes']:,} bytes)")
-    if state.best_step is not None:
-        say(f"best adapter: {output_dir / 'best'}/ (step {state.best_step}, eval loss {state.best_eval_loss:.4f})")
-    say(f"checkpoints:  {output_dir / 'checkpoints'}/ (resume with --resume latest)")
-    say(f"metrics:      {output_dir / 'metrics.json'}, {output_dir / 'metrics.jsonl'}")
-    if curve is not None:
-        say(f"loss curve:   {curve}")
+    for line in summary_lines(summary, result, args.modification_type, config.learning_rate, output_dir,
+                              cost_line, curve):
+        say(line)
     return 0
-

@@ -17,7 +17,7 @@ Output directory (``--output_dir``)::
     best/                    the adapter with the lowest eval loss so far
     checkpoints/step-N/      resumable training state (see :mod:`minipeft.training.checkpoint`); last K + best
     metrics.jsonl            one record per step and per evaluation (see :mod:`minipeft.training.metrics`)
-    metrics.json             the run's summary (written by :mod:`minipeft.cli.train`)
+    metrics.json             the run's summary (:mod:`minipeft.training.report`; written by ``train_llm.py``)
     train_config.json        every setting of the run
     loss_curve.png           train and eval loss (with the ``plot`` extra)
     .minipeft                marker: minipeft wrote this folder (each folder it writes has one; see
