@@ -27,19 +27,18 @@ import torch
 
 from minipeft.cli import CommandLineParser
 from minipeft.cli.arguments import add_method_arguments, add_quantize_arguments, check_quantize_arguments, config_from_args
-from minipeft.core.bounds import path_name, thread_count
 from minipeft.core.errors import UserError
-from minipeft.core.finite import finite_float, nonfinite_to_none
+from minipeft.core.finite import nonfinite_to_none
 from minipeft.data import build_dataloaders
 from minipeft.data.config import add_data_arguments, data_config_from_args
 from minipeft.data.templates import resolve_template_name
 from minipeft.files.input_files import check_input_file, loads_json, read_input_text
 from minipeft.files.safe_files import write_json_atomically
 from minipeft.loading.streaming import load_base_model
-from minipeft.methods import METHODS, default_learning_rate
+from minipeft.methods import default_learning_rate
 from minipeft.model.adapter_files import config_to_dict
 from minipeft.model.peft_model import get_peft_model
-from minipeft.training.config import PRECISIONS, SHARDINGS, TrainingConfig
+from minipeft.training.config import TrainingConfig, add_training_arguments
 from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.loop import train
 from minipeft.training.metrics import plot_loss_curve
@@ -48,7 +47,6 @@ from minipeft.training.prepare import resolve_precision
 from minipeft.training.quantization_cost import COMPUTE_DTYPES
 from minipeft.training.report import plan_record, quantization_cost_line, run_summary, summary_lines
 from minipeft.training.run_dir import RUN_OUTPUTS, open_run_dir
-from minipeft.training.schedule import SCHEDULES
 from minipeft.training.sharding import check_can_shard
 
 # What this command writes into --output_dir besides what the training loop writes.
@@ -58,69 +56,6 @@ CLI_OUTPUTS = ("metrics.json", "train_config.json", "loss_curve.png")
 RESUMABLE_CHANGES = {"resume", "overwrite_output_dir", "max_steps", "epochs", "log_every", "eval_every",
                      "save_every", "save_total_limit", "early_stopping_patience", "cache_dir", "no_cache",
                      "num_workers", "eval_max_batches", "sharding", "fsdp_cpu_offload"}
-
-
-def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The training flags, one per :class:`TrainingConfig` field."""
-    defaults = TrainingConfig()
-    group = parser.add_argument_group("training")
-    add = group.add_argument
-    add("--output_dir", type=path_name, default=defaults.output_dir,
-        help="where the adapter, checkpoints, metrics and loss curve go (default: %(default)s)")
-    add("--epochs", type=int, default=defaults.epochs, help="passes over the training data (default: %(default)s)")
-    add("--max_steps", type=int, default=None, help="optimizer steps to take; overrides --epochs")
-    add("--gradient_accumulation_steps", type=int, default=defaults.gradient_accumulation_steps,
-        help="micro-batches per optimizer step (default: %(default)s)")
-    add("--learning_rate", type=finite_float, default=None,
-        help="peak learning rate (default: the method's own: "
-             + ", ".join(f"{name} {method.learning_rate:g}" for name, method in METHODS.items()) + ")")
-    add("--lr_schedule", default=defaults.lr_schedule, choices=SCHEDULES,
-        help="learning-rate schedule after warmup (default: %(default)s)")
-    add("--warmup_steps", type=int, default=None, help="linear warmup over this many optimizer steps")
-    add("--warmup_ratio", type=finite_float, default=None, help="linear warmup over this fraction of the steps")
-    add("--min_lr", type=finite_float, default=defaults.min_lr,
-        help="where linear and cosine schedules end (default: %(default)s)")
-    add("--weight_decay", type=finite_float, default=defaults.weight_decay,
-        help="AdamW weight decay on the matrices a method adds (default: %(default)s)")
-    add("--max_grad_norm", type=finite_float, default=defaults.max_grad_norm,
-        help="clip the global gradient norm; 0: no clipping (default: %(default)s)")
-    add("--precision", default=defaults.precision, choices=PRECISIONS,
-        help="fp32; bf16 autocast (CPU or CUDA); fp16 autocast with a grad scaler (CUDA); "
-             "auto: bf16 where the hardware has it natively (CUDA with bf16, a CPU with AMX/AVX512_BF16), "
-             "else fp32 (default: %(default)s)")
-    add("--tf32", action=argparse.BooleanOptionalAction, default=defaults.tf32,
-        help="TensorFloat-32 matmuls on CUDA (default: on; no effect on CPU)")
-    add("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    add("--num_threads", type=thread_count, default=None,
-        help="CPU threads for PyTorch (default: 1 for models under 20M parameters, else one per core; "
-             "OMP_NUM_THREADS, when set, wins)")
-    add("--gradient_checkpointing", action="store_true",
-        help="recompute activations during backward: less memory, more time")
-    add("--compile", action="store_true",
-        help="torch.compile the transformer blocks: faster steps after a one-time compile (about a minute "
-             "for SmolLM2 on 2 cores, seconds when cached); pays on runs of more than a hundred-odd steps "
-             "without dropout on a CPU (docs/benchmarks.md)")
-    add("--eval_every", type=int, default=None,
-        help="evaluate every N optimizer steps and at the end (default: 5 evaluations per run)")
-    add("--eval_max_batches", type=int, default=None, help="evaluate on at most N validation batches")
-    add("--log_every", type=int, default=defaults.log_every, help="print a log line every N steps (default: %(default)s)")
-    add("--save_every", type=int, default=None, help="checkpoint every N steps (default: at every evaluation)")
-    add("--save_total_limit", type=int, default=defaults.save_total_limit,
-        help="keep the N newest checkpoints, plus the best (default: %(default)s)")
-    add("--early_stopping_patience", type=int, default=defaults.early_stopping_patience,
-        help="stop after N evaluations without a better eval loss; 0: never (default: %(default)s)")
-    add("--max_nonfinite_steps", type=int, default=defaults.max_nonfinite_steps,
-        help="stop after N steps in a row with a NaN/inf loss (default: %(default)s)")
-    add("--sharding", default=defaults.sharding, choices=SHARDINGS,
-        help="under torchrun: ddp (every process holds the whole model) or fsdp (PyTorch's FSDP2: each process "
-             "holds 1/N of every tensor; docs/sharding.md) (default: %(default)s)")
-    add("--fsdp_cpu_offload", action="store_true",
-        help="with --sharding fsdp: keep the pieces, gradients and optimizer step in host memory")
-    add("--resume", default=None, metavar="latest|DIR",
-        help="continue from the newest checkpoint in --output_dir (latest) or from a checkpoint directory")
-    add("--overwrite_output_dir", action="store_true",
-        help="start afresh in an --output_dir that holds an earlier run's checkpoints")
-    return parser
 
 
 # Below this size a model's matmuls are too small to split across cores: one thread is about as fast, and on a
