@@ -91,7 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
     """The :class:`TrainingConfig` of the parsed flags; no ``--learning_rate``: the method's default rate."""
-
     if args.learning_rate is None:
         args.learning_rate = default_learning_rate(args.modification_type)
     return TrainingConfig(**{field.name: getattr(args, field.name) for field in fields(TrainingConfig)})
@@ -141,6 +140,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Parse; check the inputs and open ``--output_dir`` (before any loading); train and report. The exit status."""
     args = parse_arguments(argv)
     config = training_config_from_args(args)
     data_config = data_config_from_args(args)
@@ -161,11 +161,12 @@ def main(argv=None) -> int:
 
 
 def train_and_report(args, config: TrainingConfig, data_config, context, run_dir) -> int:
+    """Load the model, apply the method, build the data, :func:`train` in the opened ``run_dir``, report."""
     def say(message: str = "") -> None:
         if context.is_main:
             print(message, flush=True)
 
-    output_dir = Path(config.output_dir)
+    output_dir = run_dir.path
     arguments = {key: value for key, value in vars(args).items()}
     if config.resume and context.is_main:
         warn_about_changed_settings(output_dir, arguments)
@@ -192,8 +193,8 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
         peft_model, model, tokenizer = base_and_method(torch.float32)
     data_config.template = resolve_template_name(data_config.template, tokenizer)  # auto -> chat or alpaca
     stats = peft_model.parameter_stats()
-    if context.device.type == "cpu" or args.num_threads is not None:
-        torch.set_num_threads(choose_cpu_threads(args.num_threads, stats.total))
+    if context.device.type == "cpu" or config.num_threads is not None:
+        torch.set_num_threads(choose_cpu_threads(config.num_threads, stats.total))
     say(f"Model: {args.model} ({type(model).__name__}) | method: {args.modification_type} | "
         f"trainable params: {stats.trainable:,} of {stats.total:,} ({stats.ratio:.4f}%)"
         + (f" | {torch.get_num_threads()} CPU thread(s)" if context.device.type == "cpu" else ""))
