@@ -12,7 +12,7 @@ from training_fixtures import (NAN_TOKEN, ListLoader, adapter_tensors, concatena
 
 from minipeft.core.errors import UserError
 from minipeft.methods import METHODS
-from minipeft.training import TrainingConfig, train
+from minipeft.training import TrainingConfig, TrainResult, open_run_dir, train
 from minipeft.training.distributed import DistributedContext
 from minipeft.training.loop import accumulate_gradients, enable_gradient_checkpointing, evaluate
 from minipeft.training.loss import causal_lm_loss_sum, count_target_tokens, perplexity
@@ -237,6 +237,26 @@ def test_resume_refuses_another_method_and_a_missing_checkpoint(tmp_path):
               run_config(tmp_path / "empty", resume="latest"))
     with pytest.raises(UserError, match="holds checkpoints of an earlier run"):
         train(tiny_peft_model(), ListLoader(make_batches(2)), None, run_config(tmp_path, max_steps=1))
+
+
+def test_train_owns_the_output_dir_or_takes_it_opened(tmp_path):
+    """open_run_dir checks, creates and locks --output_dir: train() opens it itself, or takes it opened (as
+    train_llm.py does before loading the model); a run that fails before writing anything leaves no folder."""
+    with pytest.raises(UserError, match="the training set is empty"):
+        train(tiny_peft_model(), ListLoader([]), None, run_config(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(UserError, match="--resume latest: no checkpoint"):
+        with open_run_dir(run_config(tmp_path / "nothing", resume="latest")):
+            pytest.fail("a missing checkpoint is an error before the body runs (before any loading)")
+    assert not (tmp_path / "nothing").exists()
+    config = run_config(tmp_path / "run", max_steps=1)
+    with open_run_dir(config) as run_dir:
+        assert (run_dir.path / ".minipeft.lock").is_file()  # one run at a time writes here
+        result = train(tiny_peft_model(), ListLoader(make_batches(2)), None, config, run_dir=run_dir)
+    assert not (run_dir.path / ".minipeft.lock").exists()
+    assert isinstance(result, TrainResult) and result.outcome == "finished" and result.signal is None
+    assert result.state.step == result.plan.total_steps == 1
+    assert result.last_checkpoint == run_dir.path / "checkpoints" / "step-1" and result.last_checkpoint.is_dir()
 
 
 # -- non-finite losses ---------------------------------------------------------------------------------------
