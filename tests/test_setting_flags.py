@@ -33,7 +33,8 @@ def test_every_field_is_a_flag_and_every_flag_a_field():
 
 def test_no_flags_build_the_default_configs():
     args = parse_arguments([])
-    assert training_config_from_args(args) == TrainingConfig(learning_rate=default_learning_rate(args.modification_type))
+    method_rate = default_learning_rate(args.modification_type)
+    assert training_config_from_args(args) == TrainingConfig(learning_rate=method_rate)
     assert data_config_from_args(args) == DataConfig()
     assert data_config_from_args(parse_arguments(["--no_cache"])).cache_dir is None
 

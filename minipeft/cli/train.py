@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from minipeft.cli import CommandLineParser
-from minipeft.cli.arguments import add_method_arguments, add_quantize_arguments, check_quantize_arguments, config_from_args
+from minipeft.cli.arguments import (add_method_arguments, add_quantize_arguments, check_quantize_arguments,
+                                    config_from_args)
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
 from minipeft.data import build_dataloaders

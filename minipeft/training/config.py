@@ -80,8 +80,8 @@ class TrainingConfig:
     weight_decay: float = setting(0.01, "AdamW weight decay on the matrices a method adds (default: %(default)s)")
     max_grad_norm: float = setting(1.0, "clip the global gradient norm; 0: no clipping (default: %(default)s)")
     precision: str = setting("auto", "fp32; bf16 autocast (CPU or CUDA); fp16 autocast with a grad scaler (CUDA); "
-                             "auto: bf16 where the hardware has it natively (CUDA with bf16, a CPU with AMX/AVX512_BF16), "
-                             "else fp32 (default: %(default)s)", choices=PRECISIONS)
+                             "auto: bf16 where the hardware has it natively (CUDA with bf16, a CPU with "
+                             "AMX/AVX512_BF16), else fp32 (default: %(default)s)", choices=PRECISIONS)
     tf32: bool = setting(True, "TensorFloat-32 matmuls on CUDA (default: on; no effect on CPU)")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     num_threads: int | None = setting(None, "CPU threads for PyTorch (default: 1 for models under 20M parameters, "
