@@ -4,7 +4,8 @@
   checkpoint stores besides tensors, as JSON;
 - :class:`RunPlan`: the run's arithmetic, fixed before the first step (steps, warmup, when to evaluate);
 - :class:`TrainingRun`: both, with the model, optimizer and metrics log: what the functions of
-  :mod:`minipeft.training.loop` share instead of closures or globals.
+  :mod:`minipeft.training.loop` share instead of closures or globals;
+- :class:`TrainResult`: what :func:`~minipeft.training.loop.train` returns.
 """
 
 import math
@@ -138,3 +139,14 @@ class TrainingRun:
     @property
     def checkpoints_dir(self) -> Path:
         return self.output_dir / "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`~minipeft.training.loop.train` returns: how the run ended, where it got, and its plan."""
+
+    outcome: str  # "finished", "early_stopped" or "interrupted" (a failed run raises instead)
+    signal: int | None  # the signal that interrupted it (SIGINT: Ctrl-C, or SIGTERM), else None
+    state: TrainState  # the progress at the end: step, eval losses, best step, tokens seen, ...
+    plan: RunPlan  # total_steps, steps_per_epoch, warmup_steps, eval_every, save_every, precision
+    last_checkpoint: Path  # checkpoints/step-N of the last step: where --resume latest continues
