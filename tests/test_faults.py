@@ -361,8 +361,15 @@ def test_resume_with_a_smaller_data_set_fails_and_keeps_train_config(tmp_path, c
     small = write_records(tmp_path / "small.json", records(8))
     code, _, err = in_process(train_main, *common, "--dataset_path", small, "--max_steps", "9", "--resume", "latest",
                               capsys=capsys)
-    one_error(code, err, "--resume latest", "5 batches into epoch 0", "gives only 1 batches per epoch")
+    one_error(code, err, "--resume: --dataset_path", "changes what the run computes", "--resume_new_data")
     assert digests(out) == before  # train_config.json included: a later correct resume compares against the truth
+    code, _, err = in_process(train_main, *common, "--dataset_path", small, "--max_steps", "9", "--resume", "latest",
+                              "--resume_new_data", capsys=capsys)  # asked for: the new data from its first batch
+    assert code == 0, err
+    out = tmp_path / "again"
+    common[common.index("--output_dir") + 1] = out
+    code, _, err = in_process(train_main, *common, "--dataset_path", data, "--max_steps", "5", capsys=capsys)
+    assert code == 0, err
     code, out_text, err = in_process(train_main, *common, "--dataset_path", data, "--max_steps", "6",
                                      "--resume", "latest", capsys=capsys)
     assert code == 0 and "settings that differ" not in out_text, err
@@ -529,3 +536,22 @@ def test_damaged_and_pickled_adapters_through_the_cli(finished_run, tmp_path, ca
         code, _, err = in_process(GENERATE, "--adapter", adapter, "--prompt", "Hi",
                                   capsys=capsys)
         one_error(code, err, message)
+
+
+@pytest.mark.parametrize("flag, value", [("--learning_rate", "0.5"), ("--batch_size", "2"), ("--seed", "7"),
+                                         ("--gradient_accumulation_steps", "2")])
+def test_a_resume_that_would_compute_another_run_is_refused_before_loading(flag, value, tmp_path, capsys):
+    """A flag given again with another value that changes the steps' math or the batches they read: one line
+    naming it, before the model loads, nothing touched; left out, the run's own value is taken and it resumes."""
+    out = tmp_path / "out"
+    common = [*TINY_RUN, "--batch_size", "4", "--save_every", "1", "--output_dir", out]
+    code, _, err = in_process(train_main, *common, capsys=capsys)
+    assert code == 0, err
+    before = digests(out)
+    code, _, err = in_process(train_main, *common, "--max_steps", "3", "--resume", "latest", flag, value,
+                              capsys=capsys)
+    one_error(code, err, f"--resume: {flag} {value} changes what the run computes", "leave it out")
+    assert digests(out) == before
+    code, _, err = in_process(train_main, "--output_dir", out, "--max_steps", "3", "--resume", "latest",
+                              capsys=capsys)
+    assert code == 0, err

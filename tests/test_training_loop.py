@@ -230,7 +230,7 @@ def test_a_checkpoint_saved_at_an_epochs_last_step_resumes_in_the_next_epoch(tmp
 
 def test_resume_refuses_another_method_and_a_missing_checkpoint(tmp_path):
     train(tiny_peft_model(), ListLoader(make_batches(2)), None, run_config(tmp_path, max_steps=1))
-    with pytest.raises(UserError, match="tensor .* has no place|missing"):
+    with pytest.raises(UserError, match="the checkpoint holds a LORA adapter .* this run builds IA3"):
         train(tiny_peft_model("ia3"), ListLoader(make_batches(2)), None, run_config(tmp_path, resume="latest"))
     with pytest.raises(UserError, match="--resume latest: no checkpoint"):
         train(tiny_peft_model(), ListLoader(make_batches(2)), None,

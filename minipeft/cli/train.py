@@ -39,6 +39,7 @@ from minipeft.loading.streaming import load_base_model
 from minipeft.methods import default_learning_rate
 from minipeft.model.adapter_files import config_to_dict
 from minipeft.model.peft_model import get_peft_model
+from minipeft.training.checkpoint import DATA_SETTINGS, MATH_SETTINGS
 from minipeft.training.config import TrainingConfig, add_training_arguments
 from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.loop import train
@@ -54,9 +55,9 @@ from minipeft.training.sharding import check_can_shard, load_sharded
 CLI_OUTPUTS = ("metrics.json", "train_config.json", "loss_curve.png")
 
 # Settings that may change between an interrupted run and its resumption without changing what it computes.
-RESUMABLE_CHANGES = {"resume", "overwrite_output_dir", "max_steps", "epochs", "log_every", "eval_every",
-                     "save_every", "save_total_limit", "early_stopping_patience", "cache_dir", "no_cache",
-                     "num_workers", "eval_max_batches", "sharding", "fsdp_cpu_offload"}
+RESUMABLE_CHANGES = {"resume", "resume_new_data", "overwrite_output_dir", "max_steps", "epochs", "log_every",
+                     "eval_every", "save_every", "save_total_limit", "early_stopping_patience", "cache_dir",
+                     "no_cache", "num_workers", "eval_max_batches", "sharding", "fsdp_cpu_offload", "num_threads"}
 
 
 # Below this size a model's matmuls are too small to split across cores: one thread is about as fast, and on a
@@ -98,10 +99,19 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
 
 
 def warn_about_changed_settings(output_dir: Path, current: dict) -> None:
-    """On --resume: name the settings that differ from the interrupted run's (they change the curve)."""
+    """On --resume, before the model loads: refuse a setting that changes what a step computes or which batches
+    it reads (the checkpoint could not continue the same run; :mod:`minipeft.training.checkpoint` checks the
+    same again, and the data file's hash, when it resumes), and name the other settings that differ."""
     before = saved_arguments(output_dir)
-    changed = [f"--{key} {current[key]} (was {before[key]})" for key in sorted(current)
-               if key in before and key not in RESUMABLE_CHANGES and current[key] != before[key]]
+    differs = [key for key in sorted(current) if key in before and current[key] != before[key]]
+    data_settings = {"dataset_path", *DATA_SETTINGS}
+    for key in differs:
+        if key in MATH_SETTINGS or (key in data_settings and not current.get("resume_new_data")):
+            remedy = " or pass --resume_new_data to continue on the new data" if key in data_settings else ""
+            raise UserError(f"--resume: --{key} {current[key]} changes what the run computes (it started with "
+                            f"{before[key]}); resume with the run's own --{key} (leave it out){remedy}, or start "
+                            "a new run")
+    changed = [f"--{key} {current[key]} (was {before[key]})" for key in differs if key not in RESUMABLE_CHANGES]
     if changed:
         print("note: resuming with settings that differ from the original run's: " + ", ".join(changed))
     if "eval_max_batches" in before and current.get("eval_max_batches") != before["eval_max_batches"]:
@@ -223,7 +233,7 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
     adapter_metadata = {"base_model_name_or_path": args.model, "template": data_config.template,
                         "training": {key: value for key, value in arguments.items()
                                      if key in {field.name for field in fields(TrainingConfig)}
-                                     or key in ("batch_size", "max_length", "seed", "dataset_path")}}
+                                     or key in ("batch_size", "max_length", "seed", "dataset_path", "val_size")}}
     if args.quantize != "none":  # generate and merge read it back, to rebuild the base the adapter was trained on
         adapter_metadata["quantization"] = {"quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head}
 

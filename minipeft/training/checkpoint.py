@@ -217,6 +217,10 @@ def check_continues_the_run(directory: Path, state: dict, peft_model, current: d
 def check_same_method(directory: Path, saved_config: dict, method_config) -> None:
     """The method settings the checkpoint's adapter was trained with are the ones this run builds."""
     now = json.loads(json_text(config_to_dict(method_config)))
+    if saved_config.get("peft_type") != now.get("peft_type"):  # another method: say so, not its first field
+        raise UserError(f"--resume {directory}: the checkpoint holds a {saved_config.get('peft_type')} adapter "
+                        f"({directory / ADAPTER_DIR / CONFIG_NAME}), this run builds {now.get('peft_type')} "
+                        "(--modification_type); resume with the run's own method, or start a new run")
     for key in sorted(set(saved_config) | set(now)):
         if key in ("base_model_name_or_path", "inference_mode", "minipeft"):
             continue  # the base model: check_same_settings; the minipeft block: metadata, init token ids

@@ -59,6 +59,7 @@ class TrainingConfig:
         early_stopping_patience: stop after N evaluations without a better eval loss (0: never).
         max_nonfinite_steps: stop after N optimizer steps in a row whose loss was NaN or infinite.
         resume: ``latest`` or a checkpoint (or run) directory to continue from.
+        resume_new_data: resume on other data than the checkpoint's (from its first batch), on purpose.
         overwrite_output_dir: start afresh in an ``output_dir`` that holds an earlier run's checkpoints.
         seed: seeds the adapter's initialisation and dropout (the data pipeline uses the same flag).
         sharding: under ``torchrun``: ``ddp`` (every process holds the whole model) or ``fsdp`` (PyTorch's FSDP2:
@@ -106,6 +107,9 @@ class TrainingConfig:
                                      "host memory")
     resume: str | None = setting(None, "continue from the newest checkpoint in --output_dir (latest) or from a "
                                  "checkpoint directory", metavar="latest|DIR")
+    resume_new_data: bool = setting(False, "with --resume: continue on data other than the run's (an edited "
+                                    "file, another file or data setting) from its first batch; without it such a "
+                                    "resume is refused")
     overwrite_output_dir: bool = setting(False, "start afresh in an --output_dir that holds an earlier run's "
                                          "checkpoints")
     seed: int = 42  # no flag of its own: DataConfig's --seed sets it too
@@ -150,6 +154,8 @@ class TrainingConfig:
         if self.sharding == "fsdp" and self.compile:
             raise UserError("--sharding fsdp with --compile: minipeft compiles by swapping the blocks' modules, "
                             "which FSDP2's per-block units own; drop --compile or use --sharding ddp")
+        if self.resume_new_data and self.resume is None:
+            raise UserError("--resume_new_data needs --resume (it says how to continue a run)")
         if self.resume is not None and self.overwrite_output_dir:
             raise UserError("--resume and --overwrite_output_dir: continue a run or start it over, not both")
 

@@ -165,7 +165,8 @@ def resume_or_start_fresh(run: TrainingRun, run_dir: RunDir, train_loader) -> No
     if checkpoint is not None:
         loaders = dict(load_adapter=load_full_adapter_state, load_optimizer=load_full_optimizer_state) \
             if context.is_sharded else {}  # every process reads the full tensors and keeps its piece
-        saved = load_checkpoint(checkpoint, run.model, run.optimizer, run.scaler, context.rank, **loaders)
+        saved = load_checkpoint(checkpoint, run.model, run.optimizer, run.scaler, context.rank, **loaders,
+                                current=run.adapter_metadata, new_data=config.resume_new_data)  # the same run?
         run.rng_to_restore = saved.pop("rng")
         run.state = TrainState(**saved)
         if run.state.batches_done > len(train_loader):
@@ -177,6 +178,9 @@ def resume_or_start_fresh(run: TrainingRun, run_dir: RunDir, train_loader) -> No
         if run.rng_to_restore is None:
             say(run, "note: the checkpoint has no random state for this process (another number of processes?); "
                      "dropout will differ from the original run")
+    if run_dir.restarted:
+        say(run, f"note: --resume {config.resume}: {output_dir} holds no checkpoint yet (the run stopped before its "
+                 "first); starting it over from step 0")
     if context.is_main:
         prepare_output_dir(checkpoints_dir)
         remove_incomplete(checkpoints_dir)
@@ -185,7 +189,7 @@ def resume_or_start_fresh(run: TrainingRun, run_dir: RunDir, train_loader) -> No
             prune_checkpoints(checkpoints_dir, keep_last=0)
             remove_our_directory(output_dir / "best", "--output_dir")
     run.metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=context.is_main,
-                             resume_step=run.state.step if config.resume else None)
+                             resume_step=run.state.step if checkpoint is not None else None)
     if not run.state.gradient_check_done:
         run.gradient_check = GradientCheck(run.model, config.gradient_checkpointing)
 

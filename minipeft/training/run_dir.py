@@ -15,7 +15,8 @@ On rank 0, :func:`open_run_dir`:
 2. creates the directory and marks it as minipeft's (:func:`prepare_output_dir`);
 3. takes its lock (:class:`~minipeft.files.safe_files.OutputLock`): one run at a time writes here;
 4. refuses to replace an earlier run's outputs, or files minipeft did not write (:func:`check_output_dir`);
-5. resolves ``--resume`` to a checkpoint (an error now if there is none).
+5. resolves ``--resume`` to a checkpoint (an error now if there is none, unless the run stopped before its
+   first checkpoint: then ``--resume latest`` starts it over, :func:`resume_point`).
 
 On leaving it releases the lock, and a directory it created that holds nothing (the run failed before writing
 anything) is removed. The other processes of a distributed run write nothing: they only resolve ``--resume``.
@@ -41,6 +42,7 @@ class RunDir:
 
     path: Path
     resume_from: Path | None = None
+    restarted: bool = False  # --resume latest of a run stopped before its first checkpoint: it starts over
 
 
 @contextmanager
@@ -54,19 +56,31 @@ def open_run_dir(config: TrainingConfig, is_main: bool = True, outputs: tuple = 
     if inputs:  # a data file in the run's folder is fine: a run writes only its own names
         check_apart(output_dir, "--output_dir", inputs, may_contain=True)
     if not is_main:  # (only rank 0 writes; the others would race with its first files)
-        yield RunDir(output_dir, resolve_resume(config.resume, output_dir) if config.resume else None)
+        yield resume_point(config, output_dir)
         return
     created = not output_dir.exists()
     prepare_output_dir(output_dir)
     try:
         with OutputLock(output_dir, "--output_dir"):  # one run at a time writes into output_dir
             check_output_dir(config, outputs)
-            resume_from = resolve_resume(config.resume, output_dir) if config.resume else None
-            yield RunDir(output_dir, resume_from)
+            yield resume_point(config, output_dir)
     except BaseException:
         if created and {path.name for path in output_dir.iterdir()} <= {MARKER_NAME}:
             remove_our_directory(output_dir)  # a run that failed before writing anything leaves no empty folder
         raise
+
+
+def resume_point(config: TrainingConfig, output_dir: Path) -> RunDir:
+    """The opened directory with the checkpoint ``--resume`` names (an error if there is none), except that
+    ``--resume latest`` in a run of minipeft's that stopped before its first checkpoint (killed while loading or
+    in its first steps: a record, no checkpoint, no final adapter) starts that run over: step 0 is where it is."""
+    if not config.resume:
+        return RunDir(output_dir)
+    started = any((output_dir / name).is_file() for name in ("metrics.jsonl", "train_config.json"))
+    if (config.resume == "latest" and started and is_ours(output_dir) and not (output_dir / ADAPTER_DIR).exists()
+            and not list_checkpoints(output_dir / "checkpoints")):
+        return RunDir(output_dir, restarted=True)
+    return RunDir(output_dir, resolve_resume(config.resume, output_dir))
 
 
 def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> None:
