@@ -356,6 +356,20 @@ def check_ours_to_replace(path, flag: str = "") -> None:
                         "another directory")
 
 
+def check_output_directory(path, flag: str, overwrite: bool) -> Path:
+    """The rule for an output directory that is written whole (``merge --out``, ``pretrain --output_dir``): a
+    new or empty one is written; an existing one is replaced only with ``overwrite`` and only when
+    :func:`check_replaceable` accepts it; never inside a directory a running minipeft process holds."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not is_empty_directory(path):
+        if not overwrite:
+            raise UserError(f"{flag_and_path(path, flag)}: already exists; choose another directory or pass "
+                            "--overwrite")
+        check_replaceable(path, flag)  # --overwrite replaces only what minipeft wrote
+    check_unlocked(path.parent, flag, path)
+    return path
+
+
 def remove_our_directory(path, flag: str = "") -> None:
     """Delete a directory minipeft wrote (refuses anything else, see :func:`check_replaceable`)."""
     path = Path(path)
