@@ -317,6 +317,8 @@ def check_outputs(args, methods: list, report_path: Path) -> None:
     check_apart(output_dir, "--output_dir", inputs)  # records.json or a method's folder could replace an input
     if (output_dir.exists() or output_dir.is_symlink()) and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir}: is a file, expected a directory")
+    if output_dir.is_dir():
+        check_unlocked(output_dir, "--output_dir")
     if output_dir.is_dir() and not is_empty_directory(output_dir) and not is_ours(output_dir):
         raise UserError(f"--output_dir {output_dir}: holds files minipeft did not write (no trusted .minipeft "
                         "marker); refusing to write into it: choose another --output_dir")
@@ -328,8 +330,6 @@ def check_outputs(args, methods: list, report_path: Path) -> None:
                         "pass --overwrite to replace them, or choose another --output_dir")
     for name in found:
         check_ours_to_replace(output_dir / name, "--output_dir")
-    if output_dir.is_dir():
-        check_unlocked(output_dir, "--output_dir")
     if not inside:
         check_output_file(report_path, "--report", args.overwrite, inputs)
 

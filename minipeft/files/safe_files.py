@@ -328,7 +328,8 @@ def check_replaceable(path, flag: str = "") -> None:
     if not path.exists() and not path.is_symlink():
         return
     if path.is_symlink() or not path.is_dir():
-        raise UserError(f"{flag_and_path(path, flag)}: is a file, not a directory minipeft wrote; "
+        what = "a symbolic link" if path.is_symlink() else "a file"
+        raise UserError(f"{flag_and_path(path, flag)}: is {what}, not a directory minipeft wrote; "
                         "refusing to replace it")
     if is_empty_directory(path):
         return
