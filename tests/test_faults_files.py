@@ -269,7 +269,7 @@ def test_merge_overwrite_replaces_its_own_output(run_copy, tmp_path, capsys):
 
 @pytest.mark.parametrize("where", ["best", "checkpoints", "checkpoints/{checkpoint}"])
 def test_overwrite_output_dir_refuses_a_users_file_inside_the_run(where, run_copy, capsys):
-    checkpoint = sorted((run_copy / "checkpoints").glob("checkpoint-*"))[-1].name
+    checkpoint = sorted((run_copy / "checkpoints").glob("step-*"))[-1].name
     notes = run_copy / where.format(checkpoint=checkpoint) / "notes.txt"
     notes.write_text("mine")
     refused(train_main, *TINY_RUN, "--output_dir", run_copy, "--overwrite_output_dir", capsys=capsys, fragments=["--output_dir", str(notes), "did not write"],

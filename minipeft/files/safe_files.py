@@ -234,10 +234,11 @@ def _foreign(directory: Path, names: set, prefix: str) -> list:
     found = []
     for entry in sorted(directory.iterdir()):
         relative = prefix + entry.name
-        if entry.name in (MARKER_NAME, LOCK_NAME) and (not prefix or names is None):
+        if entry.name in (MARKER_NAME, LOCK_NAME):
             continue
-        leftover = entry.name.startswith((".tmp-", ".old-")) and is_ours(entry)  # a killed write's, see below
-        if entry.is_symlink() or (relative not in names and not leftover):
+        if entry.name.startswith((".tmp-", ".old-")) and is_ours(entry):
+            continue  # what a killed write left: minipeft's, deleted by remove_incomplete
+        if entry.is_symlink() or relative not in names:
             found.append(entry)
         elif entry.is_dir():
             own = recorded_names(entry)
@@ -399,8 +400,10 @@ def write_directory_atomically(final, write, flag: str = "") -> Path:
         raise cannot_write(final, error) from None
     previous = None
     try:
+        (temporary / MARKER_NAME).write_text(json_text({"written_by": "minipeft", "files": []}))  # a leftover is ours
         write(temporary)
-        written = [path.relative_to(temporary).as_posix() for path in temporary.rglob("*")]
+        written = [path.relative_to(temporary).as_posix() for path in temporary.rglob("*")
+                   if path.name != MARKER_NAME]
         (temporary / MARKER_NAME).write_text(json_text({"written_by": "minipeft", "files": sorted(written)}))
         for path in sorted(temporary.rglob("*")):
             os.chmod(path, _usual_mode(directory=path.is_dir()))  # safetensors writes 0600 files
