@@ -549,6 +549,12 @@ def check_unlocked(directory, flag: str = "", named=None) -> None:
     """Refuse to write into or replace ``directory`` while another minipeft process (a training run) holds its
     :class:`OutputLock`; ``named``: the path the user gave, for the message (default ``directory``)."""
     lock = OutputLock(directory, flag)
-    if named is not None:
-        lock.directory = Path(named)
-    lock.check_free()
+    try:
+        lock.check_free()
+    except UserError:
+        if named is None or Path(named) == Path(directory):
+            raise
+        pid, host = lock._owner()
+        raise UserError(f"{flag_and_path(named, flag)}: lies in {directory}, which another minipeft process (pid "
+                        f"{pid} on {host}) is writing into; wait for it to finish, or choose another place (if no "
+                        f"such process runs, delete {lock.path})") from None
