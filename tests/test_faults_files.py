@@ -281,3 +281,22 @@ def test_overwrite_output_dir_replaces_a_run_minipeft_wrote_whole(run_copy, caps
     code, _, err = in_process(train_main, *TINY_RUN, "--output_dir", run_copy, "--overwrite_output_dir", capsys=capsys)
     assert code == 0, err
     assert foreign_files(run_copy) == []
+
+
+def test_compare_reruns_over_its_own_outputs_only_with_overwrite(tmp_path, capsys):
+    data = write_records(tmp_path / "data.json", records(24))
+    out, page = tmp_path / "out", tmp_path / "page.md"
+    argv = ["--dataset_path", data, "--methods", "lora", "--max_steps", "1", "--max_records", "20", "--val_size", "4",
+            "--max_length", "64", "--batch_size", "2", "--speed_tokens", "2", "--generation_tokens", "2",
+            "--generation_prompts", "1", "--eval_max_batches", "1", "--device", "cpu", "--output_dir", out,
+            "--report", page]
+    code, _, err = in_process(COMPARE, *argv, capsys=capsys)
+    assert code == 0, err
+    assert foreign_files(out) == [] and sidecar_of(page).is_file()  # everything it wrote is in a record
+    refused(COMPARE, *argv, capsys=capsys, fragments=[f"--output_dir {out}", "pass --overwrite"], keep=[out, page])
+    code, _, err = in_process(COMPARE, *argv, "--overwrite", capsys=capsys)
+    assert code == 0, err
+    assert foreign_files(out) == []
+    (out / "lora" / "adapter" / "notes.txt").write_text("mine")
+    refused(COMPARE, *argv, "--overwrite", capsys=capsys,
+            fragments=[str(out / "lora" / "adapter" / "notes.txt"), "did not write"], keep=[out, page, data])
