@@ -22,7 +22,10 @@ For each method, in this process, one after another, with the same seed:
 4. the ``--generation_prompts`` shortest held-out instructions are answered (greedy, ``--generation_tokens``
    at most), by the base model once before any training and by each trained method.
 
-The table, the plot and the page are written by :mod:`minipeft.cli.compare_report`.
+The table, the plot and the page are written by :mod:`minipeft.cli.compare_report`. ``--output_dir`` is new,
+empty, or an earlier comparison's folder (its ``.minipeft`` record); a rerun there, and a ``--report`` page that
+exists, take ``--overwrite`` and replace only files minipeft recorded (:func:`check_outputs`); the run holds the
+folder's lock.
 
 The numbers are from one seed and a short budget: they show what each method costs and how fast it starts to
 learn, not which one is best after a full training run. Learning rates matter more than anything else here.
