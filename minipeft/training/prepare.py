@@ -88,6 +88,5 @@ def prepare_output_dir(output_dir: Path) -> None:
     make_directory(output_dir)
     if new:
         mark_as_ours(output_dir)
-    if not (output_dir / "metrics.jsonl").exists():
         record_as_ours(output_dir / "metrics.jsonl")  # appended to, not written atomically: recorded beforehand
 
