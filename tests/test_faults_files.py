@@ -80,6 +80,24 @@ def test_a_marker_lists_what_minipeft_wrote_and_a_symlinked_one_is_not_trusted(t
     assert not is_ours(user)  # a marker that is a link
 
 
+def test_a_periodic_save_keeps_a_users_file_inside_the_folder_it_replaces(tmp_path):
+    folder = minipeft_folder(tmp_path / "adapter", {"adapter_config.json": "{}"})
+    (folder / ".DS_Store").write_text("Finder looked")
+    (folder / "notes").mkdir()
+    (folder / "notes" / "todo.txt").write_text("mine")
+    before = {name: digest for name, digest in digests(folder).items() if MARKER_NAME not in name}
+    minipeft_folder(folder, {"adapter_config.json": '{"r": 8}'})  # the next save of a running training
+    assert (folder / "adapter_config.json").read_text() == '{"r": 8}'
+    assert {name: digests(folder)[name] for name in before if "adapter_config" not in name} == \
+        {name: digest for name, digest in before.items() if "adapter_config" not in name}
+    assert foreign_files(folder) == [folder / ".DS_Store", folder / "notes"]  # still the user's, not recorded
+    (folder / "clash.json").write_text("mine")
+    kept = digests(folder)
+    with pytest.raises(Exception, match="clash.json: minipeft did not write it"):
+        minipeft_folder(folder, {"adapter_config.json": "{}", "clash.json": "{}"})
+    assert digests(folder) == kept and not list(tmp_path.glob(".tmp-*"))
+
+
 def test_identity_not_path_text_decides_what_is_an_input(tmp_path):
     data = write_records(tmp_path / "data.json", records(3))
     twin = tmp_path / "twin.json"

@@ -11,7 +11,8 @@ or an error at any moment leaves the previous version or the new one, never half
 :data:`MARKER_NAME`: a JSON manifest of the names minipeft wrote there, updated (atomically) with each write.
 Replacing or deleting a directory (``merge --overwrite``, ``--overwrite_output_dir``, a new adapter over the old)
 needs the marker *and* every file inside recorded in it (:func:`foreign_files`): a file the user put into a
-minipeft folder stops the command with one line naming it; it is neither deleted nor moved. A marker that is, or
+minipeft folder stops the command with one line naming it; it is neither deleted nor moved. (A running
+training's periodic saves instead carry such a file into the new version: see :func:`write_directory_atomically`.) A marker that is, or
 is reached through, a symbolic link is not trusted. An output *file* the user names (``--output_file``,
 ``--report``) follows :func:`check_output_file`: a new name is written; an existing file is replaced only with
 ``--overwrite`` and only when minipeft wrote it and nobody changed it since (its directory's manifest, or a
@@ -322,9 +323,10 @@ def is_empty_directory(path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def check_replaceable(path, flag: str = "") -> None:
+def check_replaceable(path, flag: str = "", foreign_files_stop: bool = True) -> None:
     """Refuse to replace ``path`` unless it is absent, an empty directory, or a directory minipeft wrote whose
-    every file minipeft recorded (:func:`foreign_files`) and that no running minipeft process writes into."""
+    every file minipeft recorded (:func:`foreign_files`; ``foreign_files_stop=False``: the caller keeps them)
+    and that no running minipeft process writes into."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
@@ -339,7 +341,7 @@ def check_replaceable(path, flag: str = "") -> None:
                         "marker); refusing to replace or delete it: choose another directory or empty this one "
                         "yourself")
     check_unlocked(path, flag)
-    foreign = foreign_files(path)
+    foreign = foreign_files(path) if foreign_files_stop else []
     if foreign:
         raise UserError(f"{flag_and_path(path, flag)}: holds {foreign[0]}, which minipeft did not write (not in its "
                         f"{MARKER_NAME} record); refusing to replace or delete it: move it out first, or choose "
@@ -384,14 +386,34 @@ def remove_our_directory(path, flag: str = "") -> None:
     _forget(path)
 
 
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link the files a user put into ``old`` (:func:`foreign_files`) into ``new``, at the same place: the
+    new version keeps them (still unrecorded, so still the user's), and deleting ``old`` loses nothing."""
+    for path in foreign_files(old):
+        target = new / path.relative_to(old)
+        if target.exists() or target.is_symlink():
+            raise UserError(f"{path}: minipeft did not write it, and the new version of {old} has a file of that "
+                            "name; refusing to replace it: move it out first")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():
+            os.symlink(os.readlink(path), target)
+        elif path.is_dir():
+            shutil.copytree(path, target, symlinks=True, copy_function=os.link)
+        else:
+            os.link(path, target)
+
+
 def write_directory_atomically(final, write, flag: str = "") -> Path:
     """Call ``write(temporary_dir)``, mark and fsync what it wrote, and rename the directory to ``final``.
 
     An existing ``final`` is replaced only when minipeft wrote it (:func:`check_replaceable`): it is moved aside
-    first and deleted after the rename, so at every moment one complete version is in place.
+    first and deleted after the rename, so at every moment one complete version is in place. A file a user put
+    into it is carried into the new version (a hard link, :func:`_carry_over`), so a running training's periodic
+    save never deletes it nor stops on it (a ``.DS_Store``, a note); the commands that replace a folder on the
+    user's request check first and stop instead (:func:`check_replaceable`), so the user decides.
     """
     final = Path(final)
-    check_replaceable(final, flag)
+    check_replaceable(final, flag, foreign_files_stop=False)
     make_directory(final.parent)
     try:
         temporary = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
@@ -408,6 +430,8 @@ def write_directory_atomically(final, write, flag: str = "") -> Path:
         for path in sorted(temporary.rglob("*")):
             os.chmod(path, _usual_mode(directory=path.is_dir()))  # safetensors writes 0600 files
             _fsync(path)  # files: their bytes; subdirectories: their entries
+        if final.is_dir() and not final.is_symlink():
+            _carry_over(final, temporary)  # a user's file in the old version stays (after the chmod: not ours)
         _fsync(temporary)
         if final.exists():
             previous = final.with_name(f".old-{final.name}-{os.getpid()}")
