@@ -430,7 +430,7 @@ def write_directory_atomically(final, write, flag: str = "") -> Path:
         for path in sorted(temporary.rglob("*")):
             os.chmod(path, _usual_mode(directory=path.is_dir()))  # safetensors writes 0600 files
             _fsync(path)  # files: their bytes; subdirectories: their entries
-        if final.is_dir() and not final.is_symlink():
+        if is_ours(final):  # (else it is absent or empty: check_replaceable refused anything more)
             _carry_over(final, temporary)  # a user's file in the old version stays (after the chmod: not ours)
         _fsync(temporary)
         if final.exists():
