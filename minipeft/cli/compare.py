@@ -37,6 +37,7 @@ import gc
 import json
 import random
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -138,6 +139,14 @@ def answer(model, tokenizer, prompts: list, template: str, max_new_tokens: int) 
     return [" ".join(text.split()) for text in texts]
 
 
+class MethodInterrupted(Exception):
+    """A signal stopped one method's training: compare stops too, and exits with 128 + the signal's number."""
+
+    def __init__(self, method: str, signal_number: int):
+        super().__init__(method)
+        self.method, self.signal_number = method, signal_number
+
+
 def compare_method(name: str, base_model, tokenizer, loaders, args, template: str, learning_rate: float,
                    device: torch.device, speed_prompt: torch.Tensor, prompts: list = ()) -> dict:
     """Apply, train, evaluate and time one method on a copy of ``base_model``; returns its row."""
@@ -164,7 +173,7 @@ def compare_method(name: str, base_model, tokenizer, loaders, args, template: st
                    adapter_metadata={"base_model_name_or_path": args.model, "template": template})
     wall_seconds = time.perf_counter() - started
     if result["outcome"] == "interrupted":  # Ctrl-C or SIGTERM: the loop saved a checkpoint; stop comparing
-        raise KeyboardInterrupt
+        raise MethodInterrupted(name, result["signal"] or signal.SIGINT)
     peak = memory.peak_mb()
     state = result["state"]
     remove_our_directory(output_dir / "checkpoints")  # the optimizer state is not compared
@@ -419,8 +428,14 @@ def compare(args, methods: list, learning_rates: dict, device, output_dir: Path,
     rows = []
     for name in methods:
         print(f"\n=== {name} (learning rate {learning_rates[name]:g}) ===", flush=True)
-        rows.append(compare_method(name, base_model, tokenizer, (train_loader, val_loader), args, template,
-                                   learning_rates[name], device, speed_prompt, prompts))
+        try:
+            row = compare_method(name, base_model, tokenizer, (train_loader, val_loader), args, template,
+                                 learning_rates[name], device, speed_prompt, prompts)
+        except MethodInterrupted as stop:  # the finished methods' table, page and adapters stay as written
+            print(f"interrupted while training {stop.method}: {output_dir} holds the {len(rows)} finished "
+                  f"method(s)", file=sys.stderr)
+            return 128 + stop.signal_number  # 130 after Ctrl-C, 143 after SIGTERM, as train_llm.py
+        rows.append(row)
         table = markdown_table(rows)  # rewritten after every method: a long run shows progress on disk
         write_text_atomically(output_dir / "comparison.md", table + "\n")
         settings = {"model": args.model, "dataset_path": args.dataset_path, "max_records": args.max_records,
