@@ -40,7 +40,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from minipeft.core.errors import UserError
-from minipeft.files.input_files import flag_and_path
+from minipeft.files.input_files import flag_and_path, read_input_text
 
 MARKER_NAME = ".minipeft"  # in every directory minipeft writes: "this one may be replaced by minipeft"
 # A Markdown page minipeft writes starts with this comment (``compare --report``); it counts as minipeft's mark.
@@ -179,8 +179,8 @@ def recorded_names(directory):
     if marker is None:
         return None
     try:
-        manifest = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        manifest = json.loads(read_input_text(marker))  # bounded: a marker is an input like any other
+    except (UserError, ValueError):
         return set()  # an older plain-text marker: the directory is ours, no file in it is recorded
     files = manifest.get("files") if isinstance(manifest, dict) else None
     return {name for name in files if isinstance(name, str)} if isinstance(files, list) else set()
