@@ -18,4 +18,4 @@ from minipeft.cli.data import main  # noqa: E402
 
 handle_signals_after_loading()
 
-raise SystemExit(run(main))
+raise SystemExit(run(main, leaving=True))

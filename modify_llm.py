@@ -13,4 +13,4 @@ from minipeft.cli.modify import main  # noqa: E402
 handle_signals_after_loading()
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(run(main, leaving=True))

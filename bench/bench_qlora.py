@@ -109,14 +109,14 @@ def worker(side: str, steps: int, threads: int, output: str) -> None:
                                 precision="fp32")
         reset = reset_high_water_mark()
         before_training = high_water_mark_mb()
-        state = train(peft_model, train_loader, val_loader, config)["state"]
+        state = train(peft_model, train_loader, val_loader, config).state
         train_peak = high_water_mark_mb()
     Path(output).write_text(json.dumps({
         "side": side, "load_seconds": load_seconds, "load_peak_mb": load_peak, "train_peak_mb": train_peak,
         "rss_before_training_mb": before_training, "peak_reset": reset,
-        "eval_loss_before": state["eval_loss_before"], "eval_loss": state["eval_loss"],
-        "tokens_per_s": state["tokens_seen"] / state["train_seconds"], "train_seconds": state["train_seconds"],
-        "steps": state["step"], "threads": threads}))
+        "eval_loss_before": state.eval_loss_before, "eval_loss": state.eval_loss,
+        "tokens_per_s": state.tokens_seen / state.train_seconds, "train_seconds": state.train_seconds,
+        "steps": state.step, "threads": threads}))
 
 
 def main(argv=None) -> int:

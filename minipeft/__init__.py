@@ -27,7 +27,7 @@ _EXPORTS = {
     "LoRALinear": "minipeft.methods.lora",
     "PeftModel": "minipeft.model.peft_model",
     "get_peft_model": "minipeft.model.peft_model",
-    "load_adapter": "minipeft.model.adapter_files",
+    "load_adapter": "minipeft.model.peft_model",
     "save_adapter": "minipeft.model.adapter_files",
     "MultiAdapterModel": "minipeft.inference.multi_adapter",
 }
@@ -35,7 +35,7 @@ _EXPORTS = {
 
 def _config_classes() -> dict:
     """``{class name: config class}`` of every registered method (LoRAConfig, IA3Config, ...)."""
-    from minipeft.methods import METHODS
+    from minipeft.methods import METHODS  # why: on first use only, so that `import minipeft` loads no torch
 
     return {method.config_class.__name__: method.config_class for method in METHODS.values()}
 

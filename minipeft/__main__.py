@@ -18,4 +18,4 @@ from minipeft.cli import COMMANDS, handle_signals_after_loading, main  # noqa: E
 if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
     importlib.import_module(COMMANDS[sys.argv[1]][0])  # torch, transformers, ...: loaded while Ctrl-C leaves at once
 handle_signals_after_loading()
-sys.exit(main())
+sys.exit(main(leaving=True))

@@ -136,15 +136,21 @@ TRAINABLE_FORMULAS = {
 }
 
 
-def trainable_formula(method: str):
-    """The count formula of ``method``: :data:`TRAINABLE_FORMULAS`, else ``contract_trainable_count`` in the
-    method's own test module ``tests/test_<method>.py``, else None."""
-    if method in TRAINABLE_FORMULAS:
-        return TRAINABLE_FORMULAS[method]
+def from_own_tests(method: str, name: str, default=None):
+    """``name`` from the method's own test module ``tests/test_<method>.py``, else ``default``: what a method
+    added later brings to the shared suites without an edit to them (its count formula, its tiny settings)."""
     try:
         module = importlib.import_module(f"tests.test_{method}")
     except ModuleNotFoundError as error:
         if error.name != f"tests.test_{method}":
             raise
-        return None
-    return getattr(module, "contract_trainable_count", None)
+        return default
+    return getattr(module, name, default)
+
+
+def trainable_formula(method: str):
+    """The count formula of ``method``: :data:`TRAINABLE_FORMULAS`, else ``contract_trainable_count`` in the
+    method's own test module ``tests/test_<method>.py``, else None."""
+    if method in TRAINABLE_FORMULAS:
+        return TRAINABLE_FORMULAS[method]
+    return from_own_tests(method, "contract_trainable_count")

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from conftest import make_gpt2_tiny, make_llama_tiny
+from tests.contract_formulas import from_own_tests
 from minipeft.methods import METHODS
 from minipeft.model.peft_model import get_peft_model
 
@@ -52,9 +53,10 @@ def save_model_dir(family: str, directory: Path, tokenizer=None) -> Path:
 
 def method_config(name: str, family: str, **overrides):
     """A small config of method ``name`` for the tiny models (targets both families have); a method not listed
-    here (one added later) runs with its config's defaults."""
+    here (one added later) runs with ``SERVING_SETTINGS`` of its own test module ``tests/test_<name>.py``, or
+    else with its config's defaults."""
     config_class = METHODS[name].config_class
-    settings = {
+    built_in = {
         "lora": dict(r=4, lora_alpha=8),
         "dora": dict(r=4, lora_alpha=8, use_dora=True),
         "ia3": {},
@@ -63,8 +65,8 @@ def method_config(name: str, family: str, **overrides):
         "prompt": dict(num_virtual_tokens=3),
         "bitfit": {},
         "selective": dict(freeze_layers=[0]),
-        "vera": dict(r=16, d_initial=1.0),  # a visible update once perturbed (its λ_b starts at 0, B and A are small)
-    }.get(name, {})
+    }
+    settings = built_in[name] if name in built_in else from_own_tests(name, "SERVING_SETTINGS", {})
     return config_class(**{**settings, **overrides})
 
 

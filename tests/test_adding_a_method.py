@@ -30,10 +30,10 @@ PER_METHOD = [(path, item) for path, item in listed_files() if "<name>" in path]
 SHARED = [(path, item) for path, item in listed_files() if "<name>" not in path]
 
 
-def test_the_list_is_a_module_a_page_tests_and_the_two_readmes():
+def test_the_list_is_a_module_a_page_tests_and_three_tables():
     assert [path for path, _ in PER_METHOD] == ["minipeft/methods/<name>.py", "docs/methods/<name>.md",
                                                 "tests/test_<name>.py", "tests/test_oracle_<name>.py"]
-    assert [path for path, _ in SHARED] == ["README.md", "docs/README.md"]
+    assert [path for path, _ in SHARED] == ["README.md", "docs/README.md", "docs/peft_format.md"]
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -65,3 +65,12 @@ def test_each_shared_file_has_a_test_that_checks_its_rows(shared, item):
     for test in tests:
         module = __import__(Path(test).stem)
         assert shared in getattr(module, "CHECKED_FILES", ()), f"{test} does not check {shared} (its CHECKED_FILES)"
+
+
+def test_the_proof_touched_exactly_the_listed_files():
+    """The guide's proof (VeRA removed, then added back as one commit) shows ``git show --stat`` of the re-add:
+    its files are the list's, with ``<name>`` = vera."""
+    proof = GUIDE.read_text(encoding="utf-8").split("## The proof", 1)[1].split("\n## ", 1)[0]
+    stat = proof.split("```text\n", 1)[1].split("```", 1)[0]
+    touched = sorted(line.split("|")[0].strip() for line in stat.splitlines() if "|" in line)
+    assert touched == sorted(path.replace("<name>", "vera") for path, _ in listed_files())

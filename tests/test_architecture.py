@@ -100,34 +100,97 @@ def test_the_architecture_page_draws_the_layers_in_order():
     assert folders_drawn_on_the_architecture_page() == LAYERS
 
 
-def test_no_import_circle_between_modules():
-    """Module-level imports form no cycle (a cycle would need an import hidden inside a function)."""
-    graph = {module_name(path): {imported for imported in top_level_imports(path) if imported != module_name(path)}
-             for path in SOURCES}
-    done, active = set(), []
-
-    def visit(module):
-        if module in active:
-            raise AssertionError("import circle: " + " -> ".join(active[active.index(module):] + [module]))
-        if module in done or module not in graph:
-            return
-        active.append(module)
-        for imported in sorted(graph[module]):
-            visit(imported)
-        active.pop()
-        done.add(module)
-
-    for module in sorted(graph):
-        visit(module)
-
-
 def top_level_imports(path: Path) -> set:
-    """The ``minipeft...`` modules ``path`` imports at the top of the file (not inside a function)."""
+    """The ``minipeft...`` modules ``path`` imports when it is itself imported: the imports outside every
+    function and class (those inside a module-level ``if`` or ``try`` included)."""
     found = set()
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+    statements = list(ast.parse(path.read_text(encoding="utf-8")).body)
+    while statements:
+        node = statements.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "minipeft":
             found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "minipeft")
+        statements.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt))
     return found
+
+
+def import_circle(graph: dict):
+    """A cycle of ``graph`` (``{module: modules it imports}``) as ``[a, b, ..., a]``, or None: a depth-first
+    search that meets a module still on its own path has gone round a circle."""
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done or module not in graph:
+            return None
+        path.append(module)
+        for imported in sorted(graph[module]):
+            circle = visit(imported)
+            if circle:
+                return circle
+        path.pop()
+        done.add(module)
+        return None
+
+    return next((circle for circle in map(visit, sorted(graph)) if circle), None)
+
+
+def test_the_circle_search_finds_a_circle_and_only_a_circle():
+    assert import_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_circle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_circle_between_modules():
+    """The modules' top-level imports form no cycle: importing any module never needs itself half-done. (A
+    circle kept alive by an import inside a function is still a circle of meaning: move the shared piece to
+    the module it belongs to instead.)"""
+    graph = {module_name(path): top_level_imports(path) - {module_name(path)} for path in SOURCES}
+    circle = import_circle(graph)
+    assert circle is None, "import circle: " + " -> ".join(circle)
+
+
+# The files other helpers own while their in-function imports are moved to the top in branch i24-owner (and
+# main's loading/streaming.py gained two); this list goes after the merge.
+IN_FUNCTION_IMPORTS_BEING_MOVED = {
+    "cli/train.py", "cli/compare.py", "cli/merge.py", "cli/generate.py", "cli/pretrain.py", "cli/arguments.py",
+    "training/loop.py", "training/prepare.py", "training/sharding.py", "fast/nf4_dequant.py",
+    "files/__init__.py", "files/input_files.py", "files/safe_files.py",
+    "loading/__init__.py", "loading/checkpoint_dir.py", "loading/models.py", "loading/streaming.py",
+    "quantization/__init__.py", "quantization/nf4.py", "quantization/nf4_format.py"}
+
+
+def imports_inside_functions(path: Path) -> list:
+    """``(line number, line)`` of each ``minipeft`` import inside a function of ``path``."""
+    found = []
+    for function in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            module = node.module if isinstance(node, ast.ImportFrom) else (
+                node.names[0].name if isinstance(node, ast.Import) else None)
+            if module and module.split(".")[0] == "minipeft":
+                found.append(node.lineno)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [(number, lines[number - 1]) for number in sorted(set(found))]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda path: module_name(path))
+def test_an_import_inside_a_function_says_why(path):
+    """A ``minipeft`` import belongs at the top of the file, where a reader sees what the module needs. One
+    inside a function stays only with a comment, on its line or the line above, saying why (a slow import
+    kept off ``--help`` and ``import minipeft``, an optional dependency)."""
+    if path.relative_to(PACKAGE).as_posix() in IN_FUNCTION_IMPORTS_BEING_MOVED:
+        pytest.skip("in-function imports being moved in branch i24-owner")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    unexplained = [f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}"
+                   for number, line in imports_inside_functions(path)
+                   if "#" not in line and not lines[number - 2].strip().startswith("#")]
+    assert not unexplained, "move these imports to the top of the file, or say why they stay:\n" + "\n".join(
+        unexplained)
 
 
 def test_import_minipeft_loads_no_library():

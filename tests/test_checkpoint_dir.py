@@ -24,7 +24,7 @@ from minipeft.cli.train import main as train_main
 from minipeft.inference.merge import sample_batch
 from minipeft.loading import checkpoint_dir
 from minipeft.loading.checkpoint_dir import load_checkpoint_dir
-from minipeft.model.adapter_files import load_adapter
+from minipeft.model.peft_model import load_adapter
 from minipeft.quantization.nf4 import Linear4bit, quantize_model
 
 

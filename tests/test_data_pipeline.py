@@ -152,10 +152,11 @@ def test_python_dash_m_minipeft_data_dispatches(records_file, tokenizer_dir, tmp
 
 
 def test_no_dataset_path_means_the_builtin_data_set(monkeypatch):
-    builtin = pytest.importorskip("minipeft.builtin")
-    if hasattr(builtin, "default_dataset_path") and builtin.default_dataset_path().is_file():
-        assert resolve_dataset_path(None) == builtin.default_dataset_path()
-    monkeypatch.setattr(builtin, "default_dataset_path", lambda: SHARED_DATA / "no-such-file.json", raising=False)
+    from minipeft.data import pipeline
+
+    if pipeline.default_dataset_path().is_file():
+        assert resolve_dataset_path(None) == pipeline.default_dataset_path()
+    monkeypatch.setattr(pipeline, "default_dataset_path", lambda: SHARED_DATA / "no-such-file.json")
     with pytest.raises(UserError, match="--dataset_path not given and the built-in data set is not available"):
         resolve_dataset_path(None)
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from test_faults import GENERATE, TINY_RUN, builtin_model_available, digests, in_process, one_error, records, write_records
 
 from minipeft.cli import run
+from minipeft.core.errors import UserError
 from minipeft.cli.train import main as train_main
 from minipeft.training import loop
 from minipeft.training.signals import StopRequest
@@ -118,7 +119,6 @@ def test_adapter_weights_beyond_any_trained_scale_are_a_failure():
 @pytest.mark.parametrize("flags, fragments", [
     (["--lora_rank", "1000000000"], ["--lora_rank 1000000000 is larger than the target layers allow",
                                      "min(in, out) = 160"]),
-    (["--modification_type", "vera", "--vera_rank", "1000000000"], ["--vera_rank 1000000000:", "GB, more than"]),
     (["--modification_type", "prompt", "--num_virtual_tokens", "1000000"], ["--num_virtual_tokens 1000000",
                                                                              "at most 511 virtual tokens"]),
     (["--modification_type", "prefix", "--prefix_length", "1000000"], ["--prefix_length 1000000"]),
@@ -185,3 +185,361 @@ def test_meaningless_requests_are_refused(command, argv, fragment, tmp_path, cap
     out, err = capsys.readouterr()
     one_error(code, err, fragment)
     assert digests(tmp_path) == before and sorted(path.name for path in tmp_path.iterdir()) == ["data.json"]
+
+
+# -- 5. a resume continues this run, from a checkpoint that says so -------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory) -> tuple:
+    """A finished two-step run on a data file of its own, with a checkpoint at each step: ``(run dir, data)``."""
+    root = tmp_path_factory.mktemp("resume")
+    data = write_records(root / "data.json", records(20))
+    code = run(train_main, [*TINY_RUN, "--save_every", "1", "--dataset_path", str(data),
+                            "--output_dir", str(root / "run")])
+    assert code == 0
+    return root / "run", data
+
+
+def resume_copy(checkpointed_run, tmp_path, capsys, *flags) -> tuple:
+    """``(copy, resume)``: a private copy of the run, and a function that runs ``--resume latest`` on it (with
+    ``flags``) and returns ``(exit status, stdout, stderr)``."""
+    import shutil
+
+    copy = Path(shutil.copytree(checkpointed_run[0], tmp_path / "run"))
+    return copy, lambda: in_process(train_main, "--output_dir", copy, "--resume", "latest", "--max_steps", "3",
+                                    "--num_threads", "1", *flags, capsys=capsys)
+
+
+def edit_json(path: Path, change) -> None:
+    values = json.loads(path.read_text())
+    change(values)
+    path.write_text(json.dumps(values))  # NaN is written as NaN, as a hand edit or a foreign writer would
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda s: s["trainer"].update(step=-5), '"step" must be an integer from 0 to'),
+    (lambda s: s["trainer"].update(step=1e20), '"step" must be an integer from 0 to'),
+    (lambda s: s["trainer"].update(step=10**20), '"step" must be an integer from 0 to'),
+    (lambda s: s["trainer"].update(step="2"), '"step" must be an integer'),
+    (lambda s: s["trainer"].update(best_eval_loss=float("nan")), '"best_eval_loss" must be a finite number'),
+    (lambda s: s["trainer"].update(train_seconds=float("inf")), '"train_seconds" must be a finite number'),
+    (lambda s: s["trainer"].update(gradient_check_done="yes"), '"gradient_check_done" must be true or false'),
+    (lambda s: s["trainer"].update(best_step=99), '"best_step" must be at most "step" (2)'),
+    (lambda s: s["trainer"].update(learning="fast"), 'unknown field "learning"'),
+    (lambda s: s["trainer"].pop("step"), '"trainer" has no "step"'),
+    (lambda s: s.update(trainer=[1, 2]), '"trainer" must be an object'),
+    (lambda s: s["optimizer"]["param_groups"][0].update(lr=float("nan")), '"optimizer.param_groups[0].lr" must be'),
+    (lambda s: s["optimizer"]["param_groups"][0].update(betas=[0.9, 5]), '"optimizer.param_groups[0].betas"'),
+    (lambda s: s["optimizer"].update(parameter_names=5), '"optimizer.parameter_names" must be'),
+    (lambda s: s.update(rng="none"), '"rng" must be'),
+])
+def test_a_damaged_trainer_state_is_refused_naming_the_field(change, fragment, checkpointed_run, tmp_path, capsys):
+    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys)
+    state_path = copy / "checkpoints" / "step-2" / "trainer_state.json"
+    edit_json(state_path, change)
+    before = digests(copy, checkpointed_run[1])
+    code, out, err = resume()
+    one_error(code, err, f"{state_path}: ", fragment)
+    assert digests(copy, checkpointed_run[1]) == before and "resumed from" not in out
+
+
+def edit_tensors(path: Path, change) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def nan_moment(tensors: dict) -> None:
+    key = min(key for key in tensors if key.endswith("exp_avg"))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize("file, change, fragment", [
+    ("optimizer.safetensors", nan_moment, "exp_avg holds NaN or infinity"),
+    ("optimizer.safetensors", lambda tensors: tensors.update(extra=torch.zeros(1)),
+     "tensor 'extra' is not an optimizer"),
+    ("rng_state.safetensors", lambda tensors: tensors.update({"rank0.numpy": torch.zeros(3, dtype=torch.int64)}),
+     "tensor rank0.numpy is not a numpy generator state (624 values of int64)"),
+    ("rng_state.safetensors", lambda tensors: tensors.update({"rank0.torch_cpu": torch.zeros(7)}),
+     "tensor rank0.torch_cpu is not a torch_cpu generator state"),
+])
+def test_damaged_optimizer_or_random_state_tensors_are_refused(file, change, fragment, checkpointed_run, tmp_path,
+                                                               capsys):
+    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys)
+    path = copy / "checkpoints" / "step-2" / file
+    edit_tensors(path, change)
+    before = digests(copy)
+    code, out, err = resume()
+    one_error(code, err, f"{path}: ", fragment)
+    assert digests(copy) == before and "resumed from" not in out
+
+
+def test_optimizer_groups_that_do_not_fit_are_refused(checkpointed_run, tmp_path, capsys):
+    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys)
+    edit_json(copy / "checkpoints" / "step-2" / "trainer_state.json",
+              lambda state: state["optimizer"]["param_groups"][0].update(params=[0]))
+    before = digests(copy)
+    code, _, err = resume()
+    one_error(code, err, f"{copy / 'checkpoints' / 'step-2' / 'optimizer.safetensors'}: does not fit this run's "
+              "optimizer", "the checkpoint is damaged or from another run")
+    assert digests(copy) == before
+
+
+def test_lines_of_metrics_jsonl_that_are_not_records_are_dropped_on_resume(checkpointed_run, tmp_path, capsys):
+    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys)
+    metrics = copy / "metrics.jsonl"
+    kept = metrics.read_text()
+    metrics.write_text(kept + "[" * 10_000 + "]" * 10_000 + "\n5\n" + '{"kind": "train"}\n' + '{"step": "2"}\n')
+    code, out, err = resume()
+    assert code == 0 and "resumed from" in out, err
+    lines = metrics.read_text().splitlines()
+    assert "\n".join(lines[:len(kept.splitlines())]) + "\n" == kept  # the curve up to the checkpoint, as it was
+    assert all(isinstance(json.loads(line)["step"], int) for line in lines)
+
+
+def test_a_method_setting_other_than_the_checkpoints_is_refused(checkpointed_run, tmp_path, capsys):
+    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys, "--lora_alpha", "3")
+    before = digests(copy)
+    code, _, err = resume()
+    one_error(code, err, "the adapter was trained with lora_alpha = 16", "this run builds 3 (--lora_alpha)",
+              "resume with the run's own method settings")
+    assert digests(copy) == before
+
+
+def test_a_data_file_changed_since_the_checkpoint_is_refused(checkpointed_run, tmp_path, capsys):
+    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys)
+    data = checkpointed_run[1]
+    original = data.read_bytes()
+    try:
+        write_records(data, records(21))  # one record more: every batch after the first moves
+        before = digests(copy, data)
+        code, _, err = resume()
+        one_error(code, err, f"--dataset_path {data} changed since the run started", "--resume_new_data")
+        assert digests(copy, data) == before
+    finally:
+        data.write_bytes(original)
+
+
+def test_another_data_set_or_setting_is_refused_unless_new_data_is_asked_for(checkpointed_run, tmp_path):
+    from minipeft.training.checkpoint import check_same_data, check_same_settings, data_fingerprint
+
+    checkpoint = checkpointed_run[0] / "checkpoints" / "step-2"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["data"]
+    config = json.loads((checkpoint / "adapter" / "adapter_config.json").read_text())
+    metadata = {**config["minipeft"], "base_model_name_or_path": config["base_model_name_or_path"]}
+    assert data_fingerprint(metadata) == saved  # what the run records is what the run's metadata gives
+    check_same_data(checkpoint, saved, data_fingerprint(metadata))
+    other = write_records(tmp_path / "other.json", records(20, start=5))
+    moved = {**metadata, "training": {**metadata["training"], "dataset_path": str(other)}}
+    with pytest.raises(UserError, match=f"--dataset_path {other} \\(the run started with"):
+        check_same_data(checkpoint, saved, data_fingerprint(moved))
+    check_same_data(checkpoint, saved, data_fingerprint(moved), new_data=True)  # asked for: goes on
+    rebatched = {**metadata, "training": {**metadata["training"], "batch_size": 4}}
+    with pytest.raises(UserError, match="--batch_size 4 \\(the run started with 8\\)"):
+        check_same_data(checkpoint, saved, data_fingerprint(rebatched))
+    faster = {**metadata, "training": {**metadata["training"], "learning_rate": 1.0}}
+    with pytest.raises(UserError, match="--learning_rate 1.0 changes what the run computes"):
+        check_same_settings(checkpoint, config, faster)
+    check_same_settings(checkpoint, config, metadata)  # the run's own settings: nothing to say
+    with pytest.raises(UserError, match="base_model_name_or_path 'builtin', this run loads 'gpt2'"):
+        check_same_settings(checkpoint, config, {**metadata, "base_model_name_or_path": "gpt2"})
+
+
+# -- 6. every JSON parse bounded; adapter configs checked field by field --------------------------------------------
+@pytest.mark.parametrize("text, fragment", [
+    ("[" * 100_000 + "]" * 100_000, "nested deeper than 64 levels"),
+    ('[{"instruction": "a", "input": "", "output": "b", "score": 1e400}]', "the number 1e400 is beyond"),
+    ('[{"instruction": "a", "input": "", "output": "b", "id": ' + "9" * 5000 + "}]", "has more than 64 digits"),
+])
+def test_data_files_beyond_the_json_bounds_are_refused(text, fragment, tmp_path, capsys):
+    from minipeft.cli.data import main as data_main
+
+    data = tmp_path / "data.json"
+    data.write_text(text)
+    before = digests(tmp_path)
+    code, _, err = in_process(data_main, "--dataset_path", data, "--no_cache", capsys=capsys)
+    one_error(code, err, f"{data}: not valid JSON", fragment)
+    assert digests(tmp_path) == before
+
+
+def test_a_prompts_file_nested_too_deeply_is_refused(tmp_path, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text("[" * 50_000 + "]" * 50_000)
+    code, out, err = in_process(GENERATE, "--model", "builtin", "--prompts_file", prompts, capsys=capsys)
+    one_error(code, err, f"--prompts_file {prompts}", "nested deeper than 64 levels")
+    assert out == ""
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("target_modules", 5, '"target_modules" must be a module name, a regular expression or a list of module names'),
+    ("target_modules", [1, 2], '"target_modules" must be a module name'),
+    ("r", 1e9, '"r" must be a positive integer, got 1000000000.0'),
+    ("fan_in_fan_out", "yes", '"fan_in_fan_out" must be true or false'),
+    ("layers_to_transform", "all", '"layers_to_transform" must be an integer or a list of integers'),
+    ("lora_alpha", "x" * 1000, '"lora_alpha" must be a finite number'),
+    ("modules_to_save", {"a": 1}, '"modules_to_save" must be a module name'),
+])
+def test_an_adapter_config_field_of_the_wrong_type_names_the_file_and_field(field, value, fragment, tmp_path,
+                                                                             capsys):
+    from minipeft.cli.modify import main as modify_main
+
+    adapter = tmp_path / "adapter"
+    code, _, err = in_process(modify_main, "--model", "builtin", "--save_adapter", adapter, capsys=capsys)
+    assert code == 0, err
+    config_path = adapter / "adapter_config.json"
+    edit_json(config_path, lambda config: config.update({field: value}))
+    before = digests(adapter)
+    code, out, err = in_process(GENERATE, "--adapter", adapter, "--prompt", "Hi", "--max_new_tokens", "2",
+                                capsys=capsys)
+    one_error(code, err, f"{config_path}: {fragment}")
+    assert "--lora" not in err and out == "" and digests(adapter) == before
+
+
+def test_an_adapter_config_nested_too_deeply_names_the_file(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "x": ' + "[" * 10_000 + "]" * 10_000 + "}")
+    code, _, err = in_process(GENERATE, "--adapter", adapter, "--prompt", "Hi", capsys=capsys)
+    one_error(code, err, f"{adapter / 'adapter_config.json'}: not valid JSON", "nested deeper than 64 levels")
+
+
+# -- 7. more meaningless requests -----------------------------------------------------------------------------------
+def test_a_prefix_hidden_size_without_the_projection_is_refused(tmp_path, capsys):
+    from minipeft.cli.modify import main as modify_main
+
+    adapter = tmp_path / "adapter"
+    code, out, err = in_process(modify_main, "--model", "builtin", "--modification_type", "prefix",
+                                "--prefix_hidden_size", "64", "--save_adapter", adapter, capsys=capsys)
+    one_error(code, err, "--prefix_hidden_size sizes the MLP of --prefix_projection, which is off")
+    assert not adapter.exists()
+    code, _, err = in_process(modify_main, "--model", "builtin", "--modification_type", "prefix",
+                              "--prefix_projection", "--prefix_hidden_size", "64", "--save_adapter", adapter,
+                              capsys=capsys)
+    assert code == 0, err  # with the MLP it sizes, the same flag is fine
+
+
+def test_a_100_mb_record_is_refused_before_tokenizing(tmp_path, capsys):
+    from minipeft.cli.data import main as data_main
+
+    rows = records(5)
+    rows[3]["output"] = "x" * 100_000_000
+    data = write_records(tmp_path / "data.json", rows)
+    before = digests(tmp_path)
+    code, _, err = in_process(data_main, "--dataset_path", data, "--no_cache", "--max_length", "128", capsys=capsys)
+    one_error(code, err, f"{data}: record 3 has 100,000,0", "raise --max_length",
+              "more than --max_length 128 tokens can hold (8,192 = 128 × 64)")
+    assert digests(tmp_path) == before
+
+
+# -- 8. a model directory checked before it is used -----------------------------------------------------------------
+def model_copy(tmp_path: Path, change) -> Path:
+    """A copy of the built-in model's directory (config.json, model.safetensors, tokenizer) after ``change``."""
+    import shutil
+
+    from minipeft.builtin import MODEL_DIR
+
+    directory = Path(shutil.copytree(MODEL_DIR, tmp_path / "model"))
+    change(directory)
+    return directory
+
+
+def config_edit(**values):
+    return lambda directory: edit_json(directory / "config.json", lambda config: config.update(values))
+
+
+def one_weight_nan(directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    tensors["transformer.h.1.mlp.c_fc.weight"] = tensors["transformer.h.1.mlp.c_fc.weight"].clone()
+    tensors["transformer.h.1.mlp.c_fc.weight"][3, 5] = float("nan")
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def cut_in_half(directory: Path) -> None:
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+
+
+def header_shape_lies(directory: Path) -> None:
+    """The header of model.safetensors says [1, 2] for the first tensor, whose bytes are many more."""
+    import struct
+
+    weights = directory / "model.safetensors"
+    raw = weights.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    header[min(key for key in header if key != "__metadata__")]["shape"] = [1, 2]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(length)  # no longer: padded to the length
+    weights.write_bytes(raw[:8] + text + raw[8 + length:])
+
+
+def tokenizer_needing_tiktoken(directory: Path) -> None:
+    (directory / "tokenizer.json").unlink()
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    (directory / "tokenizer.model").write_bytes(b"neither sentencepiece nor tiktoken")
+
+
+@pytest.mark.parametrize("change, where, fragments", [
+    (config_edit(layer_norm_epsilon=float("nan")), "config.json", ['"layer_norm_epsilon" must be a finite number']),
+    (config_edit(n_embd=-5), "config.json", ['"n_embd" must be a whole number ≥ 1, got -5']),
+    (config_edit(n_head=0), "config.json", ['"n_head" must be a whole number ≥ 1, got 0']),
+    (config_edit(vocab_size="big"), "config.json", ['"vocab_size" must be a whole number ≥ 1']),
+    (config_edit(resid_pdrop=3), "config.json", ['"resid_pdrop" must be a number in [0, 1]']),
+    (config_edit(n_embd=10_000_000, n_layer=1000), "config.json", ["describes a model of", "GB of memory available",
+                                                                   "n_embd 10,000,000"]),
+    (config_edit(model_type="no_such_architecture"), "config.json", ["no_such_architecture"]),
+    (lambda directory: (directory / "config.json").write_text('{"a": ' + "[" * 5000 + "]" * 5000 + "}"),
+     "config.json", ["not valid JSON", "nested deeper than 64 levels"]),
+    (config_edit(quantization_config="gptq"), "", ["config.json has a quantization_config (gptq)"]),
+    (one_weight_nan, "model.safetensors", ["tensor transformer.h.1.mlp.c_fc.weight: holds NaN or infinity"]),
+    (cut_in_half, "model.safetensors", ["ends inside tensor", "the file is truncated"]),
+    (header_shape_lies, "model.safetensors", ["its header gives", "bytes for shape [1, 2]", "the file is damaged"]),
+    (tokenizer_needing_tiktoken, "tokenizer_config.json", ["the tokenizer does not load"]),
+])
+def test_a_model_directory_that_cannot_work_is_refused_naming_the_file(change, where, fragments, tmp_path, capsys):
+    model = model_copy(tmp_path, change)
+    before = digests(tmp_path)
+    code, out, err = in_process(GENERATE, "--model", model, "--prompt", "Hi", "--max_new_tokens", "2", capsys=capsys)
+    one_error(code, err, f"--model {model / where}: ", *fragments)
+    assert out == "" and digests(tmp_path) == before
+
+
+def test_an_intact_model_directory_passes_the_checks(tmp_path, capsys):
+    model = model_copy(tmp_path, lambda directory: None)
+    code, out, err = in_process(GENERATE, "--model", model, "--prompt", "Hi", "--max_new_tokens", "2", capsys=capsys)
+    assert code == 0 and "error" not in err, err
+
+
+# -- 9. interrupts ---------------------------------------------------------------------------------------------------
+def test_sigterm_during_compare_keeps_the_finished_methods_and_exits_143(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from test_faults import ROOT as REPOSITORY, script_env
+
+    out = tmp_path / "compare"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "minipeft", "compare", "--methods", "lora,ia3", "--max_steps", "60",
+         "--batch_size", "4", "--max_records", "64", "--generation_prompts", "0", "--speed_tokens", "2",
+         "--eval_max_batches", "1", "--output_dir", str(out)],
+        cwd=REPOSITORY, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        second = out / "ia3" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (second.is_file() and '"train"' in second.read_text()):  # ia3 is training: lora is finished
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.02)
+        finished = digests(out / "comparison.json", out / "comparison.md", out / "lora" / "adapter")
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "Traceback" not in err, err
+    assert [row["method"] for row in json.loads((out / "comparison.json").read_text())["rows"]] == ["lora"]
+    assert digests(out / "comparison.json", out / "comparison.md", out / "lora" / "adapter") == finished
+    assert process.returncode == 143, err

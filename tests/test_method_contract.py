@@ -55,7 +55,7 @@ from minipeft.training.optimizer import added_linear_weights
 from minipeft.training.precision import adapter_added_parameters
 from tests.conftest import make_gpt2_tiny, make_llama_tiny, randomise_adapter
 # Shapes and linears: what a method's own formula (tests/test_<name>.py) imports, from here or contract_formulas
-from tests.contract_formulas import Shapes, linears, model_shapes, trainable_formula  # noqa: F401
+from tests.contract_formulas import Shapes, from_own_tests, linears, model_shapes, trainable_formula  # noqa: F401
 
 FAMILIES = {"gpt2": make_gpt2_tiny, "llama": make_llama_tiny}
 CASES = [(method, family) for method in METHODS for family in FAMILIES]
@@ -68,7 +68,8 @@ MERGE_TOLERANCE = 1e-5     # (e): float32; peft's own merged-vs-unmerged figure 
 
 # Settings for the contract run, where a method's defaults are not what should be checked: DoRA is
 # ``LoRAConfig(use_dora=True)`` as in peft; small sizes keep the tiny models tiny; selective freezes one of the
-# two blocks so that "which blocks train" matters. A method not listed runs with its config's defaults.
+# two blocks so that "which blocks train" matters. A method not listed runs with ``CONTRACT_SETTINGS`` of its own
+# test module ``tests/test_<name>.py``, or else with its config's defaults.
 CONTRACT_SETTINGS = {
     "lora": dict(r=4, lora_alpha=8),
     "dora": dict(r=4, lora_alpha=8, use_dora=True),
@@ -85,7 +86,8 @@ CHANGES_OUTPUT_BY_DESIGN = {"prefix", "prompt"}
 # --- helpers -------------------------------------------------------------------------------------------------
 
 def contract_config(method: str):
-    config = METHODS[method].config_class(**CONTRACT_SETTINGS.get(method, {}))
+    settings = CONTRACT_SETTINGS[method] if method in CONTRACT_SETTINGS else from_own_tests(method, "CONTRACT_SETTINGS", {})
+    config = METHODS[method].config_class(**settings)
     assert method_for_config(config) is METHODS[method]
     return config
 

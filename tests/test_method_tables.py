@@ -1,7 +1,8 @@
 """Every list of the methods outside their own modules has a row for each registered method, or a test here fails
 naming the file and the missing row: the README's (its opening list, methods table, default learning rates,
 page links), docs/README.md's (the counts it computes and prints, the pages table, the reading
-order) and the serving fixtures' (an adapter with a visible effect on both tiny models).
+order), docs/peft_format.md's (the files it saves and prints, its table of tensor names) and the serving
+fixtures' (an adapter with a visible effect on both tiny models).
 
 These are the places docs/adding_a_method.md tells a new method to add itself to; the numbers in the rows are
 checked elsewhere (tests/test_readme.py recomputes the README's counts, tests/test_docs.py runs docs/README.md).
@@ -18,8 +19,8 @@ from minipeft.model.peft_model import get_peft_model
 from serving_fixtures import FACTORIES, method_config, perturb
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKED_FILES = ("README.md", "docs/README.md")  # docs/adding_a_method.md's list names this test for them
-README, DOCS_README = ((ROOT / path).read_text(encoding="utf-8") for path in CHECKED_FILES)
+CHECKED_FILES = ("README.md", "docs/README.md", "docs/peft_format.md")  # docs/adding_a_method.md's list names this
+README, DOCS_README, PEFT_FORMAT = ((ROOT / path).read_text(encoding="utf-8") for path in CHECKED_FILES)  # test
 
 
 def page(name: str) -> str:
@@ -61,6 +62,20 @@ def test_docs_readme_has_a_row_for_the_method(name):
          f"(../minipeft/methods/{module_file(name)})" in DOCS_README),
     ] if not present]
     assert missing == [], f"docs/README.md has no row for --modification_type {name}: add {'; '.join(missing)}"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_the_format_page_has_a_row_for_the_method(name):
+    peft_type = METHODS[name].peft_type
+    missing = [where for where, present in [
+        (f"its files in the printed output of the first checked block ({name}: ... peft_type {peft_type}; the "
+         "block saves every registered method: run python docs/check_docs.py docs/peft_format.md --update)",
+         re.search(rf"^{name}: adapter_config\.json \+ adapter_model\.safetensors, peft_type {peft_type}$", PEFT_FORMAT,
+                   flags=re.MULTILINE)),
+        (f"a row of the tensor names table (| NAME | `{peft_type}` ... | tensors | shapes |)",
+         re.search(rf"^\| [^|]+ \| `{peft_type}`[^|]*\| .+ \| .+ \|$", PEFT_FORMAT, flags=re.MULTILINE)),
+    ] if not present]
+    assert missing == [], f"docs/peft_format.md has no row for --modification_type {name}: add {'; '.join(missing)}"
 
 
 @pytest.mark.parametrize("family", list(FACTORIES))

@@ -262,7 +262,7 @@ def test_quantization_cost_is_the_float_and_the_nf4_eval_loss_on_the_same_batche
 @pytest.mark.parametrize("value, shown", [(0.2134, "0.21"), (0.0456, "0.046"), (14.8, "15"), (578.3, "578"),
                                           (12345.6, "12,346"), (0.0, "0")])
 def test_speeds_are_printed_in_significant_digits(value, shown):
-    from minipeft.cli.train import significant
+    from minipeft.training.report import significant
 
     assert significant(value) == shown
 

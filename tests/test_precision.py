@@ -54,8 +54,8 @@ def test_bf16_and_fp32_training_reach_the_same_eval_loss_within_2_percent(tmp_pa
         result = train(peft_model, train_loader, val_loader, TrainingConfig(
             output_dir=str(tmp_path / precision), max_steps=200, eval_every=200, learning_rate=2e-3,
             precision=precision, device="cpu", log_every=1000, save_every=1000))
-        results[precision] = result["state"]
-    fp32, bf16 = results["fp32"]["eval_loss"], results["bf16"]["eval_loss"]
+        results[precision] = result.state
+    fp32, bf16 = results["fp32"].eval_loss, results["bf16"].eval_loss
     assert math.isfinite(bf16) and abs(bf16 - fp32) <= 0.02 * fp32, (fp32, bf16)
     for state in results.values():
-        assert state["eval_loss"] < 0.8 * state["eval_loss_before"], state
+        assert state.eval_loss < 0.8 * state.eval_loss_before, state

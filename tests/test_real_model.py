@@ -67,8 +67,8 @@ def test_short_lora_fine_tune_lowers_held_out_loss_and_its_saved_adapter_loads(f
                                                                     target_modules=["q_proj", "v_proj", "o_proj"]))
     config = TrainingConfig(output_dir=str(tmp_path / "run"), max_steps=8, learning_rate=3e-3, warmup_steps=1,
                             eval_every=4, save_every=8, log_every=8, device="cpu", precision="fp32")
-    state = train(peft_model, train_loader, val_loader, config)["state"]
-    assert state["eval_loss"] < state["eval_loss_before"] - 0.05, (state["eval_loss_before"], state["eval_loss"])
+    state = train(peft_model, train_loader, val_loader, config).state
+    assert state.eval_loss < state.eval_loss_before - 0.05, (state.eval_loss_before, state.eval_loss)
     adapter = tmp_path / "run" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert not [name for name, module in peft_model.named_modules() if "forward" in vars(module)]

@@ -78,7 +78,8 @@ def test_optimizer_state_for_other_parameters_is_refused(tmp_path):
     peft_model, optimizer = trained_model_and_optimizer(steps=1)
     path = save(tmp_path / "step-1", peft_model, optimizer, 1)
     other = tiny_peft_model("lora", "--lora_bias", "all")
-    with pytest.raises(UserError, match="saved for other trainable parameters|has no place|missing"):
+    refusals = "saved for other trainable parameters|has no place|missing|the adapter was trained with"
+    with pytest.raises(UserError, match=refusals):
         load_checkpoint(path, other, build_optimizer(other, 1e-2, 0.01), None)
 
 
@@ -147,3 +148,20 @@ def test_a_kill_while_writing_leaves_a_loadable_checkpoint(tmp_path, where, coun
                for name, tensor in adapter_tensors(expected_model).items())
     remove_incomplete(checkpoints)
     assert all(not path.name.startswith(".tmp-") and not path.name.startswith(".old-") for path in checkpoints.iterdir())
+
+
+def test_new_data_is_refused_unless_asked_for_and_then_starts_at_its_first_batch(tmp_path):
+    peft_model, optimizer = trained_model_and_optimizer(steps=1)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}]))
+    metadata = {"template": "alpaca", "training": {"dataset_path": str(data), "batch_size": 4}}
+    state = {"step": 3, "epoch": 0, "batches_done": 2, "epoch_nll": 1.5, "epoch_target_tokens": 7}
+    path = save_checkpoint(tmp_path / "step-3", peft_model, optimizer, None, state, [capture_rng_state()], metadata)
+    fresh = tiny_peft_model(seed=9)
+    assert load_checkpoint(path, fresh, build_optimizer(fresh, 1e-2, 0.01), None, current=metadata)["batches_done"] == 2
+    data.write_text(json.dumps([{"instruction": "c", "input": "", "output": "d"}]))  # the same name, other data
+    for current in (None, metadata):  # with the run's fingerprint, and without (the file the checkpoint names)
+        with pytest.raises(UserError, match="changed since the run started.*--resume_new_data"):
+            load_checkpoint(path, fresh, build_optimizer(fresh, 1e-2, 0.01), None, current=current)
+    resumed = load_checkpoint(path, fresh, build_optimizer(fresh, 1e-2, 0.01), None, current=metadata, new_data=True)
+    assert [resumed[key] for key in ("step", "batches_done", "epoch_nll", "epoch_target_tokens")] == [3, 0, 0, 0]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from data_fixtures import save_tiny_run_inputs, write_json
 from training_fixtures import one_thread  # noqa: F401
 
-from minipeft.model.adapter_files import load_adapter
+from minipeft.model.peft_model import load_adapter
 from minipeft.cli import run
 from minipeft.methods import METHODS
 from minipeft.cli.train import main

@@ -12,7 +12,7 @@ from training_fixtures import (NAN_TOKEN, ListLoader, adapter_tensors, concatena
 
 from minipeft.core.errors import UserError
 from minipeft.methods import METHODS
-from minipeft.training import TrainingConfig, train
+from minipeft.training import TrainingConfig, TrainResult, open_run_dir, train
 from minipeft.training.distributed import DistributedContext
 from minipeft.training.loop import accumulate_gradients, enable_gradient_checkpointing, evaluate
 from minipeft.training.loss import causal_lm_loss_sum, count_target_tokens, perplexity
@@ -192,19 +192,19 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tmp_pa
 
     whole = model()
     result = train(whole, ListLoader(batches), val_batches, run_config(tmp_path / "whole", **settings))
-    assert result["outcome"] == "finished" and result["total_steps"] == 8
+    assert result.outcome == "finished" and result.plan.total_steps == 8
 
     interrupted = model()
     loader = ListLoader(batches, interrupt_at=interrupt_at)  # Ctrl-C while fetching that batch
     result = train(interrupted, loader, val_batches, run_config(tmp_path / "split", **settings))
     stopped_at = interrupt_at[0] * 4 + interrupt_at[1] // 2 + 1
-    assert result["outcome"] == "interrupted" and result["state"]["step"] == stopped_at
+    assert result.outcome == "interrupted" and result.state.step == stopped_at
     assert (tmp_path / "split" / "checkpoints" / f"step-{stopped_at}" / "trainer_state.json").is_file()
 
     resumed = model()  # a new process would build the model afresh, with its own random adapter init
     result = train(resumed, ListLoader(batches), val_batches, run_config(tmp_path / "split", resume="latest",
                                                                           **settings))
-    assert result["outcome"] == "finished" and result["state"]["step"] == 8
+    assert result.outcome == "finished" and result.state.step == 8
 
     assert read_records(tmp_path / "split" / "metrics.jsonl") == read_records(tmp_path / "whole" / "metrics.jsonl")
     whole_tensors, resumed_tensors = adapter_tensors(whole), adapter_tensors(resumed)
@@ -223,7 +223,7 @@ def test_a_checkpoint_saved_at_an_epochs_last_step_resumes_in_the_next_epoch(tmp
     resumed = tiny_peft_model("lora")
     result = train(resumed, ListLoader(batches), val_batches, run_config(tmp_path / "resumed", resume=str(checkpoint),
                                                                           **settings))
-    assert result["outcome"] == "finished" and result["state"]["step"] == 8
+    assert result.outcome == "finished" and result.state.step == 8
     whole_tensors, resumed_tensors = adapter_tensors(whole), adapter_tensors(resumed)
     assert all(torch.equal(resumed_tensors[name], tensor) for name, tensor in whole_tensors.items())
 
@@ -237,6 +237,26 @@ def test_resume_refuses_another_method_and_a_missing_checkpoint(tmp_path):
               run_config(tmp_path / "empty", resume="latest"))
     with pytest.raises(UserError, match="holds checkpoints of an earlier run"):
         train(tiny_peft_model(), ListLoader(make_batches(2)), None, run_config(tmp_path, max_steps=1))
+
+
+def test_train_owns_the_output_dir_or_takes_it_opened(tmp_path):
+    """open_run_dir checks, creates and locks --output_dir: train() opens it itself, or takes it opened (as
+    train_llm.py does before loading the model); a run that fails before writing anything leaves no folder."""
+    with pytest.raises(UserError, match="the training set is empty"):
+        train(tiny_peft_model(), ListLoader([]), None, run_config(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(UserError, match="--resume latest: no checkpoint"):
+        with open_run_dir(run_config(tmp_path / "nothing", resume="latest")):
+            pytest.fail("a missing checkpoint is an error before the body runs (before any loading)")
+    assert not (tmp_path / "nothing").exists()
+    config = run_config(tmp_path / "run", max_steps=1)
+    with open_run_dir(config) as run_dir:
+        assert (run_dir.path / ".minipeft.lock").is_file()  # one run at a time writes here
+        result = train(tiny_peft_model(), ListLoader(make_batches(2)), None, config, run_dir=run_dir)
+    assert not (run_dir.path / ".minipeft.lock").exists()
+    assert isinstance(result, TrainResult) and result.outcome == "finished" and result.signal is None
+    assert result.state.step == result.plan.total_steps == 1
+    assert result.last_checkpoint == run_dir.path / "checkpoints" / "step-1" and result.last_checkpoint.is_dir()
 
 
 # -- non-finite losses ---------------------------------------------------------------------------------------
@@ -261,7 +281,7 @@ def test_a_nan_loss_skips_the_step_with_a_warning_and_training_goes_on(tmp_path,
     batches[1] = poison(batches[1])
     peft_model = poisoned_model()
     result = train(peft_model, ListLoader(batches, shuffle=False), None, run_config(tmp_path))
-    assert result["outcome"] == "finished" and result["state"]["step"] == 4
+    assert result.outcome == "finished" and result.state.step == 4
     assert "warning: step 2: loss nan" in capsys.readouterr().err
     losses = [record["loss"] for record in read_records(tmp_path / "metrics.jsonl", "train")]
     assert losses[1] is None and all(math.isfinite(loss) for loss in losses[:1] + losses[2:])
@@ -301,7 +321,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
 def test_training_with_gradient_checkpointing_passes_the_gradient_check(tmp_path):
     peft_model = tiny_peft_model()
     result = train(peft_model, ListLoader(make_batches(3)), None, run_config(tmp_path, gradient_checkpointing=True))
-    assert result["state"]["gradient_check_done"] and is_activation_checkpointing(peft_model.base_model)
+    assert result.state.gradient_check_done and is_activation_checkpointing(peft_model.base_model)
     assert any(tensor.abs().sum() > 0 for name, tensor in adapter_tensors(peft_model).items() if "lora_B" in name)
 
 
@@ -318,7 +338,7 @@ def test_fp16_needs_cuda_and_bf16_autocast_runs_on_cpu(tmp_path):
     peft_model = tiny_peft_model()
     result = train(peft_model, ListLoader(make_batches(2)), make_batches(1),
                    run_config(tmp_path / "bf16", precision="bf16"))
-    assert result["precision"] == "bf16" and math.isfinite(result["state"]["eval_loss"])
+    assert result.plan.precision == "bf16" and math.isfinite(result.state.eval_loss)
     assert all(tensor.dtype == torch.float32 for tensor in adapter_tensors(peft_model).values())  # weights stay fp32
 
 
@@ -328,13 +348,13 @@ def test_early_stopping_and_best_adapter(tmp_path):
     result = train(peft_model, ListLoader(make_batches(8)), make_batches(2, seed=3),
                    run_config(tmp_path, epochs=5, learning_rate=1.0, eval_every=1, early_stopping_patience=2,
                               max_grad_norm=0.0))
-    assert result["outcome"] == "early_stopped"
-    state = result["state"]
-    assert state["evals_without_improvement"] == 2 and state["step"] == state["best_step"] + 2
+    assert result.outcome == "early_stopped"
+    state = result.state
+    assert state.evals_without_improvement == 2 and state.step == state.best_step + 2
     evals = read_records(tmp_path / "metrics.jsonl", "eval")
-    assert min(record["eval_loss"] for record in evals[1:]) == state["best_eval_loss"]
+    assert min(record["eval_loss"] for record in evals[1:]) == state.best_eval_loss
     assert (tmp_path / "best" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "checkpoints" / f"step-{state['best_step']}").is_dir()  # the best checkpoint is kept
+    assert (tmp_path / "checkpoints" / f"step-{state.best_step}").is_dir()  # the best checkpoint is kept
 
 
 

@@ -10,7 +10,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from test_faults import TINY_RUN, in_process, one_error
+
 from minipeft import UserError, get_peft_model, load_adapter
+from minipeft.cli.train import main as train_main
 from minipeft.loading.models import build_from_known_config
 from minipeft.methods.vera import VeraConfig, VeRALinear, VeRAProjections, kaiming_uniform, shared_projections
 
@@ -23,6 +26,11 @@ def vera_count(model, names, r):
         d_out = layer.weight.shape[1] if isinstance(layer, Conv1D) else layer.weight.shape[0]
         total += r + d_out
     return total
+
+
+# For tests/serving_fixtures.py's adapters on the tiny models: a visible update once perturbed (λ_b starts at 0,
+# and B and A are small).
+SERVING_SETTINGS = dict(r=16, d_initial=1.0)
 
 
 def contract_trainable_count(shapes, config) -> int:
@@ -253,3 +261,13 @@ def test_file_errors_name_the_tensor(gpt2_tiny, tmp_path):
 def test_errors_name_the_problem(gpt2_tiny, config, message):
     with pytest.raises(UserError, match=message):
         get_peft_model(gpt2_tiny, config)
+
+
+def test_a_rank_beyond_the_machine_is_refused_before_allocating(tmp_path, capsys):
+    """The shared pair of a huge ``--vera_rank`` would ask for more memory than the machine has: one line,
+    before anything is allocated or written (the check of tests/test_faults_round2.py, for VeRA's own flag)."""
+    out = tmp_path / "out"
+    code, _, err = in_process(train_main, *TINY_RUN, "--output_dir", out, "--modification_type", "vera",
+                              "--vera_rank", "1000000000", capsys=capsys)
+    one_error(code, err, "--vera_rank 1000000000:", "GB, more than")
+    assert not out.exists()

@@ -11,6 +11,7 @@ and turns a user's mistake into one line on stderr:
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 
@@ -19,6 +20,7 @@ from minipeft.core.errors import UserError
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
+EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE  # 141: the reader of stdout left (``| head``), as shells report it
 
 
 class CommandLineParser(argparse.ArgumentParser):
@@ -49,13 +51,30 @@ def handle_signals_after_loading() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_TERMINATED))
 
 
-def run(main, argv=None) -> int:
-    """Call ``main(argv)``; a :class:`UserError` becomes ``error: ...`` on stderr and exit status 2."""
+def ignore_late_interrupts() -> None:
+    """The command's work is done and its exit status decided: a Ctrl-C or SIGTERM arriving now (a second
+    Ctrl-C just after the first's checkpoint was saved, say) changes nothing. Without this, one landing while
+    Python shuts down kills the process by the signal instead of the status the command chose."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+
+
+def run(main, argv=None, leaving: bool = False) -> int:
+    """Call ``main(argv)``; a :class:`UserError` becomes ``error: ...`` on stderr and exit status 2.
+
+    ``leaving``: the process exits with the returned status (the entry scripts), so interrupts are ignored
+    from the moment ``main`` ends (:func:`ignore_late_interrupts`)."""
     try:
-        return main(sys.argv[1:] if argv is None else argv) or 0
+        try:
+            return main(sys.argv[1:] if argv is None else argv) or 0
+        finally:
+            if leaving:
+                ignore_late_interrupts()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        return stdout_closed()
     except OSError as error:  # the environment, not the code: name the path and the reason
         where = f"{error.filename}: " if error.filename is not None else ""
         print(f"error: {where}{error.strerror or error}", file=sys.stderr)
@@ -70,6 +89,13 @@ def run(main, argv=None) -> int:
         return EXIT_INTERRUPTED
 
 
+def stdout_closed() -> int:
+    """``... | head`` closed stdout: stop writing quietly (stdout now goes nowhere, so the flush at exit cannot
+    fail a second time) and exit 141, as a program killed by SIGPIPE would."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_PIPE_CLOSED
+
+
 def caused_by_interrupt(error: BaseException) -> bool:
     """True when a ``KeyboardInterrupt`` is somewhere in ``error``'s chain of causes."""
     seen = set()
@@ -81,16 +107,20 @@ def caused_by_interrupt(error: BaseException) -> bool:
     return False
 
 
-def main(argv=None) -> int:
+def main(argv=None, leaving: bool = False) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        print(f"error: unknown command {argv[0]!r}: one of {', '.join(COMMANDS)} (see python -m minipeft --help)",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
+    if not argv or argv[0] in ("-h", "--help"):
         lines = ["usage: python -m minipeft <command> [options]", "", "commands:"]
         lines += [f"  {name:<13} {help_text}" for name, (_, help_text) in COMMANDS.items()]
-        print("\n".join(lines), file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"error: unknown command {argv[0]!r}", file=sys.stderr)
-            return EXIT_USER_ERROR
+        try:
+            print("\n".join(lines), flush=True)
+        except BrokenPipeError:
+            return stdout_closed()
         return 0
     module_name, _ = COMMANDS[argv[0]]
     # the import goes inside run(): Ctrl-C while torch and transformers load is exit 130 too, not a traceback
-    return run(lambda arguments: importlib.import_module(module_name).main(arguments), argv[1:])
+    return run(lambda arguments: importlib.import_module(module_name).main(arguments), argv[1:], leaving)

@@ -172,10 +172,10 @@ def compare_method(name: str, base_model, tokenizer, loaders, args, template: st
     result = train(peft_model, train_loader, val_loader, config,
                    adapter_metadata={"base_model_name_or_path": args.model, "template": template})
     wall_seconds = time.perf_counter() - started
-    if result["outcome"] == "interrupted":  # Ctrl-C or SIGTERM: the loop saved a checkpoint; stop comparing
-        raise MethodInterrupted(name, result["signal"] or signal.SIGINT)
+    if result.outcome == "interrupted":  # Ctrl-C or SIGTERM: the loop saved a checkpoint; stop comparing
+        raise MethodInterrupted(name, result.signal or signal.SIGINT)
     peak = memory.peak_mb()
-    state = result["state"]
+    state = result.state
     remove_our_directory(output_dir / "checkpoints")  # the optimizer state is not compared
     peft_model.eval()
     speed_unmerged = generation_speed(peft_model, speed_prompt, args.speed_tokens)
@@ -192,14 +192,14 @@ def compare_method(name: str, base_model, tokenizer, loaders, args, template: st
         "total_params": stats.total,
         "trainable_percent": stats.ratio,
         "learning_rate": learning_rate,
-        "steps": state["step"],
-        "train_seconds": state["train_seconds"],
+        "steps": state.step,
+        "train_seconds": state.train_seconds,
         "wall_seconds": wall_seconds,
         "peak_memory_mb": peak,
         "train_loss": recent_train_loss(output_dir / "metrics.jsonl"),
-        "eval_loss_before": state["eval_loss_before"],
-        "eval_loss": state["eval_loss"],
-        "eval_perplexity": state["eval_perplexity"],
+        "eval_loss_before": state.eval_loss_before,
+        "eval_loss": state.eval_loss,
+        "eval_perplexity": state.eval_perplexity,
         "adapter_bytes": directory_size(output_dir / "adapter"),
         "tokens_per_s_unmerged": speed_unmerged,
         "tokens_per_s_merged": speed_merged,

@@ -7,11 +7,13 @@ batch, the share of padding under each way of batching, and a few samples with t
 import argparse
 from pathlib import Path
 
+from minipeft.builtin import load_builtin_tokenizer
 from minipeft.cli import CommandLineParser
 from minipeft.data.config import add_data_arguments, data_config_from_args
 from minipeft.data.pipeline import build_dataloaders
 from minipeft.data.report import describe_sample, padding_by_mode
 from minipeft.core.errors import UserError
+from minipeft.loading.models import SMOLLM2_NAME, smollm2_gguf_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,14 +35,10 @@ def load_tokenizer(name: str):
 
     if name == "builtin":
         try:
-            from minipeft.builtin import load_builtin_tokenizer
-
             return load_builtin_tokenizer()
         except (ImportError, OSError) as error:
             raise UserError(f"--model builtin: the built-in tokenizer is not available ({str(error).splitlines()[0]}); "
                             "pass --model with a tokenizer directory or smollm2-135m") from None
-    from minipeft.loading.models import SMOLLM2_NAME, smollm2_gguf_path
-
     if name == SMOLLM2_NAME:
         path = smollm2_gguf_path()
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -21,6 +21,10 @@ from minipeft.cli.arguments import add_quantize_arguments, check_quantize_argume
 from minipeft.loading.streaming import check_not_quantized_folder
 from minipeft.quantization.nf4 import memory_stats, quantize_model
 from minipeft.model.peft_model import get_peft_model
+from minipeft.data import build_dataloaders
+from minipeft.data.config import DataConfig
+from minipeft.training.prepare import autocast_for, resolve_precision
+from minipeft.training.quantization_cost import COMPUTE_DTYPES, measure_quantization_cost
 from minipeft.files.safe_files import is_empty_directory
 
 
@@ -47,11 +51,6 @@ def measure_cost_while_quantizing(model, tokenizer, quantize_lm_head: bool) -> s
     validation batches of the built-in data, in the precision training would use on this machine (random
     weights, or shapes without weights, are quantized and not measured)."""
     import torch
-
-    from minipeft.data import build_dataloaders
-    from minipeft.data.config import DataConfig
-    from minipeft.training.prepare import autocast_for, resolve_precision
-    from minipeft.training.quantization_cost import COMPUTE_DTYPES, measure_quantization_cost
 
     device = torch.device("cpu")
     precision = resolve_precision("auto", device)

@@ -9,8 +9,10 @@ minute on two CPU cores. The seed's command works as written::
 Several processes (CPU or GPUs): ``torchrun --nproc_per_node=2 train_llm.py ...`` (see
 :mod:`minipeft.training.distributed`). What lands in ``--output_dir`` is listed in :mod:`minipeft.training.loop`.
 
-The steps: parse flags -> load the model -> apply the method -> build the data loaders -> :func:`train` ->
-write ``metrics.json`` and the loss curve -> say where everything went.
+The steps: parse flags -> open ``--output_dir`` (checked and locked before anything is loaded:
+:func:`~minipeft.training.run_dir.open_run_dir`) -> load the model -> apply the method -> build the data loaders ->
+:func:`train` -> write ``metrics.json`` and the loss curve, say where everything went
+(:mod:`minipeft.training.report`).
 """
 
 import argparse
@@ -23,22 +25,30 @@ from pathlib import Path
 
 import torch
 
-from minipeft.model.adapter_files import config_to_dict
 from minipeft.cli import CommandLineParser
-from minipeft.core.bounds import path_name, thread_count
+from minipeft.cli.arguments import (add_method_arguments, add_quantize_arguments, check_quantize_arguments,
+                                    config_from_args)
 from minipeft.core.errors import UserError
-from minipeft.core.finite import finite_float, nonfinite_to_none
+from minipeft.core.finite import nonfinite_to_none
+from minipeft.data import build_dataloaders
+from minipeft.data.config import add_data_arguments, data_config_from_args
+from minipeft.data.templates import resolve_template_name
 from minipeft.files.input_files import check_input_file, loads_json, read_input_text
-from minipeft.files.safe_files import MARKER_NAME, OutputLock, check_apart, remove_our_directory, write_json_atomically
-from minipeft.methods import METHODS
-from minipeft.training.config import PRECISIONS, SHARDINGS, TrainingConfig
+from minipeft.files.safe_files import write_json_atomically
+from minipeft.loading.streaming import load_base_model
+from minipeft.methods import default_learning_rate
+from minipeft.model.adapter_files import config_to_dict
+from minipeft.model.peft_model import get_peft_model
+from minipeft.training.config import TrainingConfig, add_training_arguments
 from minipeft.training.distributed import init_distributed, shutdown_distributed
-from minipeft.training.checkpoint import resolve_resume
 from minipeft.training.loop import train
-from minipeft.training.prepare import RUN_OUTPUTS, check_output_dir, prepare_output_dir
-from minipeft.training.metrics import directory_size, measure_inference_speed, peak_memory, plot_loss_curve
+from minipeft.training.metrics import plot_loss_curve
+from minipeft.training.precision import load_dtype, trains_base_weights
+from minipeft.training.prepare import resolve_precision
 from minipeft.training.quantization_cost import COMPUTE_DTYPES
-from minipeft.training.schedule import SCHEDULES
+from minipeft.training.report import plan_record, quantization_cost_line, run_summary, summary_lines
+from minipeft.training.run_dir import RUN_OUTPUTS, open_run_dir
+from minipeft.training.sharding import check_can_shard, load_sharded
 
 # What this command writes into --output_dir besides what the training loop writes.
 CLI_OUTPUTS = ("metrics.json", "train_config.json", "loss_curve.png")
@@ -47,86 +57,6 @@ CLI_OUTPUTS = ("metrics.json", "train_config.json", "loss_curve.png")
 RESUMABLE_CHANGES = {"resume", "overwrite_output_dir", "max_steps", "epochs", "log_every", "eval_every",
                      "save_every", "save_total_limit", "early_stopping_patience", "cache_dir", "no_cache",
                      "num_workers", "eval_max_batches", "sharding", "fsdp_cpu_offload"}
-
-
-def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The training flags, one per :class:`TrainingConfig` field."""
-    defaults = TrainingConfig()
-    group = parser.add_argument_group("training")
-    add = group.add_argument
-    add("--output_dir", type=path_name, default=defaults.output_dir,
-        help="where the adapter, checkpoints, metrics and loss curve go (default: %(default)s)")
-    add("--epochs", type=int, default=defaults.epochs, help="passes over the training data (default: %(default)s)")
-    add("--max_steps", type=int, default=None, help="optimizer steps to take; overrides --epochs")
-    add("--gradient_accumulation_steps", type=int, default=defaults.gradient_accumulation_steps,
-        help="micro-batches per optimizer step (default: %(default)s)")
-    add("--learning_rate", type=finite_float, default=None,
-        help="peak learning rate (default: the method's own: "
-             + ", ".join(f"{name} {method.learning_rate:g}" for name, method in METHODS.items()) + ")")
-    add("--lr_schedule", default=defaults.lr_schedule, choices=SCHEDULES,
-        help="learning-rate schedule after warmup (default: %(default)s)")
-    add("--warmup_steps", type=int, default=None, help="linear warmup over this many optimizer steps")
-    add("--warmup_ratio", type=finite_float, default=None, help="linear warmup over this fraction of the steps")
-    add("--min_lr", type=finite_float, default=defaults.min_lr,
-        help="where linear and cosine schedules end (default: %(default)s)")
-    add("--weight_decay", type=finite_float, default=defaults.weight_decay,
-        help="AdamW weight decay on the matrices a method adds (default: %(default)s)")
-    add("--max_grad_norm", type=finite_float, default=defaults.max_grad_norm,
-        help="clip the global gradient norm; 0: no clipping (default: %(default)s)")
-    add("--precision", default=defaults.precision, choices=PRECISIONS,
-        help="fp32; bf16 autocast (CPU or CUDA); fp16 autocast with a grad scaler (CUDA); "
-             "auto: bf16 where the hardware has it natively (CUDA with bf16, a CPU with AMX/AVX512_BF16), "
-             "else fp32 (default: %(default)s)")
-    add("--tf32", action=argparse.BooleanOptionalAction, default=defaults.tf32,
-        help="TensorFloat-32 matmuls on CUDA (default: on; no effect on CPU)")
-    add("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    add("--num_threads", type=thread_count, default=None,
-        help="CPU threads for PyTorch (default: 1 for models under 20M parameters, else one per core; "
-             "OMP_NUM_THREADS, when set, wins)")
-    add("--gradient_checkpointing", action="store_true",
-        help="recompute activations during backward: less memory, more time")
-    add("--compile", action="store_true",
-        help="torch.compile the transformer blocks: faster steps after a one-time compile (about a minute "
-             "for SmolLM2 on 2 cores, seconds when cached); pays on runs of more than a hundred-odd steps "
-             "without dropout on a CPU (docs/benchmarks.md)")
-    add("--eval_every", type=int, default=None,
-        help="evaluate every N optimizer steps and at the end (default: 5 evaluations per run)")
-    add("--eval_max_batches", type=int, default=None, help="evaluate on at most N validation batches")
-    add("--log_every", type=int, default=defaults.log_every, help="print a log line every N steps (default: %(default)s)")
-    add("--save_every", type=int, default=None, help="checkpoint every N steps (default: at every evaluation)")
-    add("--save_total_limit", type=int, default=defaults.save_total_limit,
-        help="keep the N newest checkpoints, plus the best (default: %(default)s)")
-    add("--early_stopping_patience", type=int, default=defaults.early_stopping_patience,
-        help="stop after N evaluations without a better eval loss; 0: never (default: %(default)s)")
-    add("--max_nonfinite_steps", type=int, default=defaults.max_nonfinite_steps,
-        help="stop after N steps in a row with a NaN/inf loss (default: %(default)s)")
-    add("--sharding", default=defaults.sharding, choices=SHARDINGS,
-        help="under torchrun: ddp (every process holds the whole model) or fsdp (PyTorch's FSDP2: each process "
-             "holds 1/N of every tensor; docs/sharding.md) (default: %(default)s)")
-    add("--fsdp_cpu_offload", action="store_true",
-        help="with --sharding fsdp: keep the pieces, gradients and optimizer step in host memory")
-    add("--resume", default=None, metavar="latest|DIR",
-        help="continue from the newest checkpoint in --output_dir (latest) or from a checkpoint directory")
-    add("--overwrite_output_dir", action="store_true",
-        help="start afresh in an --output_dir that holds an earlier run's checkpoints")
-    return parser
-
-
-# An eval loss that moved less than this (relative) after a run usually means too small a learning rate.
-LOW_CHANGE = 0.05
-
-
-def low_change_hint(method: str, learning_rate: float) -> str:
-    """One line for a run whose eval loss hardly moved: the rate used against the method's default and source."""
-    from minipeft.methods import METHODS
-
-    default = METHODS[method]
-    if learning_rate < default.learning_rate:
-        return (f"hint: the eval loss moved less than {LOW_CHANGE:.0%}; the learning rate may be too low for this "
-                f"method: {method} ran at {learning_rate:g}, its default is {default.learning_rate:g} "
-                f"({default.learning_rate_source})")
-    return (f"hint: the eval loss moved less than {LOW_CHANGE:.0%}; more steps (--max_steps, --epochs) or a higher "
-            f"--learning_rate than {learning_rate:g} may help")
 
 
 # Below this size a model's matmuls are too small to split across cores: one thread is about as fast, and on a
@@ -146,10 +76,6 @@ def choose_cpu_threads(num_threads, total_parameters: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minipeft.data.config import add_data_arguments
-    from minipeft.cli.arguments import add_method_arguments
-    from minipeft.cli.arguments import add_quantize_arguments
-
     parser = CommandLineParser(
         prog="python train_llm.py",
         description="Fine-tune a causal language model with a parameter-efficient method. With no arguments: "
@@ -166,8 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
     """The :class:`TrainingConfig` of the parsed flags; no ``--learning_rate``: the method's default rate."""
-    from minipeft.methods import default_learning_rate
-
     if args.learning_rate is None:
         args.learning_rate = default_learning_rate(args.modification_type)
     return TrainingConfig(**{field.name: getattr(args, field.name) for field in fields(TrainingConfig)})
@@ -184,41 +108,6 @@ def warn_about_changed_settings(output_dir: Path, current: dict) -> None:
         print(f"warning: --eval_max_batches {current.get('eval_max_batches')} (was {before['eval_max_batches']}): "
               "from here on the eval loss is measured on another set of batches than the eval loss before "
               "training and the best so far; they no longer compare", file=sys.stderr)
-
-
-def significant(value: float, digits: int = 2) -> str:
-    """``value`` with at least ``digits`` significant digits and thousands separators: 0.2134 -> "0.21",
-    14.8 -> "15", 578.3 -> "578", 12345.6 -> "12,346" (a speed of 0.2 tokens/s is not "0")."""
-    if not value or value != value or value in (float("inf"), float("-inf")):
-        return f"{value or 0:g}"
-    import math
-
-    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
-    return f"{value:,.{decimals}f}"
-
-
-def quantization_cost_line(args, precision: str, val_loader, device, n_parameters: int) -> tuple:
-    """``(line, QuantizationCost or None)``: the base's eval loss in float and in NF4 on the first validation
-    batches. Run after training and after the peak memory was read, so the float copy it loads is in neither
-    the run nor its figures."""
-    import gc
-
-    from minipeft.loading.streaming import load_base_model
-    from minipeft.training.prepare import autocast_for
-    from minipeft.training.quantization_cost import float_model_fits, measure_quantization_cost
-
-    if val_loader is None:
-        return "Loss change of quantizing the base to NF4: not measured (no validation set)", None
-    gc.collect()
-    if not float_model_fits(n_parameters, device):
-        return ("Loss change of quantizing the base to NF4: not measured (a float copy of the base does not fit in "
-                "the free memory; modify_llm.py --quantize nf4 measures it)"), None
-    float_model, _ = load_base_model(args.model, "none", log=lambda message: None)
-    cost = measure_quantization_cost(float_model.to(device), val_loader, autocast_for(precision, device), device,
-                                     args.quantize_lm_head, COMPUTE_DTYPES[precision])
-    del float_model
-    gc.collect()
-    return cost.line(), cost
 
 
 def saved_arguments(output_dir: Path) -> dict:
@@ -252,79 +141,45 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Parse; check the inputs and open ``--output_dir`` (before any loading); train and report. The exit status."""
     args = parse_arguments(argv)
     config = training_config_from_args(args)
-    from minipeft.data.config import data_config_from_args
-
     data_config = data_config_from_args(args)
     if config.sharding == "fsdp":
-        from minipeft.training.sharding import check_can_shard
-
         check_can_shard(args.modification_type)  # before starting processes talking
     context = init_distributed(config.device, config.sharding)
     try:
-        return run(args, config, data_config, context)
+        check_quantize_arguments(args)
+        if data_config.dataset_path is not None:  # a FIFO or /dev/zero: refused before anything
+            check_input_file(data_config.dataset_path, "--dataset_path")
+        inputs = {"--dataset_path": data_config.dataset_path,
+                  "--model": args.model if Path(args.model).exists() else None}
+        # checked, created, locked and --resume resolved now, before minutes of loading (training/run_dir.py)
+        with open_run_dir(config, context.is_main, RUN_OUTPUTS + CLI_OUTPUTS, inputs) as run_dir:
+            return train_and_report(args, config, data_config, context, run_dir)
     finally:
         shutdown_distributed()
 
 
-def run(args, config: TrainingConfig, data_config, context) -> int:
-    """Check the inputs and the output directory, take its lock, and train (see :func:`train_and_report`)."""
-    from minipeft.cli.arguments import check_quantize_arguments
-
-    check_quantize_arguments(args)
-    output_dir = Path(config.output_dir)
-    if (output_dir.exists() or output_dir.is_symlink()) and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir}: is a file, expected a directory")
-    check_apart(output_dir, "--output_dir", {"--dataset_path": data_config.dataset_path,
-                                             "--model": args.model if Path(args.model).exists() else None},
-                may_contain=True)  # a data file in the run's folder is fine: a run writes only its own names
-    if data_config.dataset_path is not None:
-        check_input_file(data_config.dataset_path, "--dataset_path")  # a FIFO or /dev/zero: refused before anything
-
-    def check_and_train() -> int:
-        if context.is_main:  # (only rank 0 writes; the others would race with its first files)
-            check_output_dir(config, RUN_OUTPUTS + CLI_OUTPUTS)  # before minutes of loading, not after
-        if config.resume:
-            resolve_resume(config.resume, output_dir)  # fails now if there is nothing to resume
-        return train_and_report(args, config, data_config, context)
-
-    if not context.is_main:
-        return check_and_train()
-    created = not output_dir.exists()
-    prepare_output_dir(output_dir)
-    try:
-        with OutputLock(output_dir, "--output_dir"):  # one run at a time writes into output_dir
-            return check_and_train()
-    except BaseException:
-        if created and {path.name for path in output_dir.iterdir()} <= {MARKER_NAME}:
-            remove_our_directory(output_dir)  # a run that failed before writing anything leaves no empty folder
-        raise
-
-
-def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
-    from minipeft.data import build_dataloaders
-    from minipeft.data.templates import resolve_template_name
-    from minipeft.cli.arguments import config_from_args
-    from minipeft.loading.streaming import load_base_model
-    from minipeft.model.peft_model import get_peft_model
-    from minipeft.training.precision import load_dtype, trains_base_weights
-    from minipeft.training.prepare import resolve_precision
-
+def train_and_report(args, config: TrainingConfig, data_config, context, run_dir) -> int:
+    """Load the model, apply the method, build the data, :func:`train` in the opened ``run_dir``, report."""
     def say(message: str = "") -> None:
         if context.is_main:
             print(message, flush=True)
 
-    output_dir = Path(config.output_dir)
+    output_dir = run_dir.path
     arguments = {key: value for key, value in vars(args).items()}
     if config.resume and context.is_main:
         warn_about_changed_settings(output_dir, arguments)
     started = time.perf_counter()
 
-    def base_and_method(dtype: torch.dtype):
+    def base_and_method(dtype: torch.dtype, on_meta: bool = None):
+        if on_meta is None and context.is_sharded:  # rank 0 loads, every rank builds on meta (docs/sharding.md)
+            return load_sharded(lambda meta: base_and_method(dtype, meta), context, precision, config.fsdp_cpu_offload)
         torch.manual_seed(config.seed)  # the seed makes the adapter's initialisation identical on every process
         model, tokenizer = load_base_model(args.model, args.quantize, args.quantize_lm_head, dtype=dtype, log=say,
-                                           compute_dtype=COMPUTE_DTYPES[precision])  # 4-bit layers compute in it
+                                           compute_dtype=COMPUTE_DTYPES[precision],  # 4-bit layers compute in it
+                                           on_meta=bool(on_meta))
         if tokenizer is None:
             raise UserError(f"--model {args.model}: has no tokenizer (tokenizer.json, tokenizer_config.json); "
                             "training needs one: save it beside the model with tokenizer.save_pretrained")
@@ -342,8 +197,8 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
         peft_model, model, tokenizer = base_and_method(torch.float32)
     data_config.template = resolve_template_name(data_config.template, tokenizer)  # auto -> chat or alpaca
     stats = peft_model.parameter_stats()
-    if context.device.type == "cpu" or args.num_threads is not None:
-        torch.set_num_threads(choose_cpu_threads(args.num_threads, stats.total))
+    if context.device.type == "cpu" or config.num_threads is not None:
+        torch.set_num_threads(choose_cpu_threads(config.num_threads, stats.total))
     say(f"Model: {args.model} ({type(model).__name__}) | method: {args.modification_type} | "
         f"trainable params: {stats.trainable:,} of {stats.total:,} ({stats.ratio:.4f}%)"
         + (f" | {torch.get_num_threads()} CPU thread(s)" if context.device.type == "cpu" else ""))
@@ -373,79 +228,30 @@ def train_and_report(args, config: TrainingConfig, data_config, context) -> int:
         adapter_metadata["quantization"] = {"quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head}
 
     # 4) train
-    result = train(peft_model, train_loader, val_loader, config, context, adapter_metadata)
-    state = result["state"]
+    result = train(peft_model, train_loader, val_loader, config, context, adapter_metadata, run_dir)
     if not context.is_main:
         return 0
-    if result["outcome"] == "interrupted":
-        print(f"interrupted at step {state['step']}/{result['total_steps']}: checkpoint saved to "
-              f"{result['last_checkpoint']}; continue with --resume latest --output_dir {output_dir}")
-        return 128 + (result["signal"] or signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM
+    if result.outcome == "interrupted":
+        print(f"interrupted at step {result.state.step}/{result.plan.total_steps}: checkpoint saved to "
+              f"{result.last_checkpoint}; continue with --resume latest --output_dir {output_dir}")
+        return 128 + (result.signal or signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM
 
-    # 5) the summary: metrics.json, train_config.json with the resolved plan, the loss curve
-    adapter_dir = output_dir / "adapter"
+    # 5) the summary: metrics.json, train_config.json with the resolved plan, the loss curve, what went where
     inference_batch = next(iter(val_loader if val_loader is not None else train_loader))
-    summary = {
-        "model": args.model,
-        "modification_type": args.modification_type,
-        "outcome": result["outcome"],
-        "trainable_params": stats.trainable,
-        "total_params": stats.total,
-        "trainable_ratio_percent": stats.ratio,
-        # the last epoch's (or the current partial epoch's) loss: total NLL / total target tokens of its steps
-        "train_loss": state["epoch_nll"] / state["epoch_target_tokens"] if state["epoch_target_tokens"] else None,
-        "eval_loss_before": state["eval_loss_before"],
-        "eval_perplexity_before": state["eval_perplexity_before"],
-        "eval_loss": state["eval_loss"],
-        "eval_perplexity": state["eval_perplexity"],
-        "best_eval_loss": state["best_eval_loss"],
-        "best_step": state["best_step"],
-        "steps": state["step"],
-        "epochs": state["step"] / result["steps_per_epoch"],
-        "train_minutes": state["train_seconds"] / 60,
-        "wall_minutes": (time.perf_counter() - started) / 60,
-        "train_tokens": state["tokens_seen"],
-        "train_tokens_per_s": state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] else None,
-        # (a sharded model generates only with every process taking part: not measured)
-        "inference_tokens_per_s": None if context.is_sharded else measure_inference_speed(peft_model,
-                                                                                          inference_batch),
-        **peak_memory(context.device),
-        "adapter_size_bytes": directory_size(adapter_dir),
-        "world_size": context.world_size,
-        "device": str(context.device),
-        "precision": result["precision"],
-    }
+    summary = run_summary(result, peft_model, stats, args.model, args.modification_type, inference_batch, context,
+                          output_dir, started)
+    cost_line = None
     if args.quantize == "nf4":  # after the peak memory was read: the float copy is not the run's
         del peft_model, model
-        cost_line, cost = quantization_cost_line(args, precision, val_loader, context.device, stats.total)
-        if cost is not None:
-            summary.update(eval_loss_float_base=cost.float_loss, eval_loss_nf4_base=cost.nf4_loss,
-                           quantization_cost_batches=cost.batches)
+        cost_line, cost_fields = quantization_cost_line(args.model, args.quantize_lm_head, precision, val_loader,
+                                                        context.device, stats.total)
+        summary.update(cost_fields)
     write_json_atomically(output_dir / "metrics.json", nonfinite_to_none(summary))
-    run_config["plan"] = {key: result[key] for key in ("total_steps", "steps_per_epoch", "warmup_steps",
-                                                       "eval_every", "save_every", "precision")}
+    run_config["plan"] = plan_record(result.plan)
     write_json_atomically(output_dir / "train_config.json", nonfinite_to_none(run_config))
     curve = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
                             title=f"{args.modification_type} on {args.model}, lr {config.learning_rate:g}")
-
-    say()
-    if state["eval_loss"] is not None and state["eval_loss_before"]:
-        change = (state["eval_loss"] - state["eval_loss_before"]) / state["eval_loss_before"]
-        say(f"Eval loss: {state['eval_loss_before']:.4f} before training -> {state['eval_loss']:.4f} after "
-            f"({change:+.1%}); perplexity {state['eval_perplexity_before']:.2f} -> {state['eval_perplexity']:.2f}")
-        if abs(change) < LOW_CHANGE:
-            say(low_change_hint(args.modification_type, config.learning_rate))
-    say(f"Trained {state['step']} steps in {state['train_seconds']:.1f} s "
-        f"({significant(summary['train_tokens_per_s'] or 0)} tokens/s); generation "
-        f"{significant(summary['inference_tokens_per_s'])} tokens/s; peak memory {summary['peak_memory_mb']:,.0f} MB")
-    if args.quantize == "nf4":
-        say(cost_line)
-    say(f"adapter:      {adapter_dir}/ ({summary['adapter_size_bytes']:,} bytes)")
-    if state["best_step"] is not None:
-        say(f"best adapter: {output_dir / 'best'}/ (step {state['best_step']}, eval loss {state['best_eval_loss']:.4f})")
-    say(f"checkpoints:  {output_dir / 'checkpoints'}/ (resume with --resume latest)")
-    say(f"metrics:      {output_dir / 'metrics.json'}, {output_dir / 'metrics.jsonl'}")
-    if curve is not None:
-        say(f"loss curve:   {curve}")
+    for line in summary_lines(summary, result, args.modification_type, config.learning_rate, output_dir,
+                              cost_line, curve):
+        say(line)
     return 0
-

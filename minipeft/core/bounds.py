@@ -16,7 +16,8 @@ SEED_LIMIT = 2 ** 32  # numpy's generators take seeds in [0, 2**32); torch's wou
 
 def check_rank(r: int, layers: dict, name: str) -> None:
     """``r ≤ min(in, out)`` of every target layer (``{name: layer}``): a higher rank adds parameters, not rank."""
-    from minipeft.core.layers import LINEAR_LAYERS, layer_features  # (transformers: not for the argparse types)
+    # why: core.layers loads transformers, and the command line's argparse types come from this module
+    from minipeft.core.layers import LINEAR_LAYERS, layer_features
 
     shapes = {layer_name: layer_features(layer)[:2] for layer_name, layer in layers.items()
               if isinstance(layer, LINEAR_LAYERS)}

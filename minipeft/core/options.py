@@ -34,9 +34,23 @@ to ``cli/``. The rules, all of them:
 - **Checks.** Range and type checks live in the config's ``validate(name=str)``, nowhere else. ``name(field)`` is
   how a message names the setting: the field itself by default (the API; ``adapter_config.json``, whose
   loader puts the file in front), the flag on the command line (``--lora_dropout must be in [0, 1), got 1.5``).
+
+**Run settings.** The training and data configs (:class:`minipeft.training.config.TrainingConfig`,
+:class:`minipeft.data.config.DataConfig`) declare their flags the same way, once, on the field, with
+:func:`setting`, and :func:`add_setting_flags` adds them to a parser. Their flag is ``--<field name>`` and their
+help is argparse's own text (``%(default)s`` shows the default)::
+
+    epochs: int = setting(1, "passes over the training data (default: %(default)s)")
+
+A ``bool`` field is a switch: ``--name`` sets a False default to True; a True default's ``--no_name`` sets it to
+False; a True default's ``--name`` also gets ``--no-name`` (argparse's ``BooleanOptionalAction``).
 """
 
+import argparse
 import dataclasses
+import typing
+
+from minipeft.core.finite import finite_float
 
 
 def option(default, *, flag: str = None, help: str = "", choices=None, parse=None, layer_spec=False):
@@ -95,3 +109,63 @@ def layers_option(default, *, flag: str, help: str):
     ``"0,1,2,3"``, ``"0-5"`` or ``"-1"`` (the last block), and the command line converts that text with the
     model's block count (:func:`minipeft.core.layers.parse_layer_spec`) before the config is built."""
     return option(default, flag=flag, help=help, layer_spec=True)
+
+
+# --- run settings: the flags of TrainingConfig and DataConfig ------------------------------------------------------
+
+def setting(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING, flag: str = None,
+            type=None, choices=None, metavar: str = None, flag_default=dataclasses.MISSING, off_flag: str = None,
+            off_help: str = ""):
+    """A run setting's field and its flag (see "Run settings" in the module docstring).
+
+    Args:
+        default / default_factory: the field's default (a factory: computed when a config or parser is made).
+        help: the flag's ``--help`` text, as argparse takes it (``%(default)s``: the flag's default).
+        flag: the flag's name when it is not ``--<field name>`` (a True switch: ``--no_<field name>``).
+        type: argparse's ``type=`` when the annotation's is not enough (``int``: int, ``float``: a finite float).
+        choices, metavar: as argparse takes them.
+        flag_default: the flag's default when it differs from the field's (``--learning_rate``: None, the
+            method's own rate, while the API's default is LoRA's).
+        off_flag, off_help: a second switch that turns the setting off (``--no_cache``: ``cache_dir`` None);
+            argparse stores it under its own name, and the config is built from both.
+    """
+    metadata = {"setting": True, "flag": flag, "help": help, "type": type, "choices": choices, "metavar": metavar,
+                "flag_default": flag_default, "off_flag": off_flag, "off_help": off_help}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def setting_flag(field: dataclasses.Field) -> str:
+    """The flag of a :func:`setting` field: ``--epochs``, or the one it declares."""
+    return field.metadata["flag"] or f"--{field.name}"
+
+
+def add_setting_flags(group, config_class) -> None:
+    """Add a flag to argparse ``group`` for each :func:`setting` field of ``config_class``, in field order."""
+    for field in dataclasses.fields(config_class):
+        if not field.metadata.get("setting"):
+            continue  # an ordinary field (TrainingConfig.seed: DataConfig's --seed sets both)
+        group.add_argument(setting_flag(field), **setting_keywords(field))
+        if field.metadata["off_flag"]:
+            group.add_argument(field.metadata["off_flag"], action="store_true", help=field.metadata["off_help"])
+
+
+def setting_keywords(field: dataclasses.Field) -> dict:
+    """``add_argument``'s keywords for one :func:`setting` field."""
+    metadata = field.metadata
+    default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+    if metadata["flag_default"] is not dataclasses.MISSING:
+        default = metadata["flag_default"]
+    keywords = {"dest": field.name, "help": metadata["help"]}
+    if field.type is bool:
+        if not default:
+            return dict(keywords, action="store_true")
+        if setting_flag(field).startswith("--no_"):
+            return dict(keywords, action="store_false")
+        return dict(keywords, action=argparse.BooleanOptionalAction, default=default)
+    kinds = set(typing.get_args(field.type)) - {type(None)} or {field.type}  # int | None -> int
+    parse = metadata["type"] or {int: int, float: finite_float}.get(kinds.pop() if len(kinds) == 1 else None)
+    keywords.update(default=default)
+    for key, value in (("type", parse), ("choices", metadata["choices"]), ("metavar", metadata["metavar"])):
+        if value is not None:
+            keywords[key] = value
+    return keywords

@@ -125,6 +125,19 @@ class PaddingCollator:
         return {name: torch.from_numpy(array) for name, array in batch.items()}
 
 
+def left_pad(token_lists: list, pad_token_id: int, device=None):
+    """``(input_ids (B, T), attention_mask (B, T))`` with each row's padding on the left, for generation: every
+    row's next token then follows its last real token (training batches are :class:`PaddingCollator`'s)."""
+    width = max(len(tokens) for tokens in token_lists)
+    input_ids = torch.full((len(token_lists), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        if tokens:
+            input_ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+            attention_mask[row, width - len(tokens):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """The keyword arguments for ``model(**model_inputs(batch))``: everything the model needs, no labels.
 

@@ -1,24 +1,38 @@
 """The data pipeline's settings: one dataclass, its command-line flags, and the checks on their values.
 
-Every flag maps to one field of :class:`DataConfig` with the same name, so ``train_llm.py`` and
+Every flag maps to one field of :class:`DataConfig` with the same name (``--no_cache`` turns ``cache_dir`` off),
+declared once on the field with :func:`~minipeft.core.options.setting`, so ``train_llm.py`` and
 ``data_pipeline.py`` share them through :func:`add_data_arguments` and :func:`data_config_from_args`.
 """
 
 import argparse
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from minipeft.data.templates import TEMPLATE_CHOICES
 from minipeft.core.bounds import seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float, require_finite
+from minipeft.core.options import add_setting_flags, setting
 
 
 def default_cache_dir() -> str:
     """``$XDG_CACHE_HOME/minipeft/data`` (``~/.cache/minipeft/data``): outside the checkout, so never committed."""
     cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return str(Path(cache_home) / "minipeft" / "data")
+
+
+def parse_val_size(text: str) -> int | float:
+    """``"200"`` -> 200 records; ``"0.1"`` -> 10 % of the records."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return finite_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count (200) nor a fraction (0.1)") from None
 
 
 @dataclass
@@ -51,27 +65,39 @@ class DataConfig:
         num_workers: DataLoader worker processes (0: load in the main process).
     """
 
-    dataset_path: str | None = None
-    max_records: int | None = None
-    template: str = "auto"
-    max_length: int = 256
-    train_on_inputs: bool = False
-    padding: str = "longest"
-    pad_to_multiple_of: int | None = None
-    padding_side: str = "right"
-    group_by_length: bool = True
-    shuffle: bool = True
-    packing: bool = False
-    val_size: int | float = 0.1
-    batch_size: int = 8
-    eval_batch_size: int | None = None
-    seed: int = 42
-    instruction_column: str = "instruction"
-    input_column: str = "input"
-    output_column: str = "output"
-    max_invalid_fraction: float = 0.1
-    cache_dir: str | None = field(default_factory=default_cache_dir)
-    num_workers: int = 0
+    dataset_path: str | None = setting(None, "JSON array, JSON Lines (.jsonl) or CSV file of instruction/input/output "
+                                       "records (default: the built-in data set)")
+    max_records: int | None = setting(None, "use only the first N usable records of the file (default: all), before "
+                                      "the validation split")
+    template: str = setting("auto", "prompt template: chat is the tokenizer's own chat template; auto: chat when the "
+                            "tokenizer has one (instruct models), else alpaca (default: %(default)s)",
+                            choices=TEMPLATE_CHOICES)
+    max_length: int = setting(256, "most tokens per record; longer records are truncated, keeping the response "
+                              "(default: %(default)s)")
+    train_on_inputs: bool = setting(False, "also train on the prompt tokens (default: response only)")
+    padding: str = setting("longest", "pad each batch to its longest record, or every batch to --max_length as the "
+                           "seed did (default: %(default)s)", choices=["longest", "max_length"])
+    pad_to_multiple_of: int | None = setting(None, "round padded lengths up to a multiple of this (e.g. 8)")
+    padding_side: str = setting("right", "where padding goes (default: %(default)s)", choices=["right", "left"])
+    group_by_length: bool = setting(True, "do not batch records of similar length together",
+                                    flag="--no_group_by_length")
+    shuffle: bool = setting(True, "keep the training batches in a fixed order", flag="--no_shuffle")
+    packing: bool = setting(False, "pack several records into each sequence of --max_length tokens (no attention "
+                            "across records)")
+    val_size: int | float = setting(0.1, "validation records: a count (200) or a fraction (0.1) (default: "
+                                    "%(default)s)", type=parse_val_size)
+    batch_size: int = setting(8, "training batch size (default: %(default)s)")
+    eval_batch_size: int | None = setting(None, "validation batch size (default: --batch_size)")
+    seed: int = setting(42, "seed for the split and shuffling (default: %(default)s)", type=seed_number)
+    instruction_column: str = setting("instruction", "field holding the instruction")
+    input_column: str = setting("input", "field holding the optional input")
+    output_column: str = setting("output", "field holding the response")
+    max_invalid_fraction: float = setting(0.1, "fail when more than this share of records is unusable (default: "
+                                          "%(default)s)")
+    cache_dir: str | None = setting(default_factory=default_cache_dir, help="cache for tokenized data (default: "
+                                    "%(default)s)", off_flag="--no_cache",
+                                    off_help="do not read or write the tokenization cache")
+    num_workers: int = setting(0, "DataLoader worker processes (default: 0)")
 
     def __post_init__(self):
         self.validate()
@@ -104,58 +130,9 @@ class DataConfig:
             raise UserError(f"--val_size {self.val_size}: a count must be 0 or more")
 
 
-def parse_val_size(text: str) -> int | float:
-    """``"200"`` -> 200 records; ``"0.1"`` -> 10 % of the records."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return finite_float(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a count (200) nor a fraction (0.1)") from None
-
-
 def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the data flags (one per :class:`DataConfig` field) to ``parser`` and return it."""
-    defaults = DataConfig()
-    group = parser.add_argument_group("data")
-    add = group.add_argument
-    add("--dataset_path", default=None,
-        help="JSON array, JSON Lines (.jsonl) or CSV file of instruction/input/output records "
-             "(default: the built-in data set)")
-    add("--max_records", type=int, default=None,
-        help="use only the first N usable records of the file (default: all), before the validation split")
-    add("--template", default=defaults.template, choices=TEMPLATE_CHOICES,
-        help="prompt template: chat is the tokenizer's own chat template; auto: chat when the tokenizer has "
-             "one (instruct models), else alpaca (default: %(default)s)")
-    add("--max_length", type=int, default=defaults.max_length,
-        help="most tokens per record; longer records are truncated, keeping the response (default: %(default)s)")
-    add("--train_on_inputs", action="store_true", help="also train on the prompt tokens (default: response only)")
-    add("--padding", default=defaults.padding, choices=["longest", "max_length"],
-        help="pad each batch to its longest record, or every batch to --max_length as the seed did "
-             "(default: %(default)s)")
-    add("--pad_to_multiple_of", type=int, default=None, help="round padded lengths up to a multiple of this (e.g. 8)")
-    add("--padding_side", default=defaults.padding_side, choices=["right", "left"],
-        help="where padding goes (default: %(default)s)")
-    add("--no_group_by_length", dest="group_by_length", action="store_false",
-        help="do not batch records of similar length together")
-    add("--no_shuffle", dest="shuffle", action="store_false", help="keep the training batches in a fixed order")
-    add("--packing", action="store_true",
-        help="pack several records into each sequence of --max_length tokens (no attention across records)")
-    add("--val_size", type=parse_val_size, default=defaults.val_size,
-        help="validation records: a count (200) or a fraction (0.1) (default: %(default)s)")
-    add("--batch_size", type=int, default=defaults.batch_size, help="training batch size (default: %(default)s)")
-    add("--eval_batch_size", type=int, default=None, help="validation batch size (default: --batch_size)")
-    add("--seed", type=seed_number, default=defaults.seed, help="seed for the split and shuffling (default: %(default)s)")
-    add("--instruction_column", default=defaults.instruction_column, help="field holding the instruction")
-    add("--input_column", default=defaults.input_column, help="field holding the optional input")
-    add("--output_column", default=defaults.output_column, help="field holding the response")
-    add("--max_invalid_fraction", type=finite_float, default=defaults.max_invalid_fraction,
-        help="fail when more than this share of records is unusable (default: %(default)s)")
-    add("--cache_dir", default=defaults.cache_dir, help="cache for tokenized data (default: %(default)s)")
-    add("--no_cache", action="store_true", help="do not read or write the tokenization cache")
-    add("--num_workers", type=int, default=defaults.num_workers, help="DataLoader worker processes (default: 0)")
+    """Add the data flags (one per :class:`DataConfig` field, and ``--no_cache``) to ``parser`` and return it."""
+    add_setting_flags(parser.add_argument_group("data"), DataConfig)
     return parser
 
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minipeft.core.errors import UserError
-from minipeft.files.input_files import duplicate_keys, loads_json, read_input_bytes
+from minipeft.files.input_files import duplicate_keys, read_input_bytes
+from minipeft.files.json_limits import loads_bounded
 
 SHOWN_REASONS = 5  # how many skip reasons an error message or a report quotes
 
@@ -108,7 +109,7 @@ def load_records(path, instruction_column: str = "instruction", input_column: st
 def _read_json(path: Path, text: str):
     """A JSON array of records; a ``.json`` file that holds JSON Lines is read as such."""
     try:
-        data = loads_json(text)
+        data = loads_bounded(text)
     except json.JSONDecodeError as error:
         if error.msg == "Extra data" and text.lstrip().startswith("{"):
             return "jsonl", _read_json_lines(path, text)
@@ -132,7 +133,7 @@ def _read_json_lines(path: Path, text: str):
         if not line.strip():
             continue
         try:
-            rows.append((f"line {number}", loads_json(line)))
+            rows.append((f"line {number}", loads_bounded(line)))
         except json.JSONDecodeError as error:
             rows.append((f"line {number}", _Unparsable(f"not valid JSON (column {error.colno}: {error.msg}"
                                                        f"{_bad_byte_hint(line, error.pos)})")))

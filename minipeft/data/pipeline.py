@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
+from minipeft.builtin import default_dataset_path
 from minipeft.data.batching import (InstructionDataset, LengthGroupedBatchSampler, PaddingCollator,
                                     split_indices)
 from minipeft.data.config import DataConfig
@@ -27,13 +28,8 @@ def resolve_dataset_path(dataset_path: str | None) -> Path:
     """``dataset_path``, or the built-in default data set when it is None."""
     if dataset_path is not None:
         return Path(dataset_path)
-    try:
-        from minipeft.builtin import default_dataset_path
-
-        path = Path(default_dataset_path())
-    except (ImportError, AttributeError):
-        path = None
-    if path is None or not path.is_file():
+    path = Path(default_dataset_path())
+    if not path.is_file():
         raise UserError("--dataset_path not given and the built-in data set is not available "
                         "(minipeft.builtin.default_dataset_path); pass --dataset_path FILE")
     return path
@@ -58,7 +54,7 @@ def build_dataloaders(config: DataConfig, tokenizer, rank: int = 0, world_size: 
     if config.max_records is not None:  # --max_records: the first N usable records, in file order
         loaded.records = loaded.records[:config.max_records]
     tokenized = tokenize_records(loaded.records, tokenizer, config.template, config.max_length,
-                                 cache_dir=config.cache_dir, progress=progress and rank == 0)
+                                 cache_dir=config.cache_dir, progress=progress and rank == 0, source=str(path))
     train_indices, val_indices = split_indices(len(tokenized), config.val_size, config.seed)
     collator = PaddingCollator(pad_token_id(tokenizer), config.padding, config.max_length,
                                config.pad_to_multiple_of, config.padding_side)

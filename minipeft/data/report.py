@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minipeft.data.batching import LengthGroupedBatchSampler, PaddingCollator
 from minipeft.data.loading import describe_skipped
+from minipeft.data.packing import pack_by_length
 
 PERCENTILES = (50, 90, 99)
 
@@ -125,9 +127,6 @@ def padding_share(batches: list[list[int]], lengths, collator) -> float:
 
 def padding_by_mode(lengths, config) -> list[tuple[str, float, int]]:
     """``(mode, padding share, batches)`` for the same records batched four ways (epoch 0 of ``config.seed``)."""
-    from minipeft.data.batching import LengthGroupedBatchSampler, PaddingCollator
-    from minipeft.data.packing import pack_by_length
-
     lengths = np.asarray(lengths)
     packed_lengths = np.array([lengths[bin_].sum() for bin_ in pack_by_length(lengths, config.max_length)])
     modes = [  # (name, lengths of the sequences, padding, group_by_length)

@@ -19,6 +19,13 @@ Truncation to ``max_length`` keeps the response where possible: the prompt keeps
 a leading BOS; the response loses tokens from its end (and then has no EOS: the model is not taught to stop
 in mid-sentence).
 
+A record longer than ``max_length × 64`` characters (:data:`CHARACTERS_PER_TOKEN_BOUND`) is refused before any
+tokenizer sees it, naming the record and the file: a token of a real vocabulary covers far fewer than 64
+characters, so such a record would keep at most a sliver of itself after truncation, and one record of 100 MB
+would otherwise hold the tokenizer (and its memory) for minutes. Refused rather than cut by characters: which
+end of which field truncation keeps depends on the token counts, so a character cut could change what a record
+that fits trains on; the message says to shorten it or raise ``--max_length``.
+
 Results are cached in ``cache_dir`` as ``.npz`` files keyed by a hash of the records, the tokenizer, the
 template and ``max_length``; a second run with the same inputs loads them instead of tokenizing.
 """
@@ -41,6 +48,7 @@ CACHE_VERSION = "minipeft-data-1"  # change when the layout or the meaning of a 
 IGNORE_INDEX = -100  # label of a token that is not trained on (PyTorch cross_entropy's ignore_index)
 ENCODE_CHUNK = 4096  # texts per call to the tokenizer (and per step of the progress bar)
 PROGRESS_MIN_RECORDS = 10_000  # show a progress bar from this many records on
+CHARACTERS_PER_TOKEN_BOUND = 64  # a record of more than max_length × this many characters is refused
 
 
 @dataclass
@@ -125,6 +133,23 @@ def encode_prompt(instruction: str, input: str, template: str, tokenizer) -> lis
     return encode_texts(tokenizer, [prompt], prompt_needs_special_tokens(template))[0]
 
 
+@dataclass
+class Prompt:
+    """An instruction to generate a reply to (a record without its response)."""
+
+    instruction: str
+    input: str = ""
+
+
+def encode_prompts(prompts: list, template: str, tokenizer) -> list:
+    """Token ids of each :class:`Prompt`, exactly as in training (:func:`encode_prompt`); ``template="none"``
+    feeds the text as it is (plain continuation)."""
+    if template == "none":
+        return [tokenizer(prompt.instruction + (f"\n{prompt.input}" if prompt.input else ""))["input_ids"]
+                for prompt in prompts]
+    return [encode_prompt(prompt.instruction, prompt.input, template, tokenizer) for prompt in prompts]
+
+
 def truncate_example(prompt_ids: list[int], response_ids: list[int], max_length: int,
                      bos_id: int | None = None) -> tuple[list[int], list[int]]:
     """Fit ``prompt + response`` into ``max_length`` tokens, keeping the response where possible."""
@@ -137,9 +162,24 @@ def truncate_example(prompt_ids: list[int], response_ids: list[int], max_length:
     return prompt_ids, response_ids[:max_length - keep_prompt]
 
 
+def check_record_lengths(records, max_length: int, source: str = "") -> None:
+    """Refuse a record of more than ``max_length × 64`` characters (see the module docstring); ``source``
+    names the file."""
+    limit = max_length * CHARACTERS_PER_TOKEN_BOUND
+    for index, record in enumerate(records):
+        size = len(record.instruction) + len(record.input) + len(record.output)
+        if size > limit:
+            where = f"{source}: " if source else ""
+            raise UserError(f"{where}{record.source or f'record {index}'} has {size:,} characters, more than "
+                            f"--max_length {max_length} tokens can hold ({limit:,} = {max_length} × "
+                            f"{CHARACTERS_PER_TOKEN_BOUND}); shorten or split it, or raise --max_length")
+
+
 def tokenize_records(records, tokenizer, template: str = "alpaca", max_length: int = 256,
-                     cache_dir: str | None = None, progress: bool = True) -> TokenizedRecords:
-    """Tokenize, append EOS, and truncate every record; load from / save to the cache when ``cache_dir`` is set."""
+                     cache_dir: str | None = None, progress: bool = True, source: str = "") -> TokenizedRecords:
+    """Tokenize, append EOS, and truncate every record; load from / save to the cache when ``cache_dir`` is set.
+    ``source`` (the data file) names where a record too long to tokenize comes from."""
+    check_record_lengths(records, max_length, source)
     eos = eos_token_id(tokenizer)
     cache_path = None
     if cache_dir is not None:

@@ -12,8 +12,9 @@ test that it equals that reference (outputs and gradients, stated tolerances):
 - :mod:`~minipeft.fast.compile`: ``--compile``, the transformer blocks through ``torch.compile`` (reference:
   the eager blocks; ``tests/test_fast_compile.py``).
 
-:func:`switched_on` is where a run turns on the module swaps; every swap sets a parent's attribute (as adapter
-injection does), never a class or a ``forward`` of transformers, and is undone on the way out without raising.
+:func:`switched_on` is where a run turns on the module swaps. Every swap goes through
+:func:`~minipeft.fast.swap.swapped_in`: it sets a parent's attribute (as adapter injection does), never a class
+or a ``forward`` of transformers, and puts the very same modules back on the way out, without raising.
 The loss is chosen by the run itself (:func:`minipeft.training.loop.start_run`).
 """
 

@@ -40,13 +40,13 @@ restored, so generation after training runs eagerly (a KV cache grows each step,
 """
 
 import shutil
-import warnings
 from contextlib import contextmanager
 
 import torch
 
 from minipeft.core.errors import UserError
 from minipeft.core.layers import transformer_blocks
+from minipeft.fast.swap import warn_at_run_time
 
 
 def check_compiler_available(device: torch.device) -> None:
@@ -59,14 +59,14 @@ def check_compiler_available(device: torch.device) -> None:
 @contextmanager
 def compiled_blocks(peft_model, device: torch.device, warn=None):
     """Within the ``with``: each transformer block compiled (see the module docstring); ``warn(message)``
-    (default :func:`warnings.warn`) hears of any setting that could not be changed or put back.
+    (default :func:`~minipeft.fast.swap.warn_at_run_time`) hears of any setting that could not be changed or put back.
 
     Compiling goes through torch's own ``nn.Module.compile`` (the module's call, hooks included, runs the
     compiled graph), never through an assignment to a transformers module's ``forward``; undoing it resets
     what ``compile`` set. Nothing here raises on the way out: a run never ends in a traceback because an
     optimisation could not be undone.
     """
-    warn = warn or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
+    warn = warn or warn_at_run_time
     base_model = peft_model.base_model
     config = base_model.config
     saved_use_cache = getattr(config, "use_cache", None)

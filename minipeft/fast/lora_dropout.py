@@ -25,13 +25,12 @@ Equal to the reference: ``tests/test_fast_lora_dropout.py`` (the distribution, t
 """
 
 import math
-import warnings
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minipeft.fast.swap import Swap, swapped_in
 from minipeft.methods.lora import LoRALinear
 
 
@@ -130,29 +129,18 @@ class DroppedProjection(nn.Module):
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, p={self.p}"
 
 
-@contextmanager
 def dropout_by_gaps(model: nn.Module, warn=None):
     """Within the ``with``: every :class:`LoRALinear` of ``model`` with dropout drops by gaps (module docstring).
 
     Only LoRA's own layer (not DoRA's, whose dropout also changes its norm term). Yields the number of layers
-    swapped. Putting the originals back never raises: ``warn(message)`` (default :func:`warnings.warn`) hears of
-    a layer that could not be restored, which then keeps computing the same dropout.
+    swapped. Each layer's two children are put back together (:func:`~minipeft.fast.swap.swapped_in`), never
+    raising: ``warn(message)`` (default :func:`~minipeft.fast.swap.warn_at_run_time`) hears of a layer that
+    could not be restored, which then keeps computing the same dropout.
     """
-    warn = warn or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
-    swapped = []
-    for layer in model.modules():
-        if type(layer) is LoRALinear and isinstance(layer.lora_dropout, nn.Dropout) and layer.lora_dropout.p > 0:
-            dropout, lora_A = layer.lora_dropout, layer.lora_A
-            layer.lora_A = DroppedProjection(lora_A, dropout.p)  # nn.Module's setattr: the child is replaced
-            layer.lora_dropout = nn.Identity()  # the dropout now happens inside lora_A
-            swapped.append((layer, dropout, lora_A))
-    try:
-        yield len(swapped)
-    finally:
-        for layer, dropout, lora_A in swapped:
-            try:
-                lora_A.weight = layer.lora_A.weight  # the run may have given it a new Parameter (a resume)
-                layer.lora_A, layer.lora_dropout = lora_A, dropout
-            except Exception as error:  # noqa: BLE001 (never cost the run its saved adapter)
-                warn(f"warning: could not put LoRA's dropout back in a {type(layer).__name__} ({error}); the "
-                     "layer keeps dropout by gaps, which draws the same dropout")
+    swaps = [Swap(layer, {"lora_A": DroppedProjection(layer.lora_A, layer.lora_dropout.p),
+                          "lora_dropout": nn.Identity()},  # the dropout now happens inside lora_A
+                  shared=("weight",))  # lora_A's Parameter: the run may give it a new one (a resume)
+             for layer in model.modules()
+             if type(layer) is LoRALinear and isinstance(layer.lora_dropout, nn.Dropout) and layer.lora_dropout.p > 0]
+    return swapped_in(swaps, warn, what="LoRA's dropout",
+                      if_left="the layer keeps dropout by gaps, which draws the same dropout")

@@ -28,11 +28,10 @@ input; any other norm keeps transformers' forward, and the run says so in one li
 never raises: a run does not end in a traceback because a memory optimisation could not be undone.
 """
 
-import warnings
-from contextlib import contextmanager
-
 import torch
 from torch import nn
+
+from minipeft.fast.swap import Swap, swapped_in, warn_at_run_time
 
 # The norms whose forward is LlamaRMSNorm's exactly (``weight * normalised.to(input_dtype)``, weight not
 # offset by 1 as in Gemma): by class name, so that no transformers model module has to be imported here.
@@ -65,7 +64,6 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
-
 class LeanRMSNorm(nn.Module):
     """Stands in for one Llama-style norm during a run: the *same* ``weight`` parameter, the forward through
     :class:`RMSNormFunction`; its ``state_dict`` key is the original's (``weight``)."""
@@ -96,15 +94,15 @@ def swap_refusal(norm: nn.Module):
     return None
 
 
-@contextmanager
 def use_memory_lean_rms_norm(model: nn.Module, warn=None):
-    """Within the ``with``: every Llama-style RMSNorm of ``model`` replaced by a :class:`LeanRMSNorm`.
+    """Within the ``with``: every Llama-style RMSNorm of ``model`` replaced by a :class:`LeanRMSNorm`
+    (:func:`~minipeft.fast.swap.swapped_in`: the very same norms are back afterwards, without raising).
 
-    Yields the number swapped. ``warn(message)`` (default :func:`warnings.warn`) hears of each kind of norm left
-    as it was, and of anything that could not be put back.
+    Yields the number swapped. ``warn(message)`` (default :func:`~minipeft.fast.swap.warn_at_run_time`) hears of
+    each kind of norm left as it was, and of anything that could not be put back.
     """
-    warn = warn or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
-    swapped, refused = [], {}
+    warn = warn or warn_at_run_time
+    swaps, refused = [], {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child).__name__ not in LLAMA_STYLE_RMS_NORMS:
@@ -113,28 +111,9 @@ def use_memory_lean_rms_norm(model: nn.Module, warn=None):
             if reason is not None:
                 refused.setdefault(type(child).__name__, reason)
                 continue
-            lean = LeanRMSNorm(child)
-            setattr(parent, name, lean)  # nn.Module's own way to replace a child, as adapter injection does
-            swapped.append((parent, name, child, lean))
+            swaps.append(Swap(parent, {name: LeanRMSNorm(child)}, shared=("weight",)))
     for class_name, reason in refused.items():
         warn(f"note: {class_name} keeps transformers' own forward, so the memory-lean RMSNorm is not used "
              f"({reason}); training is unaffected, only its memory is not reduced")
-    try:
-        yield len(swapped)
-    finally:
-        restore_norms(swapped, warn)
-
-
-def restore_norms(swapped: list, warn) -> None:
-    """Put each original norm back where its LeanRMSNorm stands; never raises (see the module docstring)."""
-    for parent, name, original, lean in swapped:
-        try:
-            if lean.weight is not original.weight:  # the run gave the norm a new parameter: keep it
-                original.weight = lean.weight
-            if parent._modules.get(name) is not lean:
-                warn(f"warning: {type(parent).__name__}.{name} was replaced during the run; left as it is")
-                continue
-            setattr(parent, name, original)
-        except Exception as error:  # noqa: BLE001 (never cost the run its saved adapter)
-            warn(f"warning: could not put {type(original).__name__} back at {name} ({error}); the model keeps "
-                 "the memory-lean RMSNorm, which computes the same values")
+    return swapped_in(swaps, warn, what="an RMSNorm",
+                      if_left="the model keeps the memory-lean RMSNorm, which computes the same values")

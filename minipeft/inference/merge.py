@@ -47,8 +47,12 @@ from pathlib import Path
 import torch
 
 from minipeft.core.errors import UserError
+from minipeft.data.batching import left_pad
+from minipeft.data.tokenization import Prompt, encode_prompts, pad_token_id
 from minipeft.files.input_files import loads_json, read_input_text
 from minipeft.files.safe_files import check_output_directory, json_text, write_directory_atomically
+from minipeft.model.adapter_files import WEIGHTS_NAME, adapter_fingerprint
+from minipeft.quantization.nf4 import dequantize_model, quantize_model
 
 MERGE_INFO_NAME = "minipeft_merge.json"
 SAMPLE_INSTRUCTIONS = ("What is the capital of France?", "Name the opposite of hot.",
@@ -58,9 +62,6 @@ SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 
 def sample_batch(tokenizer, template: str, device=None) -> dict:
     """A few instructions in ``template``, left-padded: ``{"input_ids", "attention_mask"}`` ``(3, T)``."""
-    from minipeft.data.tokenization import pad_token_id
-    from minipeft.inference.prompts import Prompt, encode_prompts, left_pad
-
     tokens = encode_prompts([Prompt(text) for text in SAMPLE_INSTRUCTIONS], template, tokenizer)
     input_ids, attention_mask = left_pad(tokens, pad_token_id(tokenizer), device)
     return {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -152,8 +153,6 @@ def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca"
     log(tying)
     requantized_difference = None
     if requantize:
-        from minipeft.quantization.nf4 import dequantize_model, quantize_model
-
         quantize_model(merged, compute_dtype=torch.float32)
         requantized_difference = (real_position_logits(merged, batch) - unmerged_logits).abs().max().item()
         dequantize_model(merged)  # the float32 values of the 4-bit weights: a plain model that loads anywhere
@@ -203,8 +202,6 @@ def read_merge_info(model_name) -> dict:
 
 def check_not_merged_already(model_name, adapter_dir) -> None:
     """Refuse to apply an adapter to a model that already holds it merged (its update would count twice)."""
-    from minipeft.model.adapter_files import WEIGHTS_NAME, adapter_fingerprint
-
     recorded = read_merge_info(model_name).get("adapter_sha256")
     if recorded and (Path(adapter_dir) / WEIGHTS_NAME).is_file() and adapter_fingerprint(adapter_dir) == recorded:
         raise UserError(f"--adapter {adapter_dir}: --model {model_name} already holds this adapter merged "

@@ -45,9 +45,12 @@ from torch import nn
 
 from minipeft.core.adapter_layer import AdapterLayer
 from minipeft.core.errors import UserError
+from minipeft.core.generation import generate
 from minipeft.core.inject import replace_module
 from minipeft.inference.lora_mixing import COMBINATION_TYPES, MultiLoRALinear, combine_lora_weights
 from minipeft.methods.lora import LoRAConfig, LoRALinear
+from minipeft.model.adapter_files import load_peft_state_dict, read_adapter
+from minipeft.model.peft_model import get_peft_model
 
 
 @dataclass
@@ -128,9 +131,6 @@ class MultiAdapterModel(nn.Module):
                 (tensors in the adapter-file layout, ``base_model.model.<path>``) gives its values.
             is_trainable: leave the adapter's parameters trainable (for training it while it is active).
         """
-        from minipeft.model.adapter_files import load_peft_state_dict
-        from minipeft.model.peft_model import get_peft_model
-
         if not isinstance(name, str) or not name or name in self._adapters:
             raise UserError(f"adapter name {name!r}: give a new, non-empty name (loaded: {self.list_adapters()})")
         previous = self.active_adapter
@@ -166,8 +166,6 @@ class MultiAdapterModel(nn.Module):
 
     def load_adapter(self, directory, name: str, is_trainable: bool = False) -> NamedAdapter:
         """Load an adapter directory (minipeft's or peft's files) under ``name``."""
-        from minipeft.model.adapter_files import read_adapter
-
         config, state, source = read_adapter(directory)
         return self.add_adapter(name, config, state, source, is_trainable)
 
@@ -256,8 +254,6 @@ class MultiAdapterModel(nn.Module):
 
     def generate(self, input_ids, attention_mask=None, adapter_names=None, **generation_kwargs):
         """:func:`minipeft.core.generation.generate` with the active adapter, or one adapter per row."""
-        from minipeft.core.generation import generate
-
         if adapter_names is None:
             return generate(self, input_ids, attention_mask=attention_mask, **generation_kwargs)
         with self.mixed_batch(adapter_names):

@@ -34,15 +34,22 @@ from pathlib import Path
 import torch
 
 from minipeft.core.errors import UserError
+from minipeft.core.generation import generate
+from minipeft.data.batching import left_pad
+from minipeft.data.templates import resolve_template_name
+from minipeft.data.tokenization import Prompt, encode_prompts, pad_token_id
 from minipeft.files.input_files import read_input_text
+from minipeft.files.json_limits import loads_bounded
+from minipeft.inference.merge import check_not_merged_already, read_merge_info
+from minipeft.loading.streaming import load_base_model
+from minipeft.model.adapter_files import read_adapter_config
+from minipeft.model.peft_model import load_adapter
 
 
 # --- choosing the model and the template ------------------------------------------------------------------
 
 def adapter_metadata(adapter_dir) -> dict:
     """The ``"minipeft"`` block of an adapter's config (the template it was trained with, ...), or {}."""
-    from minipeft.model.adapter_files import read_adapter_config
-
     config = read_adapter_config(adapter_dir)
     return dict(config.get("minipeft") or {}, base_model_name_or_path=config.get("base_model_name_or_path"))
 
@@ -60,16 +67,12 @@ def resolve_model_name(model_flag, adapter_dir) -> str:
 
 def resolve_template(template_flag, adapter_dir, model_name: str, tokenizer) -> str:
     """The prompt template to use (see the module docstring for the order of precedence)."""
-    from minipeft.data.templates import resolve_template_name
-
     if template_flag and template_flag != "auto":
         return template_flag
     if adapter_dir is not None:
         recorded = adapter_metadata(adapter_dir).get("template")
         if recorded:
             return recorded
-    from minipeft.inference.merge import read_merge_info
-
     recorded = read_merge_info(model_name).get("template")  # a model written by `python -m minipeft merge`
     if recorded:
         return recorded
@@ -77,12 +80,6 @@ def resolve_template(template_flag, adapter_dir, model_name: str, tokenizer) -> 
 
 
 # --- prompts -------------------------------------------------------------------------------------------------
-
-@dataclass
-class Prompt:
-    instruction: str
-    input: str = ""
-
 
 def read_prompts_file(path) -> list:
     """Prompts from a file: a JSON list (of strings, or of ``{"instruction", "input"}`` objects), or one
@@ -95,7 +92,7 @@ def read_prompts_file(path) -> list:
     text = read_input_text(path, "--prompts_file")
     if text.lstrip().startswith("["):
         try:
-            items = json.loads(text)
+            items = loads_bounded(text)
         except json.JSONDecodeError as error:
             raise UserError(f"--prompts_file {path}: starts with '[' but is not valid JSON ({error})") from None
         prompts = []
@@ -112,28 +109,6 @@ def read_prompts_file(path) -> list:
     if not prompts:
         raise UserError(f"--prompts_file {path}: holds no prompt")
     return prompts
-
-
-def encode_prompts(prompts: list, template: str, tokenizer) -> list:
-    """Token ids of each prompt, exactly as in training (:func:`minipeft.data.tokenization.encode_prompt`)."""
-    from minipeft.data.tokenization import encode_prompt
-
-    if template == "none":
-        return [tokenizer(prompt.instruction + (f"\n{prompt.input}" if prompt.input else ""))["input_ids"]
-                for prompt in prompts]
-    return [encode_prompt(prompt.instruction, prompt.input, template, tokenizer) for prompt in prompts]
-
-
-def left_pad(token_lists: list, pad_token_id: int, device=None):
-    """``(input_ids (B, T), attention_mask (B, T))`` with each row's padding on the left."""
-    width = max(len(tokens) for tokens in token_lists)
-    input_ids = torch.full((len(token_lists), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(token_lists), width), dtype=torch.long)
-    for row, tokens in enumerate(token_lists):
-        if tokens:
-            input_ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
-            attention_mask[row, width - len(tokens):] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def stop_token_ids(tokenizer, model) -> list:
@@ -192,9 +167,6 @@ def generate_texts(model, tokenizer, prompts: list, template: str, max_new_token
         seed: seeds the sampling generator (reproducible sampling).
         stream: a text stream to print the reply to as it is generated (one prompt only).
     """
-    from minipeft.data.tokenization import pad_token_id
-    from minipeft.core.generation import generate
-
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"--batch_size must be a positive integer, got {batch_size!r}")
     prompts = [Prompt(prompt) if isinstance(prompt, str) else prompt for prompt in prompts]
@@ -231,10 +203,6 @@ def generate_texts(model, tokenizer, prompts: list, template: str, max_new_token
 def load_for_generation(model_name: str, adapter_dir, dtype, device, quantize: str = "none",
                         quantize_lm_head: bool = False):
     """``(model or PeftModel, tokenizer)`` in eval mode on ``device``; linear layers in NF4 with ``quantize``."""
-    from minipeft.model.adapter_files import load_adapter
-    from minipeft.inference.merge import check_not_merged_already
-    from minipeft.loading.streaming import load_base_model
-
     model, tokenizer = load_base_model(model_name, quantize, quantize_lm_head, dtype=dtype,
                                        log=lambda message: print(message, file=sys.stderr))
     if tokenizer is None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
+from minipeft.loading.checks import check_config, check_model_directory, check_weights_finite
 from minipeft.loading.checkpoint_dir import load_checkpoint_dir, place_tensor
 from minipeft.loading.models import SMOLLM2_NAME, load_model_and_tokenizer, smollm2_gguf_path
 from minipeft.quantization.nf4 import Linear4bit, quantizable_layers, quantize_model
@@ -19,8 +20,8 @@ from minipeft.quantization.nf4_format import BLOCKSIZE
 
 
 def check_not_quantized_folder(name: str) -> None:
-    """Refuse a folder that is not a float base model: an adapter folder, or a model already quantized."""
-    import json
+    """Refuse a folder that is not a float base model: an adapter folder, or a model already quantized (its
+    ``config.json`` is read within bounds and checked first: :func:`minipeft.loading.checks.check_config`)."""
     from pathlib import Path
 
     folder = Path(name)
@@ -31,13 +32,11 @@ def check_not_quantized_folder(name: str) -> None:
                         "(--quantize nf4 quantizes it while loading) and the adapter with --adapter")
     config = folder / "config.json"
     if config.is_file():
-        try:
-            quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return
+        quantization = check_config(config).get("quantization_config")
         if quantization:
+            method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
             raise UserError(f"--model {name}: config.json has a quantization_config "
-                            f"({quantization.get('quant_method', '?')}); give the full-precision base model, "
+                            f"({str(method)[:40]}); give the full-precision base model, "
                             "--quantize nf4 quantizes it while loading")
 
 
@@ -107,8 +106,48 @@ def load_smollm2_streaming(quantize_lm_head: bool = False, dtype: torch.dtype = 
     return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), names
 
 
+def base_model_on_meta(name: str, quantize: str = "none", quantize_lm_head: bool = False,
+                       dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = None):
+    """``(model, tokenizer)``: the model :func:`load_base_model` gives, built on the meta device (its modules,
+    shapes and dtypes, the 4-bit layers included; no bytes, no weight read), and its tokenizer (None when a
+    folder has none). What a process other than 0 builds under ``--sharding fsdp``: FSDP2 then allocates its
+    pieces and process 0 sends their values (:func:`minipeft.training.sharding.build_sharded`)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from minipeft.builtin import MODEL_DIR
+    from minipeft.loading.checkpoint_dir import TOKENIZER_FILES, build_on_meta
+
+    check_not_quantized_folder(name)
+    folder, where, source = Path(name), name, {}
+    if folder.is_dir() and (folder / "config.json").is_file():
+        with torch.device("meta"):
+            model = build_on_meta(folder, dtype)
+        has_tokenizer = any((folder / file).is_file() for file in TOKENIZER_FILES)
+        tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    else:
+        if name == SMOLLM2_NAME:
+            path = smollm2_gguf_path()
+            where, source = str(path.parent), dict(gguf_file=path.name)
+        elif name == "builtin":
+            where = str(MODEL_DIR)
+        try:
+            config = AutoConfig.from_pretrained(where, **source)
+            tokenizer = AutoTokenizer.from_pretrained(where, **source)
+        except OSError as error:  # (process 0, loading it for real, says the same in its own words)
+            raise UserError(f"--model {name}: could not be loaded: {str(error).splitlines()[0]}") from None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if quantize == "nf4":
+        with torch.device("meta"):
+            quantize_model(model, quantize_lm_head, compute_dtype=compute_dtype)
+    return model.eval(), tokenizer
+
+
 def load_base_model(name: str, quantize: str = "none", quantize_lm_head: bool = False,
-                    dtype: torch.dtype = torch.float32, log=print, compute_dtype: torch.dtype = None):
+                    dtype: torch.dtype = torch.float32, log=print, compute_dtype: torch.dtype = None,
+                    on_meta: bool = False):
     """``(model, tokenizer)`` like :func:`minipeft.loading.models.load_model_and_tokenizer`, with the linear layers in
     NF4 when ``quantize == "nf4"``, everything else in ``dtype``. A checkpoint directory (``config.json`` and
     safetensors) is read tensor by tensor, each linear weight quantized as it is read
@@ -116,13 +155,18 @@ def load_base_model(name: str, quantize: str = "none", quantize_lm_head: bool = 
     same way. Other models (the built-in one, hub ids not yet in a local folder) are loaded in ``dtype``,
     then quantized one layer at a time (peak: the float model). ``compute_dtype``: what the 4-bit layers
     multiply in (``train_llm.py --precision fp32``: float32); None:
-    :func:`~minipeft.quantization.nf4.default_compute_dtype`."""
+    :func:`~minipeft.quantization.nf4.default_compute_dtype`. ``on_meta``: the same model on the meta device,
+    nothing read (:func:`base_model_on_meta`)."""
     from pathlib import Path
 
+    if on_meta:
+        return base_model_on_meta(name, quantize, quantize_lm_head, dtype, compute_dtype)
     check_not_quantized_folder(name)
     if Path(name).is_dir() and (Path(name) / "config.json").is_file():
+        check_model_directory(name, quantize, dtype)  # config, size, headers, tokenizer: before reading weights
         model, tokenizer = load_checkpoint_dir(name, quantize, quantize_lm_head, dtype, log,
                                                compute_dtype=compute_dtype)
+        check_weights_finite(model, name)
         names = [layer for layer, module in model.named_modules() if isinstance(module, Linear4bit)]
         if quantize == "none":
             return model, tokenizer

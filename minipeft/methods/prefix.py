@@ -46,7 +46,7 @@ from transformers import DynamicCache
 from minipeft.core.bounds import check_virtual_tokens
 from minipeft.core.errors import UserError
 from minipeft.core.method import Method
-from minipeft.core.options import option
+from minipeft.core.options import flag_of, option
 from minipeft.core.transformers_api import cache_keyword_argument, is_activation_checkpointing, pop_cache
 from minipeft.core.virtual_tokens import (PromptEncoder, extend_mask_and_positions, is_continuing,
                                           load_prompt_embeddings)
@@ -80,6 +80,16 @@ class PrefixTuningConfig:
     num_attention_heads: int = None
     num_transformer_submodules: int = 1
     inference_mode: bool = False
+
+    @classmethod
+    def from_flags(cls, given: dict, model=None, tokenizer=None) -> "PrefixTuningConfig":
+        """The config of the flags given: a hidden size is the MLP's, so it means nothing without the MLP.
+        (A saved config holds ``encoder_hidden_size`` either way: ``apply`` fills it in, as peft does.)"""
+        hidden = given.get("encoder_hidden_size")
+        if isinstance(hidden, int) and hidden > 0 and not given.get("prefix_projection"):  # (a bad size: validate)
+            size, projection = flag_of(cls, "encoder_hidden_size"), flag_of(cls, "prefix_projection")
+            raise UserError(f"{size} sizes the MLP of {projection}, which is off: add {projection} or drop {size}")
+        return cls(**given)
 
     def validate(self, name=str) -> None:
         """Check the settings; ``name(field)`` is how a message names one (the command line passes its flags)."""
@@ -219,6 +229,7 @@ def apply_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> PrefixE
 
 
 METHOD = Method(
+    from_flags=PrefixTuningConfig.from_flags,
     name="prefix", config_class=PrefixTuningConfig, apply=apply_prefix_tuning, peft_type="PREFIX_TUNING",
     mergeable=False, order=50,
     why_not_sharded="its adapter file is computed from its modules (the prefix encoder's output), "

@@ -15,6 +15,9 @@ minipeft's own facts about an adapter (the prompt template it was trained with; 
 the init text's token ids, a field peft's config lacks) go under one extra config key, ``"minipeft"``, which
 peft ignores with a warning. Methods peft does not have (bottleneck
 adapters, selective freezing, BitFit) use ``peft_type`` values of our own, documented in docs/peft_format.md.
+
+This module reads and writes the files; building a model from them (:func:`minipeft.load_adapter`) is
+:mod:`minipeft.model.peft_model`'s, which imports this one.
 """
 
 import dataclasses
@@ -28,9 +31,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minipeft.core.errors import UserError
-from minipeft.core.finite import first_nonfinite_tensor, require_finite
+from minipeft.core.finite import first_nonfinite_tensor, is_finite_number, require_finite
 from minipeft.methods import method_for_config, method_for_peft_type
-from minipeft.files.input_files import check_input_file, duplicate_keys, loads_json, read_input_text
+from minipeft.files.input_files import check_input_file, duplicate_keys, read_input_text
+from minipeft.files.json_limits import loads_bounded
 from minipeft.files.safe_files import json_text, write_directory_atomically
 
 CONFIG_NAME = "adapter_config.json"
@@ -116,6 +120,7 @@ def config_from_dict(values: dict, source: str = CONFIG_NAME):
     for key, value in given.items():
         if value is not None or fields[key].default is not None:  # `token_dim: int = None` may be null
             _check_number_field(key, value, fields[key].type, source)
+        _check_field_shape(key, value, fields[key].type, source)
     try:
         config = config_class(**given)
         config.validate()  # its messages name the fields (``lora_dropout must be in [0, 1)``), after the file
@@ -138,6 +143,44 @@ def _check_number_field(key: str, value, annotation, source: str) -> None:
             raise UserError(f'{source}: "{key}" must be a positive integer, got {value!r}')
     elif numbers and numbers <= {int, float}:
         require_finite(f'"{key}"', value, source)
+
+
+# The fields whose annotation (``object``) does not say what a file may hold: module names (peft writes a string,
+# a regex, or a list of names), block indices (one or a list), and name -> number maps.
+NAME_FIELDS = ("target_modules", "modules_to_save", "feedforward_modules", "layers_pattern")
+INDEX_FIELDS = ("layers_to_transform", "freeze_layers", "prompt_tuning_init_token_ids", "projection_prng_key")
+PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")
+
+
+def _check_field_shape(key: str, value, annotation, source: str) -> None:
+    """A field holds what its method reads from it (``"target_modules": 5`` is refused here, naming the file and
+    the field, not later by a flag the user never gave); numbers are :func:`_check_number_field`'s."""
+    def is_int(item) -> bool:
+        return isinstance(item, int) and not isinstance(item, bool)
+
+    def refuse(expected: str):
+        raise UserError(f'{source}: "{key}" must be {expected}, got {value!r:.80}')
+
+    if key in NAME_FIELDS:
+        if not (value is None or isinstance(value, str)
+                or isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            refuse("a module name, a regular expression or a list of module names")
+    elif key in INDEX_FIELDS:
+        if not (value is None or is_int(value) or isinstance(value, list) and all(map(is_int, value))):
+            refuse("an integer or a list of integers")
+    elif key in PATTERN_FIELDS:
+        if not (value is None or isinstance(value, dict) and all(
+                isinstance(name, str) and is_finite_number(number) for name, number in value.items())):
+            refuse("an object of module names to numbers")
+    elif annotation is bool and key == "init_lora_weights":  # peft also writes an initialisation's name
+        if not isinstance(value, (bool, str)):
+            refuse("true, false or an initialisation's name")
+    elif annotation is bool:
+        if not isinstance(value, bool):
+            refuse("true or false")
+    elif annotation is str:
+        if not (value is None or isinstance(value, str)):
+            refuse("a string")
 
 
 def save_adapter(peft_model, directory, tensors: dict = None, **metadata) -> Path:
@@ -180,7 +223,7 @@ def read_adapter_config(directory) -> dict:
     if not config_path.is_file():
         raise UserError(f"{directory}: no {CONFIG_NAME} (is this an adapter directory?)")
     try:
-        values = loads_json(read_input_text(config_path))
+        values = loads_bounded(read_input_text(config_path))
     except ValueError as error:  # json.JSONDecodeError is a ValueError
         raise UserError(f"{config_path}: not valid JSON ({error})") from None
     if not isinstance(values, dict):
@@ -189,30 +232,6 @@ def read_adapter_config(directory) -> dict:
     if duplicate_keys(values):
         raise UserError(f"{config_path}: the key {duplicate_keys(values)[0]!r} is given twice; keep one")
     return dict(values)
-
-
-def load_adapter(base_model, directory, is_trainable: bool = False):
-    """Apply the adapter saved in ``directory`` to ``base_model``; returns a :class:`PeftModel`.
-
-    With ``is_trainable=True`` the adapter's parameters can be trained further (any method, prompt and
-    prefix tuning included); otherwise everything is frozen.
-
-    Raises:
-        UserError: for a missing or pickled weights file, or the first tensor whose name or shape does
-            not fit this model.
-    """
-    from minipeft.model.peft_model import get_peft_model
-
-    config, state, source = read_adapter(directory)
-    if hasattr(config, "check_model"):  # a field of the file (its "r"), named after the file
-        try:
-            config.check_model(base_model)
-        except UserError as error:
-            raise UserError(f"{Path(directory) / CONFIG_NAME}: {error}") from None
-    peft_model = get_peft_model(base_model, config)
-    load_peft_state_dict(peft_model, state, source=source)
-    peft_model.set_trainable(is_trainable)
-    return peft_model
 
 
 def read_adapter(directory):
@@ -289,3 +308,13 @@ def load_peft_state_dict(peft_model, state: dict, source: str = WEIGHTS_NAME) ->
     for key, tensor in state.items():
         targets[key].copy_(tensor.to(targets[key].dtype))
 
+
+def __getattr__(name: str):
+    """``load_adapter`` moved to :mod:`minipeft.model.peft_model`; cli/merge.py still imports it from here until
+    branch i24-owner moves that import, and then this function goes."""
+    if name == "load_adapter":
+        # why: peft_model imports this module, so importing it at the top would be a circle
+        from minipeft.model.peft_model import load_adapter
+
+        return load_adapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

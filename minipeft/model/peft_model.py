@@ -17,17 +17,26 @@ Two kinds of method live behind it:
 
 What the adapter trains, and what its file holds, is decided once, when it is applied: the parameters the
 method left trainable (``adapter_parameter_names``).
+
+A PeftModel is built in one of two ways, both here: :func:`get_peft_model` (a method's config, fresh adapter)
+and :func:`load_adapter` (an adapter directory: its config, then its tensors). The files themselves are
+:mod:`minipeft.model.adapter_files`, which knows nothing of this class.
 """
 
 import copy
 from contextlib import contextmanager
+from pathlib import Path
 
 from torch import nn
 
 from minipeft.core.adapter_layer import AdapterLayer, adapter_layers
 from minipeft.core.errors import UserError
+from minipeft.core.generation import generate
 from minipeft.core.inject import ModuleToSave, count_parameters, format_parameter_table, freeze
 from minipeft.core.inject import replace_module, wrap_modules_to_save
+from minipeft.methods import method_for_config
+from minipeft.model.adapter_files import CONFIG_NAME, load_peft_state_dict, read_adapter
+from minipeft.model.adapter_files import save_adapter as write_adapter_files
 
 
 class PeftModel(nn.Module):
@@ -59,8 +68,6 @@ class PeftModel(nn.Module):
     @property
     def method(self):
         """The :class:`~minipeft.core.method.Method` record of this adapter's method."""
-        from minipeft.methods import method_for_config
-
         return method_for_config(self.peft_config)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
@@ -74,8 +81,6 @@ class PeftModel(nn.Module):
     def generate(self, input_ids, attention_mask=None, **generation_kwargs):
         """Generate with the adapter (our own KV-cached loop, the same for every method; see
         :mod:`minipeft.core.generation`). Returns the new tokens only, ``(batch, new_tokens)``."""
-        from minipeft.core.generation import generate
-
         return generate(self, input_ids, attention_mask=attention_mask, **generation_kwargs)
 
     @contextmanager
@@ -174,17 +179,13 @@ class PeftModel(nn.Module):
     def save_adapter(self, directory, tensors: dict = None, **metadata) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout, docs/peft_format.md);
         ``tensors``: given for a sharded model (see :func:`minipeft.model.adapter_files.save_adapter`)."""
-        from minipeft.model.adapter_files import save_adapter
-
-        save_adapter(self, directory, tensors, **metadata)
+        write_adapter_files(self, directory, tensors, **metadata)
 
     save_pretrained = save_adapter  # the name peft users know
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory, is_trainable: bool = False) -> "PeftModel":
         """Load an adapter directory (written by minipeft or by peft) onto ``base_model``."""
-        from minipeft.model.adapter_files import load_adapter
-
         return load_adapter(base_model, directory, is_trainable=is_trainable)
 
 
@@ -194,8 +195,6 @@ def get_peft_model(model: nn.Module, config) -> PeftModel:
     The config is copied (methods fill in defaults such as ``target_modules``), so the caller's object is
     not changed.
     """
-    from minipeft.methods import method_for_config
-
     method = method_for_config(config)
     config = copy.deepcopy(config)
     if hasattr(config, "check_model"):  # sizes against the model, before anything is allocated
@@ -213,4 +212,26 @@ def get_peft_model(model: nn.Module, config) -> PeftModel:
     peft_model = PeftModel(model, config, prompt_encoder, in_place)
     if not peft_model.adapter_parameter_names:
         raise UserError(f"--modification_type {method.name}: these settings leave no parameter to train")
+    return peft_model
+
+
+def load_adapter(base_model, directory, is_trainable: bool = False):
+    """Apply the adapter saved in ``directory`` to ``base_model``; returns a :class:`PeftModel`.
+
+    With ``is_trainable=True`` the adapter's parameters can be trained further (any method, prompt and
+    prefix tuning included); otherwise everything is frozen.
+
+    Raises:
+        UserError: for a missing or pickled weights file, or the first tensor whose name or shape does
+            not fit this model.
+    """
+    config, state, source = read_adapter(directory)
+    if hasattr(config, "check_model"):  # a field of the file (its "r"), named after the file
+        try:
+            config.check_model(base_model)
+        except UserError as error:
+            raise UserError(f"{Path(directory) / CONFIG_NAME}: {error}") from None
+    peft_model = get_peft_model(base_model, config)
+    load_peft_state_dict(peft_model, state, source=source)
+    peft_model.set_trainable(is_trainable)
     return peft_model

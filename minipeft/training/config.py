@@ -1,17 +1,25 @@
 """The training loop's settings: one dataclass, one field per ``train_llm.py`` flag of the same name.
 
-The data flags (``--batch_size``, ``--seed``, ``--max_length``, ...) belong to :class:`minipeft.data.DataConfig`
-and the method flags (``--modification_type``, ``--lora_rank``, ...) to :mod:`minipeft.methods`.
+Each field declares its flag's help and default once, with :func:`~minipeft.core.options.setting`, and
+:func:`add_training_arguments` generates the flags from the fields. The data flags (``--batch_size``, ``--seed``,
+``--max_length``, ...) belong to :class:`minipeft.data.DataConfig` and the method flags (``--modification_type``,
+``--lora_rank``, ...) to :mod:`minipeft.methods`.
 """
 
+import argparse
 from dataclasses import dataclass
 
+from minipeft.core.bounds import path_name, thread_count
 from minipeft.core.errors import UserError
 from minipeft.core.finite import require_finite
+from minipeft.core.options import add_setting_flags, setting
+from minipeft.methods import METHODS
 from minipeft.training.schedule import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHARDINGS = ("ddp", "fsdp")
+LEARNING_RATE_HELP = ("peak learning rate (default: the method's own: "
+                      + ", ".join(f"{name} {method.learning_rate:g}" for name, method in METHODS.items()) + ")")
 
 
 @dataclass
@@ -39,6 +47,7 @@ class TrainingConfig:
             AVX512_BF16), else fp32 (:mod:`minipeft.training.precision`).
         tf32: let CUDA matmuls use TensorFloat-32 (no effect on CPU).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        num_threads: CPU threads for PyTorch (None: ``train_llm.py`` chooses, see ``choose_cpu_threads``).
         gradient_checkpointing: recompute activations in backward (less memory, ~30% more time).
         compile: run the transformer blocks through ``torch.compile`` (:mod:`minipeft.fast.compile`):
             faster steps after a one-time compile (~75 s for SmolLM2 on 2 cores, seconds when cached).
@@ -57,34 +66,49 @@ class TrainingConfig:
         fsdp_cpu_offload: with ``fsdp``, keep the pieces, gradients and optimizer step in host memory.
     """
 
-    output_dir: str = "outputs"
-    epochs: int = 1
-    max_steps: int | None = None
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-3
-    lr_schedule: str = "cosine"
-    warmup_steps: int | None = None
-    warmup_ratio: float | None = None
-    min_lr: float = 0.0
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    precision: str = "auto"
-    tf32: bool = True
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    eval_every: int | None = None
-    eval_max_batches: int | None = None
-    log_every: int = 10
-    save_every: int | None = None
-    save_total_limit: int = 2
-    early_stopping_patience: int = 0
-    max_nonfinite_steps: int = 5
-    resume: str | None = None
-    overwrite_output_dir: bool = False
-    seed: int = 42
-    sharding: str = "ddp"
-    fsdp_cpu_offload: bool = False
+    output_dir: str = setting("outputs", "where the adapter, checkpoints, metrics and loss curve go (default: "
+                              "%(default)s)", type=path_name)
+    epochs: int = setting(1, "passes over the training data (default: %(default)s)")
+    max_steps: int | None = setting(None, "optimizer steps to take; overrides --epochs")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step (default: %(default)s)")
+    learning_rate: float = setting(1e-3, LEARNING_RATE_HELP, flag_default=None)  # the flag's None: the method's
+    lr_schedule: str = setting("cosine", "learning-rate schedule after warmup (default: %(default)s)",
+                               choices=SCHEDULES)
+    warmup_steps: int | None = setting(None, "linear warmup over this many optimizer steps")
+    warmup_ratio: float | None = setting(None, "linear warmup over this fraction of the steps")
+    min_lr: float = setting(0.0, "where linear and cosine schedules end (default: %(default)s)")
+    weight_decay: float = setting(0.01, "AdamW weight decay on the matrices a method adds (default: %(default)s)")
+    max_grad_norm: float = setting(1.0, "clip the global gradient norm; 0: no clipping (default: %(default)s)")
+    precision: str = setting("auto", "fp32; bf16 autocast (CPU or CUDA); fp16 autocast with a grad scaler (CUDA); "
+                             "auto: bf16 where the hardware has it natively (CUDA with bf16, a CPU with "
+                             "AMX/AVX512_BF16), else fp32 (default: %(default)s)", choices=PRECISIONS)
+    tf32: bool = setting(True, "TensorFloat-32 matmuls on CUDA (default: on; no effect on CPU)")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    num_threads: int | None = setting(None, "CPU threads for PyTorch (default: 1 for models under 20M parameters, "
+                                      "else one per core; OMP_NUM_THREADS, when set, wins)", type=thread_count)
+    gradient_checkpointing: bool = setting(False, "recompute activations during backward: less memory, more time")
+    compile: bool = setting(False, "torch.compile the transformer blocks: faster steps after a one-time compile "
+                            "(about a minute for SmolLM2 on 2 cores, seconds when cached); pays on runs of more than "
+                            "a hundred-odd steps without dropout on a CPU (docs/benchmarks.md)")
+    eval_every: int | None = setting(None, "evaluate every N optimizer steps and at the end (default: 5 evaluations "
+                                     "per run)")
+    eval_max_batches: int | None = setting(None, "evaluate on at most N validation batches")
+    log_every: int = setting(10, "print a log line every N steps (default: %(default)s)")
+    save_every: int | None = setting(None, "checkpoint every N steps (default: at every evaluation)")
+    save_total_limit: int = setting(2, "keep the N newest checkpoints, plus the best (default: %(default)s)")
+    early_stopping_patience: int = setting(0, "stop after N evaluations without a better eval loss; 0: never "
+                                           "(default: %(default)s)")
+    max_nonfinite_steps: int = setting(5, "stop after N steps in a row with a NaN/inf loss (default: %(default)s)")
+    sharding: str = setting("ddp", "under torchrun: ddp (every process holds the whole model) or fsdp (PyTorch's "
+                            "FSDP2: each process holds 1/N of every tensor; docs/sharding.md) (default: %(default)s)",
+                            choices=SHARDINGS)
+    fsdp_cpu_offload: bool = setting(False, "with --sharding fsdp: keep the pieces, gradients and optimizer step in "
+                                     "host memory")
+    resume: str | None = setting(None, "continue from the newest checkpoint in --output_dir (latest) or from a "
+                                 "checkpoint directory", metavar="latest|DIR")
+    overwrite_output_dir: bool = setting(False, "start afresh in an --output_dir that holds an earlier run's "
+                                         "checkpoints")
+    seed: int = 42  # no flag of its own: DataConfig's --seed sets it too
 
     def __post_init__(self):
         self.validate()
@@ -92,7 +116,7 @@ class TrainingConfig:
     def validate(self) -> None:
         """Raise :class:`UserError` naming the flag when a value cannot work."""
         positive = ["epochs", "gradient_accumulation_steps", "log_every", "save_total_limit", "max_nonfinite_steps"]
-        positive_or_none = ["max_steps", "eval_every", "eval_max_batches", "save_every"]
+        positive_or_none = ["max_steps", "eval_every", "eval_max_batches", "save_every", "num_threads"]
         for name in positive + positive_or_none:
             value = getattr(self, name)
             if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
@@ -128,3 +152,9 @@ class TrainingConfig:
                             "which FSDP2's per-block units own; drop --compile or use --sharding ddp")
         if self.resume is not None and self.overwrite_output_dir:
             raise UserError("--resume and --overwrite_output_dir: continue a run or start it over, not both")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the training flags (one per :class:`TrainingConfig` field) to ``parser`` and return it."""
+    add_setting_flags(parser.add_argument_group("training"), TrainingConfig)
+    return parser

@@ -17,7 +17,7 @@ Output directory (``--output_dir``)::
     best/                    the adapter with the lowest eval loss so far
     checkpoints/step-N/      resumable training state (see :mod:`minipeft.training.checkpoint`); last K + best
     metrics.jsonl            one record per step and per evaluation (see :mod:`minipeft.training.metrics`)
-    metrics.json             the run's summary (written by :mod:`minipeft.cli.train`)
+    metrics.json             the run's summary (:mod:`minipeft.training.report`; written by ``train_llm.py``)
     train_config.json        every setting of the run
     loss_curve.png           train and eval loss (with the ``plot`` extra)
     .minipeft                marker: minipeft wrote this folder (each folder it writes has one; see
@@ -28,7 +28,8 @@ holds 1/N of the model (:mod:`minipeft.training.sharding`); the steps are the sa
 
 :func:`train` below is that list, one named function per step; the functions share one
 :class:`~minipeft.training.state.TrainingRun`. Their parts live beside this module, in ``gradients.py``
-(accumulation), ``evaluation.py``, ``prepare.py`` (precision, output directory) and ``signals.py`` (Ctrl-C).
+(accumulation), ``evaluation.py``, ``prepare.py`` (precision), ``run_dir.py`` (the output directory, its lock
+and ``--resume``) and ``signals.py`` (Ctrl-C).
 """
 
 import itertools
@@ -49,7 +50,7 @@ from minipeft.fast import switched_on
 from minipeft.fast.compile import check_compiler_available
 from minipeft.fast.loss import accepts_logits_to_keep, target_only_loss_sum
 from minipeft.training.checkpoint import (capture_rng_state, list_checkpoints, load_checkpoint, prune_checkpoints,
-                                          resolve_resume, restore_rng_state, save_checkpoint)
+                                          restore_rng_state, save_checkpoint)
 from minipeft.training.config import TrainingConfig
 from minipeft.training.distributed import DistributedContext, wrap_for_data_parallel
 from minipeft.training.evaluation import evaluate
@@ -59,45 +60,52 @@ from minipeft.training.metrics import MetricsLog, format_eval_line, format_log_l
 from minipeft.training.optimizer import build_optimizer
 from minipeft.training.outcome import divergence_message, failure_message
 from minipeft.training.precision import cast_frozen_weights
-from minipeft.training.prepare import (autocast_for, check_output_dir, enable_gradient_checkpointing,
-                                       prepare_output_dir, resolve_precision)
+from minipeft.training.prepare import autocast_for, enable_gradient_checkpointing, resolve_precision
+from minipeft.training.run_dir import RunDir, open_run_dir, prepare_output_dir
 from minipeft.training.schedule import get_lr, warmup_steps_for
 from minipeft.training.sharding import (adapter_tensors, full_norm, full_optimizer_state, load_full_adapter_state,
                                         load_full_optimizer_state, is_sharded, shard_model)
 from minipeft.training.signals import StopRequest
-from minipeft.training.state import RunPlan, TrainingRun, TrainState
+from minipeft.training.state import RunPlan, TrainingRun, TrainResult, TrainState
 
 
 def train(model, train_loader, val_loader, config: TrainingConfig, context: DistributedContext = None,
-          adapter_metadata: dict = None) -> dict:
-    """Train ``model`` (a :class:`~minipeft.PeftModel`) and return the run's state and outcome.
+          adapter_metadata: dict = None, run_dir: RunDir = None) -> TrainResult:
+    """Train ``model`` (a :class:`~minipeft.PeftModel`) and return how the run ended (:class:`TrainResult`).
 
     ``train_loader`` yields batches (dicts of ``(B, T)`` tensors; see :mod:`minipeft.training.loss`) and has a
     ``len``; ``val_loader`` may be None (no evaluation). ``adapter_metadata`` goes into every saved adapter's
     config (the data template, the training settings).
+
+    ``run_dir``: ``config.output_dir`` opened by :func:`~minipeft.training.run_dir.open_run_dir` (checked,
+    locked, ``--resume`` resolved), as the command line does before it loads the model; without it, ``train``
+    opens the directory itself and closes it when the run ends.
     """
     context = context or DistributedContext()
-    plan = plan_run(config, train_loader, context.device)
-    run = start_run(model, config, plan, context, adapter_metadata or {})  # model, optimizer, DDP
-    resume_or_start_fresh(run, train_loader)  # the state of a checkpoint, or a checked new --output_dir
-    stop = StopRequest()
-    # the optimisations of minipeft/fast (dropout by gaps, lean norms or --compile), each equal to the reference
-    warn = lambda message: say(run, message, file=sys.stderr)  # noqa: E731
-    with nullcontext() if context.is_sharded else switched_on(model, context.device, config.compile, warn):
-        if val_loader is not None and run.state.eval_loss_before is None:
-            evaluate_before_training(run, val_loader)
-        records, tokens = micro_batch_size(train_loader)  # per process; the effective batch multiplies them
-        say(run, format_plan_line(plan.total_steps, plan.steps_per_epoch, records, plan.accumulation,
-                                  context.world_size, tokens, config.learning_rate, config.lr_schedule,
-                                  plan.warmup_steps, plan.precision, context.device))
-        progress = tqdm(total=plan.total_steps, initial=run.state.step, unit="step", dynamic_ncols=True,
-                        disable=True if not context.is_main else None)  # None: only on a terminal
-        with stop.installed():
-            while run.state.step < plan.total_steps and run.outcome == "finished":
-                batches = epoch_batches(run, train_loader)  # this epoch's, or the rest of it after a resume
-                train_epoch(run, batches, val_loader, stop, progress)
-        progress.close()
-    return finish(run, stop)
+    if run_dir is not None and Path(run_dir.path) != Path(config.output_dir):
+        raise ValueError(f"run_dir {run_dir.path} is not config.output_dir {config.output_dir}")
+    with nullcontext(run_dir) if run_dir is not None else open_run_dir(config, context.is_main) as run_dir:
+        plan = plan_run(config, train_loader, context.device)
+        run = start_run(model, config, plan, context, adapter_metadata or {})  # model, optimizer, DDP
+        resume_or_start_fresh(run, run_dir, train_loader)  # the state of a checkpoint, or a fresh start
+        stop = StopRequest()
+        # the optimisations of minipeft/fast (dropout by gaps, lean norms or --compile), each equal to the reference
+        warn = lambda message: say(run, message, file=sys.stderr)  # noqa: E731
+        with nullcontext() if context.is_sharded else switched_on(model, context.device, config.compile, warn):
+            if val_loader is not None and run.state.eval_loss_before is None:
+                evaluate_before_training(run, val_loader)
+            records, tokens = micro_batch_size(train_loader)  # per process; the effective batch multiplies them
+            say(run, format_plan_line(plan.total_steps, plan.steps_per_epoch, records, plan.accumulation,
+                                      context.world_size, tokens, config.learning_rate, config.lr_schedule,
+                                      plan.warmup_steps, plan.precision, context.device))
+            progress = tqdm(total=plan.total_steps, initial=run.state.step, unit="step", dynamic_ncols=True,
+                            disable=True if not context.is_main else None)  # None: only on a terminal
+            with stop.installed():
+                while run.state.step < plan.total_steps and run.outcome == "finished":
+                    batches = epoch_batches(run, train_loader)  # this epoch's, or the rest of it after a resume
+                    train_epoch(run, batches, val_loader, stop, progress)
+            progress.close()
+        return finish(run, stop)
 
 
 # -- before the first step ----------------------------------------------------------------------------------
@@ -149,12 +157,12 @@ def loss_for(model):
     return target_only_loss_sum if accepts_logits_to_keep(model) else causal_lm_loss_sum
 
 
-def resume_or_start_fresh(run: TrainingRun, train_loader) -> None:
-    """``--resume``: load a checkpoint's weights, optimizer and state; else check ``--output_dir`` is free.
-    Then prepare the output directory (rank 0) and open ``metrics.jsonl``."""
+def resume_or_start_fresh(run: TrainingRun, run_dir: RunDir, train_loader) -> None:
+    """``--resume``: load the checkpoint's weights, optimizer and state (``run_dir`` resolved which one). Then
+    prepare the checkpoints directory (rank 0) and open ``metrics.jsonl``."""
     config, context, output_dir, checkpoints_dir = run.config, run.context, run.output_dir, run.checkpoints_dir
-    if config.resume:
-        checkpoint = resolve_resume(config.resume, output_dir)
+    checkpoint = run_dir.resume_from
+    if checkpoint is not None:
         loaders = dict(load_adapter=load_full_adapter_state, load_optimizer=load_full_optimizer_state) \
             if context.is_sharded else {}  # every process reads the full tensors and keeps its piece
         saved = load_checkpoint(checkpoint, run.model, run.optimizer, run.scaler, context.rank, **loaders)
@@ -169,10 +177,7 @@ def resume_or_start_fresh(run: TrainingRun, train_loader) -> None:
         if run.rng_to_restore is None:
             say(run, "note: the checkpoint has no random state for this process (another number of processes?); "
                      "dropout will differ from the original run")
-    elif context.is_main:
-        check_output_dir(config)
     if context.is_main:
-        prepare_output_dir(output_dir)
         prepare_output_dir(checkpoints_dir)
         remove_incomplete(checkpoints_dir)
         remove_incomplete(output_dir)
@@ -355,7 +360,7 @@ def save_training_state(run: TrainingRun) -> None:
 
 
 # -- the end ------------------------------------------------------------------------------------------------
-def finish(run: TrainingRun, stop: StopRequest) -> dict:
+def finish(run: TrainingRun, stop: StopRequest) -> TrainResult:
     """Save the final adapter (unless interrupted: the checkpoint is the way back; or failed: one line, no
     adapter, see :mod:`minipeft.training.outcome`) and sum the run up."""
     if run.outcome != "interrupted":
@@ -365,11 +370,8 @@ def finish(run: TrainingRun, stop: StopRequest) -> dict:
             raise UserError(f"training failed: {failure or 'on another process'}")
         save_adapter_to(run, run.output_dir / "adapter", tensors, step=run.state.step)
     run.context.barrier()
-    plan = run.plan
-    return {"outcome": run.outcome, "signal": stop.signal_number, "state": asdict(run.state),
-            "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
-            "warmup_steps": plan.warmup_steps, "eval_every": plan.eval_every, "save_every": plan.save_every,
-            "precision": plan.precision, "last_checkpoint": str(run.checkpoints_dir / f"step-{run.state.step}")}
+    return TrainResult(outcome=run.outcome, signal=stop.signal_number, state=run.state, plan=run.plan,
+                       last_checkpoint=run.checkpoints_dir / f"step-{run.state.step}")
 
 
 # -- small parts --------------------------------------------------------------------------------------------

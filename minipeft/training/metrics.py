@@ -20,18 +20,23 @@ from pathlib import Path
 
 import torch
 
+from minipeft.files.json_limits import loads_bounded
 from minipeft.files.safe_files import cannot_write, write_file_atomically, write_text_atomically
+from minipeft.quantization.nf4 import has_4bit_layers
 
 
 def read_metrics(path: Path) -> list:
-    """The records of a ``metrics.jsonl`` (a line cut short by a kill is skipped)."""
+    """The records of a ``metrics.jsonl`` (a line cut short by a kill, or one that is not a record with a
+    whole ``step``, is skipped; lines are read within :mod:`minipeft.files.json_limits`' bounds)."""
     records = []
     if Path(path).is_file():
         for line in Path(path).read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                record = loads_bounded(line)
             except json.JSONDecodeError:
-                pass
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
     return records
 
 
@@ -175,8 +180,6 @@ def measure_inference_speed(peft_model, batch: dict, new_tokens: int = 32) -> fl
     """Greedy KV-cached generation speed, batch 1: new tokens per second (after one warm-up token); 2 tokens
     on a 4-bit base, which dequantizes every layer for every token (a 3B-shaped model on 2 CPU cores: ~50 s
     a token, so 32 would outlast a short run)."""
-    from minipeft.quantization.nf4 import has_4bit_layers
-
     new_tokens = min(new_tokens, 2) if has_4bit_layers(peft_model) else new_tokens
     prompt = batch["input_ids"][:1, :16].to(next(peft_model.parameters()).device)
     peft_model.generate(prompt, max_new_tokens=1)

@@ -20,6 +20,9 @@ from functools import lru_cache
 
 import torch
 
+from minipeft.core.adapter_layer import AdapterLayer
+from minipeft.core.virtual_tokens import PromptEncoder
+
 LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -48,9 +51,6 @@ def native_bf16(device: torch.device) -> bool:
 def adapter_added_parameters(model: torch.nn.Module) -> set:
     """``id()`` of every parameter a method *added*: what its layers and prompt encoder declare
     (``adapter_parameters()``, never the frozen ``base_layer`` inside; a ``modules_to_save`` copy is not added)."""
-    from minipeft.core.adapter_layer import AdapterLayer
-    from minipeft.core.virtual_tokens import PromptEncoder
-
     ids = set()
     for module in model.modules():
         if isinstance(module, (AdapterLayer, PromptEncoder)):

@@ -24,7 +24,8 @@ reduce-scatter on all but the last micro-batch (``set_requires_gradient_sync(Fal
 
 Loading (:func:`build_sharded`): every rank builds the model on the meta device (shapes, no bytes) and shards
 it; rank 0 alone builds it for real (reads the checkpoint) and broadcasts each tensor, of which every rank keeps
-its piece. Rank r > 0 never holds more than its pieces and one tensor in flight.
+its piece. Rank r > 0 never holds more than its pieces and one tensor in flight. ``train_llm.py --sharding fsdp``
+loads this way (:func:`load_sharded`).
 
 Files: an adapter or checkpoint is the *full* tensors, gathered (:func:`full_adapter_state`,
 :func:`full_optimizer_state`), in the same format as a one-process run, so a run may resume with another
@@ -94,7 +95,7 @@ def non_persistent_buffers(model: nn.Module) -> dict:
 
 
 def build_sharded(build: Callable[[], nn.Module], device: torch.device, world_size: int, precision: str,
-                  cpu_offload: bool = False) -> nn.Module:
+                  cpu_offload: bool = False, build_on_meta: Callable[[], nn.Module] = None) -> nn.Module:
     """The model ``build()`` returns, sharded, with rank 0's values; every rank must call it (collectives).
 
     1. every rank: ``build()`` under ``torch.device("meta")``: the modules and shapes, no bytes; sharded
@@ -106,12 +107,14 @@ def build_sharded(build: Callable[[], nn.Module], device: torch.device, world_si
        real device by the modules' ``__init__``, so every rank has the exact values.
 
     ``build`` must give the same model every call (it seeds its own random initialisation).
+    ``build_on_meta``: what step 1 calls instead of ``build`` (one that reads no file: ``build`` under the meta
+    device would still read the checkpoint); the same modules, shapes and dtypes.
     """
     source = build() if dist.get_rank() == 0 else None
     if source is not None:
         cast_frozen_weights(source, precision)
     with torch.device("meta"):
-        model = build()
+        model = (build_on_meta or build)()
     cast_frozen_weights(model, precision)  # the pieces in the dtype the rank-0 model stores
     shard_model(model, device, world_size, precision, cpu_offload)
     model.to_empty(device=device)
@@ -126,6 +129,23 @@ def build_sharded(build: Callable[[], nn.Module], device: torch.device, world_si
             module._buffers[name] = values
     del source, full
     return model
+
+
+def load_sharded(build: Callable[[bool], tuple], context, precision: str, cpu_offload: bool = False) -> tuple:
+    """``train_llm.py --sharding fsdp``: ``(peft model, base model, tokenizer)``, the model sharded, with rank 0's
+    values (:func:`build_sharded`): rank 0 loads the base (``build(False)``: the checkpoint read, the adapter
+    initialised), every rank builds it on the meta device (``build(True)``: no weight read; its tokenizer is
+    the one returned). A rank other than 0 never holds the base whole: its pieces and one tensor in flight."""
+    tokenizers = []
+
+    def on_meta() -> nn.Module:
+        peft_model, _, tokenizer = build(True)
+        tokenizers.append(tokenizer)
+        return peft_model
+
+    peft_model = build_sharded(lambda: build(False)[0], context.device, context.world_size, precision,
+                               cpu_offload, build_on_meta=on_meta)
+    return peft_model, peft_model.base_model, tokenizers[0]
 
 
 def full_norm(norm: torch.Tensor) -> torch.Tensor:

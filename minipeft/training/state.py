@@ -4,14 +4,19 @@
   checkpoint stores besides tensors, as JSON;
 - :class:`RunPlan`: the run's arithmetic, fixed before the first step (steps, warmup, when to evaluate);
 - :class:`TrainingRun`: both, with the model, optimizer and metrics log: what the functions of
-  :mod:`minipeft.training.loop` share instead of closures or globals.
+  :mod:`minipeft.training.loop` share instead of closures or globals;
+- :class:`TrainResult`: what :func:`~minipeft.training.loop.train` returns.
 """
 
-from dataclasses import dataclass, field
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from minipeft.core.errors import UserError
 from minipeft.training.config import TrainingConfig
 from minipeft.training.distributed import DistributedContext
 from minipeft.training.gradients import GradientCheck
@@ -39,6 +44,56 @@ class TrainState:
     evals_without_improvement: int = 0
     nonfinite_in_a_row: int = 0
     gradient_check_done: bool = False
+
+
+# A count in a checkpoint beyond this is not one a run reached (2**53: where a float stops counting exactly).
+MAX_COUNT = 2 ** 53
+
+
+def check_saved_state(values, source: str) -> dict:
+    """The ``trainer`` block of a checkpoint's state as :class:`TrainState` takes it, each field checked by its
+    annotation: counts are integers in [0, 2**53), sums and losses finite numbers ≥ 0 (a loss that was undefined
+    is saved as null, where the field allows None), steps of an evaluation at most ``step``, flags true or false.
+
+    Raises:
+        UserError: naming ``source`` and the field (``trainer_state.json: "step" must be ...``): a checkpoint
+            edited by hand or damaged is refused before a single value of it is used.
+    """
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: \"trainer\" must be an object of the run's progress, got {values!r:.60}")
+    known = {item.name: item for item in fields(TrainState)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"{source}: unknown field \"{unknown[0]}\" in \"trainer\" (not a state this version wrote)")
+    if "step" not in values:
+        raise UserError(f"{source}: \"trainer\" has no \"step\"")
+    for name, value in values.items():
+        problem = _field_problem(value, known[name].type)
+        if problem is None and name in ("eval_step", "best_step") and value is not None \
+                and isinstance(values["step"], int) and value > values["step"]:
+            problem = f"at most \"step\" ({values['step']})"
+        if problem is not None:
+            raise UserError(f"{source}: \"{name}\" must be {problem}, got {value!r:.60}")
+    return dict(values)
+
+
+def _field_problem(value, annotation) -> str | None:
+    """What ``value`` should be for a field annotated ``annotation``, or None when it is that."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = set(typing.get_args(annotation)) if union else {annotation}
+    optional = type(None) in kinds
+    if value is None and optional:
+        return None
+    if bool in kinds:
+        return None if isinstance(value, bool) else "true or false"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if int in kinds:
+        if not (number and isinstance(value, int) and 0 <= value < MAX_COUNT):
+            return f"an integer from 0 to {MAX_COUNT - 1}" + (" or null" if optional else "")
+    elif float in kinds:
+        if not (number and math.isfinite(value) and 0 <= value < MAX_COUNT):
+            return "a finite number ≥ 0" + (" or null" if optional else "")
+    return None
 
 
 @dataclass
@@ -84,3 +139,14 @@ class TrainingRun:
     @property
     def checkpoints_dir(self) -> Path:
         return self.output_dir / "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`~minipeft.training.loop.train` returns: how the run ended, where it got, and its plan."""
+
+    outcome: str  # "finished", "early_stopped" or "interrupted" (a failed run raises instead)
+    signal: int | None  # the signal that interrupted it (SIGINT: Ctrl-C, or SIGTERM), else None
+    state: TrainState  # the progress at the end: step, eval losses, best step, tokens seen, ...
+    plan: RunPlan  # total_steps, steps_per_epoch, warmup_steps, eval_every, save_every, precision
+    last_checkpoint: Path  # checkpoints/step-N of the last step: where --resume latest continues

@@ -1,0 +1,161 @@
+"""What a user's model directory must be before a byte of it is used (issue #26).
+
+A directory given as ``--model DIR`` is checked in the order it would fail, each refusal one line naming the
+file (and the field or tensor):
+
+1. ``config.json``: within the JSON bounds (:mod:`minipeft.files.json_limits`); every number finite; the
+   architecture's sizes (``hidden_size``, ``n_head``, ``vocab_size``, ...) whole numbers ≥ 1; an epsilon
+   (``rms_norm_eps``, ``layer_norm_epsilon``) in (0, 1); a dropout in [0, 1]. A NaN epsilon would load and
+   answer NaN; a size of -5 or 0 dies in a traceback inside transformers.
+2. the size of the model it describes, counted on the ``meta`` device (no memory), against the memory
+   available (:func:`~minipeft.loading.checkpoint_dir.available_memory_bytes`): ``hidden_size`` 10,000,000 is
+   refused here, before transformers' fallback loader would try to allocate it.
+3. the safetensors headers: each tensor's byte range matches its dtype and shape and lies inside its file (a
+   truncated file is named before anything is read).
+4. the tokenizer, when the directory has one: it loads (a ``tokenizer.model`` that needs a converter this
+   environment lacks, ``sentencepiece`` or ``tiktoken``, is one line, not a traceback after the weights).
+
+After loading, :func:`check_weights_finite` looks at every floating tensor once (``torch.isfinite(t).all()``,
+one tensor at a time) and names the first that holds NaN or infinity, with its file.
+"""
+
+import math
+from pathlib import Path
+
+import torch
+
+from minipeft.core.errors import UserError
+from minipeft.files.input_files import read_input_text
+from minipeft.files.json_limits import loads_bounded
+from minipeft.loading.checkpoint_dir import (NF4_BYTES_PER_WEIGHT, TOKENIZER_FILES, available_memory_bytes,
+                                             build_on_meta, checkpoint_tensors, match_names)
+
+# The sizes an architecture is built from: a whole number ≥ 1 where given (null: the model's own default).
+ARCHITECTURE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_head", "n_layer",
+                      "n_positions", "n_ctx", "n_inner", "d_model", "ffn_dim", "num_layers", "num_heads")
+
+
+def check_model_directory(directory, quantize: str = "none", dtype: torch.dtype = torch.float32) -> None:
+    """Steps 1 to 4 of the module docstring for ``--model directory``; raises :class:`UserError`."""
+    directory = Path(directory)
+    values = check_config(directory / "config.json")
+    check_model_fits(directory, quantize, dtype, values)
+    check_weight_headers(directory)
+    check_tokenizer(directory)
+
+
+def check_config(config_path: Path) -> dict:
+    """Step 1: ``config.json``'s values (returns them)."""
+    try:
+        values = loads_bounded(read_input_text(config_path, "--model"))
+    except ValueError as error:  # json.JSONDecodeError (and the bounds' JSONLimitError) are ValueErrors
+        raise UserError(f"--model {config_path}: not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--model {config_path}: expected a JSON object of settings, found {type(values).__name__}")
+    for field, value in _numbers(values):
+        key = field.rpartition(".")[2]
+        if isinstance(value, float) and not math.isfinite(value):
+            problem = "a finite number"
+        elif key in ARCHITECTURE_SIZES:
+            problem = None if value is None or _is_int(value) and value >= 1 else "a whole number ≥ 1"
+        elif "eps" in key:
+            problem = None if value is None or _is_number(value) and 0 < value < 1 else "a number in (0, 1)"
+        elif "dropout" in key or key.endswith("pdrop"):
+            problem = None if value is None or _is_number(value) and 0 <= value <= 1 else "a number in [0, 1]"
+        else:
+            continue
+        if problem is not None:
+            raise UserError(f'--model {config_path}: "{field}" must be {problem}, got {value!r:.60}')
+    return values
+
+
+def _numbers(values: dict, prefix: str = ""):
+    """``(dotted field, value)`` for every field of a config holding a number, or a size or epsilon of
+    another kind (so that ``"vocab_size": "big"`` is seen); nested objects (``rope_scaling``) included."""
+    for key, value in values.items():
+        field = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _numbers(value, field + ".")
+        elif _is_number(value) or isinstance(value, float) or key in ARCHITECTURE_SIZES or "eps" in key:
+            yield field, value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_model_fits(directory: Path, quantize: str, dtype: torch.dtype, values: dict) -> None:
+    """Step 2: the parameters of the architecture ``config.json`` describes, counted on ``meta``, against the
+    memory available (``values``: the config's, named in the message; in ``dtype``; with NF4, every weight at
+    NF4's 4.13 bits: a lower bound)."""
+    config_path = directory / "config.json"
+    try:
+        model = build_on_meta(directory, dtype)
+    except (RuntimeError, ArithmeticError, TypeError, AssertionError, AttributeError, IndexError) as error:
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise UserError(f"--model {config_path}: transformers cannot build the architecture it describes "
+                        f"({first_line[:200]}); check its sizes") from None
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    per_weight = NF4_BYTES_PER_WEIGHT if quantize == "nf4" else torch.finfo(dtype).bits / 8
+    needed, available = parameters * per_weight, available_memory_bytes()
+    if needed > available:
+        sizes = ", ".join(f"{key} {values[key]:,}" for key in ARCHITECTURE_SIZES if _is_int(values.get(key)))
+        raise UserError(f"--model {config_path}: describes a model of {parameters:,} parameters, about "
+                        f"{needed / 1e9:,.1f} GB{' in NF4' if quantize == 'nf4' else ''}, more than the "
+                        f"{available / 1e9:,.1f} GB of memory available ({sizes})")
+
+
+def check_weight_headers(directory: Path) -> None:
+    """Step 3: every tensor's byte range is its dtype × shape and lies inside its file."""
+    stored = checkpoint_tensors(directory)  # (refuses an unreadable header, a missing shard)
+    sizes = {}
+    for tensor in (stored or {}).values():
+        size = sizes.get(tensor.file) or sizes.setdefault(tensor.file, tensor.file.stat().st_size)
+        expected = tensor.numel * tensor.dtype.itemsize
+        if any(dimension < 0 for dimension in tensor.shape) or tensor.end - tensor.begin != expected:
+            raise UserError(f"--model {tensor.file}: tensor {tensor.name}: its header gives "
+                            f"{tensor.end - tensor.begin:,} bytes for shape {list(tensor.shape)} of "
+                            f"{str(tensor.dtype).replace('torch.', '')} ({expected:,}); the file is damaged")
+        if tensor.end > size:
+            raise UserError(f"--model {tensor.file}: ends inside tensor {tensor.name} (the header says {tensor.end:,} "
+                            f"bytes, the file has {size:,}); the file is truncated")
+
+
+def check_tokenizer(directory: Path) -> None:
+    """Step 4: a tokenizer the directory holds loads here."""
+    present = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if not present:
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(directory)
+    except (ValueError, OSError, ImportError, TypeError, KeyError, AttributeError, RuntimeError) as error:
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise UserError(f"--model {directory / present[0]}: the tokenizer does not load ({first_line[:200]}); "
+                        "install what it names, or save the tokenizer again with tokenizer.save_pretrained") from None
+
+
+def check_weights_finite(model: torch.nn.Module, directory) -> None:
+    """After loading: the first floating tensor holding NaN or infinity, named with the file it came from."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"--model {_stored_name(model, Path(directory), name)}: holds NaN or infinity; the "
+                            "checkpoint is damaged (download or save it again)")
+
+
+def _stored_name(model, directory: Path, name: str) -> str:
+    """``"<file>: tensor <name in the file>"`` for a model parameter's name, where the files say."""
+    stored = checkpoint_tensors(directory) or {}
+    mapping, _ = match_names(model, stored)
+    for stored_name, model_name in mapping.items():
+        if model_name == name:
+            return f"{stored[stored_name].file}: tensor {stored_name}"
+    return f"{directory}: tensor {name}"

@@ -1,0 +1,99 @@
+"""The run's output directory, and its one owner: :func:`open_run_dir`.
+
+A run writes into ``--output_dir`` (the layout is in :mod:`minipeft.training.loop`). Whether that directory is
+usable, and whether ``--resume`` finds a checkpoint there, must be known *before* minutes of loading a model,
+so the checks, the lock and the clean-up sit in one context manager that the API and the command line share::
+
+    with open_run_dir(config) as run_dir:      # checks, creates and locks: a mistake fails here, at once
+        model, loaders = ...                   # minutes
+        result = train(model, *loaders, config, run_dir=run_dir)
+
+:func:`~minipeft.training.loop.train` called without ``run_dir`` opens it itself (its model is loaded already).
+On rank 0, :func:`open_run_dir`:
+
+1. refuses a path that is a file, and an output that is or holds an input (``inputs``: the data, a model folder);
+2. creates the directory and marks it as minipeft's (:func:`prepare_output_dir`);
+3. takes its lock (:class:`~minipeft.files.safe_files.OutputLock`): one run at a time writes here;
+4. refuses to replace an earlier run's outputs, or files minipeft did not write (:func:`check_output_dir`);
+5. resolves ``--resume`` to a checkpoint (an error now if there is none).
+
+On leaving it releases the lock, and a directory it created that holds nothing (the run failed before writing
+anything) is removed. The other processes of a distributed run write nothing: they only resolve ``--resume``.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from minipeft.core.errors import UserError
+from minipeft.files.safe_files import (MARKER_NAME, OutputLock, check_apart, check_ours_to_replace,
+                                       is_empty_directory, is_ours, make_directory, mark_as_ours, record_as_ours,
+                                       remove_our_directory)
+from minipeft.training.checkpoint import ADAPTER_DIR, list_checkpoints, resolve_resume
+from minipeft.training.config import TrainingConfig
+
+# What :func:`train` writes into --output_dir (a new run there would replace these); train_llm.py adds its own.
+RUN_OUTPUTS = (ADAPTER_DIR, "best", "checkpoints", "metrics.jsonl")
+
+
+@dataclass
+class RunDir:
+    """An opened output directory: where the run writes, and the checkpoint ``--resume`` named (or None)."""
+
+    path: Path
+    resume_from: Path | None = None
+
+
+@contextmanager
+def open_run_dir(config: TrainingConfig, is_main: bool = True, outputs: tuple = RUN_OUTPUTS, inputs: dict = None):
+    """Check, create and lock ``config.output_dir`` and resolve ``config.resume`` (see the module docstring);
+    yields a :class:`RunDir`. ``outputs``: the names a new run there would replace; ``inputs``: ``{flag: path}``
+    of the files the run reads, which the directory may hold but not be."""
+    output_dir = Path(config.output_dir)
+    if (output_dir.exists() or output_dir.is_symlink()) and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir}: is a file, expected a directory")
+    if inputs:  # a data file in the run's folder is fine: a run writes only its own names
+        check_apart(output_dir, "--output_dir", inputs, may_contain=True)
+    if not is_main:  # (only rank 0 writes; the others would race with its first files)
+        yield RunDir(output_dir, resolve_resume(config.resume, output_dir) if config.resume else None)
+        return
+    created = not output_dir.exists()
+    prepare_output_dir(output_dir)
+    try:
+        with OutputLock(output_dir, "--output_dir"):  # one run at a time writes into output_dir
+            check_output_dir(config, outputs)
+            resume_from = resolve_resume(config.resume, output_dir) if config.resume else None
+            yield RunDir(output_dir, resume_from)
+    except BaseException:
+        if created and {path.name for path in output_dir.iterdir()} <= {MARKER_NAME}:
+            remove_our_directory(output_dir)  # a run that failed before writing anything leaves no empty folder
+        raise
+
+
+def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> None:
+    """A new run does not silently replace an earlier run's ``outputs``, and never files minipeft did not write."""
+    output_dir = Path(config.output_dir)
+    found = [name for name in outputs if (output_dir / name).exists()]
+    if config.resume or not found:
+        return
+    if not config.overwrite_output_dir:
+        if list_checkpoints(output_dir / "checkpoints"):
+            raise UserError(f"--output_dir {output_dir}: holds checkpoints of an earlier run; pass --resume latest "
+                            "to continue it, --overwrite_output_dir to start over, or another --output_dir")
+        raise UserError(f"--output_dir {output_dir}: holds an earlier run's outputs ({', '.join(found)}) and no "
+                        "checkpoint to resume; pass --overwrite_output_dir to replace them, or another --output_dir")
+    if not is_ours(output_dir):
+        raise UserError(f"--output_dir {output_dir}: holds {', '.join(found)}, not written by minipeft (no .minipeft "
+                        "marker); refusing to replace them: choose another --output_dir")
+    for name in found:  # the marker says minipeft made the folder, not that it wrote every file in it
+        check_ours_to_replace(output_dir / name, "--output_dir")
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create ``output_dir``; mark it as minipeft's when it is new or empty (a user's folder stays unmarked)."""
+    output_dir = Path(output_dir)
+    new = not output_dir.exists() or is_empty_directory(output_dir)
+    make_directory(output_dir)
+    if new:
+        mark_as_ours(output_dir)
+        record_as_ours(output_dir / "metrics.jsonl")  # appended to, not written atomically: recorded beforehand

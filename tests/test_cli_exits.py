@@ -1,0 +1,87 @@
+"""How commands end. A second Ctrl-C (or a SIGTERM) that lands once a command has finished its work and chosen
+its exit status changes nothing: the status stays the command's, with no traceback and no death by the signal.
+An unknown command is one line; a reader that closes stdout early gets no traceback.
+
+(Before ``minipeft.cli.ignore_late_interrupts``, a second Ctrl-C 50 ms after the first, landing while Python
+shut down, ended the process by SIGINT: status -2 to ``subprocess``, where the run had decided on 130.)
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_fixtures import save_tiny_run_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+# the command "works" (returns 7), then the signal lands before the process has exited
+LATE_SIGNAL = """
+import os, signal, sys, time
+from minipeft.cli import handle_signals_after_loading, run
+handle_signals_after_loading()
+status = run(lambda argv: 7, [], leaving={leaving})
+os.kill(os.getpid(), signal.{name})
+time.sleep(0.2)
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_work_is_done_leaves_the_status_alone(name):
+    done = subprocess.run([sys.executable, "-c", LATE_SIGNAL.format(leaving=True, name=name)], env=ENV,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (7, "")
+
+
+def test_without_it_the_late_signal_would_win():
+    """The control: without ``leaving`` the same late signal decides the ending (a KeyboardInterrupt traceback
+    and 1), so the test above can fail."""
+    done = subprocess.run([sys.executable, "-c", LATE_SIGNAL.format(leaving=False, name="SIGINT")], env=ENV,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 7
+
+
+def test_two_ctrl_c_in_a_row_leave_a_resumable_run(tmp_path):
+    """Ctrl-C, then Ctrl-C again 50 ms later, during training: exit 130, one "interrupted" line or the saved
+    checkpoint's line and no traceback; ``--resume latest`` then finishes the run."""
+    model_dir, records = save_tiny_run_inputs(tmp_path / "inputs", width=32)
+    out_dir = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "train_llm.py"), "--model", str(model_dir), "--dataset_path", str(records),
+            "--no_cache", "--output_dir", str(out_dir), "--batch_size", "4", "--log_every", "1",
+            "--save_every", "1", "--eval_every", "100000"]
+    process = subprocess.Popen([*argv, "--max_steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=ENV, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not list((out_dir / "checkpoints").glob("step-*")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and ("interrupted" in err or "interrupted at step" in out)
+    stopped_at = max(int(path.name.split("-")[1]) for path in (out_dir / "checkpoints").glob("step-*"))
+    resumed = subprocess.run([*argv, "--max_steps", str(stopped_at + 2), "--resume", "latest"],
+                             capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (out_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_an_unknown_command_is_one_line_and_a_closed_pipe_is_quiet():
+    bogus = subprocess.run([sys.executable, "-m", "minipeft", "bogus"], env=ENV, capture_output=True, text=True,
+                           timeout=60, cwd=ROOT)
+    assert bogus.returncode == 2 and bogus.stdout == ""
+    assert bogus.stderr.splitlines() == [bogus.stderr.strip()] and "unknown command 'bogus'" in bogus.stderr
+    # the usage into a reader that leaves after one line (``| head -1``): no traceback, 141 as for SIGPIPE
+    process = subprocess.Popen([sys.executable, "-m", "minipeft"], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141 and err == ""
