@@ -376,19 +376,21 @@ def test_resume_with_a_smaller_data_set_fails_and_keeps_train_config(tmp_path, c
 
 
 def test_a_full_disk_leaves_the_previous_output_file_intact(finished_run, tmp_path):
-    answers = tmp_path / "answers.jsonl"
-    answers.write_text('{"old": 1}\n')
-    before = digests(answers)
+    from minipeft.files.safe_files import sidecar_of, write_output_file
+
+    answers = write_output_file(tmp_path / "answers.jsonl", '{"old": 1}\n')  # an earlier run's, replaced with --overwrite
+    before = digests(answers, sidecar_of(answers))
 
     def small_files_only():  # a "disk" that takes 200 bytes per file: writes beyond fail with EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
 
     result = script("minipeft", "generate", "--adapter", finished_run / "adapter", "--prompt", "Name a color.",
-                    "--prompt", "Name a fruit.", "--max_new_tokens", "40", "--output_file", answers,
+                    "--prompt", "Name a fruit.", "--max_new_tokens", "40", "--output_file", answers, "--overwrite",
                     preexec_fn=small_files_only)
     one_error(result.returncode, result.stderr, f"{answers}: cannot be written", "nothing there was changed")
-    assert digests(answers) == before and sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl"]
+    assert digests(answers, sidecar_of(answers)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".answers.jsonl.minipeft", "answers.jsonl"]
 
 
 @pytest.mark.slow

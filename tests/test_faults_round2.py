@@ -514,9 +514,6 @@ def test_an_intact_model_directory_passes_the_checks(tmp_path, capsys):
 
 
 # -- 9. interrupts ---------------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="compare turns an interrupted train() into KeyboardInterrupt (exit 130) for "
-                                       "SIGTERM too; minipeft/cli/compare.py (helper i26-files) should exit "
-                                       "128 + result['signal'] (143 after SIGTERM)")
 def test_sigterm_during_compare_keeps_the_finished_methods_and_exits_143(tmp_path):
     import subprocess
     import sys

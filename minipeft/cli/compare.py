@@ -22,7 +22,10 @@ For each method, in this process, one after another, with the same seed:
 4. the ``--generation_prompts`` shortest held-out instructions are answered (greedy, ``--generation_tokens``
    at most), by the base model once before any training and by each trained method.
 
-The table, the plot and the page are written by :mod:`minipeft.cli.compare_report`.
+The table, the plot and the page are written by :mod:`minipeft.cli.compare_report`. ``--output_dir`` is new,
+empty, or an earlier comparison's folder (its ``.minipeft`` record); a rerun there, and a ``--report`` page that
+exists, take ``--overwrite`` and replace only files minipeft recorded (:func:`check_outputs`); the run holds the
+folder's lock.
 
 The numbers are from one seed and a short budget: they show what each method costs and how fast it starts to
 learn, not which one is best after a full training run. Learning rates matter more than anything else here.
@@ -34,6 +37,7 @@ import gc
 import json
 import random
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -48,7 +52,9 @@ from minipeft.core.bounds import path_name, positive_int, seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
 from minipeft.methods import METHODS
-from minipeft.files.safe_files import remove_our_directory, write_json_atomically, write_text_atomically
+from minipeft.files.safe_files import (OutputLock, check_apart, check_ours_to_replace, check_output_file, check_unlocked,
+                                      is_empty_directory, is_ours, make_directory, mark_as_ours, remove_our_directory,
+                                      write_json_atomically, write_output_file, write_text_atomically)
 
 # compare's default run: the registered methods that say so (Method.in_compare_by_default); --methods all: every one
 DEFAULT_METHODS = [name for name, method in METHODS.items() if method.in_compare_by_default]
@@ -133,6 +139,14 @@ def answer(model, tokenizer, prompts: list, template: str, max_new_tokens: int) 
     return [" ".join(text.split()) for text in texts]
 
 
+class MethodInterrupted(Exception):
+    """A signal stopped one method's training: compare stops too, and exits with 128 + the signal's number."""
+
+    def __init__(self, method: str, signal_number: int):
+        super().__init__(method)
+        self.method, self.signal_number = method, signal_number
+
+
 def compare_method(name: str, base_model, tokenizer, loaders, args, template: str, learning_rate: float,
                    device: torch.device, speed_prompt: torch.Tensor, prompts: list = ()) -> dict:
     """Apply, train, evaluate and time one method on a copy of ``base_model``; returns its row."""
@@ -159,7 +173,7 @@ def compare_method(name: str, base_model, tokenizer, loaders, args, template: st
                    adapter_metadata={"base_model_name_or_path": args.model, "template": template})
     wall_seconds = time.perf_counter() - started
     if result.outcome == "interrupted":  # Ctrl-C or SIGTERM: the loop saved a checkpoint; stop comparing
-        raise KeyboardInterrupt
+        raise MethodInterrupted(name, result.signal or signal.SIGINT)
     peak = memory.peak_mb()
     state = result.state
     remove_our_directory(output_dir / "checkpoints")  # the optimizer state is not compared
@@ -259,8 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="held-out instructions answered before and after training (default 3; 0: none)")
     parser.add_argument("--generation_tokens", type=int, default=48,
                         help="most new tokens per answer (default 48)")
-    parser.add_argument("--report", default=None,
+    parser.add_argument("--report", type=path_name, default=None,
                         help="write the whole comparison as a Markdown page here (default: report.md in --output_dir)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier comparison's outputs (in --output_dir, and --report): only files "
+                             "minipeft wrote and recorded")
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                         help="training precision (default fp32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
@@ -295,6 +312,40 @@ def check_positions(args, methods: list, model, tokenizer) -> None:
                         + f" exceeds the model's {positions} positions; lower --max_length")
 
 
+# What compare writes into --output_dir, besides a folder per method and the report.
+COMPARE_OUTPUTS = ("comparison.md", "comparison.json", "comparison.png", "records.json")
+
+
+def check_outputs(args, methods: list, report_path: Path) -> None:
+    """Before minutes of training: ``--output_dir`` and ``--report`` replace nothing minipeft did not write.
+
+    ``--output_dir`` is new, empty, or a folder an earlier compare made (its ``.minipeft`` record); the names
+    this run writes there that exist already are replaced only with ``--overwrite`` and only when recorded as
+    minipeft's. Neither output may be, hold or lie inside ``--dataset_path`` or a local ``--model``; a
+    ``--report`` elsewhere follows :func:`~minipeft.files.safe_files.check_output_file`.
+    """
+    output_dir = Path(args.output_dir)
+    inputs = {"--dataset_path": args.dataset_path, "--model": args.model if Path(args.model).exists() else None}
+    check_apart(output_dir, "--output_dir", inputs)  # records.json or a method's folder could replace an input
+    if (output_dir.exists() or output_dir.is_symlink()) and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir}: is a file, expected a directory")
+    if output_dir.is_dir():
+        check_unlocked(output_dir, "--output_dir")
+    if output_dir.is_dir() and not is_empty_directory(output_dir) and not is_ours(output_dir):
+        raise UserError(f"--output_dir {output_dir}: holds files minipeft did not write (no trusted .minipeft "
+                        "marker); refusing to write into it: choose another --output_dir")
+    inside = report_path.parent.resolve() == output_dir.resolve()
+    names = [*COMPARE_OUTPUTS, *methods, *([report_path.name] if inside else [])]
+    found = [name for name in names if (output_dir / name).exists() or (output_dir / name).is_symlink()]
+    if found and not args.overwrite:
+        raise UserError(f"--output_dir {output_dir}: holds an earlier comparison's outputs ({', '.join(found)}); "
+                        "pass --overwrite to replace them, or choose another --output_dir")
+    for name in found:
+        check_ours_to_replace(output_dir / name, "--output_dir")
+    if not inside:
+        check_output_file(report_path, "--report", args.overwrite, inputs)
+
+
 def write_subset(dataset_path, max_records: int, seed: int, output_dir: Path) -> Path:
     """A seeded random subset of the data set, written as a JSON array into ``output_dir``."""
     from minipeft.data import load_records, resolve_dataset_path
@@ -310,13 +361,7 @@ def write_subset(dataset_path, max_records: int, seed: int, output_dir: Path) ->
 
 
 def main(argv=None) -> int:
-    from transformers.utils import logging as transformers_logging
-
-    from minipeft.data import DataConfig, build_dataloaders
-    from minipeft.data.tokenization import encode_prompt
-    from minipeft.inference.prompts import Prompt, resolve_template
     from minipeft.loading.models import resolve_device
-    from minipeft.loading.models import load_model_and_tokenizer
 
     args = build_parser().parse_args(argv)
     methods = parse_methods(args.methods)
@@ -331,8 +376,26 @@ def main(argv=None) -> int:
         raise UserError(f"--generation_prompts {args.generation_prompts}: must be 0 or more")
     device = resolve_device(args.device)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     report_path = Path(args.report) if args.report else output_dir / "report.md"
+    check_outputs(args, methods, report_path)
+    new = not output_dir.exists() or is_empty_directory(output_dir)
+    make_directory(output_dir)
+    if new:
+        mark_as_ours(output_dir)
+    with OutputLock(output_dir, "--output_dir"):  # one minipeft process at a time writes into output_dir
+        return compare(args, methods, learning_rates, device, output_dir, report_path, started, argv)
+
+
+def compare(args, methods: list, learning_rates: dict, device, output_dir: Path, report_path: Path, started: float,
+            argv) -> int:
+    """Load the model and data once, then train, time and tabulate each method (the module docstring's steps)."""
+    from transformers.utils import logging as transformers_logging
+
+    from minipeft.data import DataConfig, build_dataloaders
+    from minipeft.data.tokenization import encode_prompt
+    from minipeft.inference.prompts import Prompt, resolve_template
+    from minipeft.loading.models import load_model_and_tokenizer
+
     transformers_logging.disable_progress_bar()
 
     base_model, tokenizer = load_model_and_tokenizer(args.model)
@@ -365,8 +428,14 @@ def main(argv=None) -> int:
     rows = []
     for name in methods:
         print(f"\n=== {name} (learning rate {learning_rates[name]:g}) ===", flush=True)
-        rows.append(compare_method(name, base_model, tokenizer, (train_loader, val_loader), args, template,
-                                   learning_rates[name], device, speed_prompt, prompts))
+        try:
+            row = compare_method(name, base_model, tokenizer, (train_loader, val_loader), args, template,
+                                 learning_rates[name], device, speed_prompt, prompts)
+        except MethodInterrupted as stop:  # the finished methods' table, page and adapters stay as written
+            print(f"interrupted while training {stop.method}: {output_dir} holds the {len(rows)} finished "
+                  f"method(s)", file=sys.stderr)
+            return 128 + stop.signal_number  # 130 after Ctrl-C, 143 after SIGTERM, as train_llm.py
+        rows.append(row)
         table = markdown_table(rows)  # rewritten after every method: a long run shows progress on disk
         write_text_atomically(output_dir / "comparison.md", table + "\n")
         settings = {"model": args.model, "dataset_path": args.dataset_path, "max_records": args.max_records,
@@ -381,7 +450,7 @@ def main(argv=None) -> int:
                   "prompts": [{"instruction": record.instruction, "input": record.input, "reference": record.output,
                                "base_reply": reply} for record, reply in zip(held_out, base_replies)]}
         write_json_atomically(output_dir / "comparison.json", nonfinite_to_none(result))
-        write_text_atomically(report_path, markdown_report(result))
+        write_output_file(report_path, markdown_report(result))  # recorded as minipeft's (see check_outputs)
     plot = plot_comparison(rows, output_dir / "comparison.png")
     print("\n" + table)
     print(f"\nwrote {output_dir / 'comparison.md'}, {output_dir / 'comparison.json'}, {report_path}"

@@ -16,13 +16,16 @@ Columns of the table (``comparison.md``, ``comparison.json``, and ``comparison.p
 - adapter size on disk (``adapter_model.safetensors`` + config);
 - generation tokens/s, unmerged and merged.
 
-``--report PATH`` (default ``report.md`` in ``--output_dir``) also writes the whole page: the command, its
+``--report PATH`` (default ``report.md`` in ``--output_dir``; an existing page only with ``--overwrite``, and
+only one minipeft wrote: this header comment or its ``.NAME.minipeft`` record says so) also writes the whole page: the command, its
 wall time and machine, the settings, the table and the generations. ``docs/comparison.md`` is such a page.
 """
 
 from pathlib import Path
 
 import torch
+
+from minipeft.files.safe_files import write_file_atomically
 
 
 # --- the table --------------------------------------------------------------------------------------------------
@@ -80,7 +83,7 @@ def plot_comparison(rows: list, path: Path):
     for ax in axes.flat:
         ax.set_xticks(list(positions), names, rotation=30)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    write_file_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
     plt.close(figure)
     return path
 

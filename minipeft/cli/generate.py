@@ -22,7 +22,7 @@ from minipeft.core.bounds import path_name, seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
 from minipeft.loading.models import resolve_device
-from minipeft.files.safe_files import check_apart, write_text_atomically
+from minipeft.files.safe_files import check_output_file, write_output_file
 from minipeft.inference.prompts import (Prompt, generate_texts, load_for_generation, read_prompts_file,
                                         resolve_model_name, resolve_template)
 
@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=seed_number, default=None, help="seed for sampling")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per batch (default 8)")
     parser.add_argument("--no_stream", action="store_true", help="do not stream a single prompt's reply")
-    parser.add_argument("--output_file", type=path_name, default=None, help="also write one JSON object per prompt (JSONL)")
+    parser.add_argument("--output_file", type=path_name, default=None,
+                        help="also write one JSON object per prompt (JSONL); an existing file only with --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output_file if minipeft wrote it (its .NAME.minipeft record) and it is unchanged")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     add_quantize_arguments(parser, from_adapter=True)
@@ -86,10 +89,9 @@ def main(argv=None) -> int:
                else read_prompts_file(args.prompts_file))
     model_name = resolve_model_name(args.model, args.adapter)
     if args.output_file:  # before minutes of generating, not after
-        check_apart(args.output_file, "--output_file", {"--prompts_file": args.prompts_file, "--adapter": args.adapter,
-                                                        "--model": model_name if Path(model_name).exists() else None})
-        if Path(args.output_file).is_dir():
-            raise UserError(f"--output_file {args.output_file}: is a directory, expected a file name")
+        check_output_file(args.output_file, "--output_file", args.overwrite,
+                          {"--prompts_file": args.prompts_file, "--adapter": args.adapter,
+                           "--model": model_name if Path(model_name).exists() else None})
     transformers_logging.disable_progress_bar()
     resolve_quantize(args, args.adapter, log=lambda message: print(message, file=sys.stderr))
     check_quantize_arguments(args)
@@ -114,8 +116,8 @@ def main(argv=None) -> int:
     if args.output_file:
         rows = [{"instruction": prompt.instruction, "input": prompt.input, "response": text, "new_tokens": count}
                 for prompt, text, count in zip(prompts, result.texts, result.new_tokens)]
-        write_text_atomically(args.output_file, "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
-                                                        for row in rows))  # JSON Lines
+        write_output_file(args.output_file, "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
+                                                    for row in rows))  # JSON Lines
     print(f"generated {sum(result.new_tokens)} tokens for {len(prompts)} prompt(s) in {result.seconds:.2f} s "
           f"({result.tokens_per_second:.1f} tokens/s)", file=sys.stderr)
     return 0

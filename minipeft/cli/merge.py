@@ -14,10 +14,11 @@ import torch
 
 from minipeft.cli import CommandLineParser
 from minipeft.cli.arguments import add_quantize_arguments
+from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
 from minipeft.files.safe_files import check_apart
-from minipeft.inference.merge import SAVE_DTYPES, check_not_merged_already, export_merged_model
+from minipeft.inference.merge import SAVE_DTYPES, check_not_merged_already, check_out_dir, export_merged_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help="base model (default: the adapter's base_model_name_or_path, else builtin)")
     parser.add_argument("--adapter", required=True, help="adapter directory")
-    parser.add_argument("--out", required=True, help="output directory (written atomically)")
+    parser.add_argument("--out", required=True, type=path_name, help="output directory (written atomically)")
     parser.add_argument("--save_dtype", choices=list(SAVE_DTYPES), default="float32",
                         help="dtype of the saved weights; the merge itself is always float32 (default float32)")
     parser.add_argument("--template", choices=["alpaca", "plain", "chat", "none"], default=None,
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tolerance", type=finite_float, default=1e-5,
                         help="largest accepted |logit difference| between merged and unmerged, as a fraction of "
                              "the largest |logit| (default 1e-5)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it exists and minipeft wrote it (and every file in it)")
     add_quantize_arguments(parser, from_adapter=True)
     parser.add_argument("--requantize", action="store_true",
                         help="quantize the merged linear layers to NF4 again, print the logit change, and write "
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
     model_name = resolve_model_name(args.model, args.adapter)
     check_apart(args.out, "--out", {"--adapter": args.adapter,
                                     "--model": model_name if Path(model_name).exists() else None})
+    check_out_dir(args.out, args.overwrite)  # before minutes of loading and merging, not after
     check_not_merged_already(model_name, args.adapter)
     resolve_quantize(args, args.adapter)
     check_quantize_arguments(args)

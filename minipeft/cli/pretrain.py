@@ -6,13 +6,17 @@ from pathlib import Path
 from minipeft.builtin import MODEL_DIR
 from minipeft.pretraining.pretrain import PretrainConfig, pretrain
 from minipeft.cli import CommandLineParser
+from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
 
 
 def main(argv=None) -> int:
     parser = CommandLineParser(prog="python -m minipeft pretrain",
                                description="Pretrain the built-in tiny GPT-2 from scratch.")
-    parser.add_argument("--output_dir", type=Path, default=MODEL_DIR, help="where to save (default: %(default)s)")
+    parser.add_argument("--output_dir", type=path_name, default=str(MODEL_DIR),
+                        help="where to save (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output_dir if it exists and minipeft wrote it (and every file in it)")
     parser.add_argument("--max_steps", type=int, default=0, help="stop early after this many steps (0: one pass)")
     parser.add_argument("--num_documents", type=int, default=PretrainConfig.num_documents,
                         help="corpus size in documents (default: %(default)s)")
@@ -21,5 +25,6 @@ def main(argv=None) -> int:
         raise UserError(f"--max_steps: must be 0 (one pass) or a positive number of steps, got {args.max_steps}")
     if args.num_documents < 100:
         raise UserError(f"--num_documents: need at least 100 documents to pretrain on, got {args.num_documents}")
-    pretrain(PretrainConfig(max_steps=args.max_steps, num_documents=args.num_documents), args.output_dir)
+    pretrain(PretrainConfig(max_steps=args.max_steps, num_documents=args.num_documents), Path(args.output_dir),
+             args.overwrite)
     return 0

@@ -34,7 +34,8 @@ How, so that the result can be trusted:
    keeping the tie would either lose the trained head or overwrite the input embedding with it.
 4. **Never half-written, never someone else's**: everything is written into a temporary directory beside
    ``--out`` and renamed into place only after the reload check passed (:mod:`minipeft.files.safe_files`).
-   ``--overwrite`` replaces only a directory minipeft wrote; ``--out`` may not be, contain or lie inside
+   ``--overwrite`` replaces only a directory minipeft wrote, holding only files it recorded, and no
+   directory a running training holds (:func:`check_out_dir`); ``--out`` may not be, contain or lie inside
    the adapter or the base model's directory.
 5. **Which adapter it holds**: ``minipeft_merge.json`` records the adapter's sha256, so that applying the
    same adapter to the merged model again (which would add its update twice) is refused.
@@ -49,7 +50,7 @@ from minipeft.core.errors import UserError
 from minipeft.data.batching import left_pad
 from minipeft.data.tokenization import Prompt, encode_prompts, pad_token_id
 from minipeft.files.input_files import loads_json, read_input_text
-from minipeft.files.safe_files import check_replaceable, is_empty_directory, json_text, write_directory_atomically
+from minipeft.files.safe_files import check_output_directory, json_text, write_directory_atomically
 from minipeft.model.adapter_files import WEIGHTS_NAME, adapter_fingerprint
 from minipeft.quantization.nf4 import dequantize_model, quantize_model
 
@@ -100,6 +101,13 @@ class MergeReport:
     files: list
 
 
+def check_out_dir(out_dir, overwrite: bool) -> Path:
+    """``--out`` may be new or empty; an existing one is replaced only with ``overwrite`` and only when minipeft
+    wrote it and every file in it (:func:`~minipeft.files.safe_files.check_replaceable`), and never while a
+    training run holds its lock or its parent's (a new directory inside a running run's folder)."""
+    return check_output_directory(out_dir, "--out", overwrite)
+
+
 def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca", save_dtype=torch.float32,
                         overwrite: bool = False, tolerance: float = 1e-5, extra_info: dict = None,
                         log=print, requantize: bool = False) -> MergeReport:
@@ -121,11 +129,7 @@ def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca"
     """
     from transformers import AutoModelForCausalLM
 
-    out_dir = Path(out_dir)
-    if (out_dir.exists() or out_dir.is_symlink()) and not is_empty_directory(out_dir):
-        if not overwrite:
-            raise UserError(f"--out {out_dir}: already exists; choose another directory or pass --overwrite")
-        check_replaceable(out_dir, "--out")  # --overwrite replaces only what minipeft wrote
+    out_dir = check_out_dir(out_dir, overwrite)
     quantizer = getattr(peft_model.base_model, "hf_quantizer", None)
     if quantizer is not None:
         method = getattr(quantizer.quantization_config, "quant_method", "?")

@@ -9,14 +9,14 @@ What it does, top to bottom (about 6 minutes on 2 CPU cores):
 4. train a 4-layer :class:`transformers.GPT2LMHeadModel` (Conv1D layers and tied embeddings, as GPT-2) for
    one pass over the blocks with AdamW, linear warmup then cosine decay, gradient clipping at 1.0;
 5. report the held-out loss and save model, tokenizer and generation config to ``--output_dir``
-   (default ``minipeft/builtin/model``), replacing the old directory only once the new one is complete.
+   (default ``minipeft/builtin/model``), replacing the old directory only once the new one is complete, and
+   only with ``--overwrite`` and only a directory minipeft wrote (its ``.minipeft`` record lists every file).
 
 The run is deterministic on one machine (seeded corpus, seeded initialisation and block order); on
 another CPU or torch version the float results differ in the last bits.
 """
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from minipeft.files.safe_files import check_output_directory, write_directory_atomically
 from minipeft.pretraining.corpus import generate_corpus
 
 EOS_TOKEN = "<|endoftext|>"
@@ -118,23 +119,28 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int) -> float:
     return sum(losses) / len(losses)
 
 
-def save(model, tokenizer, output_dir: Path) -> None:
-    """Write into ``<output_dir>.tmp``, then swap it in, so a crash never leaves half a model behind."""
-    staging = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+def save(model, tokenizer, output_dir: Path, overwrite: bool = False) -> None:
+    """Write into a temporary directory beside ``output_dir``, then swap it in, so a crash never leaves half a
+    model behind (:func:`~minipeft.files.safe_files.write_directory_atomically`); an existing ``output_dir`` is
+    replaced only with ``overwrite`` and only when minipeft wrote it and every file in it."""
+    check_output_directory(output_dir, "--output_dir", overwrite)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,  # generate() needs one for batches; the tokenizer has none
     )
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staging.rename(output_dir)
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    write_directory_atomically(output_dir, write, "--output_dir")
 
 
-def pretrain(config: PretrainConfig, output_dir: Path) -> float:
-    """Run the whole recipe; returns the final held-out loss (nats per token)."""
+def pretrain(config: PretrainConfig, output_dir: Path, overwrite: bool = False) -> float:
+    """Run the whole recipe; returns the final held-out loss (nats per token). ``output_dir`` is checked
+    first (see :func:`save`), so minutes of training never end in a refusal."""
+    output_dir = Path(output_dir)
+    check_output_directory(output_dir, "--output_dir", overwrite)
     start = time.time()
     torch.manual_seed(config.seed)
     documents = generate_corpus(config.num_documents, seed=config.seed)
@@ -177,7 +183,7 @@ def pretrain(config: PretrainConfig, output_dir: Path) -> float:
     heldout_loss = evaluate(model, heldout_blocks, 64)
     print(f"done: held-out loss {heldout_loss:.3f} (perplexity {math.exp(heldout_loss):.2f}), "
           f"{time.time() - start:.0f}s", flush=True)
-    save(model, tokenizer, output_dir)
+    save(model, tokenizer, output_dir, overwrite)
     print(f"saved to {output_dir}")
     return heldout_loss
 

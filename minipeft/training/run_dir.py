@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minipeft.core.errors import UserError
-from minipeft.files.safe_files import (MARKER_NAME, OutputLock, check_apart, is_empty_directory, is_ours,
-                                       make_directory, mark_as_ours, remove_our_directory)
+from minipeft.files.safe_files import (MARKER_NAME, OutputLock, check_apart, check_ours_to_replace,
+                                       is_empty_directory, is_ours, make_directory, mark_as_ours, record_as_ours,
+                                       remove_our_directory)
 from minipeft.training.checkpoint import ADAPTER_DIR, list_checkpoints, resolve_resume
 from minipeft.training.config import TrainingConfig
 
@@ -98,6 +99,8 @@ def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> No
     if not is_ours(output_dir):
         raise UserError(f"--output_dir {output_dir}: holds {', '.join(found)}, not written by minipeft (no .minipeft "
                         "marker); refusing to replace them: choose another --output_dir")
+    for name in found:  # the marker says minipeft made the folder, not that it wrote every file in it
+        check_ours_to_replace(output_dir / name, "--output_dir")
 
 
 def prepare_output_dir(output_dir: Path) -> None:
@@ -107,3 +110,4 @@ def prepare_output_dir(output_dir: Path) -> None:
     make_directory(output_dir)
     if new:
         mark_as_ours(output_dir)
+        record_as_ours(output_dir / "metrics.jsonl")  # appended to, not written atomically: recorded beforehand
