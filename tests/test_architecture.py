@@ -153,16 +153,6 @@ def test_no_import_circle_between_modules():
     assert circle is None, "import circle: " + " -> ".join(circle)
 
 
-# The files other helpers own while their in-function imports are moved to the top in branch i24-owner (and
-# main's loading/streaming.py gained two); this list goes after the merge.
-IN_FUNCTION_IMPORTS_BEING_MOVED = {
-    "cli/train.py", "cli/compare.py", "cli/merge.py", "cli/generate.py", "cli/pretrain.py", "cli/arguments.py",
-    "training/loop.py", "training/prepare.py", "training/sharding.py", "fast/nf4_dequant.py",
-    "files/__init__.py", "files/input_files.py", "files/safe_files.py",
-    "loading/__init__.py", "loading/checkpoint_dir.py", "loading/models.py", "loading/streaming.py",
-    "quantization/__init__.py", "quantization/nf4.py", "quantization/nf4_format.py"}
-
-
 def imports_inside_functions(path: Path) -> list:
     """``(line number, line)`` of each ``minipeft`` import inside a function of ``path``."""
     found = []
@@ -183,8 +173,6 @@ def test_an_import_inside_a_function_says_why(path):
     """A ``minipeft`` import belongs at the top of the file, where a reader sees what the module needs. One
     inside a function stays only with a comment, on its line or the line above, saying why (a slow import
     kept off ``--help`` and ``import minipeft``, an optional dependency)."""
-    if path.relative_to(PACKAGE).as_posix() in IN_FUNCTION_IMPORTS_BEING_MOVED:
-        pytest.skip("in-function imports being moved in branch i24-owner")
     lines = path.read_text(encoding="utf-8").splitlines()
     unexplained = [f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}"
                    for number, line in imports_inside_functions(path)

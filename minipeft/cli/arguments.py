@@ -15,8 +15,9 @@ from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
 from minipeft.core.layers import num_hidden_layers, parse_layer_spec
 from minipeft.core.options import flag_names
-from minipeft.quantization.nf4 import QUANTIZE_CHOICES
 from minipeft.methods import METHODS
+from minipeft.model.adapter_files import read_adapter_config
+from minipeft.quantization.nf4 import QUANTIZE_CHOICES
 
 
 def add_quantize_arguments(parser, from_adapter: bool = False) -> None:
@@ -34,7 +35,6 @@ def resolve_quantize(args, adapter_dir=None, log=print) -> None:
     """Fill ``args.quantize``/``args.quantize_lm_head`` left unset from the adapter's record (generate, merge)."""
     recorded = {}
     if adapter_dir is not None:
-        from minipeft.model.adapter_files import read_adapter_config
 
         recorded = (read_adapter_config(adapter_dir).get("minipeft") or {}).get("quantization") or {}
     if args.quantize is None:

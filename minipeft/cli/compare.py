@@ -51,10 +51,19 @@ from minipeft.cli.compare_report import describe_machine, markdown_report, markd
 from minipeft.core.bounds import path_name, positive_int, seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
-from minipeft.methods import METHODS
-from minipeft.files.safe_files import (OutputLock, check_apart, check_ours_to_replace, check_output_file, check_unlocked,
-                                      is_empty_directory, is_ours, make_directory, mark_as_ours, remove_our_directory,
-                                      write_json_atomically, write_output_file, write_text_atomically)
+from minipeft.core.generation import generate
+from minipeft.data import build_dataloaders, DataConfig, load_records, resolve_dataset_path
+from minipeft.data.tokenization import encode_prompt
+from minipeft.files.safe_files import (check_apart, check_ours_to_replace, check_output_file, check_unlocked,
+                                       is_empty_directory, is_ours, make_directory, mark_as_ours, OutputLock,
+                                       remove_our_directory, write_json_atomically, write_output_file,
+                                       write_text_atomically)
+from minipeft.inference.prompts import generate_texts, Prompt, resolve_template
+from minipeft.loading.models import load_model_and_tokenizer, resolve_device
+from minipeft.methods import METHODS, method_for_config
+from minipeft.model.peft_model import get_peft_model
+from minipeft.training import train, TrainingConfig
+from minipeft.training.metrics import directory_size, read_metrics
 
 # compare's default run: the registered methods that say so (Method.in_compare_by_default); --methods all: every one
 DEFAULT_METHODS = [name for name, method in METHODS.items() if method.in_compare_by_default]
@@ -66,7 +75,6 @@ TRAIN_LOSS_LAST_STEPS = 10
 class PeakMemory:
     """Peak memory over a stretch of code: CUDA's max allocation, or (CPU, Linux) the process's peak RSS
     after resetting the kernel's high-water mark; None where neither can be measured."""
-
     def __init__(self, device: torch.device):
         self.device = device
 
@@ -94,8 +102,6 @@ class PeakMemory:
 @torch.no_grad()
 def generation_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> float:
     """Greedy KV-cached generation, batch 1, exactly ``new_tokens`` tokens (no EOS): the median tokens/s."""
-    from minipeft.core.generation import generate
-
     generate(model, prompt_ids, max_new_tokens=2)  # warm-up
     speeds = []
     for _ in range(repeats):
@@ -107,8 +113,6 @@ def generation_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 32, repe
 
 def recent_train_loss(metrics_path: Path, last_steps: int = TRAIN_LOSS_LAST_STEPS):
     """Token-weighted mean train loss of the last ``last_steps`` optimizer steps in ``metrics.jsonl``."""
-    from minipeft.training.metrics import read_metrics
-
     steps = [record for record in read_metrics(metrics_path)
              if record["kind"] == "train" and record["loss"] is not None][-last_steps:]
     targets = sum(record["target_tokens"] for record in steps)
@@ -130,8 +134,6 @@ def method_config(name: str, args, model, tokenizer):
 
 def answer(model, tokenizer, prompts: list, template: str, max_new_tokens: int) -> list:
     """Greedy replies to held-out ``prompts`` (:class:`~minipeft.inference.prompts.Prompt`), one line each."""
-    from minipeft.inference.prompts import generate_texts
-
     if not prompts:
         return []
     texts = generate_texts(model, tokenizer, prompts, template, max_new_tokens=max_new_tokens,
@@ -141,7 +143,6 @@ def answer(model, tokenizer, prompts: list, template: str, max_new_tokens: int) 
 
 class MethodInterrupted(Exception):
     """A signal stopped one method's training: compare stops too, and exits with 128 + the signal's number."""
-
     def __init__(self, method: str, signal_number: int):
         super().__init__(method)
         self.method, self.signal_number = method, signal_number
@@ -150,11 +151,6 @@ class MethodInterrupted(Exception):
 def compare_method(name: str, base_model, tokenizer, loaders, args, template: str, learning_rate: float,
                    device: torch.device, speed_prompt: torch.Tensor, prompts: list = ()) -> dict:
     """Apply, train, evaluate and time one method on a copy of ``base_model``; returns its row."""
-    from minipeft.methods import method_for_config
-    from minipeft.model.peft_model import get_peft_model
-    from minipeft.training import TrainingConfig, train
-    from minipeft.training.metrics import directory_size
-
     train_loader, val_loader = loaders
     output_dir = Path(args.output_dir) / name
     memory = PeakMemory(device)
@@ -348,8 +344,6 @@ def check_outputs(args, methods: list, report_path: Path) -> None:
 
 def write_subset(dataset_path, max_records: int, seed: int, output_dir: Path) -> Path:
     """A seeded random subset of the data set, written as a JSON array into ``output_dir``."""
-    from minipeft.data import load_records, resolve_dataset_path
-
     loaded = load_records(resolve_dataset_path(dataset_path))
     records = loaded.records
     if max_records < len(records):
@@ -361,7 +355,6 @@ def write_subset(dataset_path, max_records: int, seed: int, output_dir: Path) ->
 
 
 def main(argv=None) -> int:
-    from minipeft.loading.models import resolve_device
 
     args = build_parser().parse_args(argv)
     methods = parse_methods(args.methods)
@@ -391,10 +384,6 @@ def compare(args, methods: list, learning_rates: dict, device, output_dir: Path,
     """Load the model and data once, then train, time and tabulate each method (the module docstring's steps)."""
     from transformers.utils import logging as transformers_logging
 
-    from minipeft.data import DataConfig, build_dataloaders
-    from minipeft.data.tokenization import encode_prompt
-    from minipeft.inference.prompts import Prompt, resolve_template
-    from minipeft.loading.models import load_model_and_tokenizer
 
     transformers_logging.disable_progress_bar()
 

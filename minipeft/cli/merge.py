@@ -13,12 +13,18 @@ from pathlib import Path
 import torch
 
 from minipeft.cli import CommandLineParser
-from minipeft.cli.arguments import add_quantize_arguments
+from minipeft.cli.arguments import add_quantize_arguments, check_quantize_arguments, resolve_quantize
 from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
 from minipeft.files.safe_files import check_apart
 from minipeft.inference.merge import SAVE_DTYPES, check_not_merged_already, check_out_dir, export_merged_model
+from minipeft.inference.prompts import resolve_model_name, resolve_template
+from minipeft.loading.streaming import load_base_model
+from minipeft.methods import method_for_config
+from minipeft.model.adapter_files import adapter_fingerprint
+from minipeft.model.peft_model import load_adapter
+from minipeft.quantization.nf4 import dequantize_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,14 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from transformers.utils import logging as transformers_logging
 
-    from minipeft.model.adapter_files import load_adapter
-    from minipeft.inference.prompts import resolve_model_name, resolve_template
-    from minipeft.methods import method_for_config
-    from minipeft.cli.arguments import check_quantize_arguments, resolve_quantize
-    from minipeft.quantization.nf4 import dequantize_model
-    from minipeft.loading.streaming import load_base_model
 
-    from minipeft.model.adapter_files import adapter_fingerprint
 
     args = build_parser().parse_args(argv)
     if not args.tolerance > 0:

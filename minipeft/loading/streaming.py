@@ -10,10 +10,11 @@ import gc
 import torch
 from torch import nn
 
+from minipeft.builtin import MODEL_DIR
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
+from minipeft.loading.checkpoint_dir import TOKENIZER_FILES, build_on_meta, load_checkpoint_dir, place_tensor
 from minipeft.loading.checks import check_config, check_model_directory, check_weights_finite
-from minipeft.loading.checkpoint_dir import load_checkpoint_dir, place_tensor
 from minipeft.loading.models import SMOLLM2_NAME, load_model_and_tokenizer, smollm2_gguf_path
 from minipeft.quantization.nf4 import Linear4bit, quantizable_layers, quantize_model
 from minipeft.quantization.nf4_format import BLOCKSIZE
@@ -116,8 +117,6 @@ def base_model_on_meta(name: str, quantize: str = "none", quantize_lm_head: bool
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from minipeft.builtin import MODEL_DIR
-    from minipeft.loading.checkpoint_dir import TOKENIZER_FILES, build_on_meta
 
     check_not_quantized_folder(name)
     folder, where, source = Path(name), name, {}

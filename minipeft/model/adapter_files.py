@@ -307,14 +307,3 @@ def load_peft_state_dict(peft_model, state: dict, source: str = WEIGHTS_NAME) ->
         load_extra(peft_model, unclaimed, source)  # checks its tensors and copies them, or raises
     for key, tensor in state.items():
         targets[key].copy_(tensor.to(targets[key].dtype))
-
-
-def __getattr__(name: str):
-    """``load_adapter`` moved to :mod:`minipeft.model.peft_model`; cli/merge.py still imports it from here until
-    branch i24-owner moves that import, and then this function goes."""
-    if name == "load_adapter":
-        # why: peft_model imports this module, so importing it at the top would be a circle
-        from minipeft.model.peft_model import load_adapter
-
-        return load_adapter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
