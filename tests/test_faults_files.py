@@ -318,3 +318,20 @@ def test_compare_reruns_over_its_own_outputs_only_with_overwrite(tmp_path, capsy
     (out / "lora" / "adapter" / "notes.txt").write_text("mine")
     refused(COMPARE, *argv, "--overwrite", capsys=capsys,
             fragments=[str(out / "lora" / "adapter" / "notes.txt"), "did not write"], keep=[out, page, data])
+
+
+def test_pruning_old_checkpoints_keeps_one_that_holds_a_users_file(tmp_path, capsys):
+    """--save_total_limit deletes old checkpoints minipeft wrote, and keeps (and says so, once) one where the
+    user put a file of their own."""
+    out = tmp_path / "run"
+    common = [*TINY_RUN, "--save_every", "1", "--save_total_limit", "1", "--output_dir", out]
+    code, _, err = in_process(train_main, *common, capsys=capsys)
+    assert code == 0, err
+    assert [path.name for path in (out / "checkpoints").glob("step-*")] == ["step-2"]  # step-1 pruned
+    note = out / "checkpoints" / "step-2" / "my_notes.txt"
+    note.write_text("mine")
+    code, _, err = in_process(train_main, "--output_dir", out, "--max_steps", "4", "--resume", "latest",
+                              capsys=capsys)
+    assert code == 0, err
+    assert sorted(path.name for path in (out / "checkpoints").glob("step-*")) == ["step-2", "step-4"]
+    assert note.read_text() == "mine" and err.count("holds files minipeft did not write; kept") == 1

@@ -65,7 +65,7 @@ from minipeft.core.finite import first_nonfinite_tensor, is_finite_number, nonfi
 from minipeft.core.options import flag_of
 from minipeft.files.input_files import read_input_text
 from minipeft.files.json_limits import loads_bounded
-from minipeft.files.safe_files import json_text, write_directory_atomically
+from minipeft.files.safe_files import foreign_files, json_text, write_directory_atomically
 from minipeft.training.state import check_saved_state
 
 FORMAT = "minipeft-checkpoint/1"
@@ -465,11 +465,20 @@ def resolve_resume(flag: str, output_dir: Path) -> Path:
     return checkpoints[-1]
 
 
-def prune_checkpoints(checkpoints_dir: Path, keep_last: int, keep_steps=()) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints and those at ``keep_steps`` (the best one)."""
+def prune_checkpoints(checkpoints_dir: Path, keep_last: int, keep_steps=()) -> list:
+    """Delete all but the newest ``keep_last`` checkpoints and those at ``keep_steps`` (the best one).
+
+    A checkpoint holding a file minipeft did not write (a user's note) is kept, never deleted with it: the
+    returned list names those (the loop says so once)."""
     checkpoints = list_checkpoints(checkpoints_dir)
+    kept = []
     for path in checkpoints[:-keep_last] if keep_last > 0 else checkpoints:
-        if checkpoint_step(path) not in set(keep_steps):
-            doomed = path.with_name(f".old-{path.name}-{os.getpid()}")
-            os.rename(path, doomed)  # first out of sight (atomic), so a kill never leaves half a checkpoint
-            shutil.rmtree(doomed, ignore_errors=True)
+        if checkpoint_step(path) in set(keep_steps):
+            continue
+        if foreign_files(path):
+            kept.append(path)
+            continue
+        doomed = path.with_name(f".old-{path.name}-{os.getpid()}")
+        os.rename(path, doomed)  # first out of sight (atomic), so a kill never leaves half a checkpoint
+        shutil.rmtree(doomed, ignore_errors=True)
+    return kept

@@ -360,7 +360,11 @@ def save_training_state(run: TrainingRun) -> None:
         return
     save_checkpoint(run.checkpoints_dir / f"step-{state.step}", run.model, run.optimizer, run.scaler,
                     asdict(state), rng_states, run.adapter_metadata, adapter, optimizer_state)
-    prune_checkpoints(run.checkpoints_dir, run.config.save_total_limit, keep_steps=[state.best_step])
+    kept = prune_checkpoints(run.checkpoints_dir, run.config.save_total_limit, keep_steps=[state.best_step])
+    for path in set(kept) - run.kept_checkpoints:
+        say(run, f"warning: {path} holds files minipeft did not write; kept (delete it yourself when done)",
+            file=sys.stderr)
+    run.kept_checkpoints |= set(kept)
 
 
 # -- the end ------------------------------------------------------------------------------------------------

@@ -131,6 +131,7 @@ class TrainingRun:
     interval: dict = field(default_factory=lambda: {"nll": 0.0, "targets": 0, "tokens": 0, "seconds": 0.0,
                                                     "grad_norm": 0.0, "steps": 0})  # sums since the last log line
     outcome: str = "finished"  # or "early_stopped", "interrupted"
+    kept_checkpoints: set = field(default_factory=set)  # old checkpoints kept: they hold a user's files
 
     @property
     def output_dir(self) -> Path:
