@@ -46,11 +46,12 @@ class _DequantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        return x @ layer.dequantize(x.dtype).T  # (..., in) @ (in, out) -> (..., out)
+        return x @ layer.dequantize(x.dtype, transient=True).T  # (..., in) @ (in, out) -> (..., out)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return grad_output @ ctx.layer.dequantize(grad_output.dtype), None  # (..., out) @ (out, in) -> (..., in)
+        weight = ctx.layer.dequantize(grad_output.dtype, transient=True)
+        return grad_output @ weight, None  # (..., out) @ (out, in) -> (..., in)
 
 
 class Linear4bit(QuantizedLinear):
@@ -86,7 +87,7 @@ class Linear4bit(QuantizedLinear):
         for name in self.STATE:
             self.register_buffer(name, getattr(quantized, name))  # None for the state this layer does not use
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-        self.dequantize_with = None  # a faster function of the same bits (minipeft.fast.nf4_dequant), or None
+        self.dequantize_with = None  # (weight, dtype, transient) -> the same bits, faster (minipeft.fast.nf4_dequant)
 
     def store_codes_as_parameters(self) -> None:
         """Hold the integer codes (``packed``, ``absmax_codes``) as frozen uint8 parameters instead of buffers,
@@ -106,9 +107,13 @@ class Linear4bit(QuantizedLinear):
         return NF4Weight(shape=(self.out_features, self.in_features), blocksize=self.blocksize,
                          **{name: getattr(self, name) for name in self.STATE})
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as ``(out, in)`` in ``dtype``: a new tensor on each call."""
-        return (getattr(self, "dequantize_with", None) or dequantize_nf4)(self.quantized_weight(), dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32, transient: bool = False) -> torch.Tensor:
+        """The weight as ``(out, in)`` in ``dtype``: a new tensor on each call, unless ``transient`` (the caller
+        multiplies with it at once and keeps nothing), where a fast path may write it into memory it reuses."""
+        fast = getattr(self, "dequantize_with", None)
+        if fast is None:
+            return dequantize_nf4(self.quantized_weight(), dtype)
+        return fast(self.quantized_weight(), dtype, transient)
 
     @property
     def weight(self) -> torch.Tensor:
