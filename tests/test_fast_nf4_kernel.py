@@ -19,14 +19,15 @@ needs_kernel = pytest.mark.skipif(nf4_kernel() is None, reason="no C compiler: t
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_equals_the_reference_bit_for_bit(shape, double_quant, dtype, threads):
+@pytest.mark.parametrize("wide", [True, False], ids=["avx512-where-present", "plain-loop"])
+def test_kernel_equals_the_reference_bit_for_bit(shape, double_quant, dtype, threads, wide):
     shape = (shape[0], shape[1] // 64 * 64)
     generator = torch.Generator().manual_seed(0)
     weight = quantize_nf4(torch.randn(shape, generator=generator) * 0.05, double_quant)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        fast = dequantize_nf4_kernel(weight, dtype)
+        fast = dequantize_nf4_kernel(weight, dtype, wide=wide)
     finally:
         torch.set_num_threads(previous)
     assert kernel_handles(weight, dtype)
@@ -83,3 +84,16 @@ def test_bf16_compute_generation_style_forward_is_the_reference():
         reference = layer(x)
         with fused_nf4_dequantization(layer):
             assert torch.equal(layer(x), reference)
+
+
+@needs_kernel
+def test_training_runs_and_generation_switch_the_kernel_on_and_off():
+    """``fast.switched_on`` (a training run on a CPU) and ``fast.fast_generation`` (generate, the end-of-run
+    speed probe) put every 4-bit layer on the kernel, and take it off again on the way out."""
+    from minipeft.fast import fast_generation, switched_on
+
+    model = nn.Sequential(Linear4bit(nn.Linear(64, 128)), nn.GELU(), Linear4bit(nn.Linear(128, 64)))
+    for context in (switched_on(model, torch.device("cpu"), compile=False), fast_generation(model)):
+        with context:
+            assert all(isinstance(layer.dequantize_with, CPUKernelDequantization) for layer in model[::2])
+        assert all(layer.dequantize_with is None for layer in model[::2])

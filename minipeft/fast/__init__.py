@@ -10,7 +10,12 @@ test that it equals that reference (outputs and gradients, stated tolerances):
 - :mod:`~minipeft.fast.rms_norm`: Llama's RMSNorm with a hand-written backward that keeps a third of the
   memory (reference: transformers' own norm; ``tests/test_fast_rms_norm.py``);
 - :mod:`~minipeft.fast.compile`: ``--compile``, the transformer blocks through ``torch.compile`` (reference:
-  the eager blocks; ``tests/test_fast_compile.py``).
+  the eager blocks; ``tests/test_fast_compile.py``);
+- :mod:`~minipeft.fast.nf4_dequant` and :mod:`~minipeft.fast.nf4_cpu_kernel`: a 4-bit layer's weight
+  dequantized in one pass (on a CPU by a small C kernel, into a reused buffer), bit for bit the reference
+  :func:`minipeft.quantization.nf4_format.dequantize_nf4` (``tests/test_fast_nf4_kernel.py``,
+  ``tests/test_fast_nf4_dequant.py``). Training runs switch it on, and so does generation
+  (:func:`fast_generation`).
 
 :func:`switched_on` is where a run turns on the module swaps. Every swap goes through
 :func:`~minipeft.fast.swap.swapped_in`: it sets a parent's attribute (as adapter injection does), never a class
@@ -24,6 +29,7 @@ import torch
 
 from minipeft.fast.compile import compiled_blocks
 from minipeft.fast.lora_dropout import dropout_by_gaps
+from minipeft.fast.nf4_dequant import fused_nf4_dequantization
 from minipeft.fast.rms_norm import use_memory_lean_rms_norm
 
 
@@ -31,15 +37,25 @@ from minipeft.fast.rms_norm import use_memory_lean_rms_norm
 def switched_on(model: torch.nn.Module, device: torch.device, compile: bool, warn=None):
     """Within the ``with``: the optimisations of a training run on ``model`` (a PeftModel) on ``device``.
 
-    - on a CPU, LoRA's dropout by its gaps (a GPU draws per entry in one fused kernel);
+    - on a CPU, LoRA's dropout by its gaps (a GPU draws per entry in one fused kernel), and 4-bit layers
+      dequantized by the C kernel;
     - with ``compile``, the blocks compiled; without, Llama-style norms memory-lean (compiled blocks fuse them
       anyway).
     """
     with ExitStack() as stack:
         if device.type == "cpu":
             stack.enter_context(dropout_by_gaps(model, warn))  # before compiling: the graph sees the swap
+            stack.enter_context(fused_nf4_dequantization(model, cpu_only=True))
         if compile:
             stack.enter_context(compiled_blocks(model, device, warn))
         else:
             stack.enter_context(use_memory_lean_rms_norm(model, warn))
+        yield
+
+
+@contextmanager
+def fast_generation(model: torch.nn.Module):
+    """Within the ``with``: generation's optimisations on ``model``: its 4-bit layers on a CPU dequantized by the
+    C kernel into a reused buffer (a token multiplies each weight once, so dequantizing is a token's cost)."""
+    with fused_nf4_dequantization(model, cpu_only=True):
         yield

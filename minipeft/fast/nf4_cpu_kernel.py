@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from minipeft.quantization.nf4_format import ABSMAX_BLOCKSIZE, DYNAMIC_8BIT_LEVELS, NF4_LEVELS, NF4Weight
+from minipeft.quantization.nf4_format import (ABSMAX_BLOCKSIZE, DYNAMIC_8BIT_LEVELS, NF4_LEVELS, NF4Weight,
+                                              dequantize_nf4)
 
 C_SOURCE = r"""
 #include <stdint.h>
@@ -101,9 +102,9 @@ static void blocks_avx512(const uint8_t *packed, const float *absmax, const floa
    `threads` OpenMP threads. */
 int nf4_dequantize(const uint8_t *packed, int64_t n_blocks, float *absmax, const uint8_t *codes,
                    const float *scales, float offset, const float *dynamic, const float *levels, int bf16,
-                   void *out, int threads) {
+                   void *out, int threads, int allow_wide) {
     if (codes) block_absmax(codes, scales, offset, dynamic, n_blocks, absmax);
-    int wide = __builtin_cpu_supports("avx512f");
+    int wide = allow_wide && __builtin_cpu_supports("avx512f");
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t part = 0; part < threads; part++) {
         int64_t first = n_blocks * part / threads, last = n_blocks * (part + 1) / threads;
@@ -135,7 +136,7 @@ def _build() -> ctypes.CDLL:
     kernel.nf4_dequantize.restype = ctypes.c_int
     kernel.nf4_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
-                                      ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+                                      ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     return kernel
 
 
@@ -162,13 +163,13 @@ def kernel_handles(weight: NF4Weight, dtype: torch.dtype) -> bool:
             and ABSMAX_BLOCKSIZE == 256 and nf4_kernel() is not None)
 
 
-def dequantize_nf4_kernel(weight: NF4Weight, dtype: torch.dtype = torch.float32, out: torch.Tensor = None) -> torch.Tensor:
+def dequantize_nf4_kernel(weight: NF4Weight, dtype: torch.dtype = torch.float32, out: torch.Tensor = None,
+                          wide: bool = True) -> torch.Tensor:
     """The weight as ``weight.shape`` in ``dtype``, equal bit for bit to :func:`dequantize_nf4`; written by the C
     kernel into the result directly (no float32 temporaries), or by the reference where the kernel does not apply.
-    ``out``: a contiguous tensor of that shape and dtype to write into (reused memory: no page faults)."""
+    ``out``: a contiguous tensor of that shape and dtype to write into (reused memory: no page faults).
+    ``wide=False``: the plain C loop even where AVX-512 is there (so every CPU's tests check both loops)."""
     if not kernel_handles(weight, dtype):
-        from minipeft.quantization.nf4_format import dequantize_nf4
-
         return dequantize_nf4(weight, dtype)
     packed = weight.packed.contiguous()
     n_blocks = packed.numel() // 32
@@ -184,5 +185,5 @@ def dequantize_nf4_kernel(weight: NF4Weight, dtype: torch.dtype = torch.float32,
         offset = 0.0
     nf4_kernel().nf4_dequantize(packed.data_ptr(), n_blocks, absmax.data_ptr(), codes_pointer, scales_pointer, offset,
                                 DYNAMIC_8BIT_LEVELS.data_ptr(), NF4_LEVELS.data_ptr(), int(dtype == torch.bfloat16),
-                                out.data_ptr(), max(1, min(torch.get_num_threads(), n_blocks // 1024 or 1)))
+                                out.data_ptr(), max(1, min(torch.get_num_threads(), n_blocks // 1024 or 1)), int(wide))
     return out

@@ -106,11 +106,14 @@ class CPUKernelDequantization:
 
 
 @contextmanager
-def fused_nf4_dequantization(model: torch.nn.Module):
+def fused_nf4_dequantization(model: torch.nn.Module, cpu_only: bool = False):
     """Within the ``with``: every :class:`Linear4bit` of ``model`` dequantizes with the fastest function of the
     reference's bits for its device: on a CPU the C kernel (one :class:`CPUKernelDequantization`, its workspace
-    shared by the model's layers and freed on exit), else :func:`dequantize_nf4_fused`. Yields how many layers."""
-    layers = [module for module in model.modules() if isinstance(module, Linear4bit)]
+    shared by the model's layers and freed on exit), else :func:`dequantize_nf4_fused` (``cpu_only``: layers on
+    other devices keep the reference, as runs and generation do: the compiled kernel is measured on CPUs only).
+    Yields how many layers."""
+    layers = [module for module in model.modules() if isinstance(module, Linear4bit)
+              and (module.packed.device.type == "cpu" or not cpu_only)]
     on_cpu = CPUKernelDequantization()
     for layer in layers:
         layer.dequantize_with = on_cpu if layer.packed.device.type == "cpu" else dequantize_nf4_fused

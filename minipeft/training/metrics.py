@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from minipeft.fast import fast_generation
 from minipeft.files.json_limits import loads_bounded
 from minipeft.files.safe_files import cannot_write, write_file_atomically, write_text_atomically
 from minipeft.quantization.nf4 import has_4bit_layers
@@ -182,7 +183,8 @@ def measure_inference_speed(peft_model, batch: dict, new_tokens: int = 32) -> fl
     a token, so 32 would outlast a short run)."""
     new_tokens = min(new_tokens, 2) if has_4bit_layers(peft_model) else new_tokens
     prompt = batch["input_ids"][:1, :16].to(next(peft_model.parameters()).device)
-    peft_model.generate(prompt, max_new_tokens=1)
-    started = time.perf_counter()
-    generated = peft_model.generate(prompt, max_new_tokens=new_tokens)  # no EOS given: exactly new_tokens
-    return generated.shape[1] / (time.perf_counter() - started)
+    with fast_generation(peft_model):  # as train_llm.py's users generate (minipeft/fast)
+        peft_model.generate(prompt, max_new_tokens=1)
+        started = time.perf_counter()
+        generated = peft_model.generate(prompt, max_new_tokens=new_tokens)  # no EOS given: exactly new_tokens
+        return generated.shape[1] / (time.perf_counter() - started)
