@@ -289,3 +289,20 @@ def test_quantizing_in_chunks_gives_the_same_bits(monkeypatch, size):
     assert whole.tensors().keys() == chunked.tensors().keys()
     for name, tensor in whole.tensors().items():
         assert torch.equal(tensor, chunked.tensors()[name]), name
+
+
+def test_modify_reads_a_large_model_folder_in_its_final_footprint(tiny_inputs, capsys, monkeypatch):
+    """A model folder over ``MEASURED_UP_TO_BYTES`` in float32 (here: any, the bound lowered) goes through the
+    tensor-by-tensor loader, quantized as it is read: the same counts as loading it whole, no float32 copy,
+    and the loss change is said not to be measured rather than measured on a float model never held."""
+    from minipeft.cli import modify
+
+    assert run(modify.main, ["--model", str(tiny_inputs[0]), "--quantize", "nf4", "--table", "none"]) == 0
+    whole = capsys.readouterr().out
+    monkeypatch.setattr(modify, "MEASURED_UP_TO_BYTES", 0)
+    assert run(modify.main, ["--model", str(tiny_inputs[0]), "--quantize", "nf4", "--table", "none"]) == 0
+    streamed = capsys.readouterr().out
+    assert "Loaded " in streamed and "Loaded " not in whole  # the checkpoint loader's one line
+    assert "Quantized " in streamed and "not measured for a model this size" in streamed
+    counts = [line for line in whole.splitlines() if line.startswith(("Trainable", "trainable"))]
+    assert counts and counts == [line for line in streamed.splitlines() if line.startswith(("Trainable", "trainable"))]

@@ -5,20 +5,25 @@
     python modify_llm.py --modification_type selective --freeze_layers "0,1,2,3"
 
 The default model is GPT-2 small. Counting needs shapes, not weights, so when the real weights cannot be
-had (offline) the architecture is built from its config with random weights, and a note says so.
+had (offline) the architecture is built from its config with random weights, and a note says so. A local
+model folder of over 1 GB in float32 is read tensor by tensor in bfloat16, or quantized to NF4 layer by layer
+as it is read (``--quantize nf4``), so its memory is the final footprint, never a float32 copy.
 """
 
 import argparse
 from pathlib import Path
+
+import torch
 
 from minipeft.model.adapter_files import config_to_dict
 from minipeft.cli import CommandLineParser
 from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
 from minipeft.cli.arguments import add_method_arguments, config_from_args
+from minipeft.loading.checkpoint_dir import checkpoint_tensors
 from minipeft.loading.models import load_model_for_counting
 from minipeft.cli.arguments import add_quantize_arguments, check_quantize_arguments
-from minipeft.loading.streaming import check_not_quantized_folder
+from minipeft.loading.streaming import check_not_quantized_folder, load_base_model
 from minipeft.quantization.nf4 import memory_stats, quantize_model
 from minipeft.model.peft_model import get_peft_model
 from minipeft.data import build_dataloaders
@@ -50,8 +55,6 @@ def measure_cost_while_quantizing(model, tokenizer, quantize_lm_head: bool) -> s
     """Quantize ``model`` to NF4 in place and return one line: its eval loss before and after, on the first
     validation batches of the built-in data, in the precision training would use on this machine (random
     weights, or shapes without weights, are quantized and not measured)."""
-    import torch
-
     device = torch.device("cpu")
     precision = resolve_precision("auto", device)
     if tokenizer is None or any(parameter.is_meta for parameter in model.parameters()):
@@ -64,6 +67,20 @@ def measure_cost_while_quantizing(model, tokenizer, quantize_lm_head: bool) -> s
     return cost.line() + f" of the built-in data (batch 8, {precision})"
 
 
+# A model folder up to this size in float32 is loaded whole, so --quantize nf4 can measure the loss change of
+# quantizing (SmolLM2-135M: 0.54 GB); a larger one is read layer by layer in its final footprint.
+MEASURED_UP_TO_BYTES = 1e9
+
+
+def is_large_checkpoint_dir(name: str) -> bool:
+    """A local model folder (``config.json`` and safetensors, what ``save_pretrained`` writes) whose float32
+    weights would take more than :data:`MEASURED_UP_TO_BYTES` (from the files' headers; nothing read)."""
+    if not (Path(name).is_dir() and (Path(name) / "config.json").is_file()):
+        return False
+    stored = checkpoint_tensors(Path(name))
+    return stored is not None and 4 * sum(tensor.numel for tensor in stored.values()) > MEASURED_UP_TO_BYTES
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quantize = check_quantize_arguments(args)
@@ -71,11 +88,21 @@ def main(argv=None) -> int:
     if args.save_adapter and Path(args.save_adapter).exists() and not is_empty_directory(args.save_adapter):
         raise UserError(f"--save_adapter {args.save_adapter}: already exists (a trained adapter would be replaced by "
                         "a fresh one); choose a new directory")
-    model, tokenizer = load_model_for_counting(args.model)
-    base_stats_total = sum(p.numel() for p in model.parameters())
     cost_line = None
+    if is_large_checkpoint_dir(args.model):  # read tensor by tensor, in its final footprint (no float32 copy)
+        model, tokenizer = load_base_model(args.model, "nf4" if quantize else "none", args.quantize_lm_head,
+                                           dtype=torch.bfloat16, compute_dtype=COMPUTE_DTYPES[resolve_precision(
+                                               "auto", torch.device("cpu"))])
+        if quantize:
+            cost_line = ("Loss change of quantizing the base to NF4: not measured for a model this size (each layer "
+                         "was quantized as it was read, no float copy held); train_llm.py --quantize nf4 measures "
+                         "it after a run")
+    else:
+        model, tokenizer = load_model_for_counting(args.model)
+        if quantize:
+            cost_line = measure_cost_while_quantizing(model, tokenizer, args.quantize_lm_head)
+    base_stats_total = sum(p.numel() for p in model.parameters())
     if quantize:
-        cost_line = measure_cost_while_quantizing(model, tokenizer, args.quantize_lm_head)
         base_memory = memory_stats(model)  # the base alone, before the method adds its parameters
     config = config_from_args(args, model, tokenizer)
     peft_model = get_peft_model(model, config)
