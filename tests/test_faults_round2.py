@@ -543,3 +543,13 @@ def test_sigterm_during_compare_keeps_the_finished_methods_and_exits_143(tmp_pat
     assert [row["method"] for row in json.loads((out / "comparison.json").read_text())["rows"]] == ["lora"]
     assert digests(out / "comparison.json", out / "comparison.md", out / "lora" / "adapter") == finished
     assert process.returncode == 143, err
+
+
+@pytest.mark.parametrize("where", [None, 0, 9, 10, 99])  # nowhere, first, across a chunk's edge, last
+def test_the_chunked_finiteness_check_finds_what_the_whole_one_does(where):
+    from minipeft.loading.checks import all_finite
+
+    tensor = torch.randn(10, 10, dtype=torch.bfloat16)
+    if where is not None:
+        tensor.view(-1)[where] = float("nan") if where % 2 else float("inf")
+    assert all_finite(tensor, chunk=10) == bool(torch.isfinite(tensor).all()) == (where is None)
