@@ -256,7 +256,14 @@ def nan_moment(tensors: dict) -> None:
     tensors[key].view(-1)[0] = float("nan")
 
 
+def nan_weight(tensors: dict) -> None:
+    key = min(tensors)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+
+
 @pytest.mark.parametrize("file, change, fragment", [
+    ("adapter/adapter_model.safetensors", nan_weight, "holds NaN or infinity (minipeft saves finite checkpoints"),
     ("optimizer.safetensors", nan_moment, "exp_avg holds NaN or infinity"),
     ("optimizer.safetensors", lambda tensors: tensors.update(extra=torch.zeros(1)),
      "tensor 'extra' is not an optimizer"),

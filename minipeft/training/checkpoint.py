@@ -410,7 +410,13 @@ def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 
         raise UserError(f"{state_path}: not valid JSON ({error})") from None
     check_continues_the_run(directory, state, peft_model, current, new_data)
     weights = directory / ADAPTER_DIR / WEIGHTS_NAME
-    (load_adapter or load_peft_state_dict)(peft_model, _read_tensors(weights), str(weights))
+    adapter = _read_tensors(weights)
+    bad = first_nonfinite_tensor(adapter)  # the loop saves finite weights only: this file was changed since
+    if bad is not None:
+        raise UserError(f"--resume {directory}: {weights}: tensor {bad} holds NaN or infinity (minipeft saves "
+                        "finite checkpoints only: the file was damaged or edited); resume from an earlier "
+                        "checkpoint (--resume DIR)")
+    (load_adapter or load_peft_state_dict)(peft_model, adapter, str(weights))
     parameter_names = {id(parameter): name for name, parameter in peft_model.named_parameters()}
     optimizer_path = directory / OPTIMIZER_NAME
     optimizer_tensors = _check_optimizer_files(_read_tensors(optimizer_path), state["optimizer"], optimizer_path)
