@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         if quantize:
             cost_line = ("Loss change of quantizing the base to NF4: not measured for a model this size (each layer "
                          "was quantized as it was read, no float copy held); train_llm.py --quantize nf4 measures "
-                         "it after a run")
+                         "it after a run where a float copy fits in memory")
     else:
         model, tokenizer = load_model_for_counting(args.model)
         if quantize:

@@ -79,7 +79,7 @@ def quantization_cost_line(model_name: str, quantize_lm_head: bool, precision: s
     gc.collect()
     if not float_model_fits(n_parameters, device):
         return ("Loss change of quantizing the base to NF4: not measured (a float copy of the base does not fit in "
-                "the free memory; modify_llm.py --quantize nf4 measures it)"), {}
+                "the free memory)"), {}
     float_model, _ = load_base_model(model_name, "none", log=lambda message: None)
     cost = measure_quantization_cost(float_model.to(device), val_loader, autocast_for(precision, device), device,
                                      quantize_lm_head, COMPUTE_DTYPES[precision])
