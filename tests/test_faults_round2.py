@@ -497,6 +497,7 @@ def tokenizer_needing_tiktoken(directory: Path) -> None:
     (config_edit(resid_pdrop=3), "config.json", ['"resid_pdrop" must be a number in [0, 1]']),
     (config_edit(n_embd=10_000_000, n_layer=1000), "config.json", ["describes a model of", "GB of memory available",
                                                                    "n_embd 10,000,000"]),
+    (config_edit(n_layer=1_000_000_000), "config.json", ["describes a model of at least", "n_layer 1,000,000,000"]),
     (config_edit(model_type="no_such_architecture"), "config.json", ["no_such_architecture"]),
     (lambda directory: (directory / "config.json").write_text('{"a": ' + "[" * 5000 + "]" * 5000 + "}"),
      "config.json", ["not valid JSON", "nested deeper than 64 levels"]),

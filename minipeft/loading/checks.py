@@ -94,6 +94,10 @@ def check_model_fits(directory: Path, quantize: str, dtype: torch.dtype, values:
     memory available (``values``: the config's, named in the message; in ``dtype``; with NF4, every weight at
     NF4's 4.13 bits: a lower bound)."""
     config_path = directory / "config.json"
+    per_weight = NF4_BYTES_PER_WEIGHT if quantize == "nf4" else torch.finfo(dtype).bits / 8
+    least = parameters_at_least(values)  # before building: a billion layers take hours even on meta
+    if least * per_weight > available_memory_bytes():
+        _refuse_size(config_path, values, least, least * per_weight, quantize, "at least ")
     try:
         model = build_on_meta(directory, dtype)
     except (RuntimeError, ArithmeticError, TypeError, AssertionError, AttributeError, IndexError) as error:
@@ -101,13 +105,26 @@ def check_model_fits(directory: Path, quantize: str, dtype: torch.dtype, values:
         raise UserError(f"--model {config_path}: transformers cannot build the architecture it describes "
                         f"({first_line[:200]}); check its sizes") from None
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    per_weight = NF4_BYTES_PER_WEIGHT if quantize == "nf4" else torch.finfo(dtype).bits / 8
-    needed, available = parameters * per_weight, available_memory_bytes()
-    if needed > available:
-        sizes = ", ".join(f"{key} {values[key]:,}" for key in ARCHITECTURE_SIZES if _is_int(values.get(key)))
-        raise UserError(f"--model {config_path}: describes a model of {parameters:,} parameters, about "
-                        f"{needed / 1e9:,.1f} GB{' in NF4' if quantize == 'nf4' else ''}, more than the "
-                        f"{available / 1e9:,.1f} GB of memory available ({sizes})")
+    if parameters * per_weight > available_memory_bytes():
+        _refuse_size(config_path, values, parameters, parameters * per_weight, quantize)
+
+
+def parameters_at_least(values: dict) -> int:
+    """A lower bound on the parameters a config describes, from its numbers alone: each layer holds at least
+    the query and output projections (2 · hidden²), plus the embedding (vocab · hidden)."""
+    def first(*keys):
+        return next((values[key] for key in keys if _is_int(values.get(key))), 0)
+
+    hidden = first("hidden_size", "n_embd", "d_model")
+    return first("num_hidden_layers", "n_layer", "num_layers") * 2 * hidden ** 2 + first("vocab_size") * hidden
+
+
+def _refuse_size(config_path: Path, values: dict, parameters: int, needed: float, quantize: str,
+                 bound: str = "") -> None:
+    sizes = ", ".join(f"{key} {values[key]:,}" for key in ARCHITECTURE_SIZES if _is_int(values.get(key)))
+    raise UserError(f"--model {config_path}: describes a model of {bound}{parameters:,} parameters, about "
+                    f"{needed / 1e9:,.1f} GB{' in NF4' if quantize == 'nf4' else ''}, more than the "
+                    f"{available_memory_bytes() / 1e9:,.1f} GB of memory available ({sizes})")
 
 
 def check_weight_headers(directory: Path) -> None:
