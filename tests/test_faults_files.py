@@ -335,3 +335,20 @@ def test_pruning_old_checkpoints_keeps_one_that_holds_a_users_file(tmp_path, cap
     assert code == 0, err
     assert sorted(path.name for path in (out / "checkpoints").glob("step-*")) == ["step-2", "step-4"]
     assert note.read_text() == "mine" and err.count("holds files minipeft did not write; kept") == 1
+
+
+def test_no_command_writes_into_the_built_in_models_folder(tmp_path, capsys):
+    """``--model builtin`` reads minipeft/builtin/model: training into it or merging over it is refused like
+    any other output that is an input (it was replaced with exit 0)."""
+    from minipeft.builtin import MODEL_DIR
+
+    before = digests(MODEL_DIR)
+    code, _, err = in_process(train_main, *TINY_RUN, "--output_dir", MODEL_DIR, "--overwrite_output_dir",
+                              capsys=capsys)
+    one_error(code, err, "--output_dir", "--model")
+    run_dir = tmp_path / "run"
+    assert in_process(train_main, *TINY_RUN, "--output_dir", run_dir, capsys=capsys)[0] == 0
+    code, _, err = in_process(MERGE, "--adapter", run_dir / "adapter", "--out", MODEL_DIR, "--overwrite",
+                              capsys=capsys)
+    one_error(code, err, "--out", "--model")
+    assert digests(MODEL_DIR) == before

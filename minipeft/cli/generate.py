@@ -21,7 +21,7 @@ from minipeft.cli.arguments import add_quantize_arguments, check_quantize_argume
 from minipeft.core.bounds import path_name, seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
-from minipeft.loading.models import resolve_device
+from minipeft.loading.models import local_model_path, resolve_device
 from minipeft.files.safe_files import check_output_file, write_output_file
 from minipeft.inference.prompts import (Prompt, generate_texts, load_for_generation, read_prompts_file,
                                         resolve_model_name, resolve_template)
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     if args.output_file:  # before minutes of generating, not after
         check_output_file(args.output_file, "--output_file", args.overwrite,
                           {"--prompts_file": args.prompts_file, "--adapter": args.adapter,
-                           "--model": model_name if Path(model_name).exists() else None})
+                           "--model": local_model_path(model_name)})
     transformers_logging.disable_progress_bar()
     resolve_quantize(args, args.adapter, log=lambda message: print(message, file=sys.stderr))
     check_quantize_arguments(args)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as transformers_logging
 
 from minipeft.cli import CommandLineParser
 from minipeft.cli.arguments import add_quantize_arguments, check_quantize_arguments, resolve_quantize
@@ -20,6 +21,7 @@ from minipeft.core.finite import finite_float
 from minipeft.files.safe_files import check_apart
 from minipeft.inference.merge import SAVE_DTYPES, check_not_merged_already, check_out_dir, export_merged_model
 from minipeft.inference.prompts import resolve_model_name, resolve_template
+from minipeft.loading.models import local_model_path
 from minipeft.loading.streaming import load_base_model
 from minipeft.methods import method_for_config
 from minipeft.model.adapter_files import adapter_fingerprint
@@ -52,17 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from transformers.utils import logging as transformers_logging
-
-
-
     args = build_parser().parse_args(argv)
     if not args.tolerance > 0:
         raise UserError(f"--tolerance must be positive, got {args.tolerance}")
     transformers_logging.disable_progress_bar()
     model_name = resolve_model_name(args.model, args.adapter)
-    check_apart(args.out, "--out", {"--adapter": args.adapter,
-                                    "--model": model_name if Path(model_name).exists() else None})
+    check_apart(args.out, "--out", {"--adapter": args.adapter, "--model": local_model_path(model_name)})
     check_out_dir(args.out, args.overwrite)  # before minutes of loading and merging, not after
     check_not_merged_already(model_name, args.adapter)
     resolve_quantize(args, args.adapter)

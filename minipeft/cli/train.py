@@ -35,6 +35,7 @@ from minipeft.data.config import add_data_arguments, data_config_from_args
 from minipeft.data.templates import resolve_template_name
 from minipeft.files.input_files import check_input_file, loads_json, read_input_text
 from minipeft.files.safe_files import write_json_atomically
+from minipeft.loading.models import local_model_path
 from minipeft.loading.streaming import load_base_model
 from minipeft.methods import default_learning_rate
 from minipeft.model.adapter_files import config_to_dict
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
         if data_config.dataset_path is not None:  # a FIFO or /dev/zero: refused before anything
             check_input_file(data_config.dataset_path, "--dataset_path")
         inputs = {"--dataset_path": data_config.dataset_path,
-                  "--model": args.model if Path(args.model).exists() else None}
+                  "--model": local_model_path(args.model)}
         # checked, created, locked and --resume resolved now, before minutes of loading (training/run_dir.py)
         with open_run_dir(config, context.is_main, RUN_OUTPUTS + CLI_OUTPUTS, inputs) as run_dir:
             return train_and_report(args, config, data_config, context, run_dir)

