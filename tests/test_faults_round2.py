@@ -561,3 +561,17 @@ def test_the_chunked_finiteness_check_finds_what_the_whole_one_does(where):
     if where is not None:
         tensor.view(-1)[where] = float("nan") if where % 2 else float("inf")
     assert all_finite(tensor, chunk=10) == bool(torch.isfinite(tensor).all()) == (where is None)
+
+
+def test_a_max_length_beyond_the_models_positions_is_cut_to_them_and_said(tmp_path, capsys):
+    """The built-in model has 512 positions; a longer --max_length ended in an IndexError inside the embedding
+    once a record was that long. Now records are cut at 512, and a note says so."""
+    records = json.loads(ALPACA_SAMPLE.read_text())[:12]
+    records[0]["output"] = " ".join(["word"] * 1500)
+    data = write_records(tmp_path / "long.json", records)
+    code, out, err = in_process(train_main, *TINY_RUN, "--dataset_path", data, "--val_size", "2",
+                                "--output_dir", tmp_path / "out", "--max_length", "100000", capsys=capsys)
+    assert code == 0, err
+    assert "note: --max_length 100000 is more than the model's 512 positions (its config's n_positions)" in out
+    config = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert config["data"]["max_length"] == 512

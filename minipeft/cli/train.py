@@ -172,6 +172,16 @@ def main(argv=None) -> int:
         shutdown_distributed()
 
 
+def positions_of(model_config):
+    """``(field, count)`` of the positions the model has (GPT-2's learned 1,024, the built-in model's 512), or
+    None where the config names none."""
+    for field in ("n_positions", "max_position_embeddings"):
+        positions = getattr(model_config, field, None)
+        if isinstance(positions, int):
+            return field, positions
+    return None
+
+
 def train_and_report(args, config: TrainingConfig, data_config, context, run_dir) -> int:
     """Load the model, apply the method, build the data, :func:`train` in the opened ``run_dir``, report."""
     def say(message: str = "") -> None:
@@ -215,6 +225,11 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
         + (f" | {torch.get_num_threads()} CPU thread(s)" if context.device.type == "cpu" else ""))
 
     # 2) data: each process reads its own shard of every batch
+    positions = positions_of(model.config)
+    if positions is not None and data_config.max_length > positions[1]:  # past it: an index error in a forward
+        say(f"note: --max_length {data_config.max_length} is more than the model's {positions[1]:,} positions "
+            f"(its config's {positions[0]}); records are cut at {positions[1]}")
+        data_config.max_length = positions[1]
     train_loader, val_loader, report = build_dataloaders(data_config, tokenizer, context.rank, context.world_size,
                                                          progress=context.is_main)
     say("\n".join(report.summary_lines()))
