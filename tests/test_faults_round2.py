@@ -575,3 +575,22 @@ def test_a_max_length_beyond_the_models_positions_is_cut_to_them_and_said(tmp_pa
     assert "note: --max_length 100000 is more than the model's 512 positions (its config's n_positions)" in out
     config = json.loads((tmp_path / "out" / "train_config.json").read_text())
     assert config["data"]["max_length"] == 512
+
+
+@pytest.mark.parametrize("field, value, extra, fragment", [
+    ("step", 99_999_999_999, [], "is at step 99,999,999,999, past this run's last step (3"),
+    ("epoch", 10 ** 12, [], "epoch 1000000000000 with only 2 steps"),
+    (None, None, ["--max_steps", "1"], "is at step 2, past this run's last step (1"),
+])
+def test_a_checkpoint_past_the_runs_end_or_with_impossible_counts_is_refused(field, value, extra, fragment,
+                                                                             checkpointed_run, tmp_path, capsys):
+    """It exited 0 with "Trained 99999999999 steps" having trained nothing, or took epoch 1e12."""
+    copy, _ = resume_copy(checkpointed_run, tmp_path, capsys)
+    state_file = copy / "checkpoints" / "step-2" / "trainer_state.json"
+    if field is not None:
+        edit_json(state_file, lambda state: state["trainer"].update({field: value}))
+    before = digests(copy)
+    code, out, err = in_process(train_main, "--output_dir", copy, "--resume", "latest",
+                                *(extra or ["--max_steps", "3"]), capsys=capsys)
+    one_error(code, err, fragment)
+    assert digests(copy) == before and "Trained" not in out

@@ -173,6 +173,7 @@ def resume_or_start_fresh(run: TrainingRun, run_dir: RunDir, train_loader) -> No
             raise UserError(f"--resume {config.resume}: {checkpoint} is {run.state.batches_done} batches into epoch "
                             f"{run.state.epoch}, but this run's data gives only {len(train_loader)} batches per "
                             "epoch; resume with the original --dataset_path and data settings")
+        check_resumable(run, checkpoint)
         say(run, f"resumed from {checkpoint}: step {run.state.step}, epoch {run.state.epoch}, "
                  f"{run.state.batches_done} batches into it")
         if run.rng_to_restore is None:
@@ -192,6 +193,20 @@ def resume_or_start_fresh(run: TrainingRun, run_dir: RunDir, train_loader) -> No
                              resume_step=run.state.step if checkpoint is not None else None)
     if not run.state.gradient_check_done:
         run.gradient_check = GradientCheck(run.model, config.gradient_checkpointing)
+
+
+def check_resumable(run: TrainingRun, checkpoint: Path) -> None:
+    """The checkpoint's step fits this run: not past its last step (the run would "finish" having trained
+    nothing), and at least its epoch count (every epoch takes a step: more epochs than steps is a damaged
+    ``trainer_state.json``)."""
+    state, where = run.state, checkpoint / "trainer_state.json"
+    if state.epoch > state.step:
+        raise UserError(f"--resume {where}: epoch {state.epoch} with only {state.step} steps (every epoch takes at "
+                        "least one); the file is damaged: resume from an earlier checkpoint")
+    if state.step > run.plan.total_steps:
+        raise UserError(f"--resume {checkpoint}: is at step {state.step:,}, past this run's last step "
+                        f"({run.plan.total_steps:,}: --max_steps, --epochs); give more steps to continue it, or use "
+                        "its adapter as it is")
 
 
 def evaluate_before_training(run: TrainingRun, val_loader) -> None:
