@@ -181,3 +181,13 @@ def test_plain_model_matches_transformers_generate(tiny_model_factory):
     theirs = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8, min_new_tokens=8,
                             do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(ours, theirs[:, input_ids.shape[1]:])
+
+
+def test_a_model_whose_output_is_not_finite_is_an_error_not_an_empty_reply(gpt2_tiny):
+    """A huge lora_alpha (or a damaged weight) makes the logits NaN; argmax then picks token 0 and the reply was
+    empty with exit 0."""
+    peft_model = get_peft_model(lively(gpt2_tiny), LoRAConfig(r=2, lora_alpha=1e38, target_modules=["c_attn"],
+                                                              init_lora_weights=False))
+    input_ids, attention_mask = left_padded(PROMPTS)
+    with pytest.raises(UserError, match="output is not finite .* at generated token 1"):
+        generate(peft_model, input_ids, attention_mask, max_new_tokens=4)

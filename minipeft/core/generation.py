@@ -102,8 +102,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor = None
         finished = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
         new_tokens = []
         for step in range(max_new_tokens):
-            token = next_token_from_logits(outputs.logits[:, -1, :], do_sample, temperature, top_k, top_p,
-                                           generator)  # (B,)
+            last = outputs.logits[:, -1, :]  # (B, V)
+            if not bool(torch.isfinite(last).all()):  # argmax of NaN is token 0: an empty "reply", exit 0
+                raise UserError(f"the model's output is not finite (NaN or infinity) at generated token {step + 1}: "
+                                "its weights or the adapter's are damaged or out of range (a huge lora_alpha?)")
+            token = next_token_from_logits(last, do_sample, temperature, top_k, top_p, generator)  # (B,)
             shown = token.masked_fill(finished, pad_token_id)  # a stopped row shows padding (its input stays a token)
             new_tokens.append(shown)
             if streamer is not None:
