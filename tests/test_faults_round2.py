@@ -594,3 +594,13 @@ def test_a_checkpoint_past_the_runs_end_or_with_impossible_counts_is_refused(fie
                                 *(extra or ["--max_steps", "3"]), capsys=capsys)
     one_error(code, err, fragment)
     assert digests(copy) == before and "Trained" not in out
+
+
+@pytest.mark.parametrize("field, value", [("vocab_size", 3), ("n_positions", 2)])
+def test_a_config_that_disagrees_with_its_weights_is_refused(field, value, tmp_path, capsys):
+    """The weights' shapes silently won over config.json's sizes (exit 0)."""
+    model = model_copy(tmp_path, config_edit(**{field: value}))
+    before = digests(tmp_path)
+    code, out, err = in_process(GENERATE, "--model", model, "--prompt", "Hi", "--max_new_tokens", "2", capsys=capsys)
+    one_error(code, err, "in the weights, but config.json describes", "disagree")
+    assert digests(tmp_path) == before

@@ -259,6 +259,10 @@ def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set
     the 4-bit layers compute in ``compute_dtype`` (None: the default)."""
     module_name, _, attribute = name.rpartition(".")
     module = model.get_submodule(module_name)
+    expected = getattr(module, attribute, None)
+    if isinstance(expected, torch.Tensor) and tuple(expected.shape) != tuple(tensor.shape):
+        raise UserError(f"--model: tensor {name} has shape {list(tensor.shape)} in the weights, but config.json "
+                        f"describes {list(expected.shape)}; config.json and the weights disagree")
     quantize = module_name in targets and attribute == "weight"
     if not quantize and tensor.is_floating_point():
         tensor = tensor.to(dtype)
