@@ -161,8 +161,11 @@ def test_a_rank_in_an_adapter_config_beyond_the_model_names_the_file(tmp_path, c
 # -- 4. meaningless requests refused --------------------------------------------------------------------------------
 @pytest.mark.parametrize("command, argv, fragment", [
     ("generate", ["--max_new_tokens", "0"], "--max_new_tokens 0: asks for no new token"),
+    ("generate", ["--max_new_tokens", "-1"], "--max_new_tokens -1: asks for no new token"),
     ("generate", ["--do_sample", "--top_k", "0"], "--top_k 0: keeps no token to sample from"),
     ("generate", ["--output_file", ""], "argument --output_file: an empty name"),
+    ("generate", ["--output_file", "newdir/"], "--output_file newdir/: names a folder"),
+    ("generate", ["--prompt", " "], "--prompt: empty"),
     ("modify", ["--save_adapter", ""], "argument --save_adapter: an empty name"),
     ("train", ["--output_dir", ""], "argument --output_dir: an empty name"),
     ("compare", ["--val_size", "0"], "argument --val_size: 0 asks for nothing"),

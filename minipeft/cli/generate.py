@@ -11,6 +11,7 @@ docstring for what it does, in order).
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -81,8 +82,13 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     check_sampling_flags(args)
-    if args.max_new_tokens == 0:  # (a negative count: core/generation.py says what is right)
-        raise UserError("--max_new_tokens 0: asks for no new token; give 1 or more")
+    if args.max_new_tokens < 1:  # before the model loads
+        raise UserError(f"--max_new_tokens {args.max_new_tokens}: asks for no new token; give 1 or more")
+    if args.prompt and not all(text.strip() for text in args.prompt):
+        raise UserError("--prompt: empty; give an instruction")
+    if args.output_file and args.output_file.endswith(("/", os.sep)):
+        raise UserError(f"--output_file {args.output_file}: names a folder; give a file name (one JSON object per "
+                        "prompt is written into it)")
     if args.input and not args.prompt:
         raise UserError("--input goes with --prompt; in --prompts_file give {\"instruction\", \"input\"} objects")
     prompts = ([Prompt(text, args.input) for text in args.prompt] if args.prompt
