@@ -352,3 +352,17 @@ def test_no_command_writes_into_the_built_in_models_folder(tmp_path, capsys):
                               capsys=capsys)
     one_error(code, err, "--out", "--model")
     assert digests(MODEL_DIR) == before
+
+
+def test_a_run_into_a_marked_folder_it_did_not_create_records_its_metrics(tmp_path, capsys):
+    """A copied adapter folder (its .minipeft came along) used as --output_dir: the run's metrics.jsonl is
+    recorded, so a later --overwrite_output_dir does not blame minipeft's own file on the user."""
+    run_dir = tmp_path / "run"
+    assert in_process(train_main, *TINY_RUN, "--output_dir", run_dir, capsys=capsys)[0] == 0
+    copied = Path(shutil.copytree(run_dir / "adapter", tmp_path / "myadapter"))
+    assert is_ours(copied)
+    code, _, err = in_process(train_main, *TINY_RUN, "--output_dir", copied, capsys=capsys)
+    assert code == 0, err
+    code, _, err = in_process(train_main, *TINY_RUN, "--output_dir", copied, "--overwrite_output_dir",
+                              capsys=capsys)
+    assert code == 0, err
