@@ -366,3 +366,17 @@ def test_a_run_into_a_marked_folder_it_did_not_create_records_its_metrics(tmp_pa
     code, _, err = in_process(train_main, *TINY_RUN, "--output_dir", copied, "--overwrite_output_dir",
                               capsys=capsys)
     assert code == 0, err
+
+
+def test_an_output_onto_the_adapters_base_names_it_as_such_when_no_model_flag_was_given(tmp_path, capsys):
+    from data_fixtures import save_tiny_run_inputs
+
+    model_dir, records_path = save_tiny_run_inputs(tmp_path / "inputs", width=32)
+    run_dir = tmp_path / "run"
+    assert in_process(train_main, *TINY_RUN, "--model", model_dir, "--dataset_path", records_path,
+                      "--output_dir", run_dir, capsys=capsys)[0] == 0
+    before = digests(model_dir)
+    code, _, err = in_process(MERGE, "--adapter", run_dir / "adapter", "--out", model_dir, "--overwrite",
+                              capsys=capsys)
+    one_error(code, err, "--out", "is the adapter's base model")
+    assert "--model" not in err and digests(model_dir) == before

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     if args.output_file:  # before minutes of generating, not after
         check_output_file(args.output_file, "--output_file", args.overwrite,
                           {"--prompts_file": args.prompts_file, "--adapter": args.adapter,
-                           "--model": local_model_path(model_name)})
+                           "--model" if args.model else "the adapter's base model": local_model_path(model_name)})
     transformers_logging.disable_progress_bar()
     resolve_quantize(args, args.adapter, log=lambda message: print(message, file=sys.stderr))
     check_quantize_arguments(args)

@@ -59,7 +59,8 @@ def main(argv=None) -> int:
         raise UserError(f"--tolerance must be positive, got {args.tolerance}")
     transformers_logging.disable_progress_bar()
     model_name = resolve_model_name(args.model, args.adapter)
-    check_apart(args.out, "--out", {"--adapter": args.adapter, "--model": local_model_path(model_name)})
+    base = "--model" if args.model else "the adapter's base model"  # the user may not have named it
+    check_apart(args.out, "--out", {"--adapter": args.adapter, base: local_model_path(model_name)})
     check_out_dir(args.out, args.overwrite)  # before minutes of loading and merging, not after
     check_not_merged_already(model_name, args.adapter)
     resolve_quantize(args, args.adapter)
