@@ -350,7 +350,7 @@ def test_no_command_writes_into_the_built_in_models_folder(tmp_path, capsys):
     assert in_process(train_main, *TINY_RUN, "--output_dir", run_dir, capsys=capsys)[0] == 0
     code, _, err = in_process(MERGE, "--adapter", run_dir / "adapter", "--out", MODEL_DIR, "--overwrite",
                               capsys=capsys)
-    one_error(code, err, "--out", "--model")
+    one_error(code, err, "--out", "is the adapter's base model")
     assert digests(MODEL_DIR) == before
 
 
