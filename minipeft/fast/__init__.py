@@ -9,6 +9,9 @@ test that it equals that reference (outputs and gradients, stated tolerances):
   masked copy (reference :class:`minipeft.methods.lora.LoRALinear`; ``tests/test_fast_lora_dropout.py``);
 - :mod:`~minipeft.fast.rms_norm`: Llama's RMSNorm with a hand-written backward that keeps a third of the
   memory (reference: transformers' own norm; ``tests/test_fast_rms_norm.py``);
+- :func:`~minipeft.core.c_heap.large_tensors_mapped`: on a CPU, tensors of 1 MiB and more in mappings of their
+  own, so the forward's freed temporaries do not stay resident between the activations it keeps (reference:
+  the C library's default heap; ``tests/test_c_heap.py``);
 - :mod:`~minipeft.fast.compile`: ``--compile``, the transformer blocks through ``torch.compile`` (reference:
   the eager blocks; ``tests/test_fast_compile.py``);
 - :mod:`~minipeft.fast.nf4_dequant` and :mod:`~minipeft.fast.nf4_cpu_kernel`: a 4-bit layer's weight
@@ -27,6 +30,7 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
+from minipeft.core.c_heap import large_tensors_mapped
 from minipeft.fast.compile import compiled_blocks
 from minipeft.fast.lora_dropout import dropout_by_gaps
 from minipeft.fast.nf4_dequant import fused_nf4_dequantization
@@ -37,8 +41,9 @@ from minipeft.fast.rms_norm import use_memory_lean_rms_norm
 def switched_on(model: torch.nn.Module, device: torch.device, compile: bool, warn=None):
     """Within the ``with``: the optimisations of a training run on ``model`` (a PeftModel) on ``device``.
 
-    - on a CPU, LoRA's dropout by its gaps (a GPU draws per entry in one fused kernel), and 4-bit layers
-      dequantized by the C kernel;
+    - on a CPU, LoRA's dropout by its gaps (a GPU draws per entry in one fused kernel), 4-bit layers
+      dequantized by the C kernel, and large tensors in mappings of their own (peak memory is what the step
+      holds);
     - with ``compile``, the blocks compiled; without, Llama-style norms memory-lean (compiled blocks fuse them
       anyway).
     """
@@ -46,6 +51,7 @@ def switched_on(model: torch.nn.Module, device: torch.device, compile: bool, war
         if device.type == "cpu":
             stack.enter_context(dropout_by_gaps(model, warn))  # before compiling: the graph sees the swap
             stack.enter_context(fused_nf4_dequantization(model, cpu_only=True))
+            stack.enter_context(large_tensors_mapped(warn=warn))
         if compile:
             stack.enter_context(compiled_blocks(model, device, warn))
         else:

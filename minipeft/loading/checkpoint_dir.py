@@ -35,8 +35,6 @@ buffer it cannot rebuild) falls back to transformers' ``from_pretrained`` with o
 checkpoint that loads there loads here; only the memory guarantee is lost.
 """
 
-import ctypes
-import ctypes.util
 import json
 import os
 import struct
@@ -46,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minipeft.core.c_heap import release_freed_memory
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
 from minipeft.loading.models import _load_pretrained
@@ -142,27 +141,6 @@ def read_tensor(stored: StoredTensor, handle) -> torch.Tensor:
     if handle.readinto(data.numpy()) != data.numel():
         raise UserError(f"--model {stored.file}: ends inside tensor {stored.name}; the file is truncated")
     return data.view(stored.dtype).reshape(stored.shape)
-
-
-_libc = []
-
-
-def release_freed_memory() -> None:
-    """Hand the pages that freed tensors left inside the C heap back to the system (glibc's ``malloc_trim``).
-
-    Tensors under 32 MB come from glibc's heap, not from a mapping of their own. Quantizing one layer frees its
-    temporaries, but the heap keeps those pages: the packed codes allocated just after sit above them, so the
-    heap cannot shrink from its top, and resident memory climbs by ~0.45 GB over a 3B model's 196 layers.
-    ``malloc_trim(0)`` returns every whole free page, wherever it lies. A no-op without glibc."""
-    if not _libc:
-        name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(name) if name else None
-            _libc.append(libc if libc is not None and hasattr(libc, "malloc_trim") else None)
-        except OSError:
-            _libc.append(None)
-    if _libc[0] is not None:
-        _libc[0].malloc_trim(0)
 
 
 def available_memory_bytes() -> int:
