@@ -40,7 +40,6 @@ from minipeft.loading.streaming import load_base_model
 from minipeft.methods import default_learning_rate
 from minipeft.model.adapter_files import config_to_dict
 from minipeft.model.peft_model import get_peft_model
-from minipeft.training.checkpoint import DATA_SETTINGS, MATH_SETTINGS
 from minipeft.training.config import TrainingConfig, add_training_arguments
 from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.loop import train
@@ -48,17 +47,13 @@ from minipeft.training.metrics import plot_loss_curve
 from minipeft.training.precision import load_dtype, trains_base_weights
 from minipeft.training.prepare import resolve_precision
 from minipeft.training.quantization_cost import COMPUTE_DTYPES
+from minipeft.training.resume_checks import RESUMABLE_CHANGES, changed_setting_message, refused_change
 from minipeft.training.report import plan_record, quantization_cost_line, run_summary, summary_lines
 from minipeft.training.run_dir import RUN_OUTPUTS, open_run_dir
 from minipeft.training.sharding import check_can_shard, load_sharded
 
 # What this command writes into --output_dir besides what the training loop writes.
 CLI_OUTPUTS = ("metrics.json", "train_config.json", "loss_curve.png")
-
-# Settings that may change between an interrupted run and its resumption without changing what it computes.
-RESUMABLE_CHANGES = {"resume", "resume_new_data", "overwrite_output_dir", "max_steps", "epochs", "log_every",
-                     "eval_every", "save_every", "save_total_limit", "early_stopping_patience", "cache_dir",
-                     "no_cache", "num_workers", "eval_max_batches", "sharding", "fsdp_cpu_offload", "num_threads"}
 
 
 # Below this size a model's matmuls are too small to split across cores: one thread is about as fast, and on a
@@ -101,17 +96,15 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
 
 def warn_about_changed_settings(output_dir: Path, current: dict) -> None:
     """On --resume, before the model loads: refuse a setting that changes what a step computes or which batches
-    it reads (the checkpoint could not continue the same run; :mod:`minipeft.training.checkpoint` checks the
-    same again, and the data file's hash, when it resumes), and name the other settings that differ."""
+    it reads (the checkpoint could not continue the same run; what may change is decided in
+    :mod:`minipeft.training.resume_checks`, which checks the checkpoint again, and the data file's hash, when it
+    resumes), and name the other settings that differ."""
     before = saved_arguments(output_dir)
+    refused = refused_change(before, current, new_data=bool(current.get("resume_new_data")))
+    if refused is not None:
+        raise UserError(changed_setting_message("--resume", refused, current[refused], before[refused],
+                                                leave_out=True))
     differs = [key for key in sorted(current) if key in before and current[key] != before[key]]
-    data_settings = {"dataset_path", *DATA_SETTINGS}
-    for key in differs:
-        if key in MATH_SETTINGS or (key in data_settings and not current.get("resume_new_data")):
-            remedy = " or pass --resume_new_data to continue on the new data" if key in data_settings else ""
-            raise UserError(f"--resume: --{key} {current[key]} changes what the run computes (it started with "
-                            f"{before[key]}); resume with the run's own --{key} (leave it out){remedy}, or start "
-                            "a new run")
     changed = [f"--{key} {current[key]} (was {before[key]})" for key in differs if key not in RESUMABLE_CHANGES]
     if changed:
         print("note: resuming with settings that differ from the original run's: " + ", ".join(changed))
