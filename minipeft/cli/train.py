@@ -31,7 +31,7 @@ from minipeft.cli.arguments import (add_method_arguments, add_quantize_arguments
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
 from minipeft.data import build_dataloaders
-from minipeft.data.config import add_data_arguments, data_config_from_args
+from minipeft.data.config import add_data_arguments, data_config_from_args, fit_max_length
 from minipeft.data.templates import resolve_template_name
 from minipeft.files.input_files import check_input_file, loads_json, read_input_text
 from minipeft.files.safe_files import write_json_atomically
@@ -165,16 +165,6 @@ def main(argv=None) -> int:
         shutdown_distributed()
 
 
-def positions_of(model_config):
-    """``(field, count)`` of the positions the model has (GPT-2's learned 1,024, the built-in model's 512), or
-    None where the config names none."""
-    for field in ("n_positions", "max_position_embeddings"):
-        positions = getattr(model_config, field, None)
-        if isinstance(positions, int):
-            return field, positions
-    return None
-
-
 def train_and_report(args, config: TrainingConfig, data_config, context, run_dir) -> int:
     """Load the model, apply the method, build the data, :func:`train` in the opened ``run_dir``, report."""
     def say(message: str = "") -> None:
@@ -218,11 +208,9 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
         + (f" | {torch.get_num_threads()} CPU thread(s)" if context.device.type == "cpu" else ""))
 
     # 2) data: each process reads its own shard of every batch
-    positions = positions_of(model.config)
-    if positions is not None and data_config.max_length > positions[1]:  # past it: an index error in a forward
-        say(f"note: --max_length {data_config.max_length} is more than the model's {positions[1]:,} positions "
-            f"(its config's {positions[0]}); records are cut at {positions[1]}")
-        data_config.max_length = positions[1]
+    cut = fit_max_length(data_config, model.config)  # past the model's positions: an index error in a forward
+    if cut is not None:
+        say(cut)
     train_loader, val_loader, report = build_dataloaders(data_config, tokenizer, context.rank, context.world_size,
                                                          progress=context.is_main)
     say("\n".join(report.summary_lines()))
