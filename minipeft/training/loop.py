@@ -275,9 +275,10 @@ def train_step(run: TrainingRun, window: list, val_loader, stop: StopRequest, pr
             run.outcome = "early_stopped"
     if stop_votes:
         run.outcome = "interrupted"
-    # 7) checkpoint
+    # 7) checkpoint (a Ctrl-C waits for it to be written whole)
     if state.step % plan.save_every == 0 or state.step == plan.total_steps or run.outcome != "finished":
-        save_training_state(run)
+        with stop.deferred(stopping=run.outcome == "interrupted"):
+            save_training_state(run)
 
 
 def optimizer_step(run: TrainingRun, window_nll: float, n_targets: int, step_loss: float) -> tuple:
