@@ -7,6 +7,7 @@ naming the field, what would continue another one or a damaged one (issue #26):
   misshaped optimizer group or RNG record: :func:`check_saved_state`, :func:`check_state_file`), and the
   tensors beside it (optimizer moments finite and named as written, generator states of their generators' size:
   :func:`check_optimizer_files`, :func:`check_rng_tensors`);
+- a position the run cannot reach (past its data's epoch or its last step: :func:`check_position_fits`);
 - a method setting other than the checkpoint's adapter was trained with (``lora_alpha``, ``lora_dropout``,
   ``target_modules`` ...: same shapes, other math, so the strict tensor load alone would not notice);
 - the data: each checkpoint records a fingerprint of what decides the batches (:func:`data_fingerprint`: the
@@ -183,6 +184,26 @@ def check_same_data(directory: Path, saved: dict, current: dict = None, new_data
         raise UserError(f"--resume {directory}: {mismatch}: the checkpoint's position in the data would point "
                         "into other batches; resume with the original data and settings, or pass "
                         "--resume_new_data to continue on the new data from its first batch")
+
+
+def check_position_fits(state: TrainState, checkpoint: Path, resume: str, batches_per_epoch: int,
+                        total_steps: int) -> None:
+    """The checkpoint's place (``state``, loaded from ``checkpoint`` for ``--resume resume``) fits this run:
+    within an epoch of its data (``batches_per_epoch``), at least its epoch count (every epoch takes a step: more
+    epochs than steps is a damaged ``trainer_state.json``), and not past its last step (``total_steps``: the run
+    would "finish" having trained nothing)."""
+    if state.batches_done > batches_per_epoch:
+        raise UserError(f"--resume {resume}: {checkpoint} is {state.batches_done} batches into epoch "
+                        f"{state.epoch}, but this run's data gives only {batches_per_epoch} batches per "
+                        "epoch; resume with the original --dataset_path and data settings")
+    if state.epoch > state.step:
+        raise UserError(f"--resume {checkpoint / 'trainer_state.json'}: epoch {state.epoch} with only {state.step} "
+                        "steps (every epoch takes at least one); the file is damaged: resume from an earlier "
+                        "checkpoint")
+    if state.step > total_steps:
+        raise UserError(f"--resume {checkpoint}: is at step {state.step:,}, past this run's last step "
+                        f"({total_steps:,}: --max_steps, --epochs); give more steps to continue it, or use its "
+                        "adapter as it is")
 
 
 def _flag_of(config, key: str):
