@@ -119,6 +119,21 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def step_timer(step_seconds: list):
+    """A ``transformers.TrainerCallback`` that appends each optimizer step's seconds to ``step_seconds``
+    (``on_step_begin`` to ``on_step_end``: the Trainer's side of the step timer minipeft keeps in metrics.jsonl)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            step_seconds.append(time.perf_counter() - self.started)
+
+    return StepTimer()
+
+
 def total_steps(args) -> int:
     """One epoch over the subset: ``ceil(records / (batch · accumulation))`` optimizer steps."""
     return -(-args.records // (args.batch_size * args.accumulation))
@@ -224,7 +239,7 @@ def run_seed(args, model, tokenizer) -> list:
 def run_trainer(args, model, tokenizer) -> list:
     """peft + transformers.Trainer: DataCollatorForSeq2Seq (dynamic padding), the records in file order."""
     import peft
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from minipeft.data.tokenization import pad_token_id
 
@@ -248,14 +263,6 @@ def run_trainer(args, model, tokenizer) -> list:
         return batch
 
     step_seconds = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            step_seconds.append(time.perf_counter() - self.started)
-
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=args.batch_size,
@@ -264,7 +271,7 @@ def run_trainer(args, model, tokenizer) -> list:
             save_strategy="no", torch_compile=args.worker == "trainer-compile",
             logging_strategy="no", dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
         trainer = Trainer(model=peft_model, args=training_args, train_dataset=examples, data_collator=collate,
-                          callbacks=[StepTimer()])
+                          callbacks=[step_timer(step_seconds)])
         trainer.train()
     # The Trainer fetches each window's micro-batches in order: step i used batches [k·i, k·i + k).
     k = args.accumulation

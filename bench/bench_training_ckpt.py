@@ -28,20 +28,14 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench_training import peak_rss_bytes, step_timer  # noqa: E402  (this folder is the script's: sys.path[0])
+
 SIDES = ("minipeft-bf16", "minipeft-nf4", "minipeft-nf4-ref", "trainer-bf16", "trainer-bnb4")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
 
 
 def batches(args, vocab: int) -> list:
@@ -85,7 +79,7 @@ def run_minipeft(args) -> list:
 def run_trainer(args) -> list:
     import peft
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 
     extra = {}
     if args.worker == "trainer-bnb4":
@@ -98,21 +92,13 @@ def run_trainer(args) -> list:
     examples = [{key: value[row] for key, value in batch.items()}
                 for batch in batches(args, model.config.vocab_size) for row in range(args.batch_size)]
     step_seconds = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            step_seconds.append(time.perf_counter() - self.started)
-
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
             learning_rate=2e-4, lr_scheduler_type="constant", train_sampling_strategy="sequential", bf16=True,
             use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
             remove_unused_columns=False, disable_tqdm=True)
-        Trainer(model=peft_model, args=training_args, train_dataset=examples, callbacks=[StepTimer()]).train()
+        Trainer(model=peft_model, args=training_args, train_dataset=examples, callbacks=[step_timer(step_seconds)]).train()
     return [(seconds, args.batch_size * args.length) for seconds in step_seconds]
 
 

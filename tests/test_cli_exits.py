@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from data_fixtures import save_tiny_run_inputs
+from minipeft.training.signals import StopRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -72,6 +73,68 @@ def test_two_ctrl_c_in_a_row_leave_a_resumable_run(tmp_path):
                              capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (out_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# train_llm.py, with a Ctrl-C sent (by the process to itself, so at a known moment) as the checkpoint of step 2
+# starts being written, and a second one as the stop's own checkpoint (step 3) starts being written
+CTRL_C_DURING_WRITES = """
+import os, signal, sys
+from minipeft.cli import handle_signals_after_loading, run
+from minipeft.cli.train import main
+from minipeft.training import loop
+
+write = loop.save_checkpoint
+
+def save_checkpoint(directory, *args, **kwargs):
+    if directory.name in ("step-2", "step-3"):
+        os.kill(os.getpid(), signal.SIGINT)
+    return write(directory, *args, **kwargs)
+
+loop.save_checkpoint = save_checkpoint
+handle_signals_after_loading()
+sys.exit(run(main, sys.argv[1:], leaving=True))
+"""
+
+
+def test_a_second_ctrl_c_waits_for_the_first_ones_checkpoint(tmp_path):
+    """The first Ctrl-C lands during step 2's checkpoint (it asks to stop after step 3), the second during the
+    stop's own checkpoint: that write finishes (it used to die half-way, by KeyboardInterrupt, leaving step 2 as
+    the last checkpoint), the run exits 130 saying where it stopped, and ``--resume latest`` continues from it."""
+    model_dir, records = save_tiny_run_inputs(tmp_path / "inputs", width=32)
+    out_dir = tmp_path / "run"
+    argv = ["--model", str(model_dir), "--dataset_path", str(records), "--no_cache", "--output_dir", str(out_dir),
+            "--batch_size", "4", "--save_every", "1", "--eval_every", "100000", "--max_steps", "6"]
+    done = subprocess.run([sys.executable, "-c", CTRL_C_DURING_WRITES, *argv], capture_output=True, text=True,
+                          env=ENV, cwd=tmp_path, timeout=300)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "interrupted at step 3/6: checkpoint saved to" in done.stdout
+    assert "SIGINT: waiting for the checkpoint being written to be complete" in done.stdout + done.stderr
+    step_3 = out_dir / "checkpoints" / "step-3"
+    assert (step_3 / "trainer_state.json").is_file() and not list((out_dir / "checkpoints").glob(".tmp-*"))
+    resumed = subprocess.run([sys.executable, str(ROOT / "train_llm.py"), *argv, "--resume", "latest"],
+                             capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {out_dir / 'checkpoints' / 'step-3'}: step 3" in resumed.stdout
+    assert (out_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_signals_wait_for_a_write_then_count_as_if_sent_at_its_end():
+    """:meth:`StopRequest.deferred` directly: a Ctrl-C inside is held; at the end the first asks to stop, a
+    second raises KeyboardInterrupt (stop at once), unless the write was the stop's own checkpoint."""
+    stop = StopRequest()
+    with stop.installed():
+        with stop.deferred(stopping=False):
+            signal.raise_signal(signal.SIGINT)
+            assert not stop.requested  # held: the write goes on
+        assert stop.requested and stop.signal_number == signal.SIGINT  # ... and counted once it ended
+        with pytest.raises(KeyboardInterrupt):
+            with stop.deferred(stopping=False):
+                signal.raise_signal(signal.SIGINT)
+                written = True  # the write ran to its end before the interrupt
+        assert written
+        with stop.deferred(stopping=True):  # the stop's own checkpoint: the run returns after it anyway
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
 
 
 def test_an_unknown_command_is_one_line_and_a_closed_pipe_is_quiet():

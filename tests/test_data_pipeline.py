@@ -9,7 +9,7 @@ import torch
 from data_fixtures import (RECORDS, SHARED_DATA, records_file, tiny_tokenizer,  # noqa: F401 (fixtures)
                            tokenizer_dir, write_json)
 from minipeft.cli import main as minipeft_main
-from minipeft.data import DataConfig, add_data_arguments, build_dataloaders, data_config_from_args
+from minipeft.data import DataConfig, add_data_arguments, build_dataloaders, data_config_from_args, fit_max_length
 from minipeft.cli.data import main as data_main
 from minipeft.data.pipeline import resolve_dataset_path
 from minipeft.core.errors import UserError
@@ -185,3 +185,20 @@ def test_smollm2_tokenizer_chat_template_and_pad_equal_to_eos(tmp_path):
         assert tokenizer.decode(trained)[:-len("<|im_end|>")] in {r["output"] for r in RECORDS}
     texts = [r["instruction"] for r in RECORDS]
     assert encode_texts(tokenizer, texts, True) == tokenizer(texts)["input_ids"]
+
+
+def test_max_length_is_cut_to_the_models_positions_and_said():
+    """A record longer than the model's positions ends in an index error inside its forward: the data's own
+    function cuts ``max_length`` to them (what ``train_llm.py`` prints), for GPT-2's and Llama's field names."""
+    from types import SimpleNamespace
+
+    config = DataConfig(max_length=2048)
+    note = fit_max_length(config, SimpleNamespace(n_positions=1024))
+    assert config.max_length == 1024 and note == ("note: --max_length 2048 is more than the model's 1,024 positions "
+                                                  "(its config's n_positions); records are cut at 1024")
+    assert fit_max_length(config, SimpleNamespace(n_positions=1024)) is None  # fits now: nothing to say
+    llama = DataConfig(max_length=300)
+    assert "its config's max_position_embeddings" in fit_max_length(llama, SimpleNamespace(max_position_embeddings=256))
+    assert llama.max_length == 256
+    unknown = DataConfig(max_length=300)
+    assert fit_max_length(unknown, SimpleNamespace()) is None and unknown.max_length == 300

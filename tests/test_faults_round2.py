@@ -333,7 +333,7 @@ def test_a_data_file_changed_since_the_checkpoint_is_refused(checkpointed_run, t
 
 
 def test_another_data_set_or_setting_is_refused_unless_new_data_is_asked_for(checkpointed_run, tmp_path):
-    from minipeft.training.checkpoint import check_same_data, check_same_settings, data_fingerprint
+    from minipeft.training.resume_checks import check_same_data, check_same_settings, data_fingerprint
 
     checkpoint = checkpointed_run[0] / "checkpoints" / "step-2"
     saved = json.loads((checkpoint / "trainer_state.json").read_text())["data"]

@@ -165,3 +165,20 @@ def test_new_data_is_refused_unless_asked_for_and_then_starts_at_its_first_batch
             load_checkpoint(path, fresh, build_optimizer(fresh, 1e-2, 0.01), None, current=current)
     resumed = load_checkpoint(path, fresh, build_optimizer(fresh, 1e-2, 0.01), None, current=metadata, new_data=True)
     assert [resumed[key] for key in ("step", "batches_done", "epoch_nll", "epoch_target_tokens")] == [3, 0, 0, 0]
+
+
+def test_what_may_change_on_resume_is_decided_in_one_place():
+    """:func:`refused_change` is the rule both the command line and the checkpoint's checks apply: a setting of
+    the math never changes, the data's only with ``--resume_new_data``, the rest freely."""
+    from minipeft.training.resume_checks import changed_setting_message, refused_change
+
+    saved = {"learning_rate": 1e-3, "batch_size": 8, "dataset_path": "a.json", "max_steps": 10, "log_every": 1}
+    assert refused_change(saved, {**saved, "max_steps": 20, "log_every": 5}) is None
+    assert refused_change(saved, {**saved, "learning_rate": 2e-3}, new_data=True) == "learning_rate"
+    assert refused_change(saved, {**saved, "batch_size": 4}) == "batch_size"
+    assert refused_change(saved, {**saved, "batch_size": 4, "dataset_path": "b.json"}, new_data=True) is None
+    assert refused_change(saved, {"learning_rate": 2e-3}) == "learning_rate"  # only flags both runs set compare
+    assert refused_change(saved, {"weight_decay": 0.1}) is None
+    assert changed_setting_message("--resume", "batch_size", 4, 8, leave_out=True) == (
+        "--resume: --batch_size 4 changes what the run computes (it started with 8); resume with the run's own "
+        "--batch_size (leave it out) or pass --resume_new_data to continue on the new data, or start a new run")

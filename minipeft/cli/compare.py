@@ -8,7 +8,8 @@
         --max_length 64 --batch_size 2 --max_steps 5 --speed_tokens 4 --generation_tokens 12 \\
         --report docs/comparison.md                              # docs/comparison.md, as committed
 
-For each method, in this process, one after another, with the same seed:
+For each method, in this process, one after another, with the same seed
+(:func:`~minipeft.cli.compare_method.compare_method`):
 
 1. a fresh copy of the base model gets the method (its config's defaults, or the method flags given, e.g.
    ``--lora_rank``, the same flags as ``train_llm.py``'s; a flag that applies to none of the chosen methods is
@@ -32,179 +33,31 @@ learn, not which one is best after a full training run. Learning rates matter mo
 """
 
 import argparse
-import copy
-import gc
 import json
 import random
 import shlex
-import signal
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from minipeft.cli import CommandLineParser
-from minipeft.cli.arguments import add_method_flags, config_from_args, method_flags, unusable_flag
+from minipeft.cli.arguments import add_method_flags, unusable_flag
+from minipeft.cli.compare_method import MethodInterrupted, answer, compare_method, method_config
 from minipeft.cli.compare_report import describe_machine, markdown_report, markdown_table, plot_comparison
-from minipeft.core.bounds import path_name, positive_int, seed_number
+from minipeft.core.bounds import model_positions, path_name, positive_int, seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
-from minipeft.core.generation import generate
 from minipeft.data import build_dataloaders, DataConfig, load_records, resolve_dataset_path
 from minipeft.data.tokenization import encode_prompt
 from minipeft.files.safe_files import (check_apart, check_ours_to_replace, check_output_file, check_unlocked,
                                        is_empty_directory, is_ours, make_directory, mark_as_ours, OutputLock,
-                                       remove_our_directory, write_json_atomically, write_output_file,
-                                       write_text_atomically)
-from minipeft.inference.prompts import generate_texts, Prompt, resolve_template
+                                       write_json_atomically, write_output_file, write_text_atomically)
+from minipeft.inference.prompts import Prompt, resolve_template
 from minipeft.loading.models import load_model_and_tokenizer, resolve_device
-from minipeft.methods import METHODS, method_for_config
-from minipeft.model.peft_model import get_peft_model
-from minipeft.training import train, TrainingConfig
-from minipeft.training.metrics import directory_size, read_metrics
+from minipeft.methods import METHODS
 
 # compare's default run: the registered methods that say so (Method.in_compare_by_default); --methods all: every one
 DEFAULT_METHODS = [name for name, method in METHODS.items() if method.in_compare_by_default]
-TRAIN_LOSS_LAST_STEPS = 10
-
-
-# --- what is measured -----------------------------------------------------------------------------------------
-
-class PeakMemory:
-    """Peak memory over a stretch of code: CUDA's max allocation, or (CPU, Linux) the process's peak RSS
-    after resetting the kernel's high-water mark; None where neither can be measured."""
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size (VmHWM)
-        except OSError:
-            pass
-
-    def peak_mb(self):
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB -> MB
-        except OSError:
-            pass
-        return None
-
-
-@torch.no_grad()
-def generation_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> float:
-    """Greedy KV-cached generation, batch 1, exactly ``new_tokens`` tokens (no EOS): the median tokens/s."""
-    generate(model, prompt_ids, max_new_tokens=2)  # warm-up
-    speeds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        generated = generate(model, prompt_ids, max_new_tokens=new_tokens)
-        speeds.append(generated.shape[1] / (time.perf_counter() - started))
-    return statistics.median(speeds)
-
-
-def recent_train_loss(metrics_path: Path, last_steps: int = TRAIN_LOSS_LAST_STEPS):
-    """Token-weighted mean train loss of the last ``last_steps`` optimizer steps in ``metrics.jsonl``."""
-    steps = [record for record in read_metrics(metrics_path)
-             if record["kind"] == "train" and record["loss"] is not None][-last_steps:]
-    targets = sum(record["target_tokens"] for record in steps)
-    return sum(record["loss"] * record["target_tokens"] for record in steps) / targets if targets else None
-
-
-# --- one method ---------------------------------------------------------------------------------------------------
-
-def method_config(name: str, args, model, tokenizer):
-    """The config of method ``name`` from the method flags that apply to it (the others are left out)."""
-    values = {flag.dest: getattr(args, flag.dest) if name in flag.methods else None
-              for flag in method_flags().values()}
-    compare_settings = METHODS[name].compare_settings  # selective: train the last block, its flag has no default
-    for dest, value in (compare_settings(model) if compare_settings else {}).items():
-        if values[dest] is None:
-            values[dest] = value
-    return config_from_args(argparse.Namespace(modification_type=name, **values), model, tokenizer)
-
-
-def answer(model, tokenizer, prompts: list, template: str, max_new_tokens: int) -> list:
-    """Greedy replies to held-out ``prompts`` (:class:`~minipeft.inference.prompts.Prompt`), one line each."""
-    if not prompts:
-        return []
-    texts = generate_texts(model, tokenizer, prompts, template, max_new_tokens=max_new_tokens,
-                           batch_size=1).texts  # one at a time: no padding
-    return [" ".join(text.split()) for text in texts]
-
-
-class MethodInterrupted(Exception):
-    """A signal stopped one method's training: compare stops too, and exits with 128 + the signal's number."""
-    def __init__(self, method: str, signal_number: int):
-        super().__init__(method)
-        self.method, self.signal_number = method, signal_number
-
-
-def compare_method(name: str, base_model, tokenizer, loaders, args, template: str, learning_rate: float,
-                   device: torch.device, speed_prompt: torch.Tensor, prompts: list = ()) -> dict:
-    """Apply, train, evaluate and time one method on a copy of ``base_model``; returns its row."""
-    train_loader, val_loader = loaders
-    output_dir = Path(args.output_dir) / name
-    memory = PeakMemory(device)
-    memory.reset()
-    torch.manual_seed(args.seed)  # the same adapter initialisation stream for every method
-    model = copy.deepcopy(base_model)
-    peft_model = get_peft_model(model, method_config(name, args, model, tokenizer))
-    stats = peft_model.parameter_stats()
-    config = TrainingConfig(output_dir=str(output_dir), max_steps=args.max_steps, learning_rate=learning_rate,
-                            warmup_ratio=0.1, eval_every=args.max_steps, save_every=args.max_steps,
-                            save_total_limit=1, log_every=max(1, args.max_steps // 3), precision=args.precision,
-                            device=str(device), eval_max_batches=args.eval_max_batches, seed=args.seed,
-                            overwrite_output_dir=True)
-    started = time.perf_counter()
-    result = train(peft_model, train_loader, val_loader, config,
-                   adapter_metadata={"base_model_name_or_path": args.model, "template": template})
-    wall_seconds = time.perf_counter() - started
-    if result.outcome == "interrupted":  # Ctrl-C or SIGTERM: the loop saved a checkpoint; stop comparing
-        raise MethodInterrupted(name, result.signal or signal.SIGINT)
-    peak = memory.peak_mb()
-    state = result.state
-    remove_our_directory(output_dir / "checkpoints")  # the optimizer state is not compared
-    peft_model.eval()
-    speed_unmerged = generation_speed(peft_model, speed_prompt, args.speed_tokens)
-    generations = answer(peft_model, tokenizer, list(prompts), template, args.generation_tokens)
-    mergeable = method_for_config(peft_model.peft_config).mergeable
-    speed_merged = None
-    if mergeable:
-        merged = peft_model.merge_and_unload()
-        speed_merged = generation_speed(merged, speed_prompt, args.speed_tokens)
-        del merged
-    row = {
-        "method": name,
-        "trainable_params": stats.trainable,
-        "total_params": stats.total,
-        "trainable_percent": stats.ratio,
-        "learning_rate": learning_rate,
-        "steps": state.step,
-        "train_seconds": state.train_seconds,
-        "wall_seconds": wall_seconds,
-        "peak_memory_mb": peak,
-        "train_loss": recent_train_loss(output_dir / "metrics.jsonl"),
-        "eval_loss_before": state.eval_loss_before,
-        "eval_loss": state.eval_loss,
-        "eval_perplexity": state.eval_perplexity,
-        "adapter_bytes": directory_size(output_dir / "adapter"),
-        "tokens_per_s_unmerged": speed_unmerged,
-        "tokens_per_s_merged": speed_merged,
-        "adapter_dir": str(output_dir / "adapter"),
-        "generations": generations,
-    }
-    del peft_model, model
-    gc.collect()
-    return row
 
 
 # --- command line ---------------------------------------------------------------------------------------------------
@@ -290,10 +143,6 @@ def check_method_flags(args, methods: list) -> None:
                         f"{','.join(methods)}")
 
 
-def model_positions(model_config):
-    return getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
-
-
 def virtual_tokens(args, methods: list, model, tokenizer) -> int:
     """The most virtual tokens a method's config puts in front of every record (prompt and prefix tuning's
     ``num_virtual_tokens``, from its flag or its config's default; 0 for the other methods)."""
@@ -302,7 +151,7 @@ def virtual_tokens(args, methods: list, model, tokenizer) -> int:
 
 def check_positions(args, methods: list, model, tokenizer) -> None:
     """``--max_length`` plus the virtual tokens of prompt/prefix tuning must fit the model's positions."""
-    positions, virtual = model_positions(model.config), virtual_tokens(args, methods, model, tokenizer)
+    positions, virtual = model_positions(model), virtual_tokens(args, methods, model, tokenizer)
     if positions is not None and args.max_length + virtual > positions:
         raise UserError(f"--max_length {args.max_length}" + (f" + {virtual} virtual tokens" if virtual else "")
                         + f" exceeds the model's {positions} positions; lower --max_length")
@@ -402,7 +251,7 @@ def compare(args, methods: list, learning_rates: dict, device, output_dir: Path,
     print("\n".join(report.summary_lines()))
     speed_prompt = next(iter(val_loader))["input_ids"][:1, :16].to(device)
     # the shortest held-out prompts (quick to answer on a CPU) that fit the model's positions with the answer
-    room = ((model_positions(base_model.config) or 10**9) - virtual_tokens(args, methods, base_model, tokenizer)
+    room = ((model_positions(base_model) or 10**9) - virtual_tokens(args, methods, base_model, tokenizer)
             - args.generation_tokens)
     records = [val_loader.dataset.record(index) for index in range(len(val_loader.dataset))]
     lengths = [len(encode_prompt(record.instruction, record.input, template, tokenizer)) for record in records]

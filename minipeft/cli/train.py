@@ -31,7 +31,7 @@ from minipeft.cli.arguments import (add_method_arguments, add_quantize_arguments
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
 from minipeft.data import build_dataloaders
-from minipeft.data.config import add_data_arguments, data_config_from_args
+from minipeft.data.config import add_data_arguments, data_config_from_args, fit_max_length
 from minipeft.data.templates import resolve_template_name
 from minipeft.files.input_files import check_input_file, loads_json, read_input_text
 from minipeft.files.safe_files import write_json_atomically
@@ -40,7 +40,6 @@ from minipeft.loading.streaming import load_base_model
 from minipeft.methods import default_learning_rate
 from minipeft.model.adapter_files import config_to_dict
 from minipeft.model.peft_model import get_peft_model
-from minipeft.training.checkpoint import DATA_SETTINGS, MATH_SETTINGS
 from minipeft.training.config import TrainingConfig, add_training_arguments
 from minipeft.training.distributed import init_distributed, shutdown_distributed
 from minipeft.training.loop import train
@@ -48,17 +47,13 @@ from minipeft.training.metrics import plot_loss_curve
 from minipeft.training.precision import load_dtype, trains_base_weights
 from minipeft.training.prepare import resolve_precision
 from minipeft.training.quantization_cost import COMPUTE_DTYPES
+from minipeft.training.resume_checks import RESUMABLE_CHANGES, changed_setting_message, refused_change
 from minipeft.training.report import plan_record, quantization_cost_line, run_summary, summary_lines
 from minipeft.training.run_dir import RUN_OUTPUTS, open_run_dir
 from minipeft.training.sharding import check_can_shard, load_sharded
 
 # What this command writes into --output_dir besides what the training loop writes.
 CLI_OUTPUTS = ("metrics.json", "train_config.json", "loss_curve.png")
-
-# Settings that may change between an interrupted run and its resumption without changing what it computes.
-RESUMABLE_CHANGES = {"resume", "resume_new_data", "overwrite_output_dir", "max_steps", "epochs", "log_every",
-                     "eval_every", "save_every", "save_total_limit", "early_stopping_patience", "cache_dir",
-                     "no_cache", "num_workers", "eval_max_batches", "sharding", "fsdp_cpu_offload", "num_threads"}
 
 
 # Below this size a model's matmuls are too small to split across cores: one thread is about as fast, and on a
@@ -101,17 +96,15 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
 
 def warn_about_changed_settings(output_dir: Path, current: dict) -> None:
     """On --resume, before the model loads: refuse a setting that changes what a step computes or which batches
-    it reads (the checkpoint could not continue the same run; :mod:`minipeft.training.checkpoint` checks the
-    same again, and the data file's hash, when it resumes), and name the other settings that differ."""
+    it reads (the checkpoint could not continue the same run; what may change is decided in
+    :mod:`minipeft.training.resume_checks`, which checks the checkpoint again, and the data file's hash, when it
+    resumes), and name the other settings that differ."""
     before = saved_arguments(output_dir)
+    refused = refused_change(before, current, new_data=bool(current.get("resume_new_data")))
+    if refused is not None:
+        raise UserError(changed_setting_message("--resume", refused, current[refused], before[refused],
+                                                leave_out=True))
     differs = [key for key in sorted(current) if key in before and current[key] != before[key]]
-    data_settings = {"dataset_path", *DATA_SETTINGS}
-    for key in differs:
-        if key in MATH_SETTINGS or (key in data_settings and not current.get("resume_new_data")):
-            remedy = " or pass --resume_new_data to continue on the new data" if key in data_settings else ""
-            raise UserError(f"--resume: --{key} {current[key]} changes what the run computes (it started with "
-                            f"{before[key]}); resume with the run's own --{key} (leave it out){remedy}, or start "
-                            "a new run")
     changed = [f"--{key} {current[key]} (was {before[key]})" for key in differs if key not in RESUMABLE_CHANGES]
     if changed:
         print("note: resuming with settings that differ from the original run's: " + ", ".join(changed))
@@ -172,16 +165,6 @@ def main(argv=None) -> int:
         shutdown_distributed()
 
 
-def positions_of(model_config):
-    """``(field, count)`` of the positions the model has (GPT-2's learned 1,024, the built-in model's 512), or
-    None where the config names none."""
-    for field in ("n_positions", "max_position_embeddings"):
-        positions = getattr(model_config, field, None)
-        if isinstance(positions, int):
-            return field, positions
-    return None
-
-
 def train_and_report(args, config: TrainingConfig, data_config, context, run_dir) -> int:
     """Load the model, apply the method, build the data, :func:`train` in the opened ``run_dir``, report."""
     def say(message: str = "") -> None:
@@ -225,11 +208,9 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
         + (f" | {torch.get_num_threads()} CPU thread(s)" if context.device.type == "cpu" else ""))
 
     # 2) data: each process reads its own shard of every batch
-    positions = positions_of(model.config)
-    if positions is not None and data_config.max_length > positions[1]:  # past it: an index error in a forward
-        say(f"note: --max_length {data_config.max_length} is more than the model's {positions[1]:,} positions "
-            f"(its config's {positions[0]}); records are cut at {positions[1]}")
-        data_config.max_length = positions[1]
+    cut = fit_max_length(data_config, model.config)  # past the model's positions: an index error in a forward
+    if cut is not None:
+        say(cut)
     train_loader, val_loader, report = build_dataloaders(data_config, tokenizer, context.rank, context.world_size,
                                                          progress=context.is_main)
     say("\n".join(report.summary_lines()))

@@ -130,6 +130,27 @@ class DataConfig:
             raise UserError(f"--val_size {self.val_size}: a count must be 0 or more")
 
 
+def fit_max_length(config: DataConfig, model_config) -> str | None:
+    """Cut ``config.max_length`` to the positions the model has (its config's ``n_positions`` or
+    ``max_position_embeddings``: GPT-2's learned 1,024, the built-in model's 512), in place: a record longer than
+    them would end in an index error inside the model's forward.
+
+    Returns the note that says so, or None where ``max_length`` fits (or the config names no positions).
+    """
+    for field in ("n_positions", "max_position_embeddings"):
+        positions = getattr(model_config, field, None)
+        if isinstance(positions, int):
+            break
+    else:
+        return None
+    if config.max_length <= positions:
+        return None
+    note = (f"note: --max_length {config.max_length} is more than the model's {positions:,} positions (its config's "
+            f"{field}); records are cut at {positions}")
+    config.max_length = positions
+    return note
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the data flags (one per :class:`DataConfig` field, and ``--no_cache``) to ``parser`` and return it."""
     add_setting_flags(parser.add_argument_group("data"), DataConfig)

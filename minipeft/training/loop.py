@@ -61,6 +61,7 @@ from minipeft.training.optimizer import build_optimizer
 from minipeft.training.outcome import divergence_message, failure_message
 from minipeft.training.precision import cast_frozen_weights
 from minipeft.training.prepare import autocast_for, enable_gradient_checkpointing, resolve_precision
+from minipeft.training.resume_checks import check_position_fits
 from minipeft.training.run_dir import RunDir, open_run_dir, prepare_output_dir
 from minipeft.training.schedule import get_lr, warmup_steps_for
 from minipeft.training.sharding import (adapter_tensors, full_norm, full_optimizer_state, load_full_adapter_state,
@@ -169,11 +170,7 @@ def resume_or_start_fresh(run: TrainingRun, run_dir: RunDir, train_loader) -> No
                                 current=run.adapter_metadata, new_data=config.resume_new_data)  # the same run?
         run.rng_to_restore = saved.pop("rng")
         run.state = TrainState(**saved)
-        if run.state.batches_done > len(train_loader):
-            raise UserError(f"--resume {config.resume}: {checkpoint} is {run.state.batches_done} batches into epoch "
-                            f"{run.state.epoch}, but this run's data gives only {len(train_loader)} batches per "
-                            "epoch; resume with the original --dataset_path and data settings")
-        check_resumable(run, checkpoint)
+        check_position_fits(run.state, checkpoint, config.resume, len(train_loader), run.plan.total_steps)
         say(run, f"resumed from {checkpoint}: step {run.state.step}, epoch {run.state.epoch}, "
                  f"{run.state.batches_done} batches into it")
         if run.rng_to_restore is None:
@@ -193,20 +190,6 @@ def resume_or_start_fresh(run: TrainingRun, run_dir: RunDir, train_loader) -> No
                              resume_step=run.state.step if checkpoint is not None else None)
     if not run.state.gradient_check_done:
         run.gradient_check = GradientCheck(run.model, config.gradient_checkpointing)
-
-
-def check_resumable(run: TrainingRun, checkpoint: Path) -> None:
-    """The checkpoint's step fits this run: not past its last step (the run would "finish" having trained
-    nothing), and at least its epoch count (every epoch takes a step: more epochs than steps is a damaged
-    ``trainer_state.json``)."""
-    state, where = run.state, checkpoint / "trainer_state.json"
-    if state.epoch > state.step:
-        raise UserError(f"--resume {where}: epoch {state.epoch} with only {state.step} steps (every epoch takes at "
-                        "least one); the file is damaged: resume from an earlier checkpoint")
-    if state.step > run.plan.total_steps:
-        raise UserError(f"--resume {checkpoint}: is at step {state.step:,}, past this run's last step "
-                        f"({run.plan.total_steps:,}: --max_steps, --epochs); give more steps to continue it, or use "
-                        "its adapter as it is")
 
 
 def evaluate_before_training(run: TrainingRun, val_loader) -> None:
@@ -275,9 +258,10 @@ def train_step(run: TrainingRun, window: list, val_loader, stop: StopRequest, pr
             run.outcome = "early_stopped"
     if stop_votes:
         run.outcome = "interrupted"
-    # 7) checkpoint
+    # 7) checkpoint (a Ctrl-C waits for it to be written whole)
     if state.step % plan.save_every == 0 or state.step == plan.total_steps or run.outcome != "finished":
-        save_training_state(run)
+        with stop.deferred(stopping=run.outcome == "interrupted"):
+            save_training_state(run)
 
 
 def optimizer_step(run: TrainingRun, window_nll: float, n_targets: int, step_loss: float) -> tuple:

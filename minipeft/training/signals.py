@@ -1,7 +1,9 @@
 """Ctrl-C and SIGTERM during training: finish the current step, save a checkpoint, return.
 
 The loop asks :class:`StopRequest` after every window (all processes vote, so they stop together); the
-command line then exits with ``128 + signal number`` (130 for Ctrl-C, 143 for SIGTERM).
+command line then exits with ``128 + signal number`` (130 for Ctrl-C, 143 for SIGTERM). While a checkpoint is
+written, signals wait for the write to end (:meth:`StopRequest.deferred`): a second Ctrl-C pressed while the
+first one's checkpoint is written leaves that checkpoint whole, and the run resumable from it.
 """
 
 import signal
@@ -13,7 +15,8 @@ from tqdm import tqdm
 
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, return. A second Ctrl-C
-    interrupts at once (``KeyboardInterrupt``)."""
+    interrupts at once (``KeyboardInterrupt``), or, during a checkpoint's write, once it is written
+    (:meth:`deferred`)."""
 
     def __init__(self):
         self.requested = False
@@ -39,3 +42,33 @@ class StopRequest:
         finally:
             for number, handler in previous.items():
                 signal.signal(number, handler)
+
+    @contextmanager
+    def deferred(self, stopping: bool):
+        """Within the ``with`` (a checkpoint being written), Ctrl-C and SIGTERM wait for its end.
+
+        A signal arriving inside is then handled as if it came at the end: the first asks to stop, as ever; a
+        second Ctrl-C stops at once (``KeyboardInterrupt``), unless ``stopping``: the checkpoint is the stop's
+        own, and the run returns right after it anyway, with the usual exit status.
+        """
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        arrived = []
+
+        def wait(signum, frame) -> None:
+            arrived.append(signum)
+            tqdm.write(f"\n{signal.Signals(signum).name}: waiting for the checkpoint being written to be complete")
+
+        previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+        for number in previous:
+            signal.signal(number, wait)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        for signum in [] if stopping else arrived:  # (only once the write succeeded: an error stays the error)
+            handler = signal.getsignal(signum)  # the first one's handler installs the second one's
+            if callable(handler):
+                handler(signum, None)

@@ -8,15 +8,11 @@
 - :class:`TrainResult`: what :func:`~minipeft.training.loop.train` returns.
 """
 
-import math
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from minipeft.core.errors import UserError
 from minipeft.training.config import TrainingConfig
 from minipeft.training.distributed import DistributedContext
 from minipeft.training.gradients import GradientCheck
@@ -44,56 +40,6 @@ class TrainState:
     evals_without_improvement: int = 0
     nonfinite_in_a_row: int = 0
     gradient_check_done: bool = False
-
-
-# A count in a checkpoint beyond this is not one a run reached (2**53: where a float stops counting exactly).
-MAX_COUNT = 2 ** 53
-
-
-def check_saved_state(values, source: str) -> dict:
-    """The ``trainer`` block of a checkpoint's state as :class:`TrainState` takes it, each field checked by its
-    annotation: counts are integers in [0, 2**53), sums and losses finite numbers ≥ 0 (a loss that was undefined
-    is saved as null, where the field allows None), steps of an evaluation at most ``step``, flags true or false.
-
-    Raises:
-        UserError: naming ``source`` and the field (``trainer_state.json: "step" must be ...``): a checkpoint
-            edited by hand or damaged is refused before a single value of it is used.
-    """
-    if not isinstance(values, dict):
-        raise UserError(f"{source}: \"trainer\" must be an object of the run's progress, got {values!r:.60}")
-    known = {item.name: item for item in fields(TrainState)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise UserError(f"{source}: unknown field \"{unknown[0]}\" in \"trainer\" (not a state this version wrote)")
-    if "step" not in values:
-        raise UserError(f"{source}: \"trainer\" has no \"step\"")
-    for name, value in values.items():
-        problem = _field_problem(value, known[name].type)
-        if problem is None and name in ("eval_step", "best_step") and value is not None \
-                and isinstance(values["step"], int) and value > values["step"]:
-            problem = f"at most \"step\" ({values['step']})"
-        if problem is not None:
-            raise UserError(f"{source}: \"{name}\" must be {problem}, got {value!r:.60}")
-    return dict(values)
-
-
-def _field_problem(value, annotation) -> str | None:
-    """What ``value`` should be for a field annotated ``annotation``, or None when it is that."""
-    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    kinds = set(typing.get_args(annotation)) if union else {annotation}
-    optional = type(None) in kinds
-    if value is None and optional:
-        return None
-    if bool in kinds:
-        return None if isinstance(value, bool) else "true or false"
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if int in kinds:
-        if not (number and isinstance(value, int) and 0 <= value < MAX_COUNT):
-            return f"an integer from 0 to {MAX_COUNT - 1}" + (" or null" if optional else "")
-    elif float in kinds:
-        if not (number and math.isfinite(value) and 0 <= value < MAX_COUNT):
-            return "a finite number ≥ 0" + (" or null" if optional else "")
-    return None
 
 
 @dataclass
