@@ -20,8 +20,9 @@ from test_faults import (GENERATE, MERGE, ROOT, TINY_RUN, builtin_model_availabl
 
 from minipeft.cli import main as cli_main
 from minipeft.cli.train import main as train_main
-from minipeft.files.safe_files import (MARKER_NAME, OutputLock, check_apart, foreign_files, is_ours, mark_as_ours,
-                                       sidecar_of, write_directory_atomically, write_output_file, write_text_atomically)
+from minipeft.files.lock import OutputLock
+from minipeft.files.manifest import MARKER_NAME, foreign_files, is_ours, mark_as_ours, sidecar_of
+from minipeft.files.safe_files import check_apart, write_directory_atomically, write_output_file, write_text_atomically
 
 pytestmark = pytest.mark.skipif(not builtin_model_available(), reason="the built-in model is not built")
 

@@ -54,8 +54,10 @@ from minipeft.core.finite import nonfinite_to_none
 from minipeft.core.generation import generate
 from minipeft.data import build_dataloaders, DataConfig, load_records, resolve_dataset_path
 from minipeft.data.tokenization import encode_prompt
-from minipeft.files.safe_files import (check_apart, check_ours_to_replace, check_output_file, check_unlocked,
-                                       is_empty_directory, is_ours, make_directory, mark_as_ours, OutputLock,
+from minipeft.files.atomic import make_directory
+from minipeft.files.lock import check_unlocked, OutputLock
+from minipeft.files.manifest import is_ours, mark_as_ours
+from minipeft.files.safe_files import (check_apart, check_ours_to_replace, check_output_file, is_empty_directory,
                                        remove_our_directory, write_json_atomically, write_output_file,
                                        write_text_atomically)
 from minipeft.inference.prompts import generate_texts, Prompt, resolve_template

@@ -35,7 +35,8 @@ from minipeft.core.finite import first_nonfinite_tensor, is_finite_number, requi
 from minipeft.methods import method_for_config, method_for_peft_type
 from minipeft.files.input_files import check_input_file, duplicate_keys, read_input_text
 from minipeft.files.json_limits import loads_bounded
-from minipeft.files.safe_files import json_text, write_directory_atomically
+from minipeft.files.atomic import json_text
+from minipeft.files.safe_files import write_directory_atomically
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -22,7 +22,9 @@ import torch
 
 from minipeft.fast import fast_generation
 from minipeft.files.json_limits import loads_bounded
-from minipeft.files.safe_files import cannot_write, record_as_ours, write_file_atomically, write_text_atomically
+from minipeft.files.atomic import cannot_write
+from minipeft.files.manifest import record_as_ours
+from minipeft.files.safe_files import write_file_atomically, write_text_atomically
 from minipeft.quantization.nf4 import has_4bit_layers
 
 

@@ -13,7 +13,7 @@ On rank 0, :func:`open_run_dir`:
 
 1. refuses a path that is a file, and an output that is or holds an input (``inputs``: the data, a model folder);
 2. creates the directory and marks it as minipeft's (:func:`prepare_output_dir`);
-3. takes its lock (:class:`~minipeft.files.safe_files.OutputLock`): one run at a time writes here;
+3. takes its lock (:class:`~minipeft.files.lock.OutputLock`): one run at a time writes here;
 4. refuses to replace an earlier run's outputs, or files minipeft did not write (:func:`check_output_dir`);
 5. resolves ``--resume`` to a checkpoint (an error now if there is none, unless the run stopped before its
    first checkpoint: then ``--resume latest`` starts it over, :func:`resume_point`).
@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minipeft.core.errors import UserError
-from minipeft.files.safe_files import (MARKER_NAME, OutputLock, check_apart, check_ours_to_replace,
-                                       is_empty_directory, is_ours, make_directory, mark_as_ours, record_as_ours,
-                                       remove_our_directory)
+from minipeft.files.atomic import make_directory
+from minipeft.files.lock import OutputLock
+from minipeft.files.manifest import MARKER_NAME, is_ours, mark_as_ours, record_as_ours
+from minipeft.files.safe_files import check_apart, check_ours_to_replace, is_empty_directory, remove_our_directory
 from minipeft.training.checkpoint import ADAPTER_DIR, list_checkpoints, resolve_resume
 from minipeft.training.config import TrainingConfig
 
