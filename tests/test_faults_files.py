@@ -94,7 +94,7 @@ def test_a_periodic_save_keeps_a_users_file_inside_the_folder_it_replaces(tmp_pa
     assert foreign_files(folder) == [folder / ".DS_Store", folder / "notes"]  # still the user's, not recorded
     (folder / "clash.json").write_text("mine")
     kept = digests(folder)
-    with pytest.raises(Exception, match="clash.json: minipeft did not write it"):
+    with pytest.raises(Exception, match="clash.json, which minipeft did not write"):
         minipeft_folder(folder, {"adapter_config.json": "{}", "clash.json": "{}"})
     assert digests(folder) == kept and not list(tmp_path.glob(".tmp-*"))
 

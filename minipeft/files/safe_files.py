@@ -32,8 +32,9 @@ from minipeft.files.atomic import (cannot_write, fsync_path, is_write_failure, j
                                    replace_file, usual_mode)
 from minipeft.files.input_files import flag_and_path
 from minipeft.files.lock import check_unlocked
-from minipeft.files.manifest import (MARKER_NAME, forget, foreign_files, is_ours, record_as_ours, sha256_of,
-                                     sidecar_of, wrote_file)
+from minipeft.files.manifest import (CHANGED, MARKER_NAME, NOT_RECORDED, SYMBOLIC_LINK, file_identity, forget,
+                                     foreign_files_and_why, is_ours, manifest_text, read_manifest,
+                                     record_as_ours, sha256_of, sidecar_of, wrote_file)
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -98,8 +99,8 @@ def is_empty_directory(path) -> bool:
 
 def check_replaceable(path, flag: str = "", foreign_files_stop: bool = True) -> None:
     """Refuse to replace ``path`` unless it is absent, an empty directory, or a directory minipeft wrote whose
-    every file minipeft recorded (:func:`foreign_files`; ``foreign_files_stop=False``: the caller keeps them)
-    and that no running minipeft process writes into."""
+    every file minipeft recorded and nobody changed since (:func:`~minipeft.files.manifest.foreign_files`;
+    ``foreign_files_stop=False``: the caller keeps them) and that no running minipeft process writes into."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
@@ -114,11 +115,15 @@ def check_replaceable(path, flag: str = "", foreign_files_stop: bool = True) -> 
                         "marker); refusing to replace or delete it: choose another directory or empty this one "
                         "yourself")
     check_unlocked(path, flag)
-    foreign = foreign_files(path) if foreign_files_stop else []
+    foreign = foreign_files_and_why(path) if foreign_files_stop else []
     if foreign:
-        raise UserError(f"{flag_and_path(path, flag)}: holds {foreign[0]}, which minipeft did not write (not in its "
-                        f"{MARKER_NAME} record); refusing to replace or delete it: move it out first, or choose "
-                        "another directory")
+        raise _not_ours(path, flag, *foreign[0])
+
+
+def _not_ours(directory: Path, flag: str, path: Path, why: str) -> UserError:
+    """The refusal for a directory that holds ``path``, which is not minipeft's for the reason ``why``."""
+    return UserError(f"{flag_and_path(directory, flag)}: holds {path}, which {why}; refusing to replace or delete "
+                     "it: move it out first, or choose another directory")
 
 
 def check_ours_to_replace(path, flag: str = "") -> None:
@@ -128,9 +133,9 @@ def check_ours_to_replace(path, flag: str = "") -> None:
     if path.is_dir() and not path.is_symlink():
         check_replaceable(path, flag)
     elif (path.exists() or path.is_symlink()) and not wrote_file(path):
-        raise UserError(f"{flag_and_path(path.parent, flag)}: holds {path}, which minipeft did not write (not in its "
-                        f"{MARKER_NAME} record); refusing to replace or delete it: move it out first, or choose "
-                        "another directory")
+        recorded = path.name in (read_manifest(path.parent) or {})
+        why = SYMBOLIC_LINK if path.is_symlink() else CHANGED if recorded else NOT_RECORDED
+        raise _not_ours(path.parent, flag, path, why)
 
 
 def check_output_directory(path, flag: str, overwrite: bool) -> Path:
@@ -160,13 +165,14 @@ def remove_our_directory(path, flag: str = "") -> None:
 
 
 def _carry_over(old: Path, new: Path) -> None:
-    """Hard-link the files a user put into ``old`` (:func:`foreign_files`) into ``new``, at the same place: the
-    new version keeps them (still unrecorded, so still the user's), and deleting ``old`` loses nothing."""
-    for path in foreign_files(old):
+    """Hard-link the files a user put into (or changed in) ``old`` (:func:`~minipeft.files.manifest.foreign_files`)
+    into ``new``, at the same place: the new version keeps them (unrecorded, so still the user's), and deleting
+    ``old`` loses nothing."""
+    for path, why in foreign_files_and_why(old):
         target = new / path.relative_to(old)
         if target.exists() or target.is_symlink():
-            raise UserError(f"{path}: minipeft did not write it, and the new version of {old} has a file of that "
-                            "name; refusing to replace it: move it out first")
+            raise UserError(f"{old}: holds {path}, which {why}, and the new version has a file of that name; "
+                            "refusing to replace it: move it out first")
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.is_symlink():
             os.symlink(os.readlink(path), target)
@@ -182,8 +188,9 @@ def write_directory_atomically(final, write, flag: str = "") -> Path:
     An existing ``final`` is replaced only when minipeft wrote it (:func:`check_replaceable`): it is moved aside
     first and deleted after the rename, so at every moment one complete version is in place. A file a user put
     into it is carried into the new version (a hard link, :func:`_carry_over`), so a running training's periodic
-    save never deletes it nor stops on it (a ``.DS_Store``, a note); the commands that replace a folder on the
-    user's request check first and stop instead (:func:`check_replaceable`), so the user decides.
+    save never deletes it nor stops on it (a ``.DS_Store``, a note); only a file of minipeft's that the user edited,
+    which the new version would replace, stops it. The commands that replace a folder on the user's request check
+    first and stop instead (:func:`check_replaceable`), so the user decides.
     """
     final = Path(final)
     check_replaceable(final, flag, foreign_files_stop=False)
@@ -195,11 +202,11 @@ def write_directory_atomically(final, write, flag: str = "") -> Path:
         raise cannot_write(final, error) from None
     previous = None
     try:
-        (temporary / MARKER_NAME).write_text(json_text({"written_by": "minipeft", "files": []}))  # a leftover is ours
+        (temporary / MARKER_NAME).write_text(manifest_text({}))  # from the start: a killed write's leftover is ours
         write(temporary)
-        written = [path.relative_to(temporary).as_posix() for path in temporary.rglob("*")
-                   if path.name != MARKER_NAME]
-        (temporary / MARKER_NAME).write_text(json_text({"written_by": "minipeft", "files": sorted(written)}))
+        written = {path.relative_to(temporary).as_posix(): file_identity(path) if path.is_file() else None
+                   for path in temporary.rglob("*") if path.name != MARKER_NAME}  # (chmod and rename keep mtime)
+        (temporary / MARKER_NAME).write_text(manifest_text(written))
         for path in sorted(temporary.rglob("*")):
             os.chmod(path, usual_mode(directory=path.is_dir()))  # safetensors writes 0600 files
             fsync_path(path)  # files: their bytes; subdirectories: their entries

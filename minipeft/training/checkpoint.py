@@ -65,7 +65,9 @@ from minipeft.core.finite import first_nonfinite_tensor, is_finite_number, nonfi
 from minipeft.core.options import flag_of
 from minipeft.files.input_files import read_input_text
 from minipeft.files.json_limits import loads_bounded
-from minipeft.files.safe_files import foreign_files, json_text, write_directory_atomically
+from minipeft.files.atomic import json_text
+from minipeft.files.manifest import foreign_files
+from minipeft.files.safe_files import write_directory_atomically
 from minipeft.training.state import check_saved_state
 
 FORMAT = "minipeft-checkpoint/1"

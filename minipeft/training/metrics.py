@@ -53,7 +53,7 @@ class MetricsLog:
             return
         if resume_step is None:  # a new run starts a new file
             self.path.unlink(missing_ok=True)
-            record_as_ours(self.path)  # in a folder minipeft marked, this file is its own (from the first line)
+            record_as_ours(self.path, appended=True)  # in a folder minipeft marked: its own, by name
         else:  # a resumed run keeps the curve up to its checkpoint, so it continues without a seam
             kept = [record for record in read_metrics(self.path) if record["step"] <= resume_step]
             write_text_atomically(self.path, "".join(json.dumps(record) + "\n" for record in kept))

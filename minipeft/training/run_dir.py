@@ -111,4 +111,4 @@ def prepare_output_dir(output_dir: Path) -> None:
     make_directory(output_dir)
     if new:
         mark_as_ours(output_dir)
-        record_as_ours(output_dir / "metrics.jsonl")  # appended to, not written atomically: recorded beforehand
+        record_as_ours(output_dir / "metrics.jsonl", appended=True)  # appended to: recorded beforehand, by name
