@@ -18,7 +18,8 @@ from minipeft.cli.train import main as train_main
 from minipeft.core.errors import UserError
 from minipeft.files import manifest
 from minipeft.files.manifest import (APPENDED, CHANGED, MARKER_NAME, file_identity, foreign_files,
-                                     foreign_files_and_why, mark_as_ours, read_manifest, record_as_ours)
+                                     foreign_files_and_why, mark_as_ours, marker_problem, read_manifest,
+                                     record_as_ours)
 from minipeft.files.safe_files import (check_ours_to_replace, check_replaceable, write_directory_atomically,
                                        write_text_atomically)
 
@@ -142,3 +143,36 @@ def test_overwrite_output_dir_refuses_a_run_file_the_user_edited(edited, run_cop
     path.write_text(path.read_text().replace("{", '{"edited": true, ', 1))
     refused(train_main, *TINY_RUN, "--output_dir", run_copy, "--overwrite_output_dir", capsys=capsys,
             fragments=["--output_dir", str(path), "changed after minipeft wrote it"], keep=[run_copy])
+
+
+# -- 2. a symbolic link where the marker should be -----------------------------------------------------------------
+def test_the_refusal_says_a_symlinked_marker_is_not_trusted(tmp_path):
+    ours = minipeft_folder(tmp_path / "ours", {"a.json": b"{}"})
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "paper.tex").write_text("my paper")
+    assert marker_problem(users) == f"no {MARKER_NAME} marker"
+    (users / MARKER_NAME).symlink_to(ours / MARKER_NAME)
+    assert "is a symbolic link, which minipeft does not trust" in marker_problem(users)
+    with pytest.raises(UserError, match=f"--out {users}: .*its {MARKER_NAME} marker is a symbolic link, which "
+                                        "minipeft does not trust"):
+        check_replaceable(users, "--out")
+    link = tmp_path / "link"
+    link.symlink_to(ours)
+    assert "reached through one" in marker_problem(link)
+
+
+@needs_model
+def test_merge_and_train_say_a_symlinked_marker_is_not_trusted(run_copy, tmp_path, capsys):
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "paper.tex").write_text("my paper")
+    (users / MARKER_NAME).symlink_to(run_copy / MARKER_NAME)
+    refused(MERGE, "--adapter", run_copy / "adapter", "--out", users, "--overwrite", capsys=capsys,
+            fragments=[f"--out {users}", "marker is a symbolic link, which minipeft does not trust"],
+            keep=[users, run_copy])
+    (users / "adapter").mkdir()  # an earlier run's output, as far as the names go
+    (users / "adapter" / "notes.txt").write_text("mine")
+    refused(train_main, *TINY_RUN, "--output_dir", users, "--overwrite_output_dir", capsys=capsys,
+            fragments=[f"--output_dir {users}", "marker is a symbolic link, which minipeft does not trust"],
+            keep=[users, run_copy])

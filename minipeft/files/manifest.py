@@ -74,13 +74,28 @@ def _unchanged(path: Path, identity) -> bool:
     return info.st_mtime_ns == identity.get("mtime_ns")
 
 
+def marker_problem(directory):
+    """Why ``directory`` holds no trusted marker, in words for a message (``no .minipeft marker``, ``its
+    .minipeft marker is a symbolic link, ...``); None when it holds one."""
+    directory = Path(directory)
+    marker = directory / MARKER_NAME
+    if directory.is_symlink():
+        return f"it is a symbolic link, and minipeft trusts no {MARKER_NAME} marker reached through one"
+    if marker.is_symlink():
+        return f"its {MARKER_NAME} marker is a symbolic link, which minipeft does not trust (it never writes one)"
+    if not marker.exists():
+        return f"no {MARKER_NAME} marker"
+    if not marker.is_file():
+        return f"its {MARKER_NAME} marker is not a regular file, which minipeft does not trust"
+    return None
+
+
 def read_manifest(directory):
     """``{name: identity or None}``: what minipeft recorded in ``directory``'s marker; None when the directory
     is not ours (no trusted marker: neither the directory nor the marker is a symbolic link, which would let a
     marker elsewhere vouch for someone's folder, and the marker is a regular file)."""
     directory = Path(directory)
-    marker = directory / MARKER_NAME
-    if directory.is_symlink() or not directory.is_dir() or marker.is_symlink() or not marker.is_file():
+    if not directory.is_dir() or marker_problem(directory) is not None:
         return None
     try:
         manifest = json.loads(read_input_text(directory / MARKER_NAME))  # bounded: a marker is an input too

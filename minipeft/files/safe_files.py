@@ -33,7 +33,8 @@ from minipeft.files.atomic import (cannot_write, fsync_path, is_write_failure, j
 from minipeft.files.input_files import flag_and_path
 from minipeft.files.lock import check_unlocked
 from minipeft.files.manifest import (CHANGED, MARKER_NAME, NOT_RECORDED, SYMBOLIC_LINK, file_identity, forget,
-                                     foreign_files_and_why, is_ours, manifest_text, read_manifest,
+                                     foreign_files_and_why, is_ours, manifest_text, marker_problem,
+                                     read_manifest,
                                      record_as_ours, sha256_of, sidecar_of, wrote_file)
 
 
@@ -111,9 +112,8 @@ def check_replaceable(path, flag: str = "", foreign_files_stop: bool = True) -> 
     if is_empty_directory(path):
         return
     if not is_ours(path):
-        raise UserError(f"{flag_and_path(path, flag)}: holds files minipeft did not write (no trusted {MARKER_NAME} "
-                        "marker); refusing to replace or delete it: choose another directory or empty this one "
-                        "yourself")
+        raise UserError(f"{flag_and_path(path, flag)}: holds files minipeft did not write ({marker_problem(path)}); "
+                        "refusing to replace or delete it: choose another directory or empty this one yourself")
     check_unlocked(path, flag)
     foreign = foreign_files_and_why(path) if foreign_files_stop else []
     if foreign:

@@ -29,7 +29,7 @@ from pathlib import Path
 from minipeft.core.errors import UserError
 from minipeft.files.atomic import make_directory
 from minipeft.files.lock import OutputLock
-from minipeft.files.manifest import MARKER_NAME, is_ours, mark_as_ours, record_as_ours
+from minipeft.files.manifest import MARKER_NAME, is_ours, mark_as_ours, marker_problem, record_as_ours
 from minipeft.files.safe_files import check_apart, check_ours_to_replace, is_empty_directory, remove_our_directory
 from minipeft.training.checkpoint import ADAPTER_DIR, list_checkpoints, resolve_resume
 from minipeft.training.config import TrainingConfig
@@ -98,8 +98,8 @@ def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> No
         raise UserError(f"--output_dir {output_dir}: holds an earlier run's outputs ({', '.join(found)}) and no "
                         "checkpoint to resume; pass --overwrite_output_dir to replace them, or another --output_dir")
     if not is_ours(output_dir):
-        raise UserError(f"--output_dir {output_dir}: holds {', '.join(found)}, not written by minipeft (no .minipeft "
-                        "marker); refusing to replace them: choose another --output_dir")
+        raise UserError(f"--output_dir {output_dir}: holds {', '.join(found)}, not written by minipeft "
+                        f"({marker_problem(output_dir)}); refusing to replace them: choose another --output_dir")
     for name in found:  # the marker says minipeft made the folder, not that it wrote every file in it
         check_ours_to_replace(output_dir / name, "--output_dir")
 
