@@ -182,7 +182,7 @@ def test_merge_overwrite_never_deletes_the_adapter_its_run_or_a_users_files(run_
 def test_modify_save_adapter_never_replaces_a_trained_adapter(run_copy, capsys):
     before = digests(run_copy / "adapter")
     code, _, err = in_process(modify_main, "--model", "builtin", "--save_adapter", run_copy / "adapter", capsys=capsys)
-    one_error(code, err, f"--save_adapter {run_copy / 'adapter'}: already exists")
+    one_error(code, err, f"--save_adapter {run_copy / 'adapter'}: already holds an adapter")
     assert digests(run_copy / "adapter") == before
 
 

@@ -176,3 +176,32 @@ def test_merge_and_train_say_a_symlinked_marker_is_not_trusted(run_copy, tmp_pat
     refused(train_main, *TINY_RUN, "--output_dir", users, "--overwrite_output_dir", capsys=capsys,
             fragments=[f"--output_dir {users}", "marker is a symbolic link, which minipeft does not trust"],
             keep=[users, run_copy])
+
+
+# -- 3. modify --save_adapter onto something that is there -----------------------------------------------------------
+@needs_model
+@pytest.mark.parametrize("what, expected", [
+    ("dataset folder", "already holds files (data.json)"),
+    ("model folder", "already holds a model (config.json), not an adapter"),
+    ("adapter folder", "already holds an adapter (adapter_config.json), which this fresh, untrained one would replace"),
+    ("file", "is a file, expected a new directory"),
+    ("link", "is a symbolic link, expected a new directory"),
+])
+def test_modify_save_adapter_says_what_is_already_there(what, expected, tmp_path, capsys):
+    from minipeft.builtin import MODEL_DIR
+    from minipeft.cli.modify import main as modify_main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "data.json").write_text('[{"instruction": "a", "output": "b"}]')
+    model = Path(shutil.copytree(MODEL_DIR, tmp_path / "model"))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
+    (tmp_path / "empty").mkdir()
+    target = {"dataset folder": data, "model folder": model, "adapter folder": adapter,
+              "file": data / "data.json", "link": tmp_path / "link"}[what]
+    refused(modify_main, "--model", "builtin", "--save_adapter", target, capsys=capsys,
+            fragments=[f"--save_adapter {target}: {expected}"], keep=[tmp_path])
+    assert sorted(path.name for path in (tmp_path / "empty").iterdir()) == []
