@@ -8,10 +8,12 @@ so a file of minipeft's that the user edited afterwards is the user's: ``--overw
 import json
 import os
 import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_faults import MERGE, TINY_RUN, builtin_model_available, digests, in_process, one_error
+from test_faults import GENERATE, MERGE, TINY_RUN, builtin_model_available, digests, in_process, one_error
 
 from minipeft.cli import main as cli_main
 from minipeft.cli.train import main as train_main
@@ -205,3 +207,64 @@ def test_modify_save_adapter_says_what_is_already_there(what, expected, tmp_path
     refused(modify_main, "--model", "builtin", "--save_adapter", target, capsys=capsys,
             fragments=[f"--save_adapter {target}: {expected}"], keep=[tmp_path])
     assert sorted(path.name for path in (tmp_path / "empty").iterdir()) == []
+
+
+# -- 4. a FIFO where a file should be: one line, never a read that waits forever -------------------------------------
+@contextmanager
+def within(seconds: int):
+    """Fail, instead of hanging the suite, when the body blocks (a FIFO opened for reading waits for a writer)."""
+    def give_up(signum, frame):
+        raise TimeoutError(f"blocked for {seconds} s: something opened a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@needs_model
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "generation_config.json"])
+def test_a_fifo_in_a_model_folder_is_named_as_not_a_regular_file(name, tmp_path, capsys):
+    from minipeft.builtin import MODEL_DIR
+    from minipeft.cli.modify import main as modify_main
+    from minipeft.loading.checkpoint_dir import checkpoint_tensors
+
+    model = Path(shutil.copytree(MODEL_DIR, tmp_path / "model"))
+    (model / name).unlink()
+    os.mkfifo(model / name)
+    expected = [f"--model {model / name}: is a FIFO (named pipe), not a regular file"]
+    with within(60):
+        with pytest.raises(UserError, match="is a FIFO"):
+            checkpoint_tensors(model)
+        refused(modify_main, "--model", model, "--table", "none", capsys=capsys, fragments=expected)
+        refused(GENERATE, "--model", model, "--prompt", "hi", "--max_new_tokens", "2", capsys=capsys,
+                fragments=expected)
+        refused(train_main, *TINY_RUN, "--model", model, "--output_dir", tmp_path / "out", capsys=capsys,
+                fragments=expected)
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+@needs_model
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_fifo_in_an_adapter_folder_is_one_line(name, finished_run, tmp_path, capsys):
+    adapter = Path(shutil.copytree(finished_run / "adapter", tmp_path / "adapter"))
+    (adapter / name).unlink()
+    os.mkfifo(adapter / name)
+    with within(60):
+        refused(GENERATE, "--adapter", adapter, "--prompt", "hi", "--max_new_tokens", "2", capsys=capsys,
+                fragments=[str(adapter / name), "is a FIFO (named pipe)"])
+        refused(MERGE, "--adapter", adapter, "--out", tmp_path / "merged", capsys=capsys,
+                fragments=[str(adapter / name), "is a FIFO (named pipe)"])
+    assert not (tmp_path / "merged").exists()
+
+
+@needs_model
+def test_a_fifo_as_the_dataset_is_one_line(tmp_path, capsys):
+    fifo = tmp_path / "data.json"
+    os.mkfifo(fifo)
+    with within(60):
+        refused(train_main, *TINY_RUN, "--dataset_path", fifo, "--output_dir", tmp_path / "out", capsys=capsys,
+                fragments=[f"--dataset_path {fifo}: is a FIFO (named pipe)"])
