@@ -19,9 +19,9 @@ from minipeft.cli import main as cli_main
 from minipeft.cli.train import main as train_main
 from minipeft.core.errors import UserError
 from minipeft.files import manifest
-from minipeft.files.manifest import (APPENDED, CHANGED, MARKER_NAME, file_identity, foreign_files,
-                                     foreign_files_and_why, mark_as_ours, marker_problem, read_manifest,
-                                     record_as_ours)
+from minipeft.files.manifest import (APPENDED, CHANGED, MARKER_NAME, UNLISTED, file_identity, foreign_files,
+                                     foreign_files_and_why, is_older_marker, mark_as_ours, marker_problem,
+                                     read_manifest, record_as_ours)
 from minipeft.files.safe_files import (check_ours_to_replace, check_replaceable, write_directory_atomically,
                                        write_text_atomically)
 
@@ -268,3 +268,29 @@ def test_a_fifo_as_the_dataset_is_one_line(tmp_path, capsys):
     with within(60):
         refused(train_main, *TINY_RUN, "--dataset_path", fifo, "--output_dir", tmp_path / "out", capsys=capsys,
                 fragments=[f"--dataset_path {fifo}: is a FIFO (named pipe)"])
+
+
+# -- 5. an older plain-text marker -----------------------------------------------------------------------------------
+OLDER_MARKER_TEXT = "written by minipeft; minipeft may replace or delete this directory\n"  # what minipeft wrote then
+
+
+def test_an_older_plain_text_marker_vouches_for_no_file_and_says_how_to_proceed(tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / MARKER_NAME).write_text(OLDER_MARKER_TEXT)
+    (folder / "config.json").write_text("{}")
+    assert is_older_marker(folder) and read_manifest(folder) == {}
+    assert foreign_files_and_why(folder) == [(folder / "config.json", UNLISTED)]
+    with pytest.raises(UserError, match=f"--out {folder}: holds {folder / 'config.json'}, which minipeft may have "
+                                        "written, but its .minipeft marker is an older minipeft's .*if nothing in "
+                                        f"{folder} is yours, delete it yourself, else choose another directory"):
+        check_replaceable(folder, "--out")
+    assert not is_older_marker(minipeft_folder(tmp_path / "new", {"a.json": b"{}"}))
+
+
+@needs_model
+def test_overwrite_output_dir_over_a_run_with_older_markers_says_how_to_proceed(run_copy, capsys):
+    for marker in run_copy.rglob(MARKER_NAME):
+        marker.write_text(OLDER_MARKER_TEXT)
+    refused(train_main, *TINY_RUN, "--output_dir", run_copy, "--overwrite_output_dir", capsys=capsys,
+            fragments=["--output_dir", "an older minipeft's (plain text)", "delete it yourself"], keep=[run_copy])

@@ -35,7 +35,9 @@ MARKDOWN_HEADER = "<!-- Written by `python -m minipeft"
 # ever replaced or deleted: a file a user put into a marked directory is not listed, a file a user edited no longer
 # matches, and a command that would replace or delete either stops instead (it is never kept aside or moved: the
 # user decides). A name without an identity (a manifest of an older minipeft, a file minipeft appends to, a
-# directory) is vouched for by its name alone. An older marker still (plain text) vouches for no file.
+# directory) is vouched for by its name alone. An older marker still (plain text, :func:`is_older_marker`) vouches
+# for no file: it says minipeft created the directory, not which files in it are minipeft's, so taking every file
+# for minipeft's could delete one the user put there since; each stops the command (:data:`UNLISTED`).
 APPENDED = {"appended": True}  # the identity of a file minipeft keeps appending to (metrics.jsonl): its name only
 # Files up to this size are identified by their sha256 (about 10 ms each); larger ones by size and modification time.
 HASHED_FILE_BYTES = 16 * 2**20
@@ -107,6 +109,17 @@ def read_manifest(directory):
     return {name: identities.get(name) for name in manifest["files"] if isinstance(name, str)}
 
 
+def is_older_marker(directory) -> bool:
+    """True when ``directory``'s trusted marker is one a minipeft older than manifests wrote (plain text)."""
+    if read_manifest(directory) != {}:
+        return False
+    try:
+        manifest = json.loads(read_input_text(Path(directory) / MARKER_NAME))
+    except (UserError, ValueError):
+        return True
+    return not (isinstance(manifest, dict) and isinstance(manifest.get("files"), list))
+
+
 def is_ours(directory) -> bool:
     """True when ``directory`` holds minipeft's (trusted) marker: minipeft created it."""
     return read_manifest(directory) is not None
@@ -160,18 +173,21 @@ def forget(path) -> None:
 NOT_RECORDED = f"minipeft did not write (not in its {MARKER_NAME} record)"
 CHANGED = f"was changed after minipeft wrote it (it no longer matches its {MARKER_NAME} record)"
 SYMBOLIC_LINK = "is a symbolic link, which minipeft never writes"
+UNLISTED = (f"minipeft may have written, but its {MARKER_NAME} marker is an older minipeft's (plain text) and lists "
+            "no file, so minipeft cannot tell its own files from yours")
 
 
 def foreign_files_and_why(directory) -> list:
     """``[(path, why), ...]``: the files and folders under ``directory`` that are not minipeft's (depth first),
-    each with the reason in words: :data:`NOT_RECORDED`, :data:`CHANGED` or :data:`SYMBOLIC_LINK`.
+    each with the reason in words: :data:`NOT_RECORDED` (:data:`UNLISTED` under an older marker), :data:`CHANGED`
+    or :data:`SYMBOLIC_LINK`.
 
     A subdirectory with a trusted marker of its own answers for its content; one without is checked against
     the enclosing marker's relative names.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    return [(directory, NOT_RECORDED)] if manifest is None else _foreign(directory, manifest, "")
+    return [(directory, NOT_RECORDED)] if manifest is None else _foreign(directory, manifest, "", _unlisted(directory))
 
 
 def foreign_files(directory) -> list:
@@ -179,7 +195,12 @@ def foreign_files(directory) -> list:
     return [path for path, _ in foreign_files_and_why(directory)]
 
 
-def _foreign(directory: Path, manifest: dict, prefix: str) -> list:
+def _unlisted(directory: Path) -> str:
+    """Why a file its marker does not list is not minipeft's."""
+    return UNLISTED if is_older_marker(directory) else NOT_RECORDED
+
+
+def _foreign(directory: Path, manifest: dict, prefix: str, unlisted: str) -> list:
     found = []
     for entry in sorted(directory.iterdir()):
         relative = prefix + entry.name
@@ -190,12 +211,13 @@ def _foreign(directory: Path, manifest: dict, prefix: str) -> list:
         if entry.is_symlink():
             found.append((entry, SYMBOLIC_LINK))
         elif relative not in manifest:
-            found.append((entry, NOT_RECORDED))
+            found.append((entry, unlisted))
         elif not _unchanged(entry, manifest[relative]):
             found.append((entry, CHANGED))
         elif entry.is_dir():
             own = read_manifest(entry)
-            found += _foreign(entry, own, "") if own is not None else _foreign(entry, manifest, relative + "/")
+            found += (_foreign(entry, own, "", _unlisted(entry)) if own is not None else
+                      _foreign(entry, manifest, relative + "/", unlisted))
     return found
 
 

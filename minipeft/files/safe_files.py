@@ -32,10 +32,10 @@ from minipeft.files.atomic import (cannot_write, fsync_path, is_write_failure, j
                                    replace_file, usual_mode)
 from minipeft.files.input_files import flag_and_path
 from minipeft.files.lock import check_unlocked
-from minipeft.files.manifest import (CHANGED, MARKER_NAME, NOT_RECORDED, SYMBOLIC_LINK, file_identity, forget,
-                                     foreign_files_and_why, is_ours, manifest_text, marker_problem,
-                                     read_manifest,
-                                     record_as_ours, sha256_of, sidecar_of, wrote_file)
+from minipeft.files.manifest import (CHANGED, MARKER_NAME, NOT_RECORDED, SYMBOLIC_LINK, UNLISTED, file_identity,
+                                     forget, foreign_files_and_why, is_older_marker, is_ours, manifest_text,
+                                     marker_problem, read_manifest, record_as_ours, sha256_of, sidecar_of,
+                                     wrote_file)
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -122,8 +122,10 @@ def check_replaceable(path, flag: str = "", foreign_files_stop: bool = True) -> 
 
 def _not_ours(directory: Path, flag: str, path: Path, why: str) -> UserError:
     """The refusal for a directory that holds ``path``, which is not minipeft's for the reason ``why``."""
+    advice = (f"if nothing in {directory} is yours, delete it yourself, else choose another directory"
+              if why == UNLISTED else "move it out first, or choose another directory")
     return UserError(f"{flag_and_path(directory, flag)}: holds {path}, which {why}; refusing to replace or delete "
-                     "it: move it out first, or choose another directory")
+                     f"it: {advice}")
 
 
 def check_ours_to_replace(path, flag: str = "") -> None:
@@ -134,7 +136,8 @@ def check_ours_to_replace(path, flag: str = "") -> None:
         check_replaceable(path, flag)
     elif (path.exists() or path.is_symlink()) and not wrote_file(path):
         recorded = path.name in (read_manifest(path.parent) or {})
-        why = SYMBOLIC_LINK if path.is_symlink() else CHANGED if recorded else NOT_RECORDED
+        unlisted = UNLISTED if is_older_marker(path.parent) else NOT_RECORDED
+        why = SYMBOLIC_LINK if path.is_symlink() else CHANGED if recorded else unlisted
         raise _not_ours(path.parent, flag, path, why)
 
 
