@@ -19,7 +19,7 @@ from minipeft.cli import main as cli_main
 from minipeft.cli.train import main as train_main
 from minipeft.core.errors import UserError
 from minipeft.files import manifest
-from minipeft.files.manifest import (APPENDED, CHANGED, MARKER_NAME, UNLISTED, file_identity, foreign_files,
+from minipeft.files.manifest import (APPENDED, CHANGED, DIRECTORY, MARKER_NAME, UNLISTED, file_identity, foreign_files,
                                      foreign_files_and_why, is_older_marker, mark_as_ours, marker_problem,
                                      read_manifest, record_as_ours)
 from minipeft.files.safe_files import (check_ours_to_replace, check_replaceable, write_directory_atomically,
@@ -294,3 +294,15 @@ def test_overwrite_output_dir_over_a_run_with_older_markers_says_how_to_proceed(
         marker.write_text(OLDER_MARKER_TEXT)
     refused(train_main, *TINY_RUN, "--output_dir", run_copy, "--overwrite_output_dir", capsys=capsys,
             fragments=["--output_dir", "an older minipeft's (plain text)", "delete it yourself"], keep=[run_copy])
+
+
+def test_a_file_put_where_minipeft_wrote_a_folder_is_the_users(tmp_path):
+    def write(directory):
+        (Path(directory) / "adapter").mkdir()
+        (Path(directory) / "adapter" / "weights.bin").write_bytes(b"w")
+
+    folder = write_directory_atomically(tmp_path / "run", write)
+    assert read_manifest(folder)["adapter"] == DIRECTORY
+    shutil.rmtree(folder / "adapter")
+    (folder / "adapter").write_text("my notes, under the folder's name")
+    assert foreign_files_and_why(folder) == [(folder / "adapter", CHANGED)]

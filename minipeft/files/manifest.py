@@ -4,10 +4,10 @@ minipeft never replaces a file it did not write. Every directory minipeft create
 :data:`MARKER_NAME`: a JSON manifest of the names minipeft wrote there and of what each file looked like then
 (:func:`file_identity`), updated (atomically) with each write. Replacing or deleting a directory (``merge
 --overwrite``, ``--overwrite_output_dir``, a new adapter over the old) needs the marker *and* every file inside
-recorded in it and unchanged since (:func:`foreign_files`). A marker that is, or is reached
-through, a symbolic link is not trusted. A file minipeft writes into a user's folder (``--output_file``,
-``--report``) is vouched for by a sidecar record ``.NAME.minipeft`` holding its sha256 (:func:`sidecar_of`), or,
-for a Markdown page, by minipeft's header line (:func:`wrote_file`).
+recorded in it and unchanged since (:func:`foreign_files`). A marker that is, or is reached through, a symbolic
+link is not trusted (:func:`marker_problem` says why a directory has none). A file minipeft writes into a user's
+folder (``--output_file``, ``--report``) is vouched for by a sidecar record ``.NAME.minipeft`` holding its
+sha256 (:func:`sidecar_of`), or, for a Markdown page, by minipeft's header line (:func:`wrote_file`).
 
 The rules that use these records (what may be replaced, and the one-line refusals) are in
 :mod:`minipeft.files.safe_files`.
@@ -39,6 +39,7 @@ MARKDOWN_HEADER = "<!-- Written by `python -m minipeft"
 # for no file: it says minipeft created the directory, not which files in it are minipeft's, so taking every file
 # for minipeft's could delete one the user put there since; each stops the command (:data:`UNLISTED`).
 APPENDED = {"appended": True}  # the identity of a file minipeft keeps appending to (metrics.jsonl): its name only
+DIRECTORY = {"directory": True}  # the identity of a folder minipeft made: its content answers for itself
 # Files up to this size are identified by their sha256 (about 10 ms each); larger ones by size and modification time.
 HASHED_FILE_BYTES = 16 * 2**20
 
@@ -61,10 +62,12 @@ def file_identity(path) -> dict:
 
 
 def _unchanged(path: Path, identity) -> bool:
-    """True when ``path`` still matches the ``identity`` its manifest recorded (None, a directory, or
-    :data:`APPENDED`: a name alone, which the name answers for)."""
+    """True when ``path`` still matches the ``identity`` its manifest recorded (None or :data:`APPENDED`: a name
+    alone, which the name answers for; :data:`DIRECTORY`: still a folder, whose content is checked apart)."""
     if not isinstance(identity, dict) or identity == APPENDED:
         return True
+    if identity == DIRECTORY:
+        return path.is_dir()
     try:
         info = os.stat(path)
     except OSError:
@@ -147,7 +150,7 @@ def mark_as_ours(directory) -> None:
 
 def record_as_ours(path, appended: bool = False) -> None:
     """Record ``path`` in its directory's marker (atomically), when that directory is minipeft's: a file with its
-    :func:`file_identity`, a directory by its name. ``appended``: a file minipeft keeps appending to (the
+    :func:`file_identity`, a directory as one (:data:`DIRECTORY`). ``appended``: a file minipeft keeps appending to (the
     training's ``metrics.jsonl``, recorded before its first line), recorded by its name, as is every later write
     of it."""
     path = Path(path)
@@ -157,7 +160,8 @@ def record_as_ours(path, appended: bool = False) -> None:
     if appended or manifest.get(path.name) == APPENDED:
         identity = APPENDED
     else:
-        identity = file_identity(path) if path.is_file() and not path.is_symlink() else None
+        identity = (None if path.is_symlink() else file_identity(path) if path.is_file() else
+                    DIRECTORY if path.is_dir() else None)
     if path.name not in manifest or manifest[path.name] != identity:
         _write_manifest(path.parent, {**manifest, path.name: identity})
 
@@ -222,9 +226,9 @@ def _foreign(directory: Path, manifest: dict, prefix: str, unlisted: str) -> lis
 
 
 def wrote_file(path) -> bool:
-    """True when minipeft wrote the file ``path`` and nobody changed it since: its directory's marker records it,
-    or its sidecar record (:func:`sidecar_of`) holds its current sha256, or (a Markdown page) it begins with
-    minipeft's header line."""
+    """True when minipeft wrote the file ``path`` and nobody changed it since: its directory's marker records it as
+    it is now (:func:`file_identity`), or its sidecar record (:func:`sidecar_of`) holds its current sha256, or (a
+    Markdown page) it begins with minipeft's header line."""
     path = Path(path)
     if path.is_symlink() or not path.is_file():
         return False

@@ -32,10 +32,10 @@ from minipeft.files.atomic import (cannot_write, fsync_path, is_write_failure, j
                                    replace_file, usual_mode)
 from minipeft.files.input_files import flag_and_path
 from minipeft.files.lock import check_unlocked
-from minipeft.files.manifest import (CHANGED, MARKER_NAME, NOT_RECORDED, SYMBOLIC_LINK, UNLISTED, file_identity,
-                                     forget, foreign_files_and_why, is_older_marker, is_ours, manifest_text,
-                                     marker_problem, read_manifest, record_as_ours, sha256_of, sidecar_of,
-                                     wrote_file)
+from minipeft.files.manifest import (CHANGED, DIRECTORY, MARKER_NAME, NOT_RECORDED, SYMBOLIC_LINK, UNLISTED,
+                                     file_identity, forget, foreign_files_and_why, is_older_marker, is_ours,
+                                     manifest_text, marker_problem, read_manifest, record_as_ours, sha256_of,
+                                     sidecar_of, wrote_file)
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def write_directory_atomically(final, write, flag: str = "") -> Path:
     try:
         (temporary / MARKER_NAME).write_text(manifest_text({}))  # from the start: a killed write's leftover is ours
         write(temporary)
-        written = {path.relative_to(temporary).as_posix(): file_identity(path) if path.is_file() else None
+        written = {path.relative_to(temporary).as_posix(): file_identity(path) if path.is_file() else DIRECTORY
                    for path in temporary.rglob("*") if path.name != MARKER_NAME}  # (chmod and rename keep mtime)
         (temporary / MARKER_NAME).write_text(manifest_text(written))
         for path in sorted(temporary.rglob("*")):
