@@ -182,7 +182,7 @@ def test_merge_overwrite_never_deletes_the_adapter_its_run_or_a_users_files(run_
 def test_modify_save_adapter_never_replaces_a_trained_adapter(run_copy, capsys):
     before = digests(run_copy / "adapter")
     code, _, err = in_process(modify_main, "--model", "builtin", "--save_adapter", run_copy / "adapter", capsys=capsys)
-    one_error(code, err, f"--save_adapter {run_copy / 'adapter'}: already exists")
+    one_error(code, err, f"--save_adapter {run_copy / 'adapter'}: already holds an adapter")
     assert digests(run_copy / "adapter") == before
 
 
@@ -206,7 +206,7 @@ def test_overwrite_output_dir_refuses_a_folder_minipeft_did_not_write(tmp_path, 
 
 
 def test_a_locked_output_dir_is_refused_and_left_alone(tmp_path, capsys):
-    from minipeft.files.safe_files import OutputLock
+    from minipeft.files.lock import OutputLock
 
     out = tmp_path / "out"
     with OutputLock(out):  # this process (alive) holds it, as a running training would
@@ -376,7 +376,8 @@ def test_resume_with_a_smaller_data_set_fails_and_keeps_train_config(tmp_path, c
 
 
 def test_a_full_disk_leaves_the_previous_output_file_intact(finished_run, tmp_path):
-    from minipeft.files.safe_files import sidecar_of, write_output_file
+    from minipeft.files.manifest import sidecar_of
+    from minipeft.files.safe_files import write_output_file
 
     answers = write_output_file(tmp_path / "answers.jsonl", '{"old": 1}\n')  # an earlier run's, replaced with --overwrite
     before = digests(answers, sidecar_of(answers))

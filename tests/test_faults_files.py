@@ -20,8 +20,9 @@ from test_faults import (GENERATE, MERGE, ROOT, TINY_RUN, builtin_model_availabl
 
 from minipeft.cli import main as cli_main
 from minipeft.cli.train import main as train_main
-from minipeft.files.safe_files import (MARKER_NAME, OutputLock, check_apart, foreign_files, is_ours, mark_as_ours,
-                                       sidecar_of, write_directory_atomically, write_output_file, write_text_atomically)
+from minipeft.files.lock import OutputLock
+from minipeft.files.manifest import MARKER_NAME, foreign_files, is_ours, mark_as_ours, sidecar_of
+from minipeft.files.safe_files import check_apart, write_directory_atomically, write_output_file, write_text_atomically
 
 pytestmark = pytest.mark.skipif(not builtin_model_available(), reason="the built-in model is not built")
 
@@ -93,7 +94,7 @@ def test_a_periodic_save_keeps_a_users_file_inside_the_folder_it_replaces(tmp_pa
     assert foreign_files(folder) == [folder / ".DS_Store", folder / "notes"]  # still the user's, not recorded
     (folder / "clash.json").write_text("mine")
     kept = digests(folder)
-    with pytest.raises(Exception, match="clash.json: minipeft did not write it"):
+    with pytest.raises(Exception, match="clash.json, which minipeft did not write"):
         minipeft_folder(folder, {"adapter_config.json": "{}", "clash.json": "{}"})
     assert digests(folder) == kept and not list(tmp_path.glob(".tmp-*"))
 

@@ -129,7 +129,7 @@ def test_a_kill_while_writing_leaves_a_loadable_checkpoint(tmp_path, where, coun
                     return original(*args, **kwargs)
                 return wrapper
 
-            safe_files._fsync = die_at("fsync", safe_files._fsync)
+            safe_files.fsync_path = die_at("fsync", safe_files.fsync_path)
             checkpoint.save_file = die_at("mid_write", checkpoint.save_file)
             checkpoint.shutil.rmtree = die_at("rmtree", checkpoint.shutil.rmtree)
             save(checkpoints / "step-2", second_model, second_optimizer, 2)

@@ -49,8 +49,10 @@ from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
 from minipeft.data import build_dataloaders, DataConfig, load_records, resolve_dataset_path
 from minipeft.data.tokenization import encode_prompt
-from minipeft.files.safe_files import (check_apart, check_ours_to_replace, check_output_file, check_unlocked,
-                                       is_empty_directory, is_ours, make_directory, mark_as_ours, OutputLock,
+from minipeft.files.atomic import make_directory
+from minipeft.files.lock import check_unlocked, OutputLock
+from minipeft.files.manifest import is_ours, mark_as_ours, marker_problem
+from minipeft.files.safe_files import (check_apart, check_ours_to_replace, check_output_file, is_empty_directory,
                                        write_json_atomically, write_output_file, write_text_atomically)
 from minipeft.inference.prompts import Prompt, resolve_template
 from minipeft.loading.models import load_model_and_tokenizer, resolve_device
@@ -177,8 +179,8 @@ def check_outputs(args, methods: list, report_path: Path) -> None:
     if output_dir.is_dir():
         check_unlocked(output_dir, "--output_dir")
     if output_dir.is_dir() and not is_empty_directory(output_dir) and not is_ours(output_dir):
-        raise UserError(f"--output_dir {output_dir}: holds files minipeft did not write (no trusted .minipeft "
-                        "marker); refusing to write into it: choose another --output_dir")
+        raise UserError(f"--output_dir {output_dir}: holds files minipeft did not write "
+                        f"({marker_problem(output_dir)}); refusing to write into it: choose another --output_dir")
     inside = report_path.parent.resolve() == output_dir.resolve()
     names = [*COMPARE_OUTPUTS, *methods, *([report_path.name] if inside else [])]
     found = [name for name in names if (output_dir / name).exists() or (output_dir / name).is_symlink()]

@@ -81,13 +81,33 @@ def is_large_checkpoint_dir(name: str) -> bool:
     return stored is not None and 4 * sum(tensor.numel for tensor in stored.values()) > MEASURED_UP_TO_BYTES
 
 
+def check_save_adapter(directory) -> None:
+    """``--save_adapter`` writes a fresh adapter only into a new or empty directory: refuse anything else,
+    saying what is there (a file, an adapter, a model, other files), before a model is loaded."""
+    directory = Path(directory)
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        what = "a symbolic link" if directory.is_symlink() else "a file"
+        raise UserError(f"--save_adapter {directory}: is {what}, expected a new directory for the adapter; "
+                        "choose a new directory")
+    if not directory.exists() or is_empty_directory(directory):
+        return
+    names = sorted(path.name for path in directory.iterdir())
+    if "adapter_config.json" in names:
+        what = "an adapter (adapter_config.json), which this fresh, untrained one would replace"
+    elif "config.json" in names:
+        what = "a model (config.json), not an adapter"
+    else:
+        what = f"files ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    raise UserError(f"--save_adapter {directory}: already holds {what}; the adapter is written only into a new or "
+                    "empty directory: choose a new one")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quantize = check_quantize_arguments(args)
     check_not_quantized_folder(args.model)
-    if args.save_adapter and Path(args.save_adapter).exists() and not is_empty_directory(args.save_adapter):
-        raise UserError(f"--save_adapter {args.save_adapter}: already exists (a trained adapter would be replaced by "
-                        "a fresh one); choose a new directory")
+    if args.save_adapter:
+        check_save_adapter(args.save_adapter)
     cost_line = None
     if is_large_checkpoint_dir(args.model):  # read tensor by tensor, in its final footprint (no float32 copy)
         model, tokenizer = load_base_model(args.model, "nf4" if quantize else "none", args.quantize_lm_head,

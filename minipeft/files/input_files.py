@@ -54,13 +54,31 @@ def check_input_file(path, flag: str = "") -> Path:
     if stat.S_ISDIR(info.st_mode):
         raise UserError(f"{flag_and_path(path, flag)}: is a directory, expected a file")
     if not stat.S_ISREG(info.st_mode):
-        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode) else
-                "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else
-                "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
-        raise UserError(f"{flag_and_path(path, flag)}: is {kind}; minipeft reads only regular files "
+        raise UserError(f"{flag_and_path(path, flag)}: is {_kind(info.st_mode)}; minipeft reads only regular files "
                         "(save the stream to a file first)")
     _check_size(path, flag, info.st_size)
     return path
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words."""
+    return ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+
+
+def check_regular_files(directory, flag: str = "") -> None:
+    """Refuse a FIFO, a device or a socket among the files of ``directory`` (a model folder): a loader that opens
+    one by name (``model.safetensors``, ``tokenizer.json``) would wait forever for a writer, or read forever.
+    Only ``stat`` is called; subfolders and their content are not looked at. No size limit: weights are large."""
+    for entry in sorted(Path(directory).iterdir()):
+        try:
+            mode = os.stat(entry).st_mode
+        except OSError:  # a dangling link: as good as absent
+            continue
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            raise UserError(f"{flag_and_path(entry, flag)}: is {_kind(mode)}, not a regular file; minipeft reads a "
+                            "model only from regular files (copy the file in its place)")
 
 
 def _check_size(path, flag: str, size: int) -> None:

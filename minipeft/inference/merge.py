@@ -50,7 +50,8 @@ from minipeft.core.errors import UserError
 from minipeft.data.batching import left_pad
 from minipeft.data.tokenization import Prompt, encode_prompts, pad_token_id
 from minipeft.files.input_files import loads_json, read_input_text
-from minipeft.files.safe_files import check_output_directory, json_text, write_directory_atomically
+from minipeft.files.atomic import json_text
+from minipeft.files.safe_files import check_output_directory, write_directory_atomically
 from minipeft.model.adapter_files import WEIGHTS_NAME, adapter_fingerprint
 from minipeft.quantization.nf4 import dequantize_model, quantize_model
 

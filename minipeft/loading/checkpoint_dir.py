@@ -47,6 +47,7 @@ from torch import nn
 from minipeft.core.c_heap import release_freed_memory
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
+from minipeft.files.input_files import check_regular_files
 from minipeft.loading.models import _load_pretrained
 from minipeft.quantization.nf4 import Linear4bit, quantizable_layers, quantize_model
 
@@ -105,7 +106,8 @@ def read_header(path: Path) -> dict:
 def checkpoint_tensors(directory: Path) -> dict:
     """``{name: StoredTensor}`` over every weight file of a checkpoint directory (one file or an index and
     its shards); None for PyTorch ``pytorch_model*.bin`` files. A directory without weights, or whose index
-    names a missing shard, is refused."""
+    names a missing shard, is refused, and so is a FIFO or a device in a file's place (never opened)."""
+    check_regular_files(directory, "--model")
     index = directory / INDEX_FILE
     if index.is_file():
         try:

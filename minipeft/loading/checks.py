@@ -3,6 +3,8 @@
 A directory given as ``--model DIR`` is checked in the order it would fail, each refusal one line naming the
 file (and the field or tensor):
 
+0. every file in it is a regular file: a FIFO where ``model.safetensors`` should be would block a read forever,
+   a device would never end (:func:`~minipeft.files.input_files.check_regular_files`, ``stat`` only).
 1. ``config.json``: within the JSON bounds (:mod:`minipeft.files.json_limits`); every number finite; the
    architecture's sizes (``hidden_size``, ``n_head``, ``vocab_size``, ...) whole numbers ≥ 1; an epsilon
    (``rms_norm_eps``, ``layer_norm_epsilon``) in (0, 1); a dropout in [0, 1]. A NaN epsilon would load and
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from minipeft.core.errors import UserError
-from minipeft.files.input_files import read_input_text
+from minipeft.files.input_files import check_regular_files, read_input_text
 from minipeft.files.json_limits import loads_bounded
 from minipeft.loading.checkpoint_dir import (NF4_BYTES_PER_WEIGHT, TOKENIZER_FILES, available_memory_bytes,
                                              build_on_meta, checkpoint_tensors, match_names)
@@ -37,8 +39,9 @@ ARCHITECTURE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hid
 
 
 def check_model_directory(directory, quantize: str = "none", dtype: torch.dtype = torch.float32) -> None:
-    """Steps 1 to 4 of the module docstring for ``--model directory``; raises :class:`UserError`."""
+    """Steps 0 to 4 of the module docstring for ``--model directory``; raises :class:`UserError`."""
     directory = Path(directory)
+    check_regular_files(directory, "--model")  # a FIFO in a file's place would block the read forever
     values = check_config(directory / "config.json")
     check_model_fits(directory, quantize, dtype, values)
     check_weight_headers(directory)

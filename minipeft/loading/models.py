@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 
 from minipeft.builtin import MODEL_DIR, load_builtin_model_and_tokenizer
 from minipeft.core.errors import UserError
+from minipeft.files.input_files import check_regular_files
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -177,6 +178,7 @@ def cache_converted(model, tokenizer, directory: Path) -> None:
 def _load_pretrained(name: str, dtype):
     """A local directory, or a hub id from the local cache, or from the hub when it is reachable."""
     if Path(name).is_dir():
+        check_regular_files(name, "--model")  # a FIFO in a file's place would block transformers' read forever
         if not (Path(name) / "config.json").is_file():
             raise UserError(f"--model {name}: the directory has no config.json (is it a model directory?)")
         return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype), AutoTokenizer.from_pretrained(name))

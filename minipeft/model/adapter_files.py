@@ -35,7 +35,8 @@ from minipeft.core.finite import first_nonfinite_tensor, is_finite_number, requi
 from minipeft.methods import method_for_config, method_for_peft_type
 from minipeft.files.input_files import check_input_file, duplicate_keys, read_input_text
 from minipeft.files.json_limits import loads_bounded
-from minipeft.files.safe_files import json_text, write_directory_atomically
+from minipeft.files.atomic import json_text
+from minipeft.files.safe_files import write_directory_atomically
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -220,7 +221,7 @@ def read_adapter_config(directory) -> dict:
     config_path = directory / CONFIG_NAME
     if not directory.is_dir():
         raise UserError(f"{directory}: no such adapter directory")
-    if not config_path.is_file():
+    if not config_path.exists():  # (a FIFO is there, not a file: read_input_text refuses it without opening it)
         raise UserError(f"{directory}: no {CONFIG_NAME} (is this an adapter directory?)")
     try:
         values = loads_bounded(read_input_text(config_path))
@@ -239,7 +240,7 @@ def read_adapter(directory):
     directory = Path(directory)
     config = config_from_dict(read_adapter_config(directory), str(directory / CONFIG_NAME))
     weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
+    if not weights_path.exists():  # (a FIFO is there: check_input_file refuses it without opening it)
         if (directory / PICKLE_WEIGHTS_NAME).is_file():
             raise UserError(f"{directory / PICKLE_WEIGHTS_NAME}: pickled adapter weights are not read "
                             "(they can run code); re-save the adapter with safetensors")

@@ -49,7 +49,9 @@ from minipeft.core.errors import UserError
 from minipeft.core.finite import first_nonfinite_tensor, nonfinite_to_none
 from minipeft.files.input_files import read_input_text
 from minipeft.files.json_limits import loads_bounded
-from minipeft.files.safe_files import foreign_files, json_text, write_directory_atomically
+from minipeft.files.atomic import json_text
+from minipeft.files.manifest import foreign_files
+from minipeft.files.safe_files import write_directory_atomically
 from minipeft.training.resume_checks import (check_continues_the_run, check_optimizer_files, check_rng_tensors,
                                              check_state_file, data_fingerprint, data_mismatch)
 

@@ -22,7 +22,9 @@ import torch
 
 from minipeft.fast import fast_generation
 from minipeft.files.json_limits import loads_bounded
-from minipeft.files.safe_files import cannot_write, record_as_ours, write_file_atomically, write_text_atomically
+from minipeft.files.atomic import cannot_write
+from minipeft.files.manifest import record_as_ours
+from minipeft.files.safe_files import write_file_atomically, write_text_atomically
 from minipeft.quantization.nf4 import has_4bit_layers
 
 
@@ -51,7 +53,7 @@ class MetricsLog:
             return
         if resume_step is None:  # a new run starts a new file
             self.path.unlink(missing_ok=True)
-            record_as_ours(self.path)  # in a folder minipeft marked, this file is its own (from the first line)
+            record_as_ours(self.path, appended=True)  # in a folder minipeft marked: its own, by name
         else:  # a resumed run keeps the curve up to its checkpoint, so it continues without a seam
             kept = [record for record in read_metrics(self.path) if record["step"] <= resume_step]
             write_text_atomically(self.path, "".join(json.dumps(record) + "\n" for record in kept))

@@ -13,7 +13,7 @@ On rank 0, :func:`open_run_dir`:
 
 1. refuses a path that is a file, and an output that is or holds an input (``inputs``: the data, a model folder);
 2. creates the directory and marks it as minipeft's (:func:`prepare_output_dir`);
-3. takes its lock (:class:`~minipeft.files.safe_files.OutputLock`): one run at a time writes here;
+3. takes its lock (:class:`~minipeft.files.lock.OutputLock`): one run at a time writes here;
 4. refuses to replace an earlier run's outputs, or files minipeft did not write (:func:`check_output_dir`);
 5. resolves ``--resume`` to a checkpoint (an error now if there is none, unless the run stopped before its
    first checkpoint: then ``--resume latest`` starts it over, :func:`resume_point`).
@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minipeft.core.errors import UserError
-from minipeft.files.safe_files import (MARKER_NAME, OutputLock, check_apart, check_ours_to_replace,
-                                       is_empty_directory, is_ours, make_directory, mark_as_ours, record_as_ours,
-                                       remove_our_directory)
+from minipeft.files.atomic import make_directory
+from minipeft.files.lock import OutputLock
+from minipeft.files.manifest import MARKER_NAME, is_ours, mark_as_ours, marker_problem, record_as_ours
+from minipeft.files.safe_files import check_apart, check_ours_to_replace, is_empty_directory, remove_our_directory
 from minipeft.training.checkpoint import ADAPTER_DIR, list_checkpoints, resolve_resume
 from minipeft.training.config import TrainingConfig
 
@@ -97,8 +98,8 @@ def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> No
         raise UserError(f"--output_dir {output_dir}: holds an earlier run's outputs ({', '.join(found)}) and no "
                         "checkpoint to resume; pass --overwrite_output_dir to replace them, or another --output_dir")
     if not is_ours(output_dir):
-        raise UserError(f"--output_dir {output_dir}: holds {', '.join(found)}, not written by minipeft (no .minipeft "
-                        "marker); refusing to replace them: choose another --output_dir")
+        raise UserError(f"--output_dir {output_dir}: holds {', '.join(found)}, not written by minipeft "
+                        f"({marker_problem(output_dir)}); refusing to replace them: choose another --output_dir")
     for name in found:  # the marker says minipeft made the folder, not that it wrote every file in it
         check_ours_to_replace(output_dir / name, "--output_dir")
 
@@ -110,4 +111,4 @@ def prepare_output_dir(output_dir: Path) -> None:
     make_directory(output_dir)
     if new:
         mark_as_ours(output_dir)
-        record_as_ours(output_dir / "metrics.jsonl")  # appended to, not written atomically: recorded beforehand
+        record_as_ours(output_dir / "metrics.jsonl", appended=True)  # appended to: recorded beforehand, by name
