@@ -6,16 +6,18 @@ batches of random token ids (``--batch_size`` × ``--length``, no padding, label
 untimed optimizer steps and then ``--steps`` timed ones, bf16 autocast, AdamW at 2e-4, one process per side
 (peak RSS = that process's ``VmHWM``, loading included):
 
-=====================  ===============================================================================
-``minipeft-bf16``      ``load_base_model(DIR, dtype=bfloat16)``, ``minipeft.training.train``
-``minipeft-nf4``       ``load_base_model(DIR, "nf4")`` (each linear quantized as read), ``train`` inside
-                       ``fused_nf4_dequantization`` (the C kernel: minipeft.fast.nf4_cpu_kernel)
-``minipeft-nf4-ref``   the same, the reference dequantization
-``trainer-bf16``       ``from_pretrained(DIR, dtype=bfloat16)``, ``peft.get_peft_model``, ``Trainer(bf16=True)``
-``trainer-bnb4``       ``from_pretrained`` with ``BitsAndBytesConfig(load_in_4bit=True, nf4, double quant,
-                       compute bf16)`` on the CPU, ``prepare_model_for_kbit_training`` not applied (it casts
-                       norms to float32; minipeft keeps them in bf16), then as ``trainer-bf16``
-=====================  ===============================================================================
+======================  ===============================================================================
+``minipeft-bf16``       ``load_base_model(DIR, dtype=bfloat16)``, ``minipeft.training.train``
+``minipeft-bf16-heap``  the same with the C library's default heap (:func:`minipeft.core.c_heap.large_tensors_mapped`
+                        off), to measure what mapping large tensors costs and saves
+``minipeft-nf4``        ``load_base_model(DIR, "nf4")`` (each linear quantized as read), ``train`` inside
+                        ``fused_nf4_dequantization`` (the C kernel: minipeft.fast.nf4_cpu_kernel)
+``minipeft-nf4-ref``    the same, the reference dequantization
+``trainer-bf16``        ``from_pretrained(DIR, dtype=bfloat16)``, ``peft.get_peft_model``, ``Trainer(bf16=True)``
+``trainer-bnb4``        ``from_pretrained`` with ``BitsAndBytesConfig(load_in_4bit=True, nf4, double quant,
+                        compute bf16)`` on the CPU, ``prepare_model_for_kbit_training`` not applied (it casts
+                        norms to float32; minipeft keeps them in bf16), then as ``trainer-bf16``
+======================  ===============================================================================
 
     python bench/bench_training_ckpt.py /work/bigckpt/llama-3.2-1b --sides minipeft-bf16,trainer-bf16 --rounds 2
 
@@ -34,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench_training import peak_rss_bytes, step_timer  # noqa: E402  (this folder is the script's: sys.path[0])
 
-SIDES = ("minipeft-bf16", "minipeft-nf4", "minipeft-nf4-ref", "trainer-bf16", "trainer-bnb4")
+SIDES = ("minipeft-bf16", "minipeft-bf16-heap", "minipeft-nf4", "minipeft-nf4-ref", "trainer-bf16", "trainer-bnb4")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -62,6 +64,9 @@ def run_minipeft(args) -> list:
     from minipeft.training.loop import train
 
     quantize = "nf4" if "nf4" in args.worker else "none"
+    if args.worker == "minipeft-bf16-heap":  # what large_tensors_mapped costs: glibc's default heap, as if absent
+        from minipeft.core import c_heap
+        c_heap._glibc[:] = [None]
     model, _ = load_base_model(args.directory, quantize, dtype=torch.bfloat16, log=lambda m: print(m, file=sys.stderr))
     peft_model = get_peft_model(model, LoRAConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
     data = batches(args, model.config.vocab_size)
