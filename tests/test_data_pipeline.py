@@ -202,3 +202,14 @@ def test_max_length_is_cut_to_the_models_positions_and_said():
     assert llama.max_length == 256
     unknown = DataConfig(max_length=300)
     assert fit_max_length(unknown, SimpleNamespace()) is None and unknown.max_length == 300
+
+
+def test_more_workers_than_cpus_is_refused_before_any_process_starts(monkeypatch):
+    """``--num_workers 100000`` started a process per worker, each with a copy of the data, until the kernel
+    killed them: it is now refused with the machine's CPU count."""
+    import minipeft.data.config as data_config
+
+    monkeypatch.setattr(data_config.os, "cpu_count", lambda: 4)
+    assert DataConfig(num_workers=4).num_workers == 4
+    with pytest.raises(UserError, match=r"--num_workers 5: more worker processes than this machine's 4 CPUs; use at most 4"):
+        DataConfig(num_workers=5)

@@ -120,6 +120,10 @@ class DataConfig:
                 raise UserError(f"--{name} {value}: must be a positive integer")
         if self.num_workers < 0:
             raise UserError(f"--num_workers {self.num_workers}: must be 0 or more")
+        cpus = os.cpu_count() or 1
+        if self.num_workers > cpus:  # each worker is a process holding a copy of the data: more cannot load faster
+            raise UserError(f"--num_workers {self.num_workers}: more worker processes than this machine's {cpus} CPUs; "
+                            f"use at most {cpus}")
         for name in ("max_invalid_fraction", "val_size"):
             require_finite(f"--{name}", getattr(self, name))
         if not 0.0 <= self.max_invalid_fraction <= 1.0:
