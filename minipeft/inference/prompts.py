@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from minipeft.core.errors import UserError
-from minipeft.core.generation import generate
+from minipeft.core.generation import check_generation_settings, generate
 from minipeft.data.batching import left_pad
 from minipeft.data.templates import resolve_template_name
 from minipeft.data.tokenization import Prompt, encode_prompts, pad_token_id
@@ -157,6 +157,27 @@ class GenerationResult:
         return sum(self.new_tokens) / self.seconds if self.seconds > 0 else float("inf")
 
 
+def fit_new_tokens(model, token_lists: list, max_new_tokens: int) -> int:
+    """How many new tokens fit a model with learned positions (GPT-2's ``n_positions``): the longest prompt,
+    the virtual tokens of prompt/prefix tuning and the new tokens share them, and past them its position
+    embedding has no row (an IndexError deep in the model). Fewer than asked: a ``note:`` line says so; a prompt
+    that leaves no room: a :class:`UserError`. Rotary positions (Llama) have no such end and are not limited."""
+    positions = getattr(getattr(model, "config", None), "n_positions", None)
+    if positions is None or not token_lists:
+        return max_new_tokens
+    encoder = getattr(model, "prompt_encoder", None)
+    virtual = encoder.num_virtual_tokens if encoder is not None and encoder.adapter_enabled else 0
+    index, longest = max(enumerate(map(len, token_lists)), key=lambda item: item[1])
+    room = positions - virtual - longest + 1  # the last new token is never fed back
+    spent = f"{longest} tokens" + (f" after the adapter's {virtual} virtual tokens" if virtual else "")
+    if room < 1:
+        raise UserError(f"prompt {index + 1} is {spent}, more than the model's {positions} positions: shorten it")
+    if max_new_tokens > room:
+        print(f"note: prompt {index + 1} is {spent}, so at most {room} new tokens fit the model's {positions} "
+              f"positions (not {max_new_tokens})", file=sys.stderr)
+    return min(max_new_tokens, room)
+
+
 def generate_texts(model, tokenizer, prompts: list, template: str, max_new_tokens: int = 64, batch_size: int = 8,
                    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    seed: int = None, stream=None) -> GenerationResult:
@@ -177,6 +198,8 @@ def generate_texts(model, tokenizer, prompts: list, template: str, max_new_token
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop_ids = stop_token_ids(tokenizer, model)
     token_lists = encode_prompts(prompts, template, tokenizer)
+    check_generation_settings(max_new_tokens, do_sample, temperature, top_k, top_p)  # (a bad --top_p first)
+    max_new_tokens = fit_new_tokens(model, token_lists, max_new_tokens)
     texts, counts, seconds = [], [], 0.0
     for start in range(0, len(prompts), batch_size):
         input_ids, attention_mask = left_pad(token_lists[start:start + batch_size], pad_token_id(tokenizer), device)

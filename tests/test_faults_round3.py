@@ -1,0 +1,26 @@
+"""Fault injection, round three (issue #26): a fresh adversarial round of ~500 commands against every subcommand.
+
+Each case is one misbehaviour the round found, reduced to the smallest command that showed it, and asserts what
+the user sees (exit status, exactly one ``error:`` line naming the file, record or flag, no traceback) and what
+is left on disk. The helpers come from ``tests/test_faults.py``; every case runs through
+:func:`minipeft.cli.run`, as the scripts do.
+"""
+
+import pytest
+from test_faults import GENERATE, builtin_model_available, in_process, one_error
+
+pytestmark = pytest.mark.skipif(not builtin_model_available(), reason="the built-in model is not built")
+
+
+# -- generation past the model's positions -------------------------------------------------------------------------
+def test_a_prompt_longer_than_the_models_positions_is_refused(capsys):
+    code, _, err = in_process(GENERATE, "--prompt", "word " * 600, "--max_new_tokens", "3", "--device", "cpu",
+                              "--no_stream", capsys=capsys)  # was an IndexError in GPT-2's position embedding
+    one_error(code, err, "prompt 1 is", "more than the model's 512 positions: shorten it")
+
+
+def test_new_tokens_past_the_models_positions_are_cut_to_them_and_said(capsys):
+    code, out, err = in_process(GENERATE, "--prompt", "word " * 470, "--max_new_tokens", "600", "--device", "cpu",
+                                "--no_stream", capsys=capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert "note: prompt 1 is" in err and "new tokens fit the model's 512 positions (not 600)" in err
