@@ -7,7 +7,7 @@ is left on disk. The helpers come from ``tests/test_faults.py``; every case runs
 """
 
 import pytest
-from test_faults import GENERATE, builtin_model_available, in_process, one_error
+from test_faults import GENERATE, MERGE, builtin_model_available, in_process, one_error
 
 pytestmark = pytest.mark.skipif(not builtin_model_available(), reason="the built-in model is not built")
 
@@ -24,3 +24,17 @@ def test_new_tokens_past_the_models_positions_are_cut_to_them_and_said(capsys):
                                 "--no_stream", capsys=capsys)
     assert code == 0 and "Traceback" not in err, err
     assert "note: prompt 1 is" in err and "new tokens fit the model's 512 positions (not 600)" in err
+
+
+# -- messages name the real culprit ---------------------------------------------------------------------------------
+def test_merging_an_unmergeable_adapter_names_its_config_not_a_flag_never_given(tmp_path, capsys):
+    from minipeft.cli.modify import main as modify_main
+
+    adapter = tmp_path / "prefix"
+    code, _, err = in_process(modify_main, "--model", "builtin", "--modification_type", "prefix", "--table", "none",
+                              "--save_adapter", adapter, capsys=capsys)
+    assert code == 0, err
+    code, out, err = in_process(MERGE, "--adapter", adapter, "--out", tmp_path / "merged", capsys=capsys)
+    line = one_error(code, err, f"--adapter {adapter / 'adapter_config.json'}: a prefix adapter cannot be merged")
+    assert "--modification_type" not in line
+    assert "Loaded" not in out and not (tmp_path / "merged").exists()  # refused before loading the model

@@ -136,8 +136,7 @@ class PeftModel(nn.Module):
     def _mergeable_layers(self):
         method = self.method
         if not method.mergeable:
-            raise UserError(f"--modification_type {method.name}: cannot be merged into the weights "
-                            f"({method.why_not_mergeable})")
+            raise UserError(f"a {method.name} adapter cannot be merged into the weights ({method.why_not_mergeable})")
         return adapter_layers(self.base_model)
 
     def merge_adapter(self) -> None:
