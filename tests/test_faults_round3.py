@@ -38,3 +38,13 @@ def test_merging_an_unmergeable_adapter_names_its_config_not_a_flag_never_given(
     line = one_error(code, err, f"--adapter {adapter / 'adapter_config.json'}: a prefix adapter cannot be merged")
     assert "--modification_type" not in line
     assert "Loaded" not in out and not (tmp_path / "merged").exists()  # refused before loading the model
+
+
+# -- bounds on every integer ----------------------------------------------------------------------------------------
+def test_a_corpus_larger_than_the_memory_is_refused_before_generating_it(tmp_path, capsys):
+    from minipeft.cli.pretrain import main as pretrain_main
+
+    code, _, err = in_process(pretrain_main, "--num_documents", 10 ** 12, "--output_dir", tmp_path / "model",
+                              capsys=capsys)  # it generated strings until the machine ran out of memory
+    one_error(code, err, "--num_documents 1000000000000: the corpus needs", "more than this machine's")
+    assert not (tmp_path / "model").exists()
