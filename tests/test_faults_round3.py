@@ -7,7 +7,7 @@ is left on disk. The helpers come from ``tests/test_faults.py``; every case runs
 """
 
 import pytest
-from test_faults import GENERATE, MERGE, builtin_model_available, in_process, one_error
+from test_faults import GENERATE, MERGE, builtin_model_available, digests, in_process, one_error
 
 pytestmark = pytest.mark.skipif(not builtin_model_available(), reason="the built-in model is not built")
 
@@ -48,3 +48,20 @@ def test_a_corpus_larger_than_the_memory_is_refused_before_generating_it(tmp_pat
                               capsys=capsys)  # it generated strings until the machine ran out of memory
     one_error(code, err, "--num_documents 1000000000000: the corpus needs", "more than this machine's")
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("kind, fragment", [("file", "is a file"), ("model", "already exists and is not empty")])
+def test_save_adapter_onto_a_file_or_a_model_folder_says_what_is_there(kind, fragment, tmp_path, capsys):
+    from minipeft.cli.modify import main as modify_main
+
+    target = tmp_path / "target"
+    if kind == "file":
+        target.write_text("my notes\n")
+    else:  # a user's model folder: it was called "a trained adapter"
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+    before = digests(target)
+    code, _, err = in_process(modify_main, "--model", "builtin", "--table", "none", "--save_adapter", target,
+                              capsys=capsys)
+    line = one_error(code, err, f"--save_adapter {target}: {fragment}")
+    assert "trained adapter" not in line and digests(target) == before

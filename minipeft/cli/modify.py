@@ -86,8 +86,9 @@ def main(argv=None) -> int:
     quantize = check_quantize_arguments(args)
     check_not_quantized_folder(args.model)
     if args.save_adapter and Path(args.save_adapter).exists() and not is_empty_directory(args.save_adapter):
-        raise UserError(f"--save_adapter {args.save_adapter}: already exists (a trained adapter would be replaced by "
-                        "a fresh one); choose a new directory")
+        what = "is a file" if not Path(args.save_adapter).is_dir() else "already exists and is not empty"
+        raise UserError(f"--save_adapter {args.save_adapter}: {what}; a fresh adapter goes into a new (or empty) "
+                        "directory, never over what is there: choose another")
     cost_line = None
     if is_large_checkpoint_dir(args.model):  # read tensor by tensor, in its final footprint (no float32 copy)
         model, tokenizer = load_base_model(args.model, "nf4" if quantize else "none", args.quantize_lm_head,
