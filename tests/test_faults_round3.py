@@ -6,6 +6,8 @@ is left on disk. The helpers come from ``tests/test_faults.py``; every case runs
 :func:`minipeft.cli.run`, as the scripts do.
 """
 
+from pathlib import Path
+
 import pytest
 from test_faults import GENERATE, MERGE, builtin_model_available, digests, in_process, one_error
 
@@ -65,3 +67,19 @@ def test_save_adapter_onto_a_file_or_a_model_folder_says_what_is_there(kind, fra
                               capsys=capsys)
     line = one_error(code, err, f"--save_adapter {target}: {fragment}")
     assert "trained adapter" not in line and digests(target) == before
+
+
+# -- nothing a user had is lost: outputs apart from inputs ----------------------------------------------------------
+def test_save_adapter_inside_the_model_folder_even_through_a_link_is_refused(tmp_path, capsys):
+    import shutil
+
+    from minipeft.builtin import MODEL_DIR
+    from minipeft.cli.modify import main as modify_main
+
+    model = Path(shutil.copytree(MODEL_DIR, tmp_path / "model"))
+    (tmp_path / "link").symlink_to(model)
+    before = digests(model)
+    code, _, err = in_process(modify_main, "--model", tmp_path / "link", "--table", "none", "--save_adapter",
+                              model / "adapter", capsys=capsys)  # it wrote model/adapter/ inside the input
+    one_error(code, err, f"--save_adapter {model / 'adapter'}: lies inside --model {tmp_path / 'link'}")
+    assert digests(model) == before and not (model / "adapter").exists()
