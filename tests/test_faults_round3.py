@@ -83,3 +83,23 @@ def test_save_adapter_inside_the_model_folder_even_through_a_link_is_refused(tmp
                               model / "adapter", capsys=capsys)  # it wrote model/adapter/ inside the input
     one_error(code, err, f"--save_adapter {model / 'adapter'}: lies inside --model {tmp_path / 'link'}")
     assert digests(model) == before and not (model / "adapter").exists()
+
+
+# -- models users bring are checked ---------------------------------------------------------------------------------
+def test_a_config_whose_heads_do_not_divide_its_width_is_one_line_naming_it(tmp_path, capsys):
+    import json
+    import shutil
+
+    from minipeft.cli.train import main as train_main
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(config, num_attention_heads=3)))
+    code, _, err = in_process(train_main, "--model", model, "--output_dir", tmp_path / "out", "--max_steps", "1",
+                              "--no_cache", capsys=capsys)  # was huggingface_hub's StrictDataclassClassValidationError
+    one_error(code, err, f"--model {model / 'config.json'}: The hidden size (32) is not a multiple of the number "
+                         "of attention heads (3)")
+    assert not (tmp_path / "out").exists()

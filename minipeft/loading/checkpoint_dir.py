@@ -46,6 +46,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+try:  # what a transformers config's own validation raises (huggingface_hub's strict dataclasses)
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # an older huggingface_hub validates nothing this way
+    StrictDataclassError = ValueError
+
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
 from minipeft.loading.models import _load_pretrained
@@ -197,6 +202,14 @@ def check_fits_in_memory(directory: Path, final: int, transient: int, what: str)
                         "free memory, use --quantize nf4, or a smaller model")
 
 
+def validation_reason(error: Exception) -> str:
+    """The reason a transformers config refused its values: the last line of huggingface_hub's validation
+    error ("Class validation error for validator ...:\n    ValueError: The hidden size (32) is not a multiple
+    of the number of attention heads (3)."), without the exception's name."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[-1].split(": ", 1)[-1] if lines[-1].split(": ", 1)[0].endswith("Error") else lines[-1]
+
+
 def build_on_meta(directory: Path, dtype: torch.dtype):
     """The architecture of ``directory/config.json``, built on the meta device (no memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -206,6 +219,8 @@ def build_on_meta(directory: Path, dtype: torch.dtype):
         config = AutoConfig.from_pretrained(directory)
     except (ValueError, KeyError) as error:
         raise UserError(f"--model {config_path}: {str(error).splitlines()[0]}") from None
+    except StrictDataclassError as error:  # a config class's own validation (hidden size vs heads): no ValueError
+        raise UserError(f"--model {config_path}: {validation_reason(error)}") from None
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
