@@ -103,3 +103,30 @@ def test_a_config_whose_heads_do_not_divide_its_width_is_one_line_naming_it(tmp_
     one_error(code, err, f"--model {model / 'config.json'}: The hidden size (32) is not a multiple of the number "
                          "of attention heads (3)")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["more layers in config.json", "a tensor missing from the file"])
+def test_a_model_whose_weights_lack_parameters_is_refused_not_filled_at_random(damage, tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minipeft.cli.train import main as train_main
+
+    model = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(model)
+    if damage == "more layers in config.json":  # transformers started layer 1 at random: "Trained 1 steps", exit 0
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=3)))
+        fragment = "model.layers.1."
+    else:
+        tensors = load_file(model / "model.safetensors")
+        del tensors["model.layers.0.self_attn.q_proj.weight"]
+        save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+        fragment = "model.layers.0.self_attn.q_proj.weight"
+    code, out, err = in_process(train_main, "--model", model, "--output_dir", tmp_path / "out", "--max_steps", "1",
+                                "--no_cache", capsys=capsys)
+    one_error(code, err, f"--model {model}: config.json describes", "the weights lack", fragment)
+    assert "Trained" not in out and not (tmp_path / "out" / "adapter").exists()

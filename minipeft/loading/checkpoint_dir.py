@@ -317,6 +317,11 @@ def load_checkpoint_dir(directory, quantize: str = "none", quantize_lm_head: boo
         return _load_pretrained(str(directory), dtype)
     model = build_on_meta(directory, dtype)
     mapping, problems = match_names(model, stored)
+    lacking = sorted({name for name, _ in model.named_parameters()} - set(mapping.values()))
+    if lacking:  # from_pretrained would start them at random and say so only in a note: a model nobody trained
+        raise UserError(f"--model {directory}: config.json describes {len(lacking)} parameter(s) the weights lack "
+                        f"({', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''}); config.json and the "
+                        "weights disagree (a changed layer count, or a tensor missing from the files)")
     targets = set(quantizable_layers(model, quantize_lm_head)) if quantize == "nf4" else set()
     quantized = {name for name, target in mapping.items() if target.rpartition(".")[0] in targets
                  and target.endswith(".weight")}
