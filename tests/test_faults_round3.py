@@ -130,3 +130,19 @@ def test_a_model_whose_weights_lack_parameters_is_refused_not_filled_at_random(d
                                 "--no_cache", capsys=capsys)
     one_error(code, err, f"--model {model}: config.json describes", "the weights lack", fragment)
     assert "Trained" not in out and not (tmp_path / "out" / "adapter").exists()
+
+
+def test_an_unknown_activation_in_config_json_names_the_field(tmp_path, capsys):
+    import json
+    import shutil
+
+    from minipeft.builtin import MODEL_DIR
+    from minipeft.cli.train import main as train_main
+
+    model = Path(shutil.copytree(MODEL_DIR, tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(config, activation_function="relu6x")))
+    code, _, err = in_process(train_main, "--model", model, "--output_dir", tmp_path / "out", "--max_steps", "1",
+                              "--no_cache", capsys=capsys)  # was KeyError: 'relu6x' from transformers' ACT2FN
+    one_error(code, err, f"--model {model / 'config.json'}: \"activation_function\" is 'relu6x', which transformers "
+                         "does not know")

@@ -224,6 +224,10 @@ def build_on_meta(directory: Path, dtype: torch.dtype):
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except KeyError as error:  # a name transformers looks up in a table: hidden_act "relu6x" (ACT2FN[...])
+        fields = [key for key, value in config.to_dict().items() if isinstance(value, str) and value == error.args[0]]
+        raise UserError(f"--model {config_path}: " + (f'"{fields[0]}" is ' if fields else "")
+                        + f"{error.args[0]!r}, which transformers does not know; check the spelling") from None
     except ValueError:
         raise UserError(f"--model {config_path}: model_type {config.model_type!r} "
                         f"({', '.join(config.architectures or ['no architectures'])}) is not a causal language "
