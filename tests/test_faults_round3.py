@@ -146,3 +146,25 @@ def test_an_unknown_activation_in_config_json_names_the_field(tmp_path, capsys):
                               "--no_cache", capsys=capsys)  # was KeyError: 'relu6x' from transformers' ACT2FN
     one_error(code, err, f"--model {model / 'config.json'}: \"activation_function\" is 'relu6x', which transformers "
                          "does not know")
+
+
+@pytest.mark.parametrize("method, change, fragment", [
+    ("ia3", {"target_modules": ["ln_1"], "feedforward_modules": []}, "target_modules: transformer.h.0.ln_1 is a"),
+    ("prefix", {"token_dim": 999}, "token_dim is 999"),
+])
+def test_an_adapter_config_that_does_not_fit_the_model_names_the_file_not_a_flag(method, change, fragment, tmp_path,
+                                                                                    capsys):
+    import json
+
+    from minipeft.cli.modify import main as modify_main
+
+    adapter = tmp_path / method
+    code, _, err = in_process(modify_main, "--model", "builtin", "--modification_type", method, "--table", "none",
+                              "--save_adapter", adapter, capsys=capsys)
+    assert code == 0, err
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(config, **change)))
+    code, _, err = in_process(GENERATE, "--adapter", adapter, "--prompt", "hi", "--max_new_tokens", "2", "--device",
+                              "cpu", capsys=capsys)
+    line = one_error(code, err, f"{adapter / 'adapter_config.json'}: ", fragment)
+    assert "--target_modules" not in line

@@ -230,7 +230,10 @@ def load_adapter(base_model, directory, is_trainable: bool = False):
             config.check_model(base_model)
         except UserError as error:
             raise UserError(f"{Path(directory) / CONFIG_NAME}: {error}") from None
-    peft_model = get_peft_model(base_model, config)
+    try:
+        peft_model = get_peft_model(base_model, config)
+    except UserError as error:  # the file's settings, not flags: "target_modules ...", after the file
+        raise UserError(f"{Path(directory) / CONFIG_NAME}: {str(error).removeprefix('--')}") from None
     load_peft_state_dict(peft_model, state, source=source)
     peft_model.set_trainable(is_trainable)
     return peft_model
