@@ -168,3 +168,23 @@ def test_an_adapter_config_that_does_not_fit_the_model_names_the_file_not_a_flag
                               "cpu", capsys=capsys)
     line = one_error(code, err, f"{adapter / 'adapter_config.json'}: ", fragment)
     assert "--target_modules" not in line
+
+
+@pytest.mark.parametrize("command", ["generate", "merge"])
+def test_a_base_model_recorded_in_the_adapter_and_gone_names_the_adapter_not_model(command, tmp_path, capsys):
+    import json
+
+    from minipeft.cli.modify import main as modify_main
+
+    adapter = tmp_path / "adapter"
+    code, _, err = in_process(modify_main, "--model", "builtin", "--table", "none", "--save_adapter", adapter,
+                              capsys=capsys)
+    assert code == 0, err
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    gone = str(tmp_path / "moved-away-model")
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(config, base_model_name_or_path=gone)))
+    argv = (["--prompt", "hi", "--device", "cpu"] if command == "generate" else ["--out", tmp_path / "merged"])
+    code, _, err = in_process(GENERATE if command == "generate" else MERGE, "--adapter", adapter, *argv,
+                              capsys=capsys)  # it said "--model ...: no such directory", a flag never given
+    one_error(code, err, f"--adapter {adapter}: its adapter_config.json names the base model {gone}",
+              "pass --model")

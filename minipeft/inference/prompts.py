@@ -61,6 +61,10 @@ def resolve_model_name(model_flag, adapter_dir) -> str:
         return model_flag
     if adapter_dir is not None:
         recorded = adapter_metadata(adapter_dir).get("base_model_name_or_path")
+        if recorded and str(recorded).startswith(("/", ".", "~")) and not Path(recorded).expanduser().exists():
+            # the loader would blame --model, a flag the user did not give
+            raise UserError(f"--adapter {adapter_dir}: its adapter_config.json names the base model {recorded}, "
+                            "which is not on this machine (moved or deleted?); pass --model with the base model")
         if recorded:
             return recorded
     return "builtin"
