@@ -188,3 +188,28 @@ def test_a_base_model_recorded_in_the_adapter_and_gone_names_the_adapter_not_mod
                               capsys=capsys)  # it said "--model ...: no such directory", a flag never given
     one_error(code, err, f"--adapter {adapter}: its adapter_config.json names the base model {gone}",
               "pass --model")
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda config: config.update(base_model_name_or_path=5), '"base_model_name_or_path" must be a model name'),
+    (lambda config: config["minipeft"].update(template="nope"), "\"minipeft.template\" is 'nope', not a template"),
+    (lambda config: config["minipeft"].update(quantization={"quantize": "nf9"}), '"minipeft.quantization" is'),
+    (lambda config: config["minipeft"].update(quantization=[1]), '"minipeft.quantization" is [1]'),
+])
+def test_minipefts_own_fields_in_adapter_config_of_the_wrong_value_name_the_file(change, fragment, tmp_path, capsys):
+    import json
+
+    from minipeft.cli.modify import main as modify_main
+
+    adapter = tmp_path / "adapter"
+    code, _, err = in_process(modify_main, "--model", "builtin", "--table", "none", "--save_adapter", adapter,
+                              capsys=capsys)
+    assert code == 0, err
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.setdefault("minipeft", {})
+    change(config)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    code, _, err = in_process(GENERATE, "--adapter", adapter, "--prompt", "hi", "--max_new_tokens", "2", "--device",
+                              "cpu", capsys=capsys)  # a TypeError traceback, or "--template nope", "--quantize 'nf9'"
+    line = one_error(code, err, "adapter_config.json: ", fragment)
+    assert "--template nope" not in line and "--quantize 'nf9'" not in line

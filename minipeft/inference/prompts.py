@@ -36,7 +36,7 @@ import torch
 from minipeft.core.errors import UserError
 from minipeft.core.generation import check_generation_settings, generate
 from minipeft.data.batching import left_pad
-from minipeft.data.templates import resolve_template_name
+from minipeft.data.templates import TEMPLATES, resolve_template_name
 from minipeft.data.tokenization import Prompt, encode_prompts, pad_token_id
 from minipeft.fast import fast_generation
 from minipeft.files.input_files import read_input_text
@@ -61,6 +61,9 @@ def resolve_model_name(model_flag, adapter_dir) -> str:
         return model_flag
     if adapter_dir is not None:
         recorded = adapter_metadata(adapter_dir).get("base_model_name_or_path")
+        if recorded is not None and not isinstance(recorded, str):
+            raise UserError(f"{Path(adapter_dir) / 'adapter_config.json'}: \"base_model_name_or_path\" must be a "
+                            f"model name or path, got {recorded!r:.80}")
         if recorded and str(recorded).startswith(("/", ".", "~")) and not Path(recorded).expanduser().exists():
             # the loader would blame --model, a flag the user did not give
             raise UserError(f"--adapter {adapter_dir}: its adapter_config.json names the base model {recorded}, "
@@ -77,11 +80,18 @@ def resolve_template(template_flag, adapter_dir, model_name: str, tokenizer) -> 
     if adapter_dir is not None:
         recorded = adapter_metadata(adapter_dir).get("template")
         if recorded:
-            return recorded
+            return known_template(recorded, f"{Path(adapter_dir) / 'adapter_config.json'}: \"minipeft.template\"")
     recorded = read_merge_info(model_name).get("template")  # a model written by `python -m minipeft merge`
     if recorded:
-        return recorded
+        return known_template(recorded, f"{Path(model_name) / 'minipeft_merge.json'}: \"template\"")
     return resolve_template_name("auto", tokenizer)
+
+
+def known_template(name, where: str) -> str:
+    """A template recorded in a file, checked here: the template's own error would blame --template."""
+    if name not in (*TEMPLATES, "none"):
+        raise UserError(f"{where} is {name!r:.80}, not a template ({', '.join(TEMPLATES)}, none); pass --template")
+    return name
 
 
 # --- prompts -------------------------------------------------------------------------------------------------
