@@ -213,3 +213,16 @@ def test_minipefts_own_fields_in_adapter_config_of_the_wrong_value_name_the_file
                               "cpu", capsys=capsys)  # a TypeError traceback, or "--template nope", "--quantize 'nf9'"
     line = one_error(code, err, "adapter_config.json: ", fragment)
     assert "--template nope" not in line and "--quantize 'nf9'" not in line
+
+
+# -- bounds on every parse: tiny floats ------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, value", [("--temperature", "1e-300"), ("--top_p", "1e-300")])
+def test_a_tiny_temperature_or_top_p_samples_the_likeliest_token(flag, value, capsys):
+    # 1e-300 is 0 in float32: logits / 0 was NaN, or every token dropped; multinomial raised a RuntimeError
+    code, out, err = in_process(GENERATE, "--prompt", "Name a color.", "--max_new_tokens", "4", "--device", "cpu",
+                                "--no_stream", capsys=capsys)
+    assert code == 0, err
+    code, sampled, err = in_process(GENERATE, "--prompt", "Name a color.", "--max_new_tokens", "4", "--device", "cpu",
+                                    "--no_stream", "--do_sample", "--seed", "1", flag, value, capsys=capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert sampled == out  # the greedy reply: only the likeliest token is left to sample
