@@ -226,3 +226,13 @@ def test_a_tiny_temperature_or_top_p_samples_the_likeliest_token(flag, value, ca
                                     "--no_stream", "--do_sample", "--seed", "1", flag, value, capsys=capsys)
     assert code == 0 and "Traceback" not in err, err
     assert sampled == out  # the greedy reply: only the likeliest token is left to sample
+
+
+@pytest.mark.parametrize("command", [GENERATE, MERGE])
+def test_an_empty_adapter_name_is_refused_as_such(command, tmp_path, capsys):
+    argv = ["--prompt", "hi"] if command is GENERATE else ["--out", tmp_path / "merged"]
+    try:
+        code = command(["--adapter", "", *map(str, argv)])  # it read "." as the adapter
+    except SystemExit as exit_info:  # argparse's usage errors
+        code = exit_info.code
+    one_error(code, capsys.readouterr().err, "argument --adapter: an empty name")

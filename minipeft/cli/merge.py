@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "a standard Hugging Face model directory.")
     parser.add_argument("--model", default=None,
                         help="base model (default: the adapter's base_model_name_or_path, else builtin)")
-    parser.add_argument("--adapter", required=True, help="adapter directory")
+    parser.add_argument("--adapter", type=path_name, required=True, help="adapter directory")
     parser.add_argument("--out", required=True, type=path_name, help="output directory (written atomically)")
     parser.add_argument("--save_dtype", choices=list(SAVE_DTYPES), default="float32",
                         help="dtype of the saved weights; the merge itself is always float32 (default float32)")
