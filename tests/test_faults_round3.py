@@ -236,3 +236,30 @@ def test_an_empty_adapter_name_is_refused_as_such(command, tmp_path, capsys):
     except SystemExit as exit_info:  # argparse's usage errors
         code = exit_info.code
     one_error(code, capsys.readouterr().err, "argument --adapter: an empty name")
+
+
+@pytest.mark.parametrize("index_text, fragment", [
+    ('{"weight_map": 5}', "not a safetensors index"),  # AttributeError: 'int' object has no attribute 'values'
+    ("[" * 100000, "not valid JSON (nested deeper than"),  # RecursionError
+    (None, "names the shard '../elsewhere.safetensors', which is not a file of"),  # read a file outside the model
+])
+def test_a_damaged_shard_index_is_one_line_naming_it(index_text, fragment, tmp_path, capsys):
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minipeft.cli.train import main as train_main
+
+    model = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(
+        model, max_shard_size="20KB")
+    index = model / "model.safetensors.index.json"
+    if index_text is None:
+        values = json.loads(index.read_text())
+        values["weight_map"][next(iter(values["weight_map"]))] = "../elsewhere.safetensors"
+        index_text = json.dumps(values)
+    index.write_text(index_text)
+    code, _, err = in_process(train_main, "--model", model, "--output_dir", tmp_path / "out", "--max_steps", "1",
+                              "--no_cache", capsys=capsys)
+    one_error(code, err, f"--model {index}: ", fragment)

@@ -53,6 +53,8 @@ except ImportError:  # an older huggingface_hub validates nothing this way
 
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
+from minipeft.files.input_files import read_input_text
+from minipeft.files.json_limits import loads_bounded
 from minipeft.loading.models import _load_pretrained
 from minipeft.quantization.nf4 import Linear4bit, quantizable_layers, quantize_model
 
@@ -115,10 +117,17 @@ def checkpoint_tensors(directory: Path) -> dict:
     index = directory / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-            raise UserError(f"--model {index}: not a safetensors index ({error!r}); expected "
-                            '{"weight_map": {tensor: shard file}}') from None
+            values = loads_bounded(read_input_text(index, "--model"))  # regular, bounded in size and depth
+        except ValueError as error:  # json.JSONDecodeError and the bounds' JSONLimitError
+            raise UserError(f"--model {index}: not valid JSON ({error})") from None
+        weight_map = values.get("weight_map") if isinstance(values, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise UserError(f"--model {index}: not a safetensors index; expected "
+                            '{"weight_map": {tensor: shard file}}')
+        outside = [shard for shard in weight_map.values() if Path(shard).name != shard or shard in ("", ".", "..")]
+        if outside:  # "../other/model.safetensors", "/etc/passwd": only files of this directory are weights
+            raise UserError(f"--model {index}: names the shard {outside[0]!r:.80}, which is not a file of "
+                            f"{directory}; an index lists the shard files beside it")
         shards = sorted(set(weight_map.values()))
         missing = [shard for shard in shards if not (directory / shard).is_file()]
         if missing:
