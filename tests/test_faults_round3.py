@@ -263,3 +263,17 @@ def test_a_damaged_shard_index_is_one_line_naming_it(index_text, fragment, tmp_p
     code, _, err = in_process(train_main, "--model", model, "--output_dir", tmp_path / "out", "--max_steps", "1",
                               "--no_cache", capsys=capsys)
     one_error(code, err, f"--model {index}: ", fragment)
+
+
+def test_a_damaged_pytorch_bin_checkpoint_is_one_line_naming_the_model(tmp_path, capsys):
+    import shutil
+
+    from minipeft.builtin import MODEL_DIR
+    from minipeft.cli.train import main as train_main
+
+    model = Path(shutil.copytree(MODEL_DIR, tmp_path / "model"))
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not a zip archive")
+    code, _, err = in_process(train_main, "--model", model, "--output_dir", tmp_path / "out", "--max_steps", "1",
+                              "--no_cache", capsys=capsys)  # was "RuntimeError: PytorchStreamReader failed ..."
+    one_error(code, err, f"--model {model}: its weights cannot be read", "the checkpoint is damaged")

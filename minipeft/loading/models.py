@@ -179,7 +179,12 @@ def _load_pretrained(name: str, dtype):
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise UserError(f"--model {name}: the directory has no config.json (is it a model directory?)")
-        return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype), AutoTokenizer.from_pretrained(name))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        except (OSError, RuntimeError, ValueError, EOFError) as error:  # a damaged pytorch_model.bin, ...
+            raise UserError(f"--model {name}: its weights cannot be read ({str(error).splitlines()[0][:200]}); the "
+                            "checkpoint is damaged (download or save it again)") from None
+        return model, AutoTokenizer.from_pretrained(name)
     if Path(name).exists():
         raise UserError(f"--model {name}: is a file, expected a model directory or a Hugging Face id")
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
