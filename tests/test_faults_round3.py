@@ -9,6 +9,7 @@ is left on disk. The helpers come from ``tests/test_faults.py``; every case runs
 from pathlib import Path
 
 import pytest
+import torch
 from test_faults import GENERATE, MERGE, builtin_model_available, digests, in_process, one_error
 
 pytestmark = pytest.mark.skipif(not builtin_model_available(), reason="the built-in model is not built")
@@ -277,3 +278,21 @@ def test_a_damaged_pytorch_bin_checkpoint_is_one_line_naming_the_model(tmp_path,
     code, _, err = in_process(train_main, "--model", model, "--output_dir", tmp_path / "out", "--max_steps", "1",
                               "--no_cache", capsys=capsys)  # was "RuntimeError: PytorchStreamReader failed ..."
     one_error(code, err, f"--model {model}: its weights cannot be read", "the checkpoint is damaged")
+
+
+def test_an_integer_weight_where_the_model_computes_in_floats_is_refused(tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from minipeft.builtin import MODEL_DIR
+    from minipeft.cli.train import main as train_main
+
+    model = Path(shutil.copytree(MODEL_DIR, tmp_path / "model"))
+    tensors = load_file(model / "model.safetensors")
+    name = next(key for key in tensors if key.endswith("attn.c_attn.weight"))
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = in_process(train_main, "--model", model, "--output_dir", tmp_path / "out", "--max_steps", "1",
+                              "--no_cache", capsys=capsys)  # was a dtype RuntimeError in the first matmul
+    one_error(code, err, "is stored as int32, but the model computes it in floating point")

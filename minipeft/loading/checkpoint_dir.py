@@ -291,6 +291,9 @@ def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set
     if isinstance(expected, torch.Tensor) and tuple(expected.shape) != tuple(tensor.shape):
         raise UserError(f"--model: tensor {name} has shape {list(tensor.shape)} in the weights, but config.json "
                         f"describes {list(expected.shape)}; config.json and the weights disagree")
+    if isinstance(expected, torch.Tensor) and expected.is_floating_point() and not tensor.is_floating_point():
+        raise UserError(f"--model: tensor {name} is stored as {str(tensor.dtype).replace('torch.', '')}, but the "
+                        "model computes it in floating point; the checkpoint is damaged or not this model's")
     quantize = module_name in targets and attribute == "weight"
     if not quantize and tensor.is_floating_point():
         tensor = tensor.to(dtype)
