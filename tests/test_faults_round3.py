@@ -296,3 +296,19 @@ def test_an_integer_weight_where_the_model_computes_in_floats_is_refused(tmp_pat
     code, _, err = in_process(train_main, "--model", model, "--output_dir", tmp_path / "out", "--max_steps", "1",
                               "--no_cache", capsys=capsys)  # was a dtype RuntimeError in the first matmul
     one_error(code, err, "is stored as int32, but the model computes it in floating point")
+
+
+def test_a_chat_template_that_fails_is_one_line_in_generate(tmp_path, capsys):
+    import json
+    import shutil
+
+    from minipeft.builtin import MODEL_DIR
+
+    model = Path(shutil.copytree(MODEL_DIR, tmp_path / "model"))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = '{{ raise_exception("no system prompt allowed") }}'
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    code, _, err = in_process(GENERATE, "--model", model, "--prompt", "hi", "--max_new_tokens", "2", "--device",
+                              "cpu", capsys=capsys)  # was jinja2.exceptions.TemplateError, a traceback
+    one_error(code, err, "its chat_template (tokenizer_config.json) fails: no system prompt allowed",
+              "--template alpaca")
