@@ -312,3 +312,18 @@ def test_a_chat_template_that_fails_is_one_line_in_generate(tmp_path, capsys):
                               "cpu", capsys=capsys)  # was jinja2.exceptions.TemplateError, a traceback
     one_error(code, err, "its chat_template (tokenizer_config.json) fails: no system prompt allowed",
               "--template alpaca")
+
+
+def test_modify_refuses_a_model_folder_too_large_for_the_memory_before_building_it(tmp_path, capsys):
+    import json
+    import shutil
+
+    from minipeft.builtin import MODEL_DIR
+    from minipeft.cli.modify import main as modify_main
+
+    model = Path(shutil.copytree(MODEL_DIR, tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(config, n_embd=10 ** 6, n_layer=1000)))
+    code, _, err = in_process(modify_main, "--model", model, "--table", "none",
+                              capsys=capsys)  # it built the model for real: killed by the OOM killer
+    one_error(code, err, f"--model {model / 'config.json'}: describes a model of at least", "more than the")

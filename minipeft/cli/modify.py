@@ -21,6 +21,7 @@ from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
 from minipeft.cli.arguments import add_method_arguments, config_from_args
 from minipeft.loading.checkpoint_dir import checkpoint_tensors
+from minipeft.loading.checks import check_model_directory
 from minipeft.loading.models import load_model_for_counting, local_model_path
 from minipeft.cli.arguments import add_quantize_arguments, check_quantize_arguments
 from minipeft.loading.streaming import check_not_quantized_folder, load_base_model
@@ -101,6 +102,9 @@ def main(argv=None) -> int:
                          "was quantized as it was read, no float copy held); train_llm.py --quantize nf4 measures "
                          "it after a run where a float copy fits in memory")
     else:
+        if Path(args.model).is_dir() and (Path(args.model) / "config.json").is_file():
+            # config, size, headers, tokenizer: a config of 10**6 x 1000 layers was built for real (the OOM killer)
+            check_model_directory(args.model, "nf4" if quantize else "none", torch.float32)
         model, tokenizer = load_model_for_counting(args.model)
         if quantize:
             cost_line = measure_cost_while_quantizing(model, tokenizer, args.quantize_lm_head)
