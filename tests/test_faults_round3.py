@@ -327,3 +327,33 @@ def test_modify_refuses_a_model_folder_too_large_for_the_memory_before_building_
     code, _, err = in_process(modify_main, "--model", model, "--table", "none",
                               capsys=capsys)  # it built the model for real: killed by the OOM killer
     one_error(code, err, f"--model {model / 'config.json'}: describes a model of at least", "more than the")
+
+
+def test_every_loader_names_a_config_that_transformers_refuses(tmp_path):
+    import json
+    import shutil
+
+    from minipeft.builtin import MODEL_DIR
+    from minipeft.core.errors import UserError
+    from minipeft.loading.models import load_model_and_tokenizer
+
+    model = Path(shutil.copytree(MODEL_DIR, tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    for change, fragment in [({"n_head": 3}, "config.json: `embed_dim` must be divisible by num_heads"),
+                             ({"activation_function": "relu6x"}, "\"activation_function\" is 'relu6x'")]:
+        (model / "config.json").write_text(json.dumps(dict(config, **change)))
+        with pytest.raises(UserError, match=fragment):  # compare's loader: tracebacks from transformers
+            load_model_and_tokenizer(str(model))
+
+
+def test_data_pipeline_names_a_tokenizer_that_does_not_load(tmp_path, capsys):
+    import shutil
+
+    from minipeft.builtin import MODEL_DIR
+    from minipeft.cli.data import main as data_main
+
+    model = Path(shutil.copytree(MODEL_DIR, tmp_path / "model"))
+    (model / "tokenizer.json").write_text("{}")
+    code, _, err = in_process(data_main, "--model", model, "--num_samples", "1", "--no_cache",
+                              capsys=capsys)  # was KeyError: 'added_tokens'
+    one_error(code, err, f"--model {model / 'tokenizer.json'}: the tokenizer does not load")

@@ -46,16 +46,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-try:  # what a transformers config's own validation raises (huggingface_hub's strict dataclasses)
-    from huggingface_hub.errors import StrictDataclassError
-except ImportError:  # an older huggingface_hub validates nothing this way
-    StrictDataclassError = ValueError
 
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
 from minipeft.files.input_files import read_input_text
 from minipeft.files.json_limits import loads_bounded
-from minipeft.loading.models import _load_pretrained
+from minipeft.loading.models import StrictDataclassError, _load_pretrained, validation_reason
 from minipeft.quantization.nf4 import Linear4bit, quantizable_layers, quantize_model
 
 SINGLE_FILE = "model.safetensors"
@@ -211,14 +207,6 @@ def check_fits_in_memory(directory: Path, final: int, transient: int, what: str)
                         "free memory, use --quantize nf4, or a smaller model")
 
 
-def validation_reason(error: Exception) -> str:
-    """The reason a transformers config refused its values: the last line of huggingface_hub's validation
-    error ("Class validation error for validator ...:\n    ValueError: The hidden size (32) is not a multiple
-    of the number of attention heads (3)."), without the exception's name."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    return lines[-1].split(": ", 1)[-1] if lines[-1].split(": ", 1)[0].endswith("Error") else lines[-1]
-
-
 def build_on_meta(directory: Path, dtype: torch.dtype):
     """The architecture of ``directory/config.json``, built on the meta device (no memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -237,7 +225,9 @@ def build_on_meta(directory: Path, dtype: torch.dtype):
         fields = [key for key, value in config.to_dict().items() if isinstance(value, str) and value == error.args[0]]
         raise UserError(f"--model {config_path}: " + (f'"{fields[0]}" is ' if fields else "")
                         + f"{error.args[0]!r}, which transformers does not know; check the spelling") from None
-    except ValueError:
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):  # GPT-2: "embed_dim must be divisible by ..."
+            raise UserError(f"--model {config_path}: {str(error).splitlines()[0][:200]}") from None
         raise UserError(f"--model {config_path}: model_type {config.model_type!r} "
                         f"({', '.join(config.architectures or ['no architectures'])}) is not a causal language "
                         "model transformers can build; minipeft fine-tunes causal LMs (GPT-2, Llama, ...)") from None
