@@ -357,3 +357,16 @@ def test_data_pipeline_names_a_tokenizer_that_does_not_load(tmp_path, capsys):
     code, _, err = in_process(data_main, "--model", model, "--num_samples", "1", "--no_cache",
                               capsys=capsys)  # was KeyError: 'added_tokens'
     one_error(code, err, f"--model {model / 'tokenizer.json'}: the tokenizer does not load")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--modification_type", "adapter", "--adapter_size", "1000000000"], "--adapter_size 1000000000: 8 bottleneck"),
+    (["--modification_type", "prefix", "--prefix_projection", "--prefix_hidden_size", "1000000000"],
+     "--prefix_hidden_size 1000000000: the prefix MLP"),
+])
+def test_method_sizes_beyond_the_memory_are_refused_before_allocating(flags, fragment, tmp_path, capsys):
+    from minipeft.cli.train import main as train_main
+
+    code, _, err = in_process(train_main, *flags, "--output_dir", tmp_path / "out", "--max_steps", "1", "--no_cache",
+                              capsys=capsys)  # was "DefaultCPUAllocator: can't allocate memory" (640 GB), a traceback
+    one_error(code, err, fragment, "more than this machine's")
