@@ -370,3 +370,30 @@ def test_method_sizes_beyond_the_memory_are_refused_before_allocating(flags, fra
     code, _, err = in_process(train_main, *flags, "--output_dir", tmp_path / "out", "--max_steps", "1", "--no_cache",
                               capsys=capsys)  # was "DefaultCPUAllocator: can't allocate memory" (640 GB), a traceback
     one_error(code, err, fragment, "more than this machine's")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--target_modules", "re:["], "--target_modules 're:[': not a regular expression"),  # re.error traceback
+    (["--modification_type", "selective", "--freeze_layers", "0-99999999999999999999"],
+     "--freeze_layers: layer 4 is out of range; this model has 4 layers"),  # an OverflowError traceback
+])
+def test_a_bad_regex_or_an_endless_layer_range_is_one_line(flags, fragment, tmp_path, capsys):
+    from minipeft.cli.train import main as train_main
+
+    code, _, err = in_process(train_main, *flags, "--output_dir", tmp_path / "out", "--max_steps", "1", "--no_cache",
+                              capsys=capsys)
+    one_error(code, err, fragment)
+
+
+def test_a_bad_regex_in_an_adapter_config_names_the_file(tmp_path, capsys):
+    import json
+
+    from minipeft.cli.modify import main as modify_main
+
+    adapter = tmp_path / "adapter"
+    assert in_process(modify_main, "--model", "builtin", "--table", "none", "--save_adapter", adapter,
+                      capsys=capsys)[0] == 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(config, target_modules="(unclosed")))
+    code, _, err = in_process(GENERATE, "--adapter", adapter, "--prompt", "hi", "--device", "cpu", capsys=capsys)
+    one_error(code, err, "adapter_config.json: ", "'(unclosed': not a regular expression")
