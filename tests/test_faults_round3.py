@@ -397,17 +397,3 @@ def test_a_bad_regex_in_an_adapter_config_names_the_file(tmp_path, capsys):
     (adapter / "adapter_config.json").write_text(json.dumps(dict(config, target_modules="(unclosed")))
     code, _, err = in_process(GENERATE, "--adapter", adapter, "--prompt", "hi", "--device", "cpu", capsys=capsys)
     one_error(code, err, "adapter_config.json: ", "'(unclosed': not a regular expression")
-
-
-# -- every writing command honours the run lock ---------------------------------------------------------------------
-def test_a_new_run_inside_a_running_runs_folder_is_refused(tmp_path, capsys):
-    from minipeft.cli.train import main as train_main
-    from minipeft.files.safe_files import OutputLock
-
-    outer = tmp_path / "running"
-    outer.mkdir()
-    with OutputLock(outer, "--output_dir"):  # a training run holds it (merge and generate refused; train wrote)
-        code, _, err = in_process(train_main, "--output_dir", outer / "inner", "--max_steps", "1", "--no_cache",
-                                  capsys=capsys)
-    one_error(code, err, f"--output_dir {outer / 'inner'}: lies in {outer}, which another minipeft process")
-    assert not (outer / "inner").exists()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minipeft.core.errors import UserError
-from minipeft.files.safe_files import (MARKER_NAME, OutputLock, check_apart, check_ours_to_replace, check_unlocked,
+from minipeft.files.safe_files import (MARKER_NAME, OutputLock, check_apart, check_ours_to_replace,
                                        is_empty_directory, is_ours, make_directory, mark_as_ours, record_as_ours,
                                        remove_our_directory)
 from minipeft.training.checkpoint import ADAPTER_DIR, list_checkpoints, resolve_resume
@@ -59,8 +59,6 @@ def open_run_dir(config: TrainingConfig, is_main: bool = True, outputs: tuple = 
     if not is_main:  # (only rank 0 writes; the others would race with its first files)
         yield resume_point(config, output_dir)
         return
-    # a new folder inside a running run's own (as merge, generate and compare refuse it too)
-    check_unlocked(output_dir.parent, "--output_dir", output_dir)
     created = not output_dir.exists()
     prepare_output_dir(output_dir)
     try:
