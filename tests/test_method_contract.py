@@ -334,7 +334,7 @@ def test_merging_is_exact_or_refused(name, model):
     with torch.no_grad():
         before = peft_model(**inputs).logits
         if not method.mergeable:
-            with pytest.raises(UserError, match=f"modification_type {name}: cannot be merged"):
+            with pytest.raises(UserError, match=f"a {name} adapter cannot be merged"):
                 peft_model.merge_adapter()
             for layer in adapter_layers(peft_model):
                 with pytest.raises(UserError, match="cannot be merged"):

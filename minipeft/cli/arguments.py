@@ -35,8 +35,14 @@ def resolve_quantize(args, adapter_dir=None, log=print) -> None:
     """Fill ``args.quantize``/``args.quantize_lm_head`` left unset from the adapter's record (generate, merge)."""
     recorded = {}
     if adapter_dir is not None:
-
-        recorded = (read_adapter_config(adapter_dir).get("minipeft") or {}).get("quantization") or {}
+        block = read_adapter_config(adapter_dir).get("minipeft")
+        recorded = (block.get("quantization") if isinstance(block, dict) else None) or {}
+        if args.quantize is None and (not isinstance(recorded, dict)
+                                      or recorded.get("quantize", "none") not in QUANTIZE_CHOICES):
+            # (checked here: check_quantize_arguments would blame --quantize, a flag the user did not give)
+            raise UserError(f"{adapter_dir}/adapter_config.json: \"minipeft.quantization\" is {recorded!r:.80}, "
+                            "not what minipeft writes (quantize none or nf4); pass --quantize")
+        recorded = recorded if isinstance(recorded, dict) else {}
     if args.quantize is None:
         args.quantize = recorded.get("quantize", "none")
         if args.quantize != "none":

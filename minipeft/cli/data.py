@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from minipeft.builtin import load_builtin_tokenizer
+from minipeft.loading.checks import check_tokenizer
 from minipeft.cli import CommandLineParser
 from minipeft.data.config import add_data_arguments, data_config_from_args
 from minipeft.data.pipeline import build_dataloaders
@@ -42,6 +43,8 @@ def load_tokenizer(name: str):
     if name == SMOLLM2_NAME:
         path = smollm2_gguf_path()
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if Path(name).is_dir():
+        check_tokenizer(Path(name))  # a damaged tokenizer.json is named as such (a KeyError traceback otherwise)
     try:
         return AutoTokenizer.from_pretrained(name, local_files_only=not Path(name).exists())
     except (OSError, ValueError) as error:

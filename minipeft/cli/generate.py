@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help="builtin | smollm2-135m | gpt2 | a HF id or directory (default: the adapter's base "
                              "model, else builtin)")
-    parser.add_argument("--adapter", default=None, help="adapter directory (any method)")
+    parser.add_argument("--adapter", type=path_name, default=None, help="adapter directory (any method)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="an instruction (repeat for several)")
     source.add_argument("--prompts_file", help="prompts, one per line, or a JSON list of strings or "

@@ -23,7 +23,7 @@ from minipeft.inference.prompts import resolve_model_name, resolve_template
 from minipeft.loading.models import local_model_path
 from minipeft.loading.streaming import load_base_model
 from minipeft.methods import method_for_config
-from minipeft.model.adapter_files import adapter_fingerprint
+from minipeft.model.adapter_files import CONFIG_NAME, adapter_fingerprint, config_from_dict, read_adapter_config
 from minipeft.model.peft_model import load_adapter
 from minipeft.quantization.nf4 import dequantize_model
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "a standard Hugging Face model directory.")
     parser.add_argument("--model", default=None,
                         help="base model (default: the adapter's base_model_name_or_path, else builtin)")
-    parser.add_argument("--adapter", required=True, help="adapter directory")
+    parser.add_argument("--adapter", type=path_name, required=True, help="adapter directory")
     parser.add_argument("--out", required=True, type=path_name, help="output directory (written atomically)")
     parser.add_argument("--save_dtype", choices=list(SAVE_DTYPES), default="float32",
                         help="dtype of the saved weights; the merge itself is always float32 (default float32)")
@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_mergeable(adapter_dir) -> None:
+    """A method that is no change of a weight (adapter, prefix, prompt, ...) is refused naming the file that
+    says which method it is: merge has no --modification_type, the adapter's config decides."""
+    source = f"--adapter {Path(adapter_dir) / CONFIG_NAME}"
+    method = method_for_config(config_from_dict(read_adapter_config(adapter_dir), source))
+    if not method.mergeable:
+        raise UserError(f"{source}: a {method.name} adapter cannot be merged into the weights "
+                        f"({method.why_not_mergeable}); generate with it unmerged instead")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not args.tolerance > 0:
@@ -62,6 +72,7 @@ def main(argv=None) -> int:
     check_apart(args.out, "--out", {"--adapter": args.adapter, base: local_model_path(model_name)})
     check_out_dir(args.out, args.overwrite)  # before minutes of loading and merging, not after
     check_not_merged_already(model_name, args.adapter)
+    check_mergeable(args.adapter)  # before loading the model
     resolve_quantize(args, args.adapter)
     check_quantize_arguments(args)
     model, tokenizer = load_base_model(model_name, args.quantize, args.quantize_lm_head, dtype=torch.float32)
@@ -74,7 +85,7 @@ def main(argv=None) -> int:
         print(f"the base is NF4: its {count} 4-bit linear layers are dequantized to float32 (the values the adapter "
               "was trained on) and ΔW is added in float32; the merged model is full precision"
               + ("" if args.requantize else " (--requantize to quantize it again)"))
-    print(f"merging the {method.name} adapter {args.adapter} into {model_name} (float32, on a copy)")
+    print(f"merging the {method.name} adapter in {args.adapter} into {model_name} (float32, on a copy)")
     report = export_merged_model(peft_model, tokenizer, args.out, template=template,
                                  save_dtype=SAVE_DTYPES[args.save_dtype], overwrite=args.overwrite,
                                  tolerance=args.tolerance, requantize=args.requantize,

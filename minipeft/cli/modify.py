@@ -21,7 +21,8 @@ from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
 from minipeft.cli.arguments import add_method_arguments, config_from_args
 from minipeft.loading.checkpoint_dir import checkpoint_tensors
-from minipeft.loading.models import load_model_for_counting
+from minipeft.loading.checks import check_model_directory
+from minipeft.loading.models import load_model_for_counting, local_model_path
 from minipeft.cli.arguments import add_quantize_arguments, check_quantize_arguments
 from minipeft.loading.streaming import check_not_quantized_folder, load_base_model
 from minipeft.quantization.nf4 import memory_stats, quantize_model
@@ -30,7 +31,7 @@ from minipeft.data import build_dataloaders
 from minipeft.data.config import DataConfig
 from minipeft.training.prepare import autocast_for, resolve_precision
 from minipeft.training.quantization_cost import COMPUTE_DTYPES, measure_quantization_cost
-from minipeft.files.safe_files import is_empty_directory
+from minipeft.files.safe_files import check_apart, is_empty_directory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
     check_not_quantized_folder(args.model)
     if args.save_adapter:
         check_save_adapter(args.save_adapter)
+        # a folder inside the model's own (even through a link to it) is never written
+        check_apart(args.save_adapter, "--save_adapter", {"--model": local_model_path(args.model)})
     cost_line = None
     if is_large_checkpoint_dir(args.model):  # read tensor by tensor, in its final footprint (no float32 copy)
         model, tokenizer = load_base_model(args.model, "nf4" if quantize else "none", args.quantize_lm_head,
@@ -118,6 +121,9 @@ def main(argv=None) -> int:
                          "was quantized as it was read, no float copy held); train_llm.py --quantize nf4 measures "
                          "it after a run where a float copy fits in memory")
     else:
+        if Path(args.model).is_dir() and (Path(args.model) / "config.json").is_file():
+            # config, size, headers, tokenizer: a config of 10**6 x 1000 layers was built for real (the OOM killer)
+            check_model_directory(args.model, "nf4" if quantize else "none", torch.float32)
         model, tokenizer = load_model_for_counting(args.model)
         if quantize:
             cost_line = measure_cost_while_quantizing(model, tokenizer, args.quantize_lm_head)

@@ -34,7 +34,12 @@ def next_token_from_logits(logits: torch.Tensor, do_sample: bool = False, temper
     """Pick one token per row from ``logits (B, V)``; returns ``(B,)``."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    scaled = logits / temperature
+    if not bool(torch.isfinite(scaled).all()):  # a tiny temperature (1e-300 is 0 in float32) overflows: shift
+        shifted = (logits - logits.max(dim=-1, keepdim=True).values).double()  # first, in float64 (same softmax)
+        scaled = (shifted / temperature).float()  # (B, V): 0 for the likeliest, -inf for the far ones
+    logits = scaled
     if top_k > 0:
         kth_largest = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -43,6 +48,7 @@ def next_token_from_logits(logits: torch.Tensor, do_sample: bool = False, temper
         probabilities = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens before it already reach p (the likeliest token always stays).
         drop = probabilities.cumsum(dim=-1) - probabilities >= top_p
+        drop[:, 0] = False  # (rounding can make the first difference exceed a tiny top_p)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probabilities = logits.softmax(dim=-1)  # (B, V)

@@ -58,6 +58,11 @@ def find_target_modules(model: nn.Module, target_modules, layers_to_transform=No
         raise UserError(f"{flag}: no target modules given")
     if isinstance(layers_to_transform, int):
         layers_to_transform = [layers_to_transform]
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as error:
+            raise UserError(f"{flag} {target_modules!r}: not a regular expression ({error})") from None
     names = [name for name, _ in model.named_modules() if name and module_matches(name, target_modules)]
     # A target inside a module we already wrapped (``c_attn.base_layer``) is not a new target.
     names = [name for name in names if not any(name.startswith(other + ".") for other in names)]

@@ -82,7 +82,8 @@ def parse_layer_spec(spec: str, num_layers: int, flag: str) -> list:
             first, last = (int(value) for value in item.split("-"))
             if first > last:
                 raise UserError(f"{flag}: range {item!r} runs backwards; write it as {last}-{first}")
-            indices.extend(range(first, last + 1))
+            # past the last layer the first index out of range is enough (0-99999999999999999999 overflowed range())
+            indices.extend(range(first, min(last, max(first, num_layers)) + 1))
         else:
             raise UserError(f"{flag}: {item!r} is not a layer index or range; use e.g. 0,1,2 or 0-5 or -1,-2")
     return resolve_layer_indices(indices, num_layers, flag)

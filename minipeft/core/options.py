@@ -48,8 +48,10 @@ False; a True default's ``--name`` also gets ``--no-name`` (argparse's ``Boolean
 
 import argparse
 import dataclasses
+import re
 import typing
 
+from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
 
 
@@ -87,6 +89,10 @@ def flag_names(config_class):
 def module_names(text: str):
     """``"c_attn,c_proj"`` -> ``["c_attn", "c_proj"]``; ``"re:.*attn.*"`` -> the regex string ``".*attn.*"``."""
     if text.startswith("re:"):
+        try:
+            re.compile(text[3:])
+        except re.error as error:  # "re:[": a traceback from deep in the injection otherwise
+            raise UserError(f"--target_modules {text!r}: not a regular expression ({error})") from None
         return text[3:]
     return [name.strip() for name in text.split(",") if name.strip()]
 

@@ -33,10 +33,15 @@ from pathlib import Path
 
 import torch
 
+try:  # what a tokenizer's chat_template (jinja) raises; transformers needs jinja2 for chat templates
+    from jinja2 import TemplateError
+except ImportError:  # no jinja2, so no chat template can run
+    TemplateError = ()
+
 from minipeft.core.errors import UserError
-from minipeft.core.generation import generate
+from minipeft.core.generation import check_generation_settings, generate
 from minipeft.data.batching import left_pad
-from minipeft.data.templates import resolve_template_name
+from minipeft.data.templates import TEMPLATES, resolve_template_name
 from minipeft.data.tokenization import Prompt, encode_prompts, pad_token_id
 from minipeft.fast import fast_generation
 from minipeft.files.input_files import read_input_text
@@ -61,6 +66,13 @@ def resolve_model_name(model_flag, adapter_dir) -> str:
         return model_flag
     if adapter_dir is not None:
         recorded = adapter_metadata(adapter_dir).get("base_model_name_or_path")
+        if recorded is not None and not isinstance(recorded, str):
+            raise UserError(f"{Path(adapter_dir) / 'adapter_config.json'}: \"base_model_name_or_path\" must be a "
+                            f"model name or path, got {recorded!r:.80}")
+        if recorded and str(recorded).startswith(("/", ".", "~")) and not Path(recorded).expanduser().exists():
+            # the loader would blame --model, a flag the user did not give
+            raise UserError(f"--adapter {adapter_dir}: its adapter_config.json names the base model {recorded}, "
+                            "which is not on this machine (moved or deleted?); pass --model with the base model")
         if recorded:
             return recorded
     return "builtin"
@@ -73,11 +85,18 @@ def resolve_template(template_flag, adapter_dir, model_name: str, tokenizer) -> 
     if adapter_dir is not None:
         recorded = adapter_metadata(adapter_dir).get("template")
         if recorded:
-            return recorded
+            return known_template(recorded, f"{Path(adapter_dir) / 'adapter_config.json'}: \"minipeft.template\"")
     recorded = read_merge_info(model_name).get("template")  # a model written by `python -m minipeft merge`
     if recorded:
-        return recorded
+        return known_template(recorded, f"{Path(model_name) / 'minipeft_merge.json'}: \"template\"")
     return resolve_template_name("auto", tokenizer)
+
+
+def known_template(name, where: str) -> str:
+    """A template recorded in a file, checked here: the template's own error would blame --template."""
+    if name not in (*TEMPLATES, "none"):
+        raise UserError(f"{where} is {name!r:.80}, not a template ({', '.join(TEMPLATES)}, none); pass --template")
+    return name
 
 
 # --- prompts -------------------------------------------------------------------------------------------------
@@ -157,6 +176,27 @@ class GenerationResult:
         return sum(self.new_tokens) / self.seconds if self.seconds > 0 else float("inf")
 
 
+def fit_new_tokens(model, token_lists: list, max_new_tokens: int) -> int:
+    """How many new tokens fit a model with learned positions (GPT-2's ``n_positions``): the longest prompt,
+    the virtual tokens of prompt/prefix tuning and the new tokens share them, and past them its position
+    embedding has no row (an IndexError deep in the model). Fewer than asked: a ``note:`` line says so; a prompt
+    that leaves no room: a :class:`UserError`. Rotary positions (Llama) have no such end and are not limited."""
+    positions = getattr(getattr(model, "config", None), "n_positions", None)
+    if positions is None or not token_lists:
+        return max_new_tokens
+    encoder = getattr(model, "prompt_encoder", None)
+    virtual = encoder.num_virtual_tokens if encoder is not None and encoder.adapter_enabled else 0
+    index, longest = max(enumerate(map(len, token_lists)), key=lambda item: item[1])
+    room = positions - virtual - longest + 1  # the last new token is never fed back
+    spent = f"{longest} tokens" + (f" after the adapter's {virtual} virtual tokens" if virtual else "")
+    if room < 1:
+        raise UserError(f"prompt {index + 1} is {spent}, more than the model's {positions} positions: shorten it")
+    if max_new_tokens > room:
+        print(f"note: prompt {index + 1} is {spent}, so at most {room} new tokens fit the model's {positions} "
+              f"positions (not {max_new_tokens})", file=sys.stderr)
+    return min(max_new_tokens, room)
+
+
 def generate_texts(model, tokenizer, prompts: list, template: str, max_new_tokens: int = 64, batch_size: int = 8,
                    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    seed: int = None, stream=None) -> GenerationResult:
@@ -176,7 +216,14 @@ def generate_texts(model, tokenizer, prompts: list, template: str, max_new_token
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop_ids = stop_token_ids(tokenizer, model)
-    token_lists = encode_prompts(prompts, template, tokenizer)
+    try:
+        token_lists = encode_prompts(prompts, template, tokenizer)
+    except TemplateError as error:  # the tokenizer's own chat_template (jinja) fails on our messages
+        where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise UserError(f"{where}: its chat_template (tokenizer_config.json) fails: {str(error)[:200]}; fix it, or "
+                        "pass --template alpaca") from None
+    check_generation_settings(max_new_tokens, do_sample, temperature, top_k, top_p)  # (a bad --top_p first)
+    max_new_tokens = fit_new_tokens(model, token_lists, max_new_tokens)
     texts, counts, seconds = [], [], 0.0
     for start in range(0, len(prompts), batch_size):
         input_ids, attention_mask = left_pad(token_lists[start:start + batch_size], pad_token_id(tokenizer), device)

@@ -47,8 +47,9 @@ from torch import nn
 from minipeft.core.c_heap import release_freed_memory
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
-from minipeft.files.input_files import check_regular_files
-from minipeft.loading.models import _load_pretrained
+from minipeft.files.input_files import check_regular_files, read_input_text
+from minipeft.files.json_limits import loads_bounded
+from minipeft.loading.models import StrictDataclassError, _load_pretrained, validation_reason
 from minipeft.quantization.nf4 import Linear4bit, quantizable_layers, quantize_model
 
 SINGLE_FILE = "model.safetensors"
@@ -111,10 +112,17 @@ def checkpoint_tensors(directory: Path) -> dict:
     index = directory / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-            raise UserError(f"--model {index}: not a safetensors index ({error!r}); expected "
-                            '{"weight_map": {tensor: shard file}}') from None
+            values = loads_bounded(read_input_text(index, "--model"))  # regular, bounded in size and depth
+        except ValueError as error:  # json.JSONDecodeError and the bounds' JSONLimitError
+            raise UserError(f"--model {index}: not valid JSON ({error})") from None
+        weight_map = values.get("weight_map") if isinstance(values, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise UserError(f"--model {index}: not a safetensors index; expected "
+                            '{"weight_map": {tensor: shard file}}')
+        outside = [shard for shard in weight_map.values() if Path(shard).name != shard or shard in ("", ".", "..")]
+        if outside:  # "../other/model.safetensors", "/etc/passwd": only files of this directory are weights
+            raise UserError(f"--model {index}: names the shard {outside[0]!r:.80}, which is not a file of "
+                            f"{directory}; an index lists the shard files beside it")
         shards = sorted(set(weight_map.values()))
         missing = [shard for shard in shards if not (directory / shard).is_file()]
         if missing:
@@ -186,10 +194,18 @@ def build_on_meta(directory: Path, dtype: torch.dtype):
         config = AutoConfig.from_pretrained(directory)
     except (ValueError, KeyError) as error:
         raise UserError(f"--model {config_path}: {str(error).splitlines()[0]}") from None
+    except StrictDataclassError as error:  # a config class's own validation (hidden size vs heads): no ValueError
+        raise UserError(f"--model {config_path}: {validation_reason(error)}") from None
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError:
+    except KeyError as error:  # a name transformers looks up in a table: hidden_act "relu6x" (ACT2FN[...])
+        fields = [key for key, value in config.to_dict().items() if isinstance(value, str) and value == error.args[0]]
+        raise UserError(f"--model {config_path}: " + (f'"{fields[0]}" is ' if fields else "")
+                        + f"{error.args[0]!r}, which transformers does not know; check the spelling") from None
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):  # GPT-2: "embed_dim must be divisible by ..."
+            raise UserError(f"--model {config_path}: {str(error).splitlines()[0][:200]}") from None
         raise UserError(f"--model {config_path}: model_type {config.model_type!r} "
                         f"({', '.join(config.architectures or ['no architectures'])}) is not a causal language "
                         "model transformers can build; minipeft fine-tunes causal LMs (GPT-2, Llama, ...)") from None
@@ -243,6 +259,9 @@ def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set
     if isinstance(expected, torch.Tensor) and tuple(expected.shape) != tuple(tensor.shape):
         raise UserError(f"--model: tensor {name} has shape {list(tensor.shape)} in the weights, but config.json "
                         f"describes {list(expected.shape)}; config.json and the weights disagree")
+    if isinstance(expected, torch.Tensor) and expected.is_floating_point() and not tensor.is_floating_point():
+        raise UserError(f"--model: tensor {name} is stored as {str(tensor.dtype).replace('torch.', '')}, but the "
+                        "model computes it in floating point; the checkpoint is damaged or not this model's")
     quantize = module_name in targets and attribute == "weight"
     if not quantize and tensor.is_floating_point():
         tensor = tensor.to(dtype)
@@ -282,6 +301,11 @@ def load_checkpoint_dir(directory, quantize: str = "none", quantize_lm_head: boo
         return _load_pretrained(str(directory), dtype)
     model = build_on_meta(directory, dtype)
     mapping, problems = match_names(model, stored)
+    lacking = sorted({name for name, _ in model.named_parameters()} - set(mapping.values()))
+    if lacking:  # from_pretrained would start them at random and say so only in a note: a model nobody trained
+        raise UserError(f"--model {directory}: config.json describes {len(lacking)} parameter(s) the weights lack "
+                        f"({', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''}); config.json and the "
+                        "weights disagree (a changed layer count, or a tensor missing from the files)")
     targets = set(quantizable_layers(model, quantize_lm_head)) if quantize == "nf4" else set()
     quantized = {name for name, target in mapping.items() if target.rpartition(".")[0] in targets
                  and target.endswith(".weight")}

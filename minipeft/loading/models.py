@@ -28,6 +28,11 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
+try:  # what a transformers config's own validation raises (huggingface_hub's strict dataclasses)
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # an older huggingface_hub validates nothing this way
+    StrictDataclassError = ValueError
+
 from minipeft.builtin import MODEL_DIR, load_builtin_model_and_tokenizer
 from minipeft.core.errors import UserError
 from minipeft.files.input_files import check_regular_files
@@ -175,13 +180,29 @@ def cache_converted(model, tokenizer, directory: Path) -> None:
             shutil.rmtree(temporary, ignore_errors=True)
 
 
+def validation_reason(error: Exception) -> str:
+    """The reason a transformers config refused its values: the last line of huggingface_hub's validation
+    error ("Class validation error for validator ...:\n    ValueError: The hidden size (32) is not a multiple
+    of the number of attention heads (3)."), without the exception's name."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[-1].split(": ", 1)[-1] if lines[-1].split(": ", 1)[0].endswith("Error") else lines[-1]
+
+
 def _load_pretrained(name: str, dtype):
     """A local directory, or a hub id from the local cache, or from the hub when it is reachable."""
     if Path(name).is_dir():
         check_regular_files(name, "--model")  # a FIFO in a file's place would block transformers' read forever
         if not (Path(name) / "config.json").is_file():
             raise UserError(f"--model {name}: the directory has no config.json (is it a model directory?)")
-        return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype), AutoTokenizer.from_pretrained(name))
+        from minipeft.loading.checkpoint_dir import build_on_meta  # (it imports this module)
+
+        build_on_meta(Path(name), dtype)  # config.json's own mistakes named as such, before any weight is read
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        except (OSError, RuntimeError, ValueError, EOFError) as error:  # a damaged pytorch_model.bin, ...
+            raise UserError(f"--model {name}: its weights cannot be read ({str(error).splitlines()[0][:200]}); the "
+                            "checkpoint is damaged (download or save it again)") from None
+        return model, AutoTokenizer.from_pretrained(name)
     if Path(name).exists():
         raise UserError(f"--model {name}: is a file, expected a model directory or a Hugging Face id")
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):

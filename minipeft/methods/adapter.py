@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from minipeft.core.adapter_layer import AdapterLayer
+from minipeft.core.bounds import check_allocation
 from minipeft.core.errors import UserError
 from minipeft.core.finite import require_finite
 from minipeft.core.layers import is_norm_layer
@@ -117,6 +118,17 @@ class AdapterConfig:
             require_finite(name("reduction_factor"), self.reduction_factor)
         if self.reduction_factor is not None and not self.reduction_factor > 0:
             raise UserError(f"{name('reduction_factor')} must be positive, got {self.reduction_factor!r}")
+
+    def check_model(self, model: nn.Module, name=str) -> None:
+        """The adapters' weights, ``2·d·m`` floats each (one or two per block), against this machine's memory
+        before they are allocated: ``--adapter_size 1000000000`` asked the allocator for 640 GB."""
+        if self.bottleneck_size is None:  # a reduction factor keeps m at most d
+            return
+        config = model.config.get_text_config()
+        count = config.num_hidden_layers * (2 if self.adapter_type == "houlsby" else 1)
+        check_allocation(4 * 2 * config.hidden_size * self.bottleneck_size * count,
+                         f"{name('bottleneck_size')} {self.bottleneck_size}",
+                         f"{count} bottleneck adapters (float32, {config.hidden_size} x {self.bottleneck_size}, twice)")
 
     def bottleneck_for(self, hidden_size: int) -> int:
         """``m`` for a projection of width ``hidden_size``."""

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from minipeft.core.bounds import check_virtual_tokens
+from minipeft.core.bounds import check_allocation, check_virtual_tokens
 from minipeft.core.errors import UserError
 from minipeft.core.method import Method
 from minipeft.core.options import flag_of, option
@@ -106,6 +106,13 @@ class PrefixTuningConfig:
     def check_model(self, model: nn.Module, name=str) -> None:
         """The virtual tokens against the model's positions, before any embedding is allocated."""
         check_virtual_tokens(self.num_virtual_tokens, model, name("num_virtual_tokens"))
+        if self.prefix_projection and self.encoder_hidden_size is not None:  # the MLP, before it is allocated
+            layers, heads, head_dim = key_value_shape(model)
+            token_dim = heads * head_dim
+            check_allocation(4 * self.encoder_hidden_size * (token_dim + 2 * layers * token_dim),
+                             f"{name('encoder_hidden_size')} {self.encoder_hidden_size}",
+                             f"the prefix MLP (float32, {token_dim} -> {self.encoder_hidden_size} -> "
+                             f"{2 * layers * token_dim})")
 
 
 def key_value_shape(model: nn.Module):

@@ -136,8 +136,7 @@ class PeftModel(nn.Module):
     def _mergeable_layers(self):
         method = self.method
         if not method.mergeable:
-            raise UserError(f"--modification_type {method.name}: cannot be merged into the weights "
-                            f"({method.why_not_mergeable})")
+            raise UserError(f"a {method.name} adapter cannot be merged into the weights ({method.why_not_mergeable})")
         return adapter_layers(self.base_model)
 
     def merge_adapter(self) -> None:
@@ -231,7 +230,10 @@ def load_adapter(base_model, directory, is_trainable: bool = False):
             config.check_model(base_model)
         except UserError as error:
             raise UserError(f"{Path(directory) / CONFIG_NAME}: {error}") from None
-    peft_model = get_peft_model(base_model, config)
+    try:
+        peft_model = get_peft_model(base_model, config)
+    except UserError as error:  # the file's settings, not flags: "target_modules ...", after the file
+        raise UserError(f"{Path(directory) / CONFIG_NAME}: {str(error).removeprefix('--')}") from None
     load_peft_state_dict(peft_model, state, source=source)
     peft_model.set_trainable(is_trainable)
     return peft_model
