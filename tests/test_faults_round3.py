@@ -53,7 +53,8 @@ def test_a_corpus_larger_than_the_memory_is_refused_before_generating_it(tmp_pat
     assert not (tmp_path / "model").exists()
 
 
-@pytest.mark.parametrize("kind, fragment", [("file", "is a file"), ("model", "already exists and is not empty")])
+@pytest.mark.parametrize("kind, fragment", [("file", "is a file"),
+                                            ("model", "already holds a model (config.json), not an adapter")])
 def test_save_adapter_onto_a_file_or_a_model_folder_says_what_is_there(kind, fragment, tmp_path, capsys):
     from minipeft.cli.modify import main as modify_main
 
@@ -89,7 +90,6 @@ def test_save_adapter_inside_the_model_folder_even_through_a_link_is_refused(tmp
 # -- models users bring are checked ---------------------------------------------------------------------------------
 def test_a_config_whose_heads_do_not_divide_its_width_is_one_line_naming_it(tmp_path, capsys):
     import json
-    import shutil
 
     from minipeft.cli.train import main as train_main
     from transformers import LlamaConfig, LlamaForCausalLM

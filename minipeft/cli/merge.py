@@ -8,6 +8,7 @@ docstring for what a merge does and how it is checked).
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 from transformers.utils import logging as transformers_logging
