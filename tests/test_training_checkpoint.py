@@ -83,6 +83,24 @@ def test_optimizer_state_for_other_parameters_is_refused(tmp_path):
         load_checkpoint(path, other, build_optimizer(other, 1e-2, 0.01), None)
 
 
+def test_another_runs_optimizer_moments_of_other_shapes_are_refused_not_stepped(tmp_path):
+    """Same parameter names, other shapes (another --lora_rank): the fused AdamW step read past its buffers and
+    the process died of SIGSEGV. Each moment is checked against its parameter's shape before loading."""
+    peft_model, optimizer = trained_model_and_optimizer(steps=1)
+    path = save(tmp_path / "step-1", peft_model, optimizer, 1)
+    narrower = tiny_peft_model("lora", "--lora_rank", "2")
+    narrower_optimizer = build_optimizer(narrower, 1e-2, 0.01)
+    for batch in make_batches(1):
+        nll_sum, count = causal_lm_loss_sum(narrower, batch)
+        nll_sum.backward()
+    narrower_optimizer.step()
+    other = save(tmp_path / "other" / "step-1", narrower, narrower_optimizer, 1)
+    (path / "optimizer.safetensors").write_bytes((other / "optimizer.safetensors").read_bytes())
+    fresh = tiny_peft_model(seed=9)
+    with pytest.raises(UserError, match=r"optimizer state 'exp_avg' of .*lora_A.* has shape \[2, .*saved by another"):
+        load_checkpoint(path, fresh, build_optimizer(fresh, 1e-2, 0.01), None)
+
+
 def test_resume_finds_the_newest_complete_checkpoint(tmp_path):
     peft_model, optimizer = trained_model_and_optimizer(steps=1)
     for step in (3, 12, 7):

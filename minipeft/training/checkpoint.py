@@ -127,6 +127,18 @@ def optimizer_state_from_files(optimizer: torch.optim.Optimizer, tensors: dict, 
     for key, value in values["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    for index, entries in state.items():  # another run's moments of other shapes would crash the fused step
+        for name, value in entries.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                continue
+            if index >= len(parameters):
+                raise UserError(f"{source}: optimizer state for parameter {index}, but the run has "
+                                f"{len(parameters)}: this checkpoint was saved by another run")
+            if value.shape != parameters[index].shape:
+                raise UserError(f"{source}: the optimizer state {name!r} of {names[index]} has shape "
+                                f"{list(value.shape)}, the parameter {list(parameters[index].shape)}: this "
+                                "checkpoint was saved by another run; resume with the run's own settings")
     groups = [{key: tuple(value) if key == "betas" else value for key, value in group.items()}
               for group in values["param_groups"]]
     return {"state": state, "param_groups": groups}
