@@ -174,6 +174,20 @@ def test_builtin_data_leaves_the_package_s_file_alone_when_it_is_current(capsys)
     assert code == 0 and "nothing written" in out and digests(default_dataset_path()) == before
 
 
+def test_a_single_file_output_never_replaces_one_file_of_a_folder_minipeft_wrote(tmp_path, capsys):
+    """A file recorded in an adapter's or a run's manifest is minipeft's, but as part of that folder:
+    ``builtin-data RUN/adapter/adapter_config.json --overwrite`` replaced the adapter's config with a data set."""
+    adapter = minipeft_folder(tmp_path / "adapter", {"adapter_config.json": '{"peft_type": "LORA"}'})
+    config = adapter / "adapter_config.json"
+    line = refused(BUILTIN_DATA, config, "--overwrite", capsys=capsys, keep=[config],
+                   fragments=[str(config), "part of a folder minipeft wrote"])
+    assert "--overwrite or not" in line
+    data = adapter / "answers.json"  # a file the user named, written into the same folder: it is replaced
+    write_output_file(data, "[]")
+    assert sidecar_of(data).is_file() and foreign_files(adapter) == []
+    assert in_process(BUILTIN_DATA, data, "--overwrite", capsys=capsys)[0] == 0 and data.read_text() != "[]"
+
+
 # -- generate --output_file ----------------------------------------------------------------------------------------
 def test_generate_output_file_never_replaces_data_a_document_or_a_prompts_file(tmp_path, capsys):
     data = write_records(tmp_path / "data.json", records(3))

@@ -227,14 +227,24 @@ def _foreign(directory: Path, manifest: dict, prefix: str, unlisted: str) -> lis
 
 def wrote_file(path) -> bool:
     """True when minipeft wrote the file ``path`` and nobody changed it since: its directory's marker records it as
-    it is now (:func:`file_identity`), or its sidecar record (:func:`sidecar_of`) holds its current sha256, or (a
-    Markdown page) it begins with minipeft's header line."""
+    it is now (:func:`file_identity`), or it is an output file minipeft wrote (:func:`wrote_output_file`)."""
     path = Path(path)
     if path.is_symlink() or not path.is_file():
         return False
     manifest = read_manifest(path.parent) or {}
     if path.name in manifest:
         return _unchanged(path, manifest[path.name])
+    return wrote_output_file(path)
+
+
+def wrote_output_file(path) -> bool:
+    """True when ``path`` is a file the user named as an output (``--output_file``, ``--report``) and minipeft
+    wrote it, unchanged since: its sidecar record (:func:`sidecar_of`) holds its current sha256, or (a Markdown
+    page) it begins with minipeft's header line. A file that is part of an output folder (an adapter's config,
+    a run's metrics) is not one, so no single-file output ever replaces it."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
     sidecar = sidecar_of(path)
     if sidecar.is_file() and not sidecar.is_symlink():
         try:

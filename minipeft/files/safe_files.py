@@ -35,7 +35,7 @@ from minipeft.files.lock import check_unlocked
 from minipeft.files.manifest import (CHANGED, DIRECTORY, MARKER_NAME, NOT_RECORDED, SYMBOLIC_LINK, UNLISTED,
                                      file_identity, forget, foreign_files_and_why, is_older_marker, is_ours,
                                      manifest_text, marker_problem, read_manifest, record_as_ours, sha256_of,
-                                     sidecar_of, wrote_file)
+                                     sidecar_of, wrote_file, wrote_output_file)
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -60,20 +60,20 @@ def write_json_atomically(path, value, sort_keys: bool = False) -> Path:
 
 # -- outputs the user names, and directories minipeft replaces ---------------------------------------------------
 def write_output_file(path, text: str) -> Path:
-    """Write a file the user named (``--output_file``, ``--report``) and record that minipeft wrote it: in its
-    directory's marker when the directory is minipeft's, else in a sidecar beside it (:func:`sidecar_of`)
-    holding the file's sha256, so that an edited file is no longer taken for minipeft's."""
+    """Write a file the user named (``--output_file``, ``--report``) and record that minipeft wrote it in a
+    sidecar beside it (:func:`sidecar_of`) holding the file's sha256, so that an edited file is no longer taken
+    for minipeft's (in a directory minipeft owns, its marker records both files as well)."""
     path = write_text_atomically(path, text)
-    if not is_ours(path.parent):
-        write_text_atomically(sidecar_of(path), json_text({"written_by": "minipeft", "file": path.name,
-                                                            "sha256": sha256_of(path)}))
+    write_text_atomically(sidecar_of(path), json_text({"written_by": "minipeft", "file": path.name,
+                                                        "sha256": sha256_of(path)}))
     return path
 
 
 def check_output_file(path, flag: str, overwrite: bool, inputs: dict = None) -> Path:
     """The one rule for an output file the user names: refuse an input (:func:`check_apart`); a new name is
-    written; an existing file is replaced only with ``overwrite`` and only when minipeft wrote it
-    (:func:`wrote_file`); a directory, a device or a symbolic link never is. Also refuses a directory that
+    written; an existing file is replaced only with ``overwrite`` and only when minipeft wrote it as such an
+    output (:func:`wrote_output_file`: never a file of an output folder, an adapter's config or a run's
+    metrics); a directory, a device or a symbolic link never is. Also refuses a directory that
     another minipeft process is writing into (:func:`check_unlocked`)."""
     path = Path(path)
     check_apart(path, flag, inputs or {})
@@ -83,9 +83,12 @@ def check_output_file(path, flag: str, overwrite: bool, inputs: dict = None) -> 
         if path.is_symlink() or not path.is_file():
             raise UserError(f"{flag_and_path(path, flag)}: is a symbolic link or not a regular file; refusing to "
                             "replace it: choose a new name")
-        if not wrote_file(path):
-            raise UserError(f"{flag_and_path(path, flag)}: already exists and minipeft did not write it (or it was "
-                            "changed since); refusing to replace it, --overwrite or not: choose a new name")
+        if not wrote_output_file(path):
+            part = wrote_file(path)  # one file of a folder minipeft wrote: replacing it would break the folder
+            raise UserError(f"{flag_and_path(path, flag)}: already exists and "
+                            + ("is part of a folder minipeft wrote (an adapter, a run, a model)" if part else
+                               "minipeft did not write it (or it was changed since)")
+                            + "; refusing to replace it, --overwrite or not: choose a new name")
         if not overwrite:
             raise UserError(f"{flag_and_path(path, flag)}: already exists (minipeft wrote it); pass --overwrite to "
                             "replace it, or choose a new name")
