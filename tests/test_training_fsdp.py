@@ -230,6 +230,11 @@ def max_difference(got: dict, expected: dict) -> float:
     return max(float((got[name] - expected[name]).abs().max()) for name in expected)
 
 
+# One process sums each gradient in another order than two halves and an all-reduce do (its matmul kernels
+# block the batch by the CPU's vector width): the grad norm differed by 1.6e-5 relative on an Intel CPU with AMX.
+ONE_PROCESS_REL = 1e-4
+
+
 def assert_same_steps(run_dir, reference_dir, rel: float) -> list:
     got, expected = (read_records(Path(path) / "metrics.jsonl", "train") for path in (run_dir, reference_dir))
     assert len(got) == len(expected) == STEPS
@@ -248,7 +253,7 @@ def test_fsdp_is_bitwise_ddp_and_close_to_one_process(runs, base):
         assert fsdp[name].shape == ddp[name].shape and torch.equal(fsdp[name], ddp[name]), name
     reference = single / ("nf4" if base else "dense")
     assert max_difference(fsdp, adapter(reference)) <= 2e-4
-    assert_same_steps(out / f"{base}fsdp", reference, rel=1e-5)
+    assert_same_steps(out / f"{base}fsdp", reference, rel=ONE_PROCESS_REL)
     assert_same_steps(out / f"{base}fsdp", out / f"{base}ddp", rel=1e-6)
 
 
@@ -258,7 +263,7 @@ def test_clipping_uses_the_full_norm_of_the_sharded_gradients(runs):
     out, _, single = runs
     steps = assert_same_steps(out / "clipped_fsdp", out / "clipped_ddp", rel=1e-6)
     assert all(step["grad_norm"] > 5 * CLIPPED for step in steps)
-    assert_same_steps(out / "clipped_fsdp", single / "clipped", rel=1e-5)
+    assert_same_steps(out / "clipped_fsdp", single / "clipped", rel=ONE_PROCESS_REL)
     assert max_difference(adapter(out / "clipped_fsdp"), adapter(out / "clipped_ddp")) <= 2e-4
     assert max_difference(adapter(out / "clipped_fsdp"), adapter(single / "clipped")) <= 2e-4
 
