@@ -213,3 +213,16 @@ def test_more_workers_than_cpus_is_refused_before_any_process_starts(monkeypatch
     assert DataConfig(num_workers=4).num_workers == 4
     with pytest.raises(UserError, match=r"--num_workers 5: more worker processes than this machine's 4 CPUs; use at most 4"):
         DataConfig(num_workers=5)
+
+
+def test_pad_to_multiple_of_never_pads_past_max_length():
+    """``--pad_to_multiple_of 1e9`` asked numpy for a (B, 1e9) batch (MemoryError traceback): a multiple above
+    --max_length is refused, and rounding up stops at max_length (the model may have no positions beyond it)."""
+    from minipeft.data.batching import PaddingCollator
+
+    with pytest.raises(UserError, match=r"--pad_to_multiple_of 1000000000: larger than --max_length 512"):
+        DataConfig(max_length=512, pad_to_multiple_of=10**9)
+    collate = PaddingCollator(0, "longest", max_length=100, pad_to_multiple_of=64)
+    examples = [{"input_ids": list(range(1, 71)), "labels": list(range(1, 71))}]
+    assert collate.width(70) == 100 and collate.width(10) == 64
+    assert collate(examples)["input_ids"].shape == (1, 100)

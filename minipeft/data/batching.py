@@ -82,7 +82,7 @@ class PaddingCollator:
         pad_token_id: id written into padded positions of ``input_ids`` (never trained on: labels are -100).
         padding: ``"longest"`` (width = longest example) or ``"max_length"`` (width = ``max_length``).
         max_length: the width for ``padding="max_length"``.
-        pad_to_multiple_of: round the width up to a multiple of this.
+        pad_to_multiple_of: round the width up to a multiple of this (never past ``max_length``).
         padding_side: ``"right"`` or ``"left"``.
     """
 
@@ -99,6 +99,8 @@ class PaddingCollator:
         width = self.max_length if self.padding == "max_length" else longest
         if self.pad_to_multiple_of:
             width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+            if self.max_length is not None:  # never past max_length: the model may have no positions beyond it
+                width = min(width, self.max_length)
         return width
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:

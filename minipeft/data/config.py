@@ -77,7 +77,8 @@ class DataConfig:
     train_on_inputs: bool = setting(False, "also train on the prompt tokens (default: response only)")
     padding: str = setting("longest", "pad each batch to its longest record, or every batch to --max_length as the "
                            "seed did (default: %(default)s)", choices=["longest", "max_length"])
-    pad_to_multiple_of: int | None = setting(None, "round padded lengths up to a multiple of this (e.g. 8)")
+    pad_to_multiple_of: int | None = setting(None, "round padded lengths up to a multiple of this (e.g. 8), "
+                                                   "never past --max_length")
     padding_side: str = setting("right", "where padding goes (default: %(default)s)", choices=["right", "left"])
     group_by_length: bool = setting(True, "do not batch records of similar length together",
                                     flag="--no_group_by_length")
@@ -118,6 +119,9 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name} {value}: must be a positive integer")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of > self.max_length:
+            raise UserError(f"--pad_to_multiple_of {self.pad_to_multiple_of}: larger than --max_length "
+                            f"{self.max_length} (every batch would be padded past the longest sequence allowed)")
         if self.num_workers < 0:
             raise UserError(f"--num_workers {self.num_workers}: must be 0 or more")
         cpus = os.cpu_count() or 1
