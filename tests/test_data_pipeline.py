@@ -202,6 +202,9 @@ def test_max_length_is_cut_to_the_models_positions_and_said():
     assert llama.max_length == 256
     unknown = DataConfig(max_length=300)
     assert fit_max_length(unknown, SimpleNamespace()) is None and unknown.max_length == 300
+    prompted = DataConfig(max_length=512)  # prompt and prefix tuning put 20 virtual tokens before every record
+    note = fit_max_length(prompted, SimpleNamespace(n_positions=512), virtual_tokens=20)
+    assert "less the method's 20 virtual tokens; records are cut at 492" in note and prompted.max_length == 492
 
 
 def test_more_workers_than_cpus_is_refused_before_any_process_starts(monkeypatch):

@@ -208,7 +208,8 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
         + (f" | {torch.get_num_threads()} CPU thread(s)" if context.device.type == "cpu" else ""))
 
     # 2) data: each process reads its own shard of every batch
-    cut = fit_max_length(data_config, model.config)  # past the model's positions: an index error in a forward
+    virtual_tokens = getattr(peft_model.peft_config, "num_virtual_tokens", 0)  # prompt and prefix tuning
+    cut = fit_max_length(data_config, model.config, virtual_tokens)  # past the positions: an index error
     if cut is not None:
         say(cut)
     train_loader, val_loader, report = build_dataloaders(data_config, tokenizer, context.rank, context.world_size,

@@ -138,10 +138,11 @@ class DataConfig:
             raise UserError(f"--val_size {self.val_size}: a count must be 0 or more")
 
 
-def fit_max_length(config: DataConfig, model_config) -> str | None:
+def fit_max_length(config: DataConfig, model_config, virtual_tokens: int = 0) -> str | None:
     """Cut ``config.max_length`` to the positions the model has (its config's ``n_positions`` or
-    ``max_position_embeddings``: GPT-2's learned 1,024, the built-in model's 512), in place: a record longer than
-    them would end in an index error inside the model's forward.
+    ``max_position_embeddings``: GPT-2's learned 1,024, the built-in model's 512), less the ``virtual_tokens`` a
+    prompt or prefix puts before every record, in place: a record longer than that would end in an index error
+    inside the model's forward.
 
     Returns the note that says so, or None where ``max_length`` fits (or the config names no positions).
     """
@@ -151,11 +152,13 @@ def fit_max_length(config: DataConfig, model_config) -> str | None:
             break
     else:
         return None
-    if config.max_length <= positions:
+    room = positions - virtual_tokens
+    if config.max_length <= room:
         return None
     note = (f"note: --max_length {config.max_length} is more than the model's {positions:,} positions (its config's "
-            f"{field}); records are cut at {positions}")
-    config.max_length = positions
+            f"{field})" + (f" less the method's {virtual_tokens} virtual tokens" if virtual_tokens else "")
+            + f"; records are cut at {room}")
+    config.max_length = room
     return note
 
 
