@@ -65,6 +65,18 @@ def test_chat_template_needs_a_tokenizer_that_has_one(tiny_tokenizer):  # noqa: 
         tokenize_records(RECORD_OBJECTS, tiny_tokenizer, "chat")
 
 
+@pytest.mark.parametrize("template, fragment", [
+    ("{{ raise_exception('only system and user roles') }}", "TemplateError: only system and user roles"),
+    ("{% for m in messages %}{{ m['content'] ", "TemplateSyntaxError"),
+    ("{{ messages[5]['content'] }}", "UndefinedError")])
+def test_a_chat_template_that_fails_is_one_error_naming_it(template, fragment):
+    """A model's chat template is Jinja code that can fail on any record: a Jinja traceback became one line."""
+    tokenizer = make_tokenizer(chat=True)
+    tokenizer.chat_template = template
+    with pytest.raises(UserError, match=rf"--template chat: the chat template of .* fails \({fragment}"):
+        tokenize_records(RECORD_OBJECTS[:1], tokenizer, "chat")
+
+
 def test_a_tokenizer_without_eos_is_refused():
     tokenizer = make_tokenizer()
     tokenizer.eos_token = None

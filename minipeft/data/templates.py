@@ -128,7 +128,25 @@ def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise UserError(f"--template chat: the tokenizer {_tokenizer_name(tokenizer)} has no chat template; "
                         "use --template alpaca or --template plain")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except _chat_template_errors() as error:  # the template is the model's Jinja code: it can raise anything Jinja does
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise UserError(f"--template chat: the chat template of {_tokenizer_name(tokenizer)} fails "
+                        f"({type(error).__name__}: {first_line:.200}); fix its chat_template or use --template "
+                        "alpaca") from None
+
+
+def _chat_template_errors() -> tuple:
+    """What rendering a chat template raises: Jinja's errors (its own ``raise_exception`` too), and a missing
+    Jinja (transformers imports it only here)."""
+    errors = [ImportError, TypeError, ValueError, KeyError, IndexError, AttributeError]
+    try:
+        from jinja2 import TemplateError
+        errors.append(TemplateError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def _tokenizer_name(tokenizer) -> str:
