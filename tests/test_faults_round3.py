@@ -397,3 +397,30 @@ def test_a_bad_regex_in_an_adapter_config_names_the_file(tmp_path, capsys):
     (adapter / "adapter_config.json").write_text(json.dumps(dict(config, target_modules="(unclosed")))
     code, _, err = in_process(GENERATE, "--adapter", adapter, "--prompt", "hi", "--device", "cpu", capsys=capsys)
     one_error(code, err, "adapter_config.json: ", "'(unclosed': not a regular expression")
+
+
+# -- found in round three, fixed after it -----------------------------------------------------------------------------
+def test_a_cache_inside_the_run_folder_is_refused_before_training(tmp_path, capsys):
+    from minipeft.cli.train import main as train_main
+
+    out = tmp_path / "out"
+    for cache in (out, out / "adapter"):  # the cache's files made the adapter's folder foreign: the final save failed
+        code, _, err = in_process(train_main, "--max_steps", "1", "--cache_dir", cache, "--output_dir", out,
+                                  capsys=capsys)
+        one_error(code, err, f"--cache_dir {cache}: lies inside --output_dir {out}")
+        assert not out.exists()
+
+
+def test_virtual_tokens_and_a_record_as_long_as_the_model_train(tmp_path, capsys):
+    import json
+
+    from minipeft.cli.train import main as train_main
+
+    data = tmp_path / "long.json"  # records past the built-in model's 512 positions, 20 virtual tokens before them
+    data.write_text(json.dumps([{"instruction": "Repeat: " + " ".join(f"word{i}" for i in range(400)),
+                                 "input": "", "output": "ok " * 200}] * 4))
+    code, out, err = in_process(train_main, "--dataset_path", data, "--modification_type", "prompt",
+                                "--max_length", "512", "--max_steps", "1", "--batch_size", "2", "--val_size", "0",
+                                "--no_cache", "--output_dir", tmp_path / "out", capsys=capsys)
+    assert code == 0 and "Traceback" not in err, err  # an IndexError in the position embedding
+    assert "less the method's 20 virtual tokens; records are cut at 492" in out + err

@@ -158,11 +158,23 @@ def main(argv=None) -> int:
             check_input_file(data_config.dataset_path, "--dataset_path")
         inputs = {"--dataset_path": data_config.dataset_path,
                   "--model": local_model_path(args.model)}
+        check_cache_outside(data_config.cache_dir, config.output_dir)
         # checked, created, locked and --resume resolved now, before minutes of loading (training/run_dir.py)
         with open_run_dir(config, context.is_main, RUN_OUTPUTS + CLI_OUTPUTS, inputs) as run_dir:
             return train_and_report(args, config, data_config, context, run_dir)
     finally:
         shutdown_distributed()
+
+
+def check_cache_outside(cache_dir, output_dir) -> None:
+    """The tokenized-data cache writes files no run records: inside the run's folder (``--cache_dir OUT/adapter``)
+    they made the adapter's folder foreign, and the run failed at its final save."""
+    if cache_dir is None:
+        return
+    cache, out = (Path(os.path.realpath(path)) for path in (cache_dir, output_dir))
+    if cache == out or out in cache.parents:
+        raise UserError(f"--cache_dir {cache_dir}: lies inside --output_dir {output_dir}, whose files are the run's "
+                        "own; keep the cache outside it (or --no_cache)")
 
 
 def train_and_report(args, config: TrainingConfig, data_config, context, run_dir) -> int:
