@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_faults import GENERATE, MERGE, builtin_model_available, digests, in_process, one_error
+from test_faults_round2 import checkpointed_run  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(not builtin_model_available(), reason="the built-in model is not built")
 
@@ -424,3 +425,36 @@ def test_virtual_tokens_and_a_record_as_long_as_the_model_train(tmp_path, capsys
                                 "--no_cache", "--output_dir", tmp_path / "out", capsys=capsys)
     assert code == 0 and "Traceback" not in err, err  # an IndexError in the position embedding
     assert "less the method's 20 virtual tokens; records are cut at 492" in out + err
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda state: state.update(data=None), '"data" must be an object (the data fingerprint), got None'),
+    (lambda state: state.update(rng=[]), '"rng" must be one object of generator scalars per process'),
+    (lambda state: state["optimizer"]["param_groups"][0].update(params=[0, 0]),
+     '"optimizer.param_groups" must be groups holding each of the'),
+    (lambda state: state["trainer"].update(nonfinite_in_a_row=10 ** 9), '"nonfinite_in_a_row" must be at most "step"'),
+    (lambda state: state["trainer"].update(epoch_target_tokens=0, epoch_nll=3.5),
+     '"epoch_target_tokens" is 0 with a summed loss'),
+    (lambda state: state["trainer"].update(step=3), '"step" is 3, but its folder is step 2'),
+])
+def test_a_checkpoint_state_that_no_run_wrote_is_refused(change, fragment, checkpointed_run, tmp_path, capsys):
+    """Each was accepted and the run continued (exit 0) from a state no run could have saved."""
+    from test_faults_round2 import edit_json, resume_copy
+
+    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys)
+    edit_json(copy / "checkpoints" / "step-2" / "trainer_state.json", change)
+    before = digests(copy)
+    code, out, err = resume()
+    one_error(code, err, "trainer_state.json", fragment)
+    assert digests(copy) == before and "Trained" not in out
+
+
+def test_a_resume_with_other_max_records_is_refused(checkpointed_run, tmp_path, capsys):
+    """``--max_records`` picks other records into the same batch positions: it was accepted (exit 0)."""
+    from test_faults_round2 import resume_copy
+
+    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys, "--max_records", "12")
+    before = digests(copy)
+    code, _, err = resume()
+    one_error(code, err, "--max_records 12", "resume_new_data")
+    assert digests(copy) == before

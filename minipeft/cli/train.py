@@ -47,7 +47,8 @@ from minipeft.training.metrics import plot_loss_curve
 from minipeft.training.precision import load_dtype, trains_base_weights
 from minipeft.training.prepare import resolve_precision
 from minipeft.training.quantization_cost import COMPUTE_DTYPES
-from minipeft.training.resume_checks import RESUMABLE_CHANGES, changed_setting_message, refused_change
+from minipeft.training.resume_checks import (DATA_FLAGS, RESUMABLE_CHANGES, changed_setting_message,
+                                             refused_change)
 from minipeft.training.report import plan_record, quantization_cost_line, run_summary, summary_lines
 from minipeft.training.run_dir import RUN_OUTPUTS, open_run_dir
 from minipeft.training.sharding import check_can_shard, load_sharded
@@ -243,7 +244,7 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
     adapter_metadata = {"base_model_name_or_path": args.model, "template": data_config.template,
                         "training": {key: value for key, value in arguments.items()
                                      if key in {field.name for field in fields(TrainingConfig)}
-                                     or key in ("batch_size", "max_length", "seed", "dataset_path", "val_size")}}
+                                     or key in DATA_FLAGS}}
     if args.quantize != "none":  # generate and merge read it back, to rebuild the base the adapter was trained on
         adapter_metadata["quantization"] = {"quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head}
 

@@ -132,8 +132,8 @@ def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except _chat_template_errors() as error:  # the template is the model's Jinja code: it can raise anything Jinja does
         first_line = (str(error).splitlines() or [type(error).__name__])[0]
-        raise UserError(f"--template chat: the chat template of {_tokenizer_name(tokenizer)} fails "
-                        f"({type(error).__name__}: {first_line:.200}); fix its chat_template or use --template "
+        raise UserError(f"--template chat: {_tokenizer_name(tokenizer)}: its chat_template (tokenizer_config.json) "
+                        f"fails: {first_line:.200} ({type(error).__name__}); fix it, or pass --template "
                         "alpaca") from None
 
 

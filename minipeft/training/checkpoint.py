@@ -200,6 +200,10 @@ def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 
         state = check_state_file(loads_bounded(read_input_text(state_path)), str(state_path), FORMAT)
     except json.JSONDecodeError as error:
         raise UserError(f"{state_path}: not valid JSON ({error})") from None
+    named_step = checkpoint_step(directory)
+    if named_step is not None and named_step != state["trainer"]["step"]:  # a state file copied from another one
+        raise UserError(f"{state_path}: \"step\" is {state['trainer']['step']}, but its folder is step "
+                        f"{named_step}; the checkpoint is damaged: resume from another one")
     check_continues_the_run(directory, directory / ADAPTER_DIR, state, peft_model, current, new_data)
     weights = directory / ADAPTER_DIR / WEIGHTS_NAME
     adapter = _read_tensors(weights)

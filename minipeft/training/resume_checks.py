@@ -46,7 +46,8 @@ from minipeft.model.adapter_files import CONFIG_NAME, config_to_dict, read_adapt
 from minipeft.training.state import TrainState
 
 # What cuts the data into the same batches in the same order (besides the file): the run's flags of these names.
-DATA_SETTINGS = ("template", "batch_size", "max_length", "seed", "gradient_accumulation_steps", "val_size")
+DATA_SETTINGS = ("template", "batch_size", "max_length", "seed", "gradient_accumulation_steps", "val_size",
+                 "max_records", "train_on_inputs")
 DATA_FLAGS = ("dataset_path", *DATA_SETTINGS)  # ... and the file: what --resume_new_data lets change
 # Training flags that change what a step computes (max_steps and epochs may grow: the run goes on longer).
 MATH_SETTINGS = ("learning_rate", "lr_schedule", "warmup_steps", "warmup_ratio", "min_lr", "weight_decay",
@@ -217,6 +218,8 @@ def _flag_of(config, key: str):
 # -- the saved state, field by field ----------------------------------------------------------------
 # A count in a checkpoint beyond this is not one a run reached (2**53: where a float stops counting exactly).
 MAX_COUNT = 2 ** 53
+# Counts of steps (or of evaluations, one per step at most) that no run can have more of than its steps.
+AT_MOST_STEP = ("eval_step", "best_step", "nonfinite_in_a_row", "evals_without_improvement")
 
 
 def check_saved_state(values, source: str) -> dict:
@@ -238,11 +241,14 @@ def check_saved_state(values, source: str) -> dict:
         raise UserError(f"{source}: \"trainer\" has no \"step\"")
     for name, value in values.items():
         problem = _field_problem(value, known[name].type)
-        if problem is None and name in ("eval_step", "best_step") and value is not None \
+        if problem is None and name in AT_MOST_STEP and value is not None \
                 and isinstance(values["step"], int) and value > values["step"]:
             problem = f"at most \"step\" ({values['step']})"
         if problem is not None:
             raise UserError(f"{source}: \"{name}\" must be {problem}, got {value!r:.60}")
+    if values.get("epoch_nll", 0) > 0 and values.get("epoch_target_tokens", 0) == 0:
+        raise UserError(f"{source}: \"epoch_target_tokens\" is 0 with a summed loss of {values['epoch_nll']!r:.20} "
+                        "(a loss is summed over target tokens); the file is damaged")
     return dict(values)
 
 
@@ -285,12 +291,14 @@ def check_state_file(state, source: str, expected_format: str) -> dict:
         refuse("optimizer.scalars", "an object", scalars)
     if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
         refuse("optimizer.param_groups", "a list of objects", groups)
+    indices = []
     for index, group in enumerate(groups):
         for key, value in group.items():
             field = f"optimizer.param_groups[{index}].{key}"
             if key == "params":
                 if not isinstance(value, list) or not all(isinstance(item, int) and item >= 0 for item in value):
                     refuse(field, "a list of parameter indices", value)
+                indices.extend(value)
             elif key == "betas":
                 if not (isinstance(value, list) and len(value) == 2
                         and all(is_finite_number(beta) and 0 <= beta < 1 for beta in value)):
@@ -300,18 +308,21 @@ def check_state_file(state, source: str, expected_format: str) -> dict:
                     refuse(field, "a finite number ≥ 0", value)
             elif isinstance(value, float) and not math.isfinite(value):
                 refuse(field, "a finite number", value)
+    if sorted(indices) != list(range(len(names))):  # each parameter in exactly one group
+        refuse("optimizer.param_groups", f"groups holding each of the {len(names)} parameters once "
+               f"(indices 0 to {len(names) - 1})", sorted(indices))
     scaler = state.get("grad_scaler")
     if scaler is not None and not (isinstance(scaler, dict) and all(
             is_finite_number(value) and value > 0 if key == "scale" else not isinstance(value, float)
             or math.isfinite(value) for key, value in scaler.items())):
         refuse("grad_scaler", "null or an object of finite numbers (a positive scale)", scaler)
     rng = state.get("rng")
-    if not isinstance(rng, list) or not all(
+    if not isinstance(rng, list) or not rng or not all(
             isinstance(entry, dict) and isinstance(entry.get("python"), list) and len(entry["python"]) == 2
             and isinstance(entry.get("numpy"), list) and len(entry["numpy"]) == 4 for entry in rng):
         refuse("rng", "one object of generator scalars per process", rng)
-    if "data" in state and state["data"] is not None and not isinstance(state["data"], dict):
-        refuse("data", "an object (the data fingerprint)", state["data"])
+    if not isinstance(state.get("data"), dict):  # without it, a resume could not tell other data apart
+        refuse("data", "an object (the data fingerprint)", state.get("data"))
     check_saved_state(state.get("trainer"), source)
     return state
 
