@@ -458,3 +458,19 @@ def test_a_resume_with_other_max_records_is_refused(checkpointed_run, tmp_path, 
     code, _, err = resume()
     one_error(code, err, "--max_records 12", "resume_new_data")
     assert digests(copy) == before
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_lock_name_that_is_not_a_lock_file_is_one_line(kind, tmp_path, capsys):
+    """A directory named ``.minipeft.lock`` ended in IsADirectoryError; a FIFO would have blocked the read."""
+    import os
+
+    from minipeft.cli.train import main as train_main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".minipeft.lock"
+    lock.mkdir() if kind == "directory" else os.mkfifo(lock)
+    code, _, err = in_process(train_main, "--max_steps", "1", "--no_cache", "--output_dir", out, capsys=capsys)
+    one_error(code, err, f"{lock} is not a lock file minipeft wrote")
+    assert sorted(path.name for path in out.iterdir()) == [".minipeft.lock"]

@@ -45,6 +45,7 @@ class OutputLock:
             try:
                 descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
+                self._check_plain_file()
                 if self._stale():
                     self.path.unlink(missing_ok=True)
                     continue
@@ -56,6 +57,13 @@ class OutputLock:
             self.held = True
             return self
         raise self._busy()
+
+    def _check_plain_file(self) -> None:
+        """A lock is a regular file minipeft made: a directory, a symbolic link or a FIFO of that name is not one
+        (reading a FIFO would block, deleting a directory fails with a traceback)."""
+        if self.path.is_symlink() or not self.path.is_file():
+            raise UserError(f"{flag_and_path(self.directory, self.flag)}: {self.path} is not a lock file minipeft "
+                            "wrote (a directory, a link or a special file); move it away, or use another directory")
 
     def _owner(self):
         try:
@@ -72,8 +80,10 @@ class OutputLock:
 
     def check_free(self) -> None:
         """Raise the one-line error when another live process holds this lock (a stale one is no obstacle)."""
-        if (self.path.exists() or self.path.is_symlink()) and not self._stale():
-            raise self._busy()
+        if self.path.exists() or self.path.is_symlink():
+            self._check_plain_file()
+            if not self._stale():
+                raise self._busy()
 
     def _busy(self) -> UserError:
         pid, host = self._owner()
