@@ -148,3 +148,19 @@ def test_an_unknown_command_is_one_line_and_a_closed_pipe_is_quiet():
     process.stdout.close()
     err = process.stderr.read().decode()
     assert process.wait(timeout=60) == 141 and err == ""
+
+
+def test_a_run_started_under_nohup_keeps_ignoring_sighup():
+    """``nohup`` sets SIGHUP to be ignored so the run outlives the terminal: the stop handler leaves it so."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopRequest().installed():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        stop = StopRequest()
+        with stop.installed():
+            signal.raise_signal(signal.SIGHUP)
+        assert stop.requested and stop.signal_number == signal.SIGHUP
+    finally:
+        signal.signal(signal.SIGHUP, previous)

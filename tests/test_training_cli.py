@@ -126,7 +126,8 @@ def test_user_mistakes_are_one_line_and_exit_status_2(tiny_run_inputs, tmp_path,
     assert not (tmp_path / "adapter").exists()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_run_inputs, tmp_path):
+@pytest.mark.parametrize("name, status", [("SIGINT", 130), ("SIGHUP", 129)])  # SIGHUP: the terminal closed
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_run_inputs, tmp_path, name, status):
     argv = tiny_args(tiny_run_inputs, tmp_path)
     argv[argv.index("--max_steps") + 1] = "100000"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -137,10 +138,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_run_inputs, tmp_path):
     while not (metrics.is_file() and '"kind": "train"' in metrics.read_text()):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, name))
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
-    assert "Traceback" not in err and "SIGINT: finishing this step and saving a checkpoint" in out + err
+    assert process.returncode == status, err
+    assert "Traceback" not in err and f"{name}: finishing this step and saving a checkpoint" in out + err
     assert "interrupted at step" in out and "--resume latest" in out
     checkpoints = list((tmp_path / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "adapter" / "adapter_model.safetensors").is_file()

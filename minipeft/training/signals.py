@@ -1,7 +1,8 @@
-"""Ctrl-C and SIGTERM during training: finish the current step, save a checkpoint, return.
+"""Ctrl-C, SIGTERM and SIGHUP during training: finish the current step, save a checkpoint, return.
 
 The loop asks :class:`StopRequest` after every window (all processes vote, so they stop together); the
-command line then exits with ``128 + signal number`` (130 for Ctrl-C, 143 for SIGTERM). While a checkpoint is
+command line then exits with ``128 + signal number`` (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP: the
+terminal or SSH session closed; a run started under ``nohup`` ignores SIGHUP, and so it stays). While a checkpoint is
 written, signals wait for the write to end (:meth:`StopRequest.deferred`): a second Ctrl-C pressed while the
 first one's checkpoint is written leaves that checkpoint whole, and the run resumable from it.
 """
@@ -12,9 +13,25 @@ from contextlib import contextmanager
 
 from tqdm import tqdm
 
+# The signals that ask a run to stop with a checkpoint (SIGHUP: not on Windows).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _stop_signals() -> tuple:
+    """:data:`STOP_SIGNALS` less a SIGHUP the process was told to ignore (``nohup``): it keeps running."""
+    return tuple(number for number in STOP_SIGNALS
+                 if not (number != signal.SIGINT and signal.getsignal(number) is signal.SIG_IGN))
+
+
+def _say(text: str) -> None:
+    try:
+        tqdm.write(text)
+    except OSError:  # after SIGHUP the terminal may be gone: the checkpoint matters, not the message
+        pass
+
 
 class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, return. A second Ctrl-C
+    """Ctrl-C (SIGINT), SIGTERM or SIGHUP: finish the current step, save a checkpoint, return. A second Ctrl-C
     interrupts at once (``KeyboardInterrupt``), or, during a checkpoint's write, once it is written
     (:meth:`deferred`)."""
 
@@ -26,15 +43,15 @@ class StopRequest:
         self.requested = True
         self.signal_number = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        tqdm.write(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-                   "(Ctrl-C again to stop at once)")
+        _say(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+             "(Ctrl-C again to stop at once)")
 
     @contextmanager
     def installed(self):
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             yield self
             return
-        previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+        previous = {number: signal.getsignal(number) for number in _stop_signals()}
         for number in previous:
             signal.signal(number, self._handle)
         try:
@@ -45,7 +62,7 @@ class StopRequest:
 
     @contextmanager
     def deferred(self, stopping: bool):
-        """Within the ``with`` (a checkpoint being written), Ctrl-C and SIGTERM wait for its end.
+        """Within the ``with`` (a checkpoint being written), the stop signals wait for its end.
 
         A signal arriving inside is then handled as if it came at the end: the first asks to stop, as ever; a
         second Ctrl-C stops at once (``KeyboardInterrupt``), unless ``stopping``: the checkpoint is the stop's
@@ -58,9 +75,9 @@ class StopRequest:
 
         def wait(signum, frame) -> None:
             arrived.append(signum)
-            tqdm.write(f"\n{signal.Signals(signum).name}: waiting for the checkpoint being written to be complete")
+            _say(f"\n{signal.Signals(signum).name}: waiting for the checkpoint being written to be complete")
 
-        previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+        previous = {number: signal.getsignal(number) for number in _stop_signals()}
         for number in previous:
             signal.signal(number, wait)
         try:
