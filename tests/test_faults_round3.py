@@ -430,6 +430,7 @@ def test_virtual_tokens_and_a_record_as_long_as_the_model_train(tmp_path, capsys
 @pytest.mark.parametrize("change, fragment", [
     (lambda state: state.update(data=None), '"data" must be an object (the data fingerprint), got None'),
     (lambda state: state.update(rng=[]), '"rng" must be one object of generator scalars per process'),
+    (lambda state: state["data"].update(max_length=-5), '"data.max_length" must be a positive integer, got -5'),
     (lambda state: state["optimizer"]["param_groups"][0].update(params=[0, 0]),
      '"optimizer.param_groups" must be groups holding each of the'),
     (lambda state: state["trainer"].update(nonfinite_in_a_row=10 ** 9), '"nonfinite_in_a_row" must be at most "step"'),
@@ -474,3 +475,14 @@ def test_a_lock_name_that_is_not_a_lock_file_is_one_line(kind, tmp_path, capsys)
     code, _, err = in_process(train_main, "--max_steps", "1", "--no_cache", "--output_dir", out, capsys=capsys)
     one_error(code, err, f"{lock} is not a lock file minipeft wrote")
     assert sorted(path.name for path in out.iterdir()) == [".minipeft.lock"]
+
+
+def test_a_warmup_longer_than_the_run_is_said(tmp_path, capsys):
+    """``--warmup_steps 1000000000`` trained at a learning rate a billion times smaller than asked, silently."""
+    from minipeft.cli.train import main as train_main
+
+    code, out, err = in_process(train_main, "--max_steps", "2", "--val_size", "0", "--no_cache", "--learning_rate",
+                                "1e-3", "--warmup_steps", "1000000000", "--output_dir", tmp_path / "out", capsys=capsys)
+    assert code == 0, err
+    assert ("note: --warmup_steps 1,000,000,000 is not shorter than the run's 2 steps: the learning rate never "
+            "reaches --learning_rate 0.001 (it ends at 2e-12)") in out + err

@@ -99,6 +99,11 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
             say(run, format_plan_line(plan.total_steps, plan.steps_per_epoch, records, plan.accumulation,
                                       context.world_size, tokens, config.learning_rate, config.lr_schedule,
                                       plan.warmup_steps, plan.precision, context.device))
+            if plan.warmup_steps >= plan.total_steps > 0:  # the peak is never reached: say what the run gets
+                peak = config.learning_rate * plan.total_steps / (plan.warmup_steps + 1)
+                say(run, f"note: --warmup_steps {plan.warmup_steps:,} is not shorter than the run's "
+                         f"{plan.total_steps:,} steps: the learning rate never reaches --learning_rate "
+                         f"{config.learning_rate:g} (it ends at {peak:.3g})")
             progress = tqdm(total=plan.total_steps, initial=run.state.step, unit="step", dynamic_ncols=True,
                             disable=True if not context.is_main else None)  # None: only on a terminal
             with stop.installed():

@@ -321,10 +321,33 @@ def check_state_file(state, source: str, expected_format: str) -> dict:
             isinstance(entry, dict) and isinstance(entry.get("python"), list) and len(entry["python"]) == 2
             and isinstance(entry.get("numpy"), list) and len(entry["numpy"]) == 4 for entry in rng):
         refuse("rng", "one object of generator scalars per process", rng)
-    if not isinstance(state.get("data"), dict):  # without it, a resume could not tell other data apart
-        refuse("data", "an object (the data fingerprint)", state.get("data"))
+    data = state.get("data")
+    if not isinstance(data, dict):  # without it, a resume could not tell other data apart
+        refuse("data", "an object (the data fingerprint)", data)
+    for key, value in data.items():
+        expected = _fingerprint_problem(key, value)
+        if expected is not None:
+            refuse(f"data.{key}", expected, value)
     check_saved_state(state.get("trainer"), source)
     return state
+
+
+def _fingerprint_problem(key: str, value) -> str | None:
+    """What the data fingerprint's field ``key`` (:func:`data_fingerprint`) should be, or None when it is that."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if key in ("batch_size", "max_length", "gradient_accumulation_steps"):
+        return None if whole and 1 <= value < MAX_COUNT else "a positive integer"
+    if key == "max_records":
+        return None if value is None or whole and 1 <= value < MAX_COUNT else "null or a positive integer"
+    if key == "seed":
+        return None if whole and 0 <= value < 2 ** 32 else "an integer from 0 to 2**32 - 1"
+    if key == "val_size":
+        return None if is_finite_number(value) and 0 <= value < MAX_COUNT else "a count or a fraction ≥ 0"
+    if key == "train_on_inputs":
+        return None if isinstance(value, bool) else "true or false"
+    if key in ("dataset_path", "dataset_sha256", "template"):
+        return None if value is None or isinstance(value, str) else "null or a string"
+    return f"one of the fields a data fingerprint has ({', '.join(('dataset_path', 'dataset_sha256', *DATA_SETTINGS))})"
 
 
 # -- the tensors ---------------------------------------------------------------------------------------
