@@ -10,6 +10,8 @@ untimed optimizer steps and then ``--steps`` timed ones, bf16 autocast, AdamW at
 ``minipeft-bf16``       ``load_base_model(DIR, dtype=bfloat16)``, ``minipeft.training.train``
 ``minipeft-bf16-heap``  the same with the C library's default heap (:func:`minipeft.core.c_heap.large_tensors_mapped`
                         off), to measure what mapping large tensors costs and saves
+``minipeft-bf16-compile``  the same with ``--compile`` (each block through ``torch.compile``; compiled in the
+                        untimed warm-up step)
 ``minipeft-nf4``        ``load_base_model(DIR, "nf4")`` (each linear quantized as read), ``train`` inside
                         ``fused_nf4_dequantization`` (the C kernel: minipeft.fast.nf4_cpu_kernel)
 ``minipeft-nf4-ref``    the same, the reference dequantization
@@ -36,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench_training import peak_rss_bytes, step_timer  # noqa: E402  (this folder is the script's: sys.path[0])
 
-SIDES = ("minipeft-bf16", "minipeft-bf16-heap", "minipeft-nf4", "minipeft-nf4-ref", "trainer-bf16", "trainer-bnb4")
+SIDES = ("minipeft-bf16", "minipeft-bf16-heap", "minipeft-bf16-compile", "minipeft-nf4", "minipeft-nf4-ref", "trainer-bf16", "trainer-bnb4")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -74,7 +76,7 @@ def run_minipeft(args) -> list:
     with tempfile.TemporaryDirectory() as output_dir, fast:
         train(peft_model, data, None, TrainingConfig(
             output_dir=output_dir, max_steps=len(data), learning_rate=2e-4, precision="bf16", device="cpu",
-            log_every=10**9, save_every=10**9, lr_schedule="constant"))
+            log_every=10**9, save_every=10**9, lr_schedule="constant", compile=args.worker.endswith("-compile")))
         records = [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
     steps = [record for record in records if record["kind"] == "train"]
     cumulative = [0.0] + [record["seconds"] for record in steps]
@@ -165,7 +167,8 @@ def main() -> int:
             speeds = sorted(v for v, _ in values)
             median[side] = (speeds[len(speeds) // 2], max(r for _, r in values))
             print(f"| {side} | {median[side][0]:.2f} | {median[side][1] / 1e9:.2f} |")
-    for ours, theirs in (("minipeft-bf16", "trainer-bf16"), ("minipeft-nf4", "trainer-bnb4"),
+    for ours, theirs in (("minipeft-bf16", "trainer-bf16"), ("minipeft-bf16-compile", "trainer-bf16"),
+                         ("minipeft-nf4", "trainer-bnb4"),
                          ("minipeft-nf4", "minipeft-bf16"), ("minipeft-nf4-ref", "minipeft-bf16")):
         if ours in median and theirs in median:
             print(f"{ours} / {theirs}: tokens/s {median[ours][0] / median[theirs][0]:.2f}x, "
