@@ -486,3 +486,21 @@ def test_a_warmup_longer_than_the_run_is_said(tmp_path, capsys):
     assert code == 0, err
     assert ("note: --warmup_steps 1,000,000,000 is not shorter than the run's 2 steps: the learning rate never "
             "reaches --learning_rate 0.001 (it ends at 2e-12)") in out + err
+
+
+# -- every writing command honours the run lock ---------------------------------------------------------------------
+def test_a_new_run_inside_another_running_runs_folder_is_refused(tmp_path, capsys):
+    """It trained and wrote into the other run's folder. A lock this process holds is no obstacle: compare
+    trains each method into a folder of the --output_dir it holds (tests/test_compare.py)."""
+    import os
+    import socket
+
+    from minipeft.cli.train import main as train_main
+
+    outer = tmp_path / "running"
+    outer.mkdir()
+    (outer / ".minipeft.lock").write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process, not us
+    code, _, err = in_process(train_main, "--output_dir", outer / "inner", "--max_steps", "1", "--no_cache",
+                              capsys=capsys)
+    one_error(code, err, f"--output_dir {outer / 'inner'}: lies in {outer}, which another minipeft process")
+    assert not (outer / "inner").exists()

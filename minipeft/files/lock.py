@@ -103,10 +103,15 @@ class OutputLock:
         self.release()
 
 
-def check_unlocked(directory, flag: str = "", named=None) -> None:
+def check_unlocked(directory, flag: str = "", named=None, own_lock_ok: bool = False) -> None:
     """Refuse to write into or replace ``directory`` while another minipeft process (a training run) holds its
-    :class:`OutputLock`; ``named``: the path the user gave, for the message (default ``directory``)."""
+    :class:`OutputLock`; ``named``: the path the user gave, for the message (default ``directory``).
+    ``own_lock_ok``: a lock this very process holds is no obstacle (``compare`` trains each method into a
+    folder of the ``--output_dir`` it holds)."""
     lock = OutputLock(directory, flag)
+    if own_lock_ok and lock.path.is_file() and not lock.path.is_symlink() \
+            and lock._owner() == (os.getpid(), socket.gethostname()):
+        return
     try:
         lock.check_free()
     except UserError:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from minipeft.core.errors import UserError
 from minipeft.files.atomic import make_directory
-from minipeft.files.lock import OutputLock
+from minipeft.files.lock import OutputLock, check_unlocked
 from minipeft.files.manifest import MARKER_NAME, is_ours, mark_as_ours, marker_problem, record_as_ours
 from minipeft.files.safe_files import check_apart, check_ours_to_replace, is_empty_directory, remove_our_directory
 from minipeft.training.checkpoint import ADAPTER_DIR, list_checkpoints, resolve_resume
@@ -60,6 +60,8 @@ def open_run_dir(config: TrainingConfig, is_main: bool = True, outputs: tuple = 
     if not is_main:  # (only rank 0 writes; the others would race with its first files)
         yield resume_point(config, output_dir)
         return
+    # a new folder inside another running run's own (as merge, generate and compare refuse it too)
+    check_unlocked(output_dir.parent, "--output_dir", output_dir, own_lock_ok=True)
     created = not output_dir.exists()
     prepare_output_dir(output_dir)
     try:
