@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from test_faults import GENERATE, MERGE, TINY_RUN, builtin_model_available, digests, in_process, one_error
+from test_faults_files import finished_run, refused, run_copy  # noqa: F401 (fixtures)
 
 from minipeft.cli import main as cli_main
 from minipeft.cli.train import main as train_main
@@ -35,27 +36,6 @@ def minipeft_folder(path: Path, files: dict) -> Path:
             (Path(directory) / name).write_bytes(data)
 
     return write_directory_atomically(path, write)
-
-
-def refused(main, *args, capsys, fragments=(), keep=()) -> str:
-    """Run ``main`` in process; assert exit 2, one ``error:`` line holding ``fragments``, ``keep`` unchanged."""
-    before = digests(*keep)
-    code, _, err = in_process(main, *args, capsys=capsys)
-    line = one_error(code, err, *fragments)
-    assert digests(*keep) == before
-    return line
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("round3") / "run"
-    assert cli_main(["train", *TINY_RUN, "--output_dir", str(run_dir)]) == 0
-    return run_dir
-
-
-@pytest.fixture
-def run_copy(finished_run, tmp_path) -> Path:
-    return Path(shutil.copytree(finished_run, tmp_path / "run", symlinks=True))
 
 
 # -- 1. content identity --------------------------------------------------------------------------------------------
