@@ -13,10 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_faults import GENERATE, MERGE, TINY_RUN, builtin_model_available, digests, in_process, one_error
+from test_faults import GENERATE, MERGE, TINY_RUN, builtin_model_available, in_process
 from test_faults_files import finished_run, refused, run_copy  # noqa: F401 (fixtures)
 
-from minipeft.cli import main as cli_main
 from minipeft.cli.train import main as train_main
 from minipeft.core.errors import UserError
 from minipeft.files import manifest
