@@ -156,7 +156,7 @@ def test_a_run_started_under_nohup_keeps_ignoring_sighup():
     try:
         with StopRequest().installed():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
-            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+            assert callable(signal.getsignal(signal.SIGTERM))  # (the stop handler, whatever it was before)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         stop = StopRequest()
         with stop.installed():

@@ -20,7 +20,7 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 def _stop_signals() -> tuple:
     """:data:`STOP_SIGNALS` less a SIGHUP the process was told to ignore (``nohup``): it keeps running."""
     return tuple(number for number in STOP_SIGNALS
-                 if not (number != signal.SIGINT and signal.getsignal(number) is signal.SIG_IGN))
+                 if not (number == getattr(signal, "SIGHUP", None) and signal.getsignal(number) is signal.SIG_IGN))
 
 
 def _say(text: str) -> None:
