@@ -45,6 +45,7 @@ def test_an_explicit_device_is_used_when_the_machine_has_it(machine, flag, local
     ("cuda:1", "--device cuda:1: CUDA is not available on this machine; use --device cpu"),
     ("mps", "--device mps: MPS is not available on this machine; use --device cpu"),
     ("gpu", "--device gpu: not a device; use auto, cpu, cuda, cuda:1 or mps"),
+    ("meta", "--device meta: not a device minipeft runs on; use auto, cpu, cuda, cuda:1 or mps"),  # a traceback
 ])
 def test_a_device_the_machine_lacks_is_one_error_line(machine, flag, message):
     machine(cuda=False, mps=False)

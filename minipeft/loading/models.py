@@ -267,6 +267,8 @@ def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
         device = torch.device(flag)
     except RuntimeError:
         raise UserError(f"--device {flag}: not a device; use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: a model cannot train or generate there
+        raise UserError(f"--device {flag}: not a device minipeft runs on; use auto, cpu, cuda, cuda:1 or mps")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {flag}: CUDA is not available on this machine; use --device cpu")
