@@ -105,6 +105,9 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the flag when a value cannot work."""
+        if self.dataset_path is not None and not str(self.dataset_path).strip():  # Path("") is "."
+            raise UserError(f"--dataset_path {str(self.dataset_path)!r}: an empty name; give a data file, or leave "
+                            "the flag out for the built-in data")
         if self.max_records is not None and (not isinstance(self.max_records, int) or self.max_records < 1):
             raise UserError(f"--max_records {self.max_records}: must be a positive integer")
         if self.template not in TEMPLATE_CHOICES:
