@@ -504,3 +504,23 @@ def test_a_new_run_inside_another_running_runs_folder_is_refused(tmp_path, capsy
                               capsys=capsys)
     one_error(code, err, f"--output_dir {outer / 'inner'}: lies in {outer}, which another minipeft process")
     assert not (outer / "inner").exists()
+
+
+# -- found in round four -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["merge", "pretrain"])
+def test_overwrite_never_replaces_a_training_run_or_its_checkpoints_with_a_model(command, checkpointed_run,
+                                                                                  tmp_path, capsys):
+    """``merge --out RUN --overwrite`` (and pretrain's) replaced a run, its checkpoints and best adapter included,
+    with a merged model, exit 0: a directory written whole replaces only a model folder."""
+    from minipeft.cli import main as cli_main
+    from test_faults_round2 import resume_copy
+
+    copy, _ = resume_copy(checkpointed_run, tmp_path, capsys)
+    before = digests(copy)
+    for target, what in ((copy, "it holds train_config.json, a training run's"),
+                         (copy / "checkpoints", "it holds no config.json")):
+        argv = (["merge", "--adapter", str(checkpointed_run[0] / "adapter"), "--out", str(target)] if command == "merge"
+                else ["pretrain", "--max_steps", "1", "--num_documents", "100", "--output_dir", str(target)])
+        code, _, err = in_process(lambda args: cli_main([*argv, *args]), "--overwrite", capsys=capsys)
+        one_error(code, err, f"{target}: is not a model folder ({what}")
+    assert digests(copy) == before

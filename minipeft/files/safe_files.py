@@ -154,8 +154,24 @@ def check_output_directory(path, flag: str, overwrite: bool) -> Path:
             raise UserError(f"{flag_and_path(path, flag)}: already exists; choose another directory or pass "
                             "--overwrite")
         check_replaceable(path, flag)  # --overwrite replaces only what minipeft wrote
+        check_model_folder(path, flag)  # ... and only of the same kind: a model folder
     check_unlocked(path.parent, flag, path)
     return path
+
+
+# What a training run, its checkpoints or an adapter hold, and a model folder (merge's, pretrain's) never does.
+NOT_IN_A_MODEL_FOLDER = ("adapter_config.json", "trainer_state.json", "train_config.json", "metrics.jsonl",
+                         "adapter", "checkpoints", "best", "comparison.md")
+
+
+def check_model_folder(path: Path, flag: str) -> None:
+    """A directory written whole (a model) replaces only a model folder: its ``config.json`` there, and nothing
+    of a training run's or an adapter's (``merge --out RUN --overwrite`` replaced a run, checkpoints and all)."""
+    found = [name for name in NOT_IN_A_MODEL_FOLDER if (path / name).exists()]
+    if found or not (path / "config.json").is_file():
+        what = f"it holds {found[0]}, a training run's or an adapter's" if found else "it holds no config.json"
+        raise UserError(f"{flag_and_path(path, flag)}: is not a model folder ({what}); --overwrite replaces only a "
+                        "model folder minipeft wrote: choose another directory")
 
 
 def remove_our_directory(path, flag: str = "") -> None:
