@@ -524,3 +524,23 @@ def test_overwrite_never_replaces_a_training_run_or_its_checkpoints_with_a_model
         code, _, err = in_process(lambda args: cli_main([*argv, *args]), "--overwrite", capsys=capsys)
         one_error(code, err, f"{target}: is not a model folder ({what}")
     assert digests(copy) == before
+
+
+@pytest.mark.parametrize("command", [GENERATE, MERGE])
+@pytest.mark.parametrize("block", ["hello", 5, [["template", "alpaca"]]])
+def test_a_minipeft_block_that_is_not_an_object_names_the_file(command, block, tmp_path, capsys):
+    """``"minipeft": "hello"`` was a ValueError traceback in generate, ``5`` a TypeError in merge; a list of
+    pairs was taken for an object."""
+    import json
+
+    from minipeft.cli.modify import main as modify_main
+
+    adapter = tmp_path / "adapter"
+    assert in_process(modify_main, "--model", "builtin", "--table", "none", "--save_adapter", adapter,
+                      capsys=capsys)[0] == 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(config, minipeft=block)))
+    extra = ["--prompt", "hi", "--device", "cpu"] if command is GENERATE else ["--out", str(tmp_path / "merged")]
+    code, _, err = in_process(command, "--adapter", adapter, *extra, capsys=capsys)
+    one_error(code, err, "adapter_config.json: \"minipeft\" must be a JSON object")
+    assert not (tmp_path / "merged").exists()

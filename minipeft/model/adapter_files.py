@@ -232,6 +232,9 @@ def read_adapter_config(directory) -> dict:
         raise UserError(f"{config_path}: expected a JSON object of settings, found {kind}")
     if duplicate_keys(values):
         raise UserError(f"{config_path}: the key {duplicate_keys(values)[0]!r} is given twice; keep one")
+    if values.get("minipeft") is not None and not isinstance(values["minipeft"], dict):  # (a list of pairs too)
+        raise UserError(f"{config_path}: \"minipeft\" must be a JSON object (the run's template, base model, "
+                        f"...) or absent, got {values['minipeft']!r:.60}")
     return dict(values)
 
 
