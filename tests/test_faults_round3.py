@@ -450,14 +450,16 @@ def test_a_checkpoint_state_that_no_run_wrote_is_refused(change, fragment, check
     assert digests(copy) == before and "Trained" not in out
 
 
-def test_a_resume_with_other_max_records_is_refused(checkpointed_run, tmp_path, capsys):
-    """``--max_records`` picks other records into the same batch positions: it was accepted (exit 0)."""
+@pytest.mark.parametrize("flag, value", [("--max_records", "12"), ("--packing", None)])
+def test_a_resume_with_other_data_settings_is_refused(flag, value, checkpointed_run, tmp_path, capsys):
+    """``--max_records`` picks other records into the same batch positions, ``--packing`` cuts other batches
+    (round four): both were accepted (exit 0), packing with a note."""
     from test_faults_round2 import resume_copy
 
-    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys, "--max_records", "12")
+    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys, flag, *([value] if value else []))
     before = digests(copy)
     code, _, err = resume()
-    one_error(code, err, "--max_records 12", "resume_new_data")
+    one_error(code, err, f"--{flag.lstrip('-')}", "resume_new_data")
     assert digests(copy) == before
 
 

@@ -47,7 +47,8 @@ from minipeft.training.state import TrainState
 
 # What cuts the data into the same batches in the same order (besides the file): the run's flags of these names.
 DATA_SETTINGS = ("template", "batch_size", "max_length", "seed", "gradient_accumulation_steps", "val_size",
-                 "max_records", "train_on_inputs")
+                 "max_records", "train_on_inputs", "packing", "group_by_length", "shuffle", "instruction_column",
+                 "input_column", "output_column")
 DATA_FLAGS = ("dataset_path", *DATA_SETTINGS)  # ... and the file: what --resume_new_data lets change
 # Training flags that change what a step computes (max_steps and epochs may grow: the run goes on longer).
 MATH_SETTINGS = ("learning_rate", "lr_schedule", "warmup_steps", "warmup_ratio", "min_lr", "weight_decay",
@@ -343,9 +344,9 @@ def _fingerprint_problem(key: str, value) -> str | None:
         return None if whole and 0 <= value < 2 ** 32 else "an integer from 0 to 2**32 - 1"
     if key == "val_size":
         return None if is_finite_number(value) and 0 <= value < MAX_COUNT else "a count or a fraction ≥ 0"
-    if key == "train_on_inputs":
+    if key in ("train_on_inputs", "packing", "group_by_length", "shuffle"):
         return None if isinstance(value, bool) else "true or false"
-    if key in ("dataset_path", "dataset_sha256", "template"):
+    if key in ("dataset_path", "dataset_sha256", "template", "instruction_column", "input_column", "output_column"):
         return None if value is None or isinstance(value, str) else "null or a string"
     return f"one of the fields a data fingerprint has ({', '.join(('dataset_path', 'dataset_sha256', *DATA_SETTINGS))})"
 
