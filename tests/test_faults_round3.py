@@ -546,3 +546,28 @@ def test_a_minipeft_block_that_is_not_an_object_names_the_file(command, block, t
     code, _, err = in_process(command, "--adapter", adapter, *extra, capsys=capsys)
     one_error(code, err, "adapter_config.json: \"minipeft\" must be a JSON object")
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("command", ["data", "merge", "compare"])
+def test_a_model_folder_without_a_tokenizer_is_refused_by_every_command(command, tmp_path, capsys):
+    """data_pipeline turned every record into one EOS (exit 0); merge and compare ended in tracebacks, compare
+    leaving its records.json behind (train and generate already said so)."""
+    from minipeft.cli import main as cli_main
+    from test_faults_round2 import model_copy
+
+    def no_tokenizer(directory):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (directory / name).unlink()
+
+    model = model_copy(tmp_path, no_tokenizer)
+    adapter = tmp_path / "adapter"  # an adapter of that model (modify needs no tokenizer)
+    assert in_process(lambda argv: cli_main(["modify", *argv]), "--model", model, "--table", "none",
+                      "--save_adapter", adapter, capsys=capsys)[0] == 0
+    out = tmp_path / "out"
+    argv = {"data": ["data", "--model", str(model), "--no_cache", "--num_samples", "1"],
+            "merge": ["merge", "--model", str(model), "--adapter", str(adapter), "--out", str(out)],
+            "compare": ["compare", "--model", str(model), "--methods", "lora", "--max_steps", "1", "--max_records",
+                        "40", "--output_dir", str(out)]}[command]
+    code, _, err = in_process(lambda extra: cli_main([*argv, *extra]), capsys=capsys)
+    one_error(code, err, f"--model {model}: has no tokenizer")
+    assert not out.exists() or not [path for path in out.iterdir() if not path.name.startswith(".minipeft")]

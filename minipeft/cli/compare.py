@@ -239,6 +239,8 @@ def compare(args, methods: list, learning_rates: dict, device, output_dir: Path,
     transformers_logging.disable_progress_bar()
 
     base_model, tokenizer = load_model_and_tokenizer(args.model)
+    if tokenizer is None:
+        raise UserError(f"--model {args.model}: has no tokenizer; training needs one (tokenizer.save_pretrained)")
     base_model.to(device)
     check_positions(args, methods, base_model, tokenizer)
     template = resolve_template(args.template, None, args.model, tokenizer)

@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     resolve_quantize(args, args.adapter)
     check_quantize_arguments(args)
     model, tokenizer = load_base_model(model_name, args.quantize, args.quantize_lm_head, dtype=torch.float32)
+    if tokenizer is None:  # the merged folder is written with it, and the merge is checked on a tokenized batch
+        raise UserError(f"--model {model_name}: has no tokenizer; merging needs one (tokenizer.save_pretrained)")
     peft_model = load_adapter(model, args.adapter)
     method = method_for_config(peft_model.peft_config)
     template = resolve_template(args.template, args.adapter, model_name, tokenizer)

@@ -202,7 +202,10 @@ def _load_pretrained(name: str, dtype):
         except (OSError, RuntimeError, ValueError, EOFError) as error:  # a damaged pytorch_model.bin, ...
             raise UserError(f"--model {name}: its weights cannot be read ({str(error).splitlines()[0][:200]}); the "
                             "checkpoint is damaged (download or save it again)") from None
-        return model, AutoTokenizer.from_pretrained(name)
+        from minipeft.loading.checkpoint_dir import TOKENIZER_FILES  # (it imports this module)
+
+        has_tokenizer = any((Path(name) / file).is_file() for file in TOKENIZER_FILES)  # (else an empty one)
+        return model, AutoTokenizer.from_pretrained(name) if has_tokenizer else None
     if Path(name).exists():
         raise UserError(f"--model {name}: is a file, expected a model directory or a Hugging Face id")
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
