@@ -571,3 +571,20 @@ def test_a_model_folder_without_a_tokenizer_is_refused_by_every_command(command,
     code, _, err = in_process(lambda extra: cli_main([*argv, *extra]), capsys=capsys)
     one_error(code, err, f"--model {model}: has no tokenizer")
     assert not out.exists() or not [path for path in out.iterdir() if not path.name.startswith(".minipeft")]
+
+
+def test_an_accumulation_longer_than_the_epoch_is_said(tmp_path, capsys):
+    """``--gradient_accumulation_steps 100000000`` trained (exit 0) reporting 200,000,000 records a step, from
+    an epoch of 5 micro-batches, without a word (a window longer than the epoch is allowed: resume handles it)."""
+    import json
+
+    from minipeft.cli.train import main as train_main
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(10)]))
+    code, out, err = in_process(train_main, "--dataset_path", data, "--val_size", "0", "--batch_size", "2",
+                                "--gradient_accumulation_steps", "100000000", "--max_steps", "1", "--no_cache",
+                                "--output_dir", tmp_path / "out", capsys=capsys)
+    assert code == 0, err
+    assert ("note: --gradient_accumulation_steps 100,000,000 is more than the 5 micro-batches of an epoch: each "
+            "optimizer step takes the epoch's 5") in out + err

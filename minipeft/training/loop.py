@@ -99,6 +99,10 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
             say(run, format_plan_line(plan.total_steps, plan.steps_per_epoch, records, plan.accumulation,
                                       context.world_size, tokens, config.learning_rate, config.lr_schedule,
                                       plan.warmup_steps, plan.precision, context.device))
+            if plan.accumulation > len(train_loader):  # the plan line's records per step are then not reached
+                say(run, f"note: --gradient_accumulation_steps {plan.accumulation:,} is more than the "
+                         f"{len(train_loader):,} micro-batches of an epoch: each optimizer step takes the epoch's "
+                         f"{len(train_loader):,}")
             if plan.warmup_steps >= plan.total_steps > 0:  # the peak is never reached: say what the run gets
                 peak = config.learning_rate * plan.total_steps / (plan.warmup_steps + 1)
                 say(run, f"note: --warmup_steps {plan.warmup_steps:,} is not shorter than the run's "
