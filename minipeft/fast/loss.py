@@ -15,7 +15,7 @@ model's forward takes ``logits_to_keep`` as a mask (:func:`accepts_logits_to_kee
 adapters, prefix and prompt tuning leave it so): a forward pre-hook on the head takes its input, the
 ``(N, d)`` hidden states, and hands the head an empty batch; :func:`linear_cross_entropy_sum` then runs
 head + cross-entropy a chunk of rows at a time. SmolLM2 at N = 1,000 targets: the float32 logits, their
-log-softmax and its gradient are 3 × 197 MB; chunked (512 rows), 100 MB at a time. Each chunk's gradient is
+log-softmax and its gradient are 3 × 197 MB; chunked, 67 MB at a time. Each chunk's gradient is
 ``softmax - onehot`` (known in the forward, since the loss is a plain sum), so it is turned into the
 hidden states' (and, if the head trains, the weight's) gradient at once, and the backward only scales
 it: no second pass over the head. The head's weight is used as the model stores it, and the matmul
