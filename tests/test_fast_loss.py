@@ -155,25 +155,6 @@ def test_chunked_head_and_cross_entropy_equal_the_plain_ones(with_bias):
                                    rtol=1e-6, atol=1e-5)
 
 
-def test_a_large_vocabulary_gets_chunks_of_at_least_chunk_rows(monkeypatch):
-    """By default a chunk holds CHUNK_LOGITS logits, but never fewer than CHUNK_ROWS rows (a 128,256-token head
-    in 130-row chunks ran its matmuls at half speed); the loss is the same either way."""
-    from minipeft.fast import loss
-
-    rows = []
-    linear = torch.nn.functional.linear
-    monkeypatch.setattr(loss.F, "linear", lambda h, w, b=None: rows.append(len(h)) or linear(h, w, b))
-    monkeypatch.setattr(loss, "CHUNK_LOGITS", 150)  # 3 rows of a 50-token vocabulary
-    monkeypatch.setattr(loss, "CHUNK_ROWS", 8)
-    generator = torch.Generator().manual_seed(0)
-    hidden, weight = torch.randn(20, 16, generator=generator), torch.randn(50, 16, generator=generator)
-    targets = torch.randint(0, 50, (20,), generator=generator)
-    chunked = linear_cross_entropy_sum(hidden, weight, None, targets)
-    assert rows == [8, 8, 4]
-    plain = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
-    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
-
-
 def test_padding_mask_dropped_only_for_right_padded_batches():
     from minipeft.data.batching import model_inputs
 

@@ -82,29 +82,23 @@ def without_right_padding_mask(inputs: dict) -> dict:
     return {name: value for name, value in inputs.items() if name != "attention_mask"}
 
 
-# Rows of the head's output computed at a time: 2**24 float32 logits = 64 MiB (341 rows of SmolLM2's 49,152),
-# but at least CHUNK_ROWS rows: Llama 3's 128,256-token head in 130-row chunks ran at 0.55x the speed of one
-# 2,048-row product on an AMX CPU (2.6 s against 1.4 s at 4 x 512); 512 rows keep it within ~10%, 263 MB.
+# Rows of the head's output computed at a time: 2**24 float32 logits = 64 MiB (341 rows of SmolLM2's 49,152).
 CHUNK_LOGITS = 2**24
-CHUNK_ROWS = 512
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
-                             chunk_logits: int = None) -> torch.Tensor:
+                             chunk_logits: int = CHUNK_LOGITS) -> torch.Tensor:
     """``Σ_i CE(hidden_i W^T + b, target_i)``, a float32 scalar, without holding the ``(N, V)`` logits.
 
     Args:
         hidden: ``(N, d)`` the head's input at the target positions.
         weight: ``(V, d)`` the head's weight; bias: ``(V,)`` or None.
         targets: ``(N,)`` token ids (none is -100: only target positions reach here).
-        chunk_logits: how many logits one chunk of rows may hold (default: :data:`CHUNK_LOGITS`, or
-            :data:`CHUNK_ROWS` rows of a larger vocabulary).
+        chunk_logits: how many logits one chunk of rows may hold.
 
     The softmax runs in float32 (``logits.float()``), like the reference loss. With grad
     enabled the gradients are formed chunk by chunk in the forward (:class:`LinearCrossEntropy`).
     """
-    if chunk_logits is None:
-        chunk_logits = max(CHUNK_LOGITS, CHUNK_ROWS * weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_logits)
