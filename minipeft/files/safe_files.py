@@ -161,7 +161,7 @@ def check_output_directory(path, flag: str, overwrite: bool) -> Path:
 
 # What a training run, its checkpoints or an adapter hold, and a model folder (merge's, pretrain's) never does.
 NOT_IN_A_MODEL_FOLDER = ("adapter_config.json", "trainer_state.json", "train_config.json", "metrics.jsonl",
-                         "adapter", "checkpoints", "best", "comparison.md")
+                         "checkpoints", "best", "comparison.md")
 
 
 def check_model_folder(path: Path, flag: str) -> None:
