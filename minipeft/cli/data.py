@@ -8,13 +8,13 @@ import argparse
 from pathlib import Path
 
 from minipeft.builtin import load_builtin_tokenizer
-from minipeft.loading.checks import TOKENIZER_FILES, check_tokenizer
+from minipeft.loading.checks import check_tokenizer
 from minipeft.cli import CommandLineParser
 from minipeft.data.config import add_data_arguments, data_config_from_args
 from minipeft.data.pipeline import build_dataloaders
 from minipeft.data.report import describe_sample, padding_by_mode
 from minipeft.core.errors import UserError
-from minipeft.loading.models import SMOLLM2_NAME, smollm2_gguf_path
+from minipeft.loading.models import SMOLLM2_NAME, TOKENIZER_FILES, smollm2_gguf_path, tokenizer_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def load_tokenizer(name: str):
         path = smollm2_gguf_path()
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if Path(name).is_dir():
-        if not any((Path(name) / file).is_file() for file in TOKENIZER_FILES):  # transformers built an empty one
+        if not tokenizer_files(name):  # transformers would build an empty one from config.json
             raise UserError(f"--model {name}: has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}); save it beside "
                             "the model with tokenizer.save_pretrained")
         check_tokenizer(Path(name))  # a damaged tokenizer.json is named as such (a KeyError traceback otherwise)

@@ -49,7 +49,7 @@ from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
 from minipeft.files.input_files import check_regular_files, read_input_text
 from minipeft.files.json_limits import loads_bounded
-from minipeft.loading.models import StrictDataclassError, _load_pretrained, validation_reason
+from minipeft.loading.models import StrictDataclassError, _load_pretrained, local_tokenizer, validation_reason
 from minipeft.quantization.nf4 import Linear4bit, quantizable_layers, quantize_model
 
 SINGLE_FILE = "model.safetensors"
@@ -57,7 +57,6 @@ INDEX_FILE = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed codes + 8-bit absmax + one fp32 scale per 256 blocks
 
 
@@ -291,7 +290,7 @@ def load_checkpoint_dir(directory, quantize: str = "none", quantize_lm_head: boo
         UserError: no weights, a missing shard, an architecture that is not a causal LM, or a model larger
             than the memory available (estimated from the file headers before loading).
     """
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     directory = Path(directory)
     stored = checkpoint_tensors(directory)
@@ -341,8 +340,7 @@ def load_checkpoint_dir(directory, quantize: str = "none", quantize_lm_head: boo
     model.config._name_or_path = model.name_or_path = str(directory)
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
-    has_tokenizer = any((directory / name).is_file() for name in TOKENIZER_FILES)
-    return model.eval(), AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
+    return model.eval(), local_tokenizer(directory)
 
 
 def finish_loading(model: nn.Module, quantize_tied_head: bool, compute_dtype: torch.dtype = None) -> None:

@@ -29,8 +29,9 @@ import torch
 from minipeft.core.errors import UserError
 from minipeft.files.input_files import check_regular_files, read_input_text
 from minipeft.files.json_limits import loads_bounded
-from minipeft.loading.checkpoint_dir import (NF4_BYTES_PER_WEIGHT, TOKENIZER_FILES, available_memory_bytes,
-                                             build_on_meta, checkpoint_tensors, match_names)
+from minipeft.loading.checkpoint_dir import (NF4_BYTES_PER_WEIGHT, available_memory_bytes, build_on_meta,
+                                             checkpoint_tensors, match_names)
+from minipeft.loading.models import tokenizer_files
 
 # The sizes an architecture is built from: a whole number ≥ 1 where given (null: the model's own default).
 ARCHITECTURE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -148,7 +149,7 @@ def check_weight_headers(directory: Path) -> None:
 
 def check_tokenizer(directory: Path) -> None:
     """Step 4: a tokenizer the directory holds loads here."""
-    present = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    present = tokenizer_files(directory)
     if not present:
         return
     from transformers import AutoTokenizer

@@ -39,6 +39,7 @@ from minipeft.files.input_files import check_regular_files
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 # Architectures we can build without downloading anything (counting needs shapes, not weights).
 KNOWN_CONFIGS = {
@@ -188,6 +189,17 @@ def validation_reason(error: Exception) -> str:
     return lines[-1].split(": ", 1)[-1] if lines[-1].split(": ", 1)[0].endswith("Error") else lines[-1]
 
 
+def tokenizer_files(directory) -> list:
+    """The names of :data:`TOKENIZER_FILES` that ``directory`` holds."""
+    return [name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()]
+
+
+def local_tokenizer(directory):
+    """The tokenizer saved in ``directory``, or None when it holds no tokenizer file (``from_pretrained`` would
+    build an empty one from config.json that turns every text into nothing)."""
+    return AutoTokenizer.from_pretrained(directory) if tokenizer_files(directory) else None
+
+
 def _load_pretrained(name: str, dtype):
     """A local directory, or a hub id from the local cache, or from the hub when it is reachable."""
     if Path(name).is_dir():
@@ -202,10 +214,7 @@ def _load_pretrained(name: str, dtype):
         except (OSError, RuntimeError, ValueError, EOFError) as error:  # a damaged pytorch_model.bin, ...
             raise UserError(f"--model {name}: its weights cannot be read ({str(error).splitlines()[0][:200]}); the "
                             "checkpoint is damaged (download or save it again)") from None
-        from minipeft.loading.checkpoint_dir import TOKENIZER_FILES  # (it imports this module)
-
-        has_tokenizer = any((Path(name) / file).is_file() for file in TOKENIZER_FILES)  # (else an empty one)
-        return model, AutoTokenizer.from_pretrained(name) if has_tokenizer else None
+        return model, local_tokenizer(Path(name))
     if Path(name).exists():
         raise UserError(f"--model {name}: is a file, expected a model directory or a Hugging Face id")
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):

@@ -13,9 +13,9 @@ from torch import nn
 from minipeft.builtin import MODEL_DIR
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
-from minipeft.loading.checkpoint_dir import TOKENIZER_FILES, build_on_meta, load_checkpoint_dir, place_tensor
+from minipeft.loading.checkpoint_dir import build_on_meta, load_checkpoint_dir, place_tensor
 from minipeft.loading.checks import check_config, check_model_directory, check_weights_finite
-from minipeft.loading.models import SMOLLM2_NAME, load_model_and_tokenizer, smollm2_gguf_path
+from minipeft.loading.models import SMOLLM2_NAME, load_model_and_tokenizer, local_tokenizer, smollm2_gguf_path
 from minipeft.quantization.nf4 import Linear4bit, quantizable_layers, quantize_model
 from minipeft.quantization.nf4_format import BLOCKSIZE
 
@@ -123,8 +123,7 @@ def base_model_on_meta(name: str, quantize: str = "none", quantize_lm_head: bool
     if folder.is_dir() and (folder / "config.json").is_file():
         with torch.device("meta"):
             model = build_on_meta(folder, dtype)
-        has_tokenizer = any((folder / file).is_file() for file in TOKENIZER_FILES)
-        tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+        tokenizer = local_tokenizer(folder)
     else:
         if name == SMOLLM2_NAME:
             path = smollm2_gguf_path()
