@@ -57,7 +57,7 @@ def smollm2_shaped():
 def env() -> None:
     import transformers
 
-    from minipeft.training.loop import resolve_precision
+    from minipeft.training.prepare import resolve_precision
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
     try:

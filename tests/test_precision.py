@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minipeft.training import precision as precision_module
-from minipeft.training.loop import resolve_precision
+from minipeft.training.prepare import resolve_precision
 from minipeft.training.precision import native_bf16
 from tests.test_training_cli import builtin_model_available
 

@@ -1,5 +1,6 @@
 """Training: the loop (:mod:`~minipeft.training.loop`) and its parts.
 
+- :mod:`~minipeft.training.plan`: the run's steps, warmup and effective batch, fixed before step one;
 - :mod:`~minipeft.training.loss`: the causal-LM loss (the reference), the one place where labels are shifted;
 - :mod:`~minipeft.training.schedule`: ``get_lr`` (constant, linear, cosine; warmup);
 - :mod:`~minipeft.training.optimizer`: AdamW, weight decay only where it belongs;

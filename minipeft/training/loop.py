@@ -56,14 +56,15 @@ from minipeft.training.distributed import DistributedContext, wrap_for_data_para
 from minipeft.training.evaluation import evaluate
 from minipeft.training.gradients import GradientCheck, accumulate_gradients
 from minipeft.training.loss import causal_lm_loss_sum, perplexity
-from minipeft.training.metrics import MetricsLog, format_eval_line, format_log_line, format_plan_line, micro_batch_size
+from minipeft.training.metrics import MetricsLog, format_eval_line, format_log_line
 from minipeft.training.optimizer import build_optimizer
 from minipeft.training.outcome import divergence_message, failure_message
 from minipeft.training.precision import cast_frozen_weights
-from minipeft.training.prepare import autocast_for, enable_gradient_checkpointing, resolve_precision
+from minipeft.training.plan import plan_lines, plan_run
+from minipeft.training.prepare import autocast_for, enable_gradient_checkpointing
 from minipeft.training.resume_checks import check_position_fits
 from minipeft.training.run_dir import RunDir, open_run_dir, prepare_output_dir
-from minipeft.training.schedule import get_lr, warmup_steps_for
+from minipeft.training.schedule import get_lr
 from minipeft.training.sharding import (adapter_tensors, full_norm, full_optimizer_state, load_full_adapter_state,
                                         load_full_optimizer_state, is_sharded, shard_model)
 from minipeft.training.signals import StopRequest
@@ -95,19 +96,8 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
         with nullcontext() if context.is_sharded else switched_on(model, context.device, config.compile, warn):
             if val_loader is not None and run.state.eval_loss_before is None:
                 evaluate_before_training(run, val_loader)
-            records, tokens = micro_batch_size(train_loader)  # per process; the effective batch multiplies them
-            say(run, format_plan_line(plan.total_steps, plan.steps_per_epoch, records, plan.accumulation,
-                                      context.world_size, tokens, config.learning_rate, config.lr_schedule,
-                                      plan.warmup_steps, plan.precision, context.device))
-            if plan.accumulation > len(train_loader):  # the plan line's records per step are then not reached
-                say(run, f"note: --gradient_accumulation_steps {plan.accumulation:,} is more than the "
-                         f"{len(train_loader):,} micro-batches of an epoch: each optimizer step takes the epoch's "
-                         f"{len(train_loader):,}")
-            if plan.warmup_steps >= plan.total_steps > 0:  # the peak is never reached: say what the run gets
-                peak = config.learning_rate * plan.total_steps / (plan.warmup_steps + 1)
-                say(run, f"note: --warmup_steps {plan.warmup_steps:,} is not shorter than the run's "
-                         f"{plan.total_steps:,} steps: the learning rate never reaches --learning_rate "
-                         f"{config.learning_rate:g} (it ends at {peak:.3g})")
+            for line in plan_lines(plan, config, train_loader, context.world_size, context.device):
+                say(run, line)
             progress = tqdm(total=plan.total_steps, initial=run.state.step, unit="step", dynamic_ncols=True,
                             disable=True if not context.is_main else None)  # None: only on a terminal
             with stop.installed():
@@ -119,20 +109,6 @@ def train(model, train_loader, val_loader, config: TrainingConfig, context: Dist
 
 
 # -- before the first step ----------------------------------------------------------------------------------
-def plan_run(config: TrainingConfig, train_loader, device: torch.device) -> RunPlan:
-    """Steps, schedule and precision of the run (``--eval_every`` defaults to five evaluations per run)."""
-    k = config.gradient_accumulation_steps
-    if len(train_loader) == 0:
-        raise UserError("the training set is empty: no batch to train on")
-    steps_per_epoch = math.ceil(len(train_loader) / k)  # the last window of an epoch may be short
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-    warmup_steps = warmup_steps_for(total_steps, config.warmup_steps, config.warmup_ratio)
-    eval_every = config.eval_every or max(1, total_steps // 5)
-    return RunPlan(accumulation=k, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                   warmup_steps=warmup_steps, eval_every=eval_every, save_every=config.save_every or eval_every,
-                   precision=resolve_precision(config.precision, device))
-
-
 def start_run(model, config: TrainingConfig, plan: RunPlan, context: DistributedContext,
               adapter_metadata: dict) -> TrainingRun:
     """The model on its device in its precision, in training mode; DDP around it or FSDP2 sharding it, then
