@@ -116,7 +116,8 @@ def optimizer_state_to_files(optimizer: torch.optim.Optimizer, parameter_names: 
 def optimizer_state_from_files(optimizer: torch.optim.Optimizer, tensors: dict, values: dict, parameter_names: dict,
                                source: str) -> dict:
     """The ``optimizer.state_dict()`` that :func:`optimizer_state_to_files` wrote (checked against the names)."""
-    names = [parameter_names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    names = [parameter_names[id(parameter)] for parameter in parameters]
     if names != values["parameter_names"]:
         raise UserError(f"{source}: the optimizer state was saved for other trainable parameters "
                         "(another --modification_type or method flags?); resume with the run's own settings")
@@ -127,7 +128,6 @@ def optimizer_state_from_files(optimizer: torch.optim.Optimizer, tensors: dict, 
     for key, value in values["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     for index, entries in state.items():  # another run's moments of other shapes would crash the fused step
         for name, value in entries.items():
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
