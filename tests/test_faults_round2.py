@@ -166,6 +166,7 @@ def test_a_rank_in_an_adapter_config_beyond_the_model_names_the_file(tmp_path, c
     ("generate", ["--output_file", ""], "argument --output_file: an empty name"),
     ("generate", ["--output_file", "newdir/"], "--output_file newdir/: names a folder"),
     ("generate", ["--prompt", " "], "--prompt: empty"),
+    ("data", ["--dataset_path", ""], "--dataset_path '': an empty name"),  # read as ".", called a directory
     ("modify", ["--save_adapter", ""], "argument --save_adapter: an empty name"),
     ("train", ["--output_dir", ""], "argument --output_dir: an empty name"),
     ("compare", ["--val_size", "0"], "argument --val_size: 0 asks for nothing"),
@@ -180,7 +181,7 @@ def test_meaningless_requests_are_refused(command, argv, fragment, tmp_path, cap
     before = digests(tmp_path)
     argv = [arg.format(file=data) for arg in argv]
     extra = {"generate": ["--model", "builtin", "--prompt", "Hi"], "modify": ["--model", "builtin"],
-             "train": ["--max_steps", "2", "--num_threads", "1", "--dataset_path", str(data)], "compare": ["--dataset_path", str(data)]}
+             "train": ["--max_steps", "2", "--num_threads", "1", "--dataset_path", str(data)], "compare": ["--dataset_path", str(data)], "data": ["--no_cache"]}
     try:
         code = cli_main([command, *extra[command], *argv])
     except SystemExit as exit_info:  # argparse's usage errors

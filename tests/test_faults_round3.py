@@ -588,3 +588,11 @@ def test_an_accumulation_longer_than_the_epoch_is_said(tmp_path, capsys):
     assert code == 0, err
     assert ("note: --gradient_accumulation_steps 100,000,000 is more than the 5 micro-batches of an epoch: each "
             "optimizer step takes the epoch's 5") in out + err
+
+
+def test_an_empty_prompts_file_name_is_a_usage_error(capsys):
+    """``--prompts_file ''`` was read as ".", the current folder, and called a directory."""
+    with pytest.raises(SystemExit) as exit_info:
+        in_process(GENERATE, "--prompts_file", "", "--max_new_tokens", "2", capsys=capsys)
+    assert exit_info.value.code == 2
+    assert "argument --prompts_file: an empty name" in capsys.readouterr().err

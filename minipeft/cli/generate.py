@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", type=path_name, default=None, help="adapter directory (any method)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="an instruction (repeat for several)")
-    source.add_argument("--prompts_file", help="prompts, one per line, or a JSON list of strings or "
+    source.add_argument("--prompts_file", type=path_name, help="prompts, one per line, or a JSON list of strings or "
                                                "{\"instruction\", \"input\"} objects")
     parser.add_argument("--input", default="", help="the Alpaca \"input\" field for every --prompt")
     parser.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",

@@ -87,7 +87,8 @@ def positive_int(text: str) -> int:
 
 
 def path_name(text: str) -> str:
-    """argparse ``type=`` for a file or folder to write: an empty name would write nothing, or into ``.``."""
+    """argparse ``type=`` for a file or folder to read or write: an empty name would be ``.``, the current
+    folder (written into, or read as a directory)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty name: give a file or folder name")
     return text

@@ -44,8 +44,6 @@ def max_input_bytes() -> int:
 
 def check_input_file(path, flag: str = "") -> Path:
     """``path`` as a :class:`Path` when it is a regular file within the size limit; else a :class:`UserError`."""
-    if not str(path).strip():  # Path("") is ".", the current folder
-        raise UserError(f"{flag or 'input file'} {str(path)!r}: an empty name; give a file name")
     path = Path(path)
     try:
         info = os.stat(path)  # stat never blocks, even on a FIFO
