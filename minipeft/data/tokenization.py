@@ -186,7 +186,11 @@ def tokenize_records(records, tokenizer, template: str = "alpaca", max_length: i
         cache_path = Path(cache_dir) / f"tokenized-{cache_key(records, tokenizer, template, max_length)}.npz"
         cached = _load_cache(cache_path)
         if cached is not None:
-            return cached
+            problem = cache_problem(cached, len(records), len(tokenizer), max_length)
+            if problem is None:
+                return cached
+            print(f"warning: the tokenization cache {cache_path} {problem}: it was edited or damaged; "
+                  f"tokenizing again and rewriting it", file=sys.stderr)
 
     pairs = [prompt_and_response(record, template, tokenizer) for record in records]
     show = progress and len(records) >= PROGRESS_MIN_RECORDS
@@ -255,6 +259,29 @@ def _load_cache(path: Path) -> TokenizedRecords | None:
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
     return TokenizedRecords(**loaded, cache_path=str(path), from_cache=True)
+
+
+def cache_problem(cached: TokenizedRecords, records: int, vocabulary: int, max_length: int) -> str | None:
+    """What makes a loaded cache file unusable for these records, or None. Its name is a hash of its inputs,
+    not of its content: a file edited (or written by another minipeft) under that name must not reach the
+    embedding with ids beyond the vocabulary or the loss with prompt lengths beyond their records."""
+    ids, offsets, prompts = cached.token_ids, cached.offsets, cached.prompt_lengths
+    if any(array.ndim != 1 for array in (ids, offsets, prompts, cached.truncated, cached.response_cut)):
+        return "holds arrays of another shape"
+    if not (np.issubdtype(ids.dtype, np.integer) and np.issubdtype(offsets.dtype, np.integer)
+            and np.issubdtype(prompts.dtype, np.integer)):
+        return "holds arrays of another type"
+    if len(prompts) != records or len(offsets) != records + 1 or len(cached.truncated) != records \
+            or len(cached.response_cut) != records:
+        return f"holds another number of records than the {records} of the data"
+    lengths = np.diff(offsets)
+    if offsets[0] != 0 or offsets[-1] != len(ids) or (lengths < 1).any() or (lengths > max_length).any():
+        return f"holds record bounds that do not fit its token ids and --max_length {max_length}"
+    if ((prompts < 0) | (prompts > lengths)).any():
+        return "holds prompt lengths beyond their records"
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocabulary):
+        return f"holds token ids outside the tokenizer's vocabulary of {vocabulary}"
+    return None
 
 
 def _save_cache(path: Path, tokenized: TokenizedRecords) -> None:
