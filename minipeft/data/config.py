@@ -108,6 +108,14 @@ class DataConfig:
         if self.dataset_path is not None and not str(self.dataset_path).strip():  # Path("") is "."
             raise UserError(f"--dataset_path {str(self.dataset_path)!r}: an empty name; give a data file, or leave "
                             "the flag out for the built-in data")
+        roles = {"--instruction_column": self.instruction_column, "--input_column": self.input_column,
+                 "--output_column": self.output_column}
+        for flag, column in roles.items():
+            if not str(column).strip():
+                raise UserError(f"{flag} {column!r}: an empty column name")
+            others = [other for other, name in roles.items() if other != flag and name == column]
+            if others:  # one field read as two: the model would be trained to repeat its prompt
+                raise UserError(f"{flag} {column}: the same column as {others[0]}; each role needs its own column")
         if self.max_records is not None and (not isinstance(self.max_records, int) or self.max_records < 1):
             raise UserError(f"--max_records {self.max_records}: must be a positive integer")
         if self.template not in TEMPLATE_CHOICES:

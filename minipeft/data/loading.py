@@ -82,7 +82,7 @@ def load_records(path, instruction_column: str = "instruction", input_column: st
 
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        file_format, rows = "csv", _read_csv(path, raw, separator="\t" if suffix == ".tsv" else ",")
+        file_format, (header, rows) = "csv", _read_csv(path, text, "\t" if suffix == ".tsv" else ",", columns)
     elif suffix in (".jsonl", ".ndjson") or (suffix != ".json" and text.lstrip().startswith("{")):
         file_format, rows = "jsonl", _read_json_lines(path, text)
     elif text.lstrip().startswith("[") or suffix == ".json":
@@ -93,7 +93,8 @@ def load_records(path, instruction_column: str = "instruction", input_column: st
     if not rows:
         kind = "JSON array" if file_format == "json" else file_format.upper()
         raise UserError(f"{path}: holds no records (an empty {kind})")
-    found = sorted({key for _, row in rows if isinstance(row, dict) for key in row})
+    found = sorted(set(header) if file_format == "csv" else
+                   {key for _, row in rows if isinstance(row, dict) for key in row})
     _check_columns(path, found, columns)
     loaded = LoadedRecords(str(path), file_format, found, records=[])
     for where, row in rows:
@@ -142,17 +143,31 @@ def _read_json_lines(path: Path, text: str):
     return rows
 
 
-def _read_csv(path: Path, raw: bytes, separator: str):
-    """Every cell read as text (empty cells stay ``""``, never NaN); rows numbered from 1 after the header."""
-    import pandas as pd
+def _read_csv(path: Path, text: str, separator: str, columns: tuple[str, str, str]):
+    """Every cell read as text; rows numbered from 1 after the header, blank lines skipped.
 
+    A row whose number of fields differs from the header's is a skipped record (its cells cannot be told
+    apart: one comma too many would shift every later column into the wrong field), and a header that names
+    one of ``columns`` twice is refused (which of the two is meant cannot be known)."""
+    import csv
+
+    limit = csv.field_size_limit(max(len(text), csv.field_size_limit()))  # a cell may be as long as the file
     try:
-        frame = pd.read_csv(io.BytesIO(raw), sep=separator, dtype=str, keep_default_na=False,
-                            encoding="utf-8", encoding_errors="surrogateescape")
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, ValueError, UnicodeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path}: not a readable CSV file ({first_line})") from None
-    return [(f"row {number}", row) for number, row in enumerate(frame.to_dict("records"), start=1)]
+        lines = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
+        header = next(lines, [])
+        rows = [row for row in lines if any(cell.strip() for cell in row)]
+    except csv.Error as error:
+        raise UserError(f"{path}: not a readable CSV file ({error})") from None
+    finally:
+        csv.field_size_limit(limit)
+    for column in columns:
+        places = [number for number, name in enumerate(header, start=1) if name == column]
+        if len(places) > 1:
+            raise UserError(f"{path}: the header names column {column!r} {len(places)} times (columns "
+                            f"{', '.join(map(str, places))}); rename all but one")
+    return header, [(f"row {number}", dict(zip(header, row)) if len(row) == len(header) else
+             _Unparsable(f"has {len(row)} fields, the header has {len(header)}"))
+            for number, row in enumerate(rows, start=1)]
 
 
 class _Unparsable:
@@ -163,12 +178,16 @@ class _Unparsable:
 
 
 def _check_columns(path: Path, found: list[str], columns: tuple[str, str, str]) -> None:
-    """The instruction and output columns must exist somewhere (the input column is optional)."""
-    instruction_column, _, output_column = columns
+    """The instruction and output columns must exist somewhere; the input column is optional under its
+    default name ``input`` (many data sets have none), and must exist when named otherwise (a misspelt
+    ``--input_column`` would train without the inputs the user meant)."""
+    instruction_column, input_column, output_column = columns
     flags = {instruction_column: "--instruction_column", output_column: "--output_column"}
+    if input_column != "input":
+        flags[input_column] = "--input_column"
     has_instances = "instances" in found
     for column, flag in flags.items():
-        if column not in found and not (column == output_column and has_instances):
+        if column not in found and not (column != instruction_column and has_instances):  # inside the instances
             shown = ", ".join(found[:10]) or "none"
             raise UserError(f"{path}: no {column!r} column (columns found: {shown}); "
                             f"name the right one with {flag}")
