@@ -98,33 +98,54 @@ def known_template(name, where: str) -> str:
 # --- prompts -------------------------------------------------------------------------------------------------
 
 def read_prompts_file(path) -> list:
-    """Prompts from a file: a JSON list (of strings, or of ``{"instruction", "input"}`` objects), or one
-    prompt per line (blank lines skipped).
+    """Prompts from a file: a JSON list (of strings, or of ``{"instruction", "input"}`` objects), JSON Lines
+    (one such string or object per line: a ``.jsonl``/``.ndjson`` file, or one whose first line is a JSON
+    object), or else one prompt per line (blank lines skipped).
 
     Raises:
-        UserError: naming the file (and the item) when it cannot be read or holds no prompt.
+        UserError: naming the file (and the item or line) when it cannot be read or holds no prompt.
     """
     path = Path(path)
     text = read_input_text(path, "--prompts_file")
+    lines = [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
     if text.lstrip().startswith("["):
         try:
             items = loads_bounded(text)
         except json.JSONDecodeError as error:
             raise UserError(f"--prompts_file {path}: starts with '[' but is not valid JSON ({error})") from None
-        prompts = []
-        for index, item in enumerate(items):
-            if isinstance(item, str):
-                prompts.append(Prompt(item))
-            elif isinstance(item, dict) and isinstance(item.get("instruction"), str):
-                prompts.append(Prompt(item["instruction"], str(item.get("input") or "")))
-            else:
-                raise UserError(f"--prompts_file {path}: item {index} is neither a string nor an object with an "
-                                "\"instruction\" string")
+        prompts = [_prompt_of(item, path, f"item {index}") for index, item in enumerate(items)]
+    elif path.suffix.lower() in (".jsonl", ".ndjson") or (lines and _json_object(lines[0][1])):
+        prompts = []  # JSON Lines: a line of text would otherwise be fed to the model as a prompt, braces and all
+        for number, line in lines:
+            try:
+                item = loads_bounded(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"--prompts_file {path}: line {number} is not valid JSON ({error.msg}); a JSON Lines "
+                                "file holds one JSON string or object per line") from None
+            prompts.append(_prompt_of(item, path, f"line {number}"))
     else:
         prompts = [Prompt(line) for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"--prompts_file {path}: holds no prompt")
     return prompts
+
+
+def _json_object(line: str) -> bool:
+    """Whether ``line`` is a whole JSON object (so the file is JSON Lines, not prompts of plain text)."""
+    try:
+        return isinstance(loads_bounded(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _prompt_of(item, path: Path, where: str) -> Prompt:
+    """The :class:`Prompt` of one JSON item: a string, or an object with an ``instruction`` string."""
+    if isinstance(item, str):
+        return Prompt(item)
+    if isinstance(item, dict) and isinstance(item.get("instruction"), str):
+        return Prompt(item["instruction"], str(item.get("input") or ""))
+    raise UserError(f"--prompts_file {path}: {where} is neither a string nor an object with an \"instruction\" "
+                    "string")
 
 
 def stop_token_ids(tokenizer, model) -> list:
