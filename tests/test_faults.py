@@ -201,7 +201,7 @@ def test_overwrite_output_dir_refuses_a_folder_minipeft_did_not_write(tmp_path, 
     (folder / "metrics.json").write_text('{"mine": 1}')
     before = digests(folder)
     code, _, err = in_process(train_main, *TINY_RUN, "--output_dir", folder, "--overwrite_output_dir", capsys=capsys)
-    one_error(code, err, "not written by minipeft")
+    one_error(code, err, f"--output_dir {folder}: holds best, metrics.json, which minipeft did not write")
     assert digests(folder) == before
 
 
@@ -379,7 +379,8 @@ def test_a_full_disk_leaves_the_previous_output_file_intact(finished_run, tmp_pa
     from minipeft.files.manifest import sidecar_of
     from minipeft.files.safe_files import write_output_file
 
-    answers = write_output_file(tmp_path / "answers.jsonl", '{"old": 1}\n')  # an earlier run's, replaced with --overwrite
+    # an earlier run's, replaced with --overwrite
+    answers = write_output_file(tmp_path / "answers.jsonl", '{"old": 1}\n', "--output_file")
     before = digests(answers, sidecar_of(answers))
 
     def small_files_only():  # a "disk" that takes 200 bytes per file: writes beyond fail with EFBIG

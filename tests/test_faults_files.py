@@ -183,7 +183,7 @@ def test_a_single_file_output_never_replaces_one_file_of_a_folder_minipeft_wrote
                    fragments=[str(config), "part of a folder minipeft wrote"])
     assert "--overwrite or not" in line
     data = adapter / "answers.json"  # a file the user named, written into the same folder: it is replaced
-    write_output_file(data, "[]")
+    write_output_file(data, "[]", "builtin-data")
     assert sidecar_of(data).is_file() and foreign_files(adapter) == []
     assert in_process(BUILTIN_DATA, data, "--overwrite", capsys=capsys)[0] == 0 and data.read_text() != "[]"
 
@@ -259,7 +259,7 @@ def test_a_report_minipeft_wrote_is_replaced_only_with_overwrite(tmp_path):
     with pytest.raises(Exception, match="pass --overwrite"):
         check_output_file(page, "--report", overwrite=False)
     check_output_file(page, "--report", overwrite=True)
-    other = write_output_file(tmp_path / "notes.md", "plain text\n")  # no header: its sidecar says so
+    other = write_output_file(tmp_path / "notes.md", "plain text\n", "--report")  # no header: its sidecar says so
     check_output_file(other, "--report", overwrite=True)
     write_text_atomically(other, "edited\n")
     with pytest.raises(Exception, match="changed since"):

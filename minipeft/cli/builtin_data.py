@@ -12,7 +12,7 @@ from pathlib import Path
 from minipeft.builtin import default_dataset_path
 from minipeft.builtin.tasks import NUM_RECORDS, default_data_text
 from minipeft.cli import CommandLineParser
-from minipeft.core.bounds import path_name
+from minipeft.core.bounds import file_name
 from minipeft.core.errors import UserError
 from minipeft.files.safe_files import check_output_file, write_output_file, write_text_atomically
 
@@ -37,14 +37,14 @@ def write_default_data(path: Path, overwrite: bool = False) -> bool:
         write_text_atomically(path, text)  # minipeft's own file, rebuilt from minipeft/builtin/tasks.py
         return True
     check_output_file(path, "builtin-data", overwrite)
-    write_output_file(path, text)
+    write_output_file(path, text, "builtin-data")
     return True
 
 
 def main(argv=None) -> int:
     parser = CommandLineParser(prog="python -m minipeft builtin-data",
                                description="Write the built-in instruction data set (default_data.json).")
-    parser.add_argument("path", nargs="?", type=path_name, default=str(default_dataset_path()),
+    parser.add_argument("path", nargs="?", type=file_name, default=str(default_dataset_path()),
                         help="where to write it (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing file minipeft wrote (the package's default_data.json included)")

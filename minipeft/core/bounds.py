@@ -92,3 +92,13 @@ def path_name(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty name: give a file or folder name")
     return text
+
+
+def file_name(text: str) -> str:
+    """argparse ``type=`` for a file to write: :func:`path_name`, and no trailing ``/`` (``out/`` names a
+    folder, but ``Path("out/")`` is ``out``: the file would be written under the folder's name)."""
+    text = path_name(text)
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} ends in '/', a folder; give a file name (such as "
+                                         f"{text.rstrip('/' + os.sep) or '.'}/name.ext)")
+    return text

@@ -259,6 +259,22 @@ def wrote_output_file(path) -> bool:
     return False
 
 
+def written_as(path) -> str | None:
+    """The flag an output file minipeft wrote was written as (its sidecar's ``"as"``: ``--report``,
+    ``--output_file``, ``builtin-data``), or None where no sidecar says (a Markdown page told by its header is
+    compare's ``--report``; a sidecar older than the field names none)."""
+    path = Path(path)
+    sidecar = sidecar_of(path)
+    if not sidecar.is_file() or sidecar.is_symlink():
+        return "--report" if path.suffix == ".md" else None
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    kind = record.get("as") if isinstance(record, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def sidecar_of(path) -> Path:
     """``answers.jsonl`` -> ``.answers.jsonl.minipeft``: the record that minipeft wrote a file in a user's folder."""
     path = Path(path)

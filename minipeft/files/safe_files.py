@@ -35,7 +35,7 @@ from minipeft.files.lock import check_unlocked
 from minipeft.files.manifest import (CHANGED, DIRECTORY, MARKER_NAME, NOT_RECORDED, SYMBOLIC_LINK, UNLISTED,
                                      file_identity, forget, foreign_files_and_why, is_older_marker, is_ours,
                                      manifest_text, marker_problem, read_manifest, record_as_ours, sha256_of,
-                                     sidecar_of, wrote_file, wrote_output_file)
+                                     sidecar_of, written_as, wrote_file, wrote_output_file)
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -59,13 +59,14 @@ def write_json_atomically(path, value, sort_keys: bool = False) -> Path:
 
 
 # -- outputs the user names, and directories minipeft replaces ---------------------------------------------------
-def write_output_file(path, text: str) -> Path:
+def write_output_file(path, text: str, flag: str) -> Path:
     """Write a file the user named (``--output_file``, ``--report``) and record that minipeft wrote it in a
     sidecar beside it (:func:`sidecar_of`) holding the file's sha256, so that an edited file is no longer taken
-    for minipeft's (in a directory minipeft owns, its marker records both files as well)."""
+    for minipeft's (in a directory minipeft owns, its marker records both files as well), and the ``flag`` it
+    was written as, so that one command's output never replaces another's (generate's answers a report)."""
     path = write_text_atomically(path, text)
     write_text_atomically(sidecar_of(path), json_text({"written_by": "minipeft", "file": path.name,
-                                                        "sha256": sha256_of(path)}))
+                                                        "sha256": sha256_of(path), "as": flag}))
     return path
 
 
@@ -89,6 +90,10 @@ def check_output_file(path, flag: str, overwrite: bool, inputs: dict = None) -> 
                             + ("is part of a folder minipeft wrote (an adapter, a run, a model)" if part else
                                "minipeft did not write it (or it was changed since)")
                             + "; refusing to replace it, --overwrite or not: choose a new name")
+        kind = written_as(path)
+        if kind is not None and kind != flag:
+            raise UserError(f"{flag_and_path(path, flag)}: already exists and minipeft wrote it as {kind}, another "
+                            "command's output; refusing to replace it, --overwrite or not: choose a new name")
         if not overwrite:
             raise UserError(f"{flag_and_path(path, flag)}: already exists (minipeft wrote it); pass --overwrite to "
                             "replace it, or choose a new name")
