@@ -29,7 +29,8 @@ from pathlib import Path
 from minipeft.core.errors import UserError
 from minipeft.files.atomic import make_directory
 from minipeft.files.lock import OutputLock, check_unlocked
-from minipeft.files.manifest import MARKER_NAME, is_ours, mark_as_ours, marker_problem, record_as_ours
+from minipeft.files.manifest import (MARKER_NAME, is_older_marker, is_ours, mark_as_ours, marker_problem,
+                                     read_manifest, record_as_ours)
 from minipeft.files.safe_files import check_apart, check_ours_to_replace, is_empty_directory, remove_our_directory
 from minipeft.training.checkpoint import ADAPTER_DIR, list_checkpoints, resolve_resume
 from minipeft.training.config import TrainingConfig
@@ -67,6 +68,7 @@ def open_run_dir(config: TrainingConfig, is_main: bool = True, outputs: tuple = 
     try:
         with OutputLock(output_dir, "--output_dir"):  # one run at a time writes into output_dir
             check_output_dir(config, outputs)
+            mark_users_folder(output_dir)
             yield resume_point(config, output_dir)
     except BaseException:
         if created and {path.name for path in output_dir.iterdir()} <= {MARKER_NAME}:
@@ -93,24 +95,39 @@ def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> No
     found = [name for name in outputs if (output_dir / name).exists()]
     if config.resume or not found:
         return
+    recorded = read_manifest(output_dir) or {}
+    foreign = [] if is_older_marker(output_dir) else [name for name in found if name not in recorded]
+    if foreign:  # a file of a run's name that minipeft never wrote here is no earlier run's: the user's own
+        problem = marker_problem(output_dir)
+        raise UserError(f"--output_dir {output_dir}: holds {', '.join(foreign)}, which minipeft did not write"
+                        + (f" ({problem})" if problem else "") + "; a run writes files of these names: choose "
+                        "another --output_dir")
     if not config.overwrite_output_dir:
         if list_checkpoints(output_dir / "checkpoints"):
             raise UserError(f"--output_dir {output_dir}: holds checkpoints of an earlier run; pass --resume latest "
                             "to continue it, --overwrite_output_dir to start over, or another --output_dir")
         raise UserError(f"--output_dir {output_dir}: holds an earlier run's outputs ({', '.join(found)}) and no "
                         "checkpoint to resume; pass --overwrite_output_dir to replace them, or another --output_dir")
-    if not is_ours(output_dir):
-        raise UserError(f"--output_dir {output_dir}: holds {', '.join(found)}, not written by minipeft "
-                        f"({marker_problem(output_dir)}); refusing to replace them: choose another --output_dir")
     for name in found:  # the marker says minipeft made the folder, not that it wrote every file in it
         check_ours_to_replace(output_dir / name, "--output_dir")
 
 
 def prepare_output_dir(output_dir: Path) -> None:
-    """Create ``output_dir``; mark it as minipeft's when it is new or empty (a user's folder stays unmarked)."""
+    """Create ``output_dir``; mark it as minipeft's when it is new or empty (:func:`mark_users_folder` marks a
+    user's folder once the checks have passed)."""
     output_dir = Path(output_dir)
     new = not output_dir.exists() or is_empty_directory(output_dir)
     make_directory(output_dir)
     if new:
         mark_as_ours(output_dir)
         record_as_ours(output_dir / "metrics.jsonl", appended=True)  # appended to: recorded beforehand, by name
+
+
+def mark_users_folder(output_dir: Path) -> None:
+    """Mark a user's folder that already held files before the run writes into it, recording none of them: they
+    stay the user's (nothing replaces or deletes them, :func:`~minipeft.files.safe_files.check_replaceable`),
+    while a later ``--overwrite_output_dir`` can replace the run's own outputs there (it refused: no marker)."""
+    if not is_ours(output_dir):
+        mark_as_ours(output_dir)
+        if not (output_dir / "metrics.jsonl").exists():
+            record_as_ours(output_dir / "metrics.jsonl", appended=True)
