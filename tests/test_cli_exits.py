@@ -142,8 +142,15 @@ def test_an_unknown_command_is_one_line_and_a_closed_pipe_is_quiet():
                            timeout=60, cwd=ROOT)
     assert bogus.returncode == 2 and bogus.stdout == ""
     assert bogus.stderr.splitlines() == [bogus.stderr.strip()] and "unknown command 'bogus'" in bogus.stderr
+    # no command at all was the usage and exit 0 (round four): a usage error, its last line the error
+    bare = subprocess.run([sys.executable, "-m", "minipeft"], env=ENV, capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+    assert bare.returncode == 2 and bare.stdout == "" and "Traceback" not in bare.stderr
+    assert bare.stderr.splitlines()[0].startswith("usage: ")
+    assert bare.stderr.splitlines()[-1].startswith("error: no command given: one of modify, train, ")
+    assert sum(line.startswith("error:") for line in bare.stderr.splitlines()) == 1
     # the usage into a reader that leaves after one line (``| head -1``): no traceback, 141 as for SIGPIPE
-    process = subprocess.Popen([sys.executable, "-m", "minipeft"], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "minipeft", "--help"], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
     process.stdout.close()
     err = process.stderr.read().decode()

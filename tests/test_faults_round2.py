@@ -164,7 +164,12 @@ def test_a_rank_in_an_adapter_config_beyond_the_model_names_the_file(tmp_path, c
     ("generate", ["--max_new_tokens", "-1"], "--max_new_tokens -1: asks for no new token"),
     ("generate", ["--do_sample", "--top_k", "0"], "--top_k 0: keeps no token to sample from"),
     ("generate", ["--output_file", ""], "argument --output_file: an empty name"),
-    ("generate", ["--output_file", "newdir/"], "--output_file newdir/: names a folder"),
+    ("generate", ["--output_file", "newdir/"], "argument --output_file: 'newdir/' ends in '/', a folder"),
+    ("compare", ["--report", "newdir/"], "argument --report: 'newdir/' ends in '/', a folder"),
+    ("builtin-data", ["newdir/"], "argument path: 'newdir/' ends in '/', a folder"),  # wrote a file named newdir
+    ("generate", ["--do_sample", "--temperature", "0"], "--temperature must be positive when sampling"),
+    ("generate", ["--do_sample", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    ("generate", ["--batch_size", "0"], "--batch_size must be a positive integer, got 0"),
     ("generate", ["--prompt", " "], "--prompt: empty"),
     ("data", ["--dataset_path", ""], "--dataset_path '': an empty name"),  # read as ".", called a directory
     ("modify", ["--save_adapter", ""], "argument --save_adapter: an empty name"),
@@ -181,13 +186,15 @@ def test_meaningless_requests_are_refused(command, argv, fragment, tmp_path, cap
     before = digests(tmp_path)
     argv = [arg.format(file=data) for arg in argv]
     extra = {"generate": ["--model", "builtin", "--prompt", "Hi"], "modify": ["--model", "builtin"],
-             "train": ["--max_steps", "2", "--num_threads", "1", "--dataset_path", str(data)], "compare": ["--dataset_path", str(data)], "data": ["--no_cache"]}
+             "train": ["--max_steps", "2", "--num_threads", "1", "--dataset_path", str(data)], "compare": ["--dataset_path", str(data)], "data": ["--no_cache"],
+             "builtin-data": []}
     try:
         code = cli_main([command, *extra[command], *argv])
     except SystemExit as exit_info:  # argparse's usage errors
         code = exit_info.code
     out, err = capsys.readouterr()
     one_error(code, err, fragment)
+    assert "model:" not in err  # refused before loading: nothing printed before the error line (round four)
     assert digests(tmp_path) == before and sorted(path.name for path in tmp_path.iterdir()) == ["data.json"]
 
 
@@ -509,7 +516,9 @@ def tokenizer_needing_tiktoken(directory: Path) -> None:
     (one_weight_nan, "model.safetensors", ["tensor transformer.h.1.mlp.c_fc.weight: holds NaN or infinity"]),
     (cut_in_half, "model.safetensors", ["ends inside tensor", "the file is truncated"]),
     (header_shape_lies, "model.safetensors", ["its header gives", "bytes for shape [1, 2]", "the file is damaged"]),
-    (tokenizer_needing_tiktoken, "tokenizer_config.json", ["the tokenizer does not load"]),
+    (tokenizer_needing_tiktoken, "", ["the tokenizer (tokenizer_config.json, tokenizer.model) does not load"]),
+    (lambda directory: (directory / "tokenizer_config.json").write_text("[1, 2]"), "tokenizer_config.json",
+     ["holds a JSON array, not the object a tokenizer file is"]),  # was blamed on tokenizer.json (round four)
 ])
 def test_a_model_directory_that_cannot_work_is_refused_naming_the_file(change, where, fragments, tmp_path, capsys):
     model = model_copy(tmp_path, change)

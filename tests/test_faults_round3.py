@@ -357,7 +357,7 @@ def test_data_pipeline_names_a_tokenizer_that_does_not_load(tmp_path, capsys):
     (model / "tokenizer.json").write_text("{}")
     code, _, err = in_process(data_main, "--model", model, "--num_samples", "1", "--no_cache",
                               capsys=capsys)  # was KeyError: 'added_tokens'
-    one_error(code, err, f"--model {model / 'tokenizer.json'}: the tokenizer does not load")
+    one_error(code, err, f"--model {model}: the tokenizer (tokenizer.json, tokenizer_config.json) does not load")
 
 
 @pytest.mark.parametrize("flags, fragment", [

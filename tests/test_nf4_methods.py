@@ -55,7 +55,7 @@ def test_every_method_works_on_nf4_or_is_refused_before_loading(tiny_inputs, tmp
         return
     assert run(train_main, train_args(tiny_inputs, output_dir, method)) == 0
     out = capsys.readouterr().out
-    assert "Quantized 8 linear layers to NF4" in out and "Trained 1 steps" in out
+    assert "Quantized 8 linear layers to NF4" in out and "Trained 1 step in" in out
     config = json.loads((output_dir / "adapter" / "adapter_config.json").read_text())
     assert config["minipeft"]["quantization"]["quantize"] == "nf4"
     assert (output_dir / "adapter" / "adapter_model.safetensors").stat().st_size > 0

@@ -116,6 +116,9 @@ def main(argv=None, leaving: bool = False) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         lines = ["usage: python -m minipeft <command> [options]", "", "commands:"]
         lines += [f"  {name:<13} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+        if not argv:  # no command is a usage error, as argparse's own: the usage, then one line, exit 2
+            print("\n".join([*lines, "error: no command given: one of " + ", ".join(COMMANDS)]), file=sys.stderr)
+            return EXIT_USER_ERROR
         try:
             print("\n".join(lines), flush=True)
         except BrokenPipeError:

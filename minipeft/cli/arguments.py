@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
 from minipeft.core.layers import num_hidden_layers, parse_layer_spec
-from minipeft.core.options import flag_names
+from minipeft.core.options import flag_names, module_names
+from minipeft.loading.models import local_model_path
+from minipeft.loading.streaming import base_model_on_meta
 from minipeft.methods import METHODS
 from minipeft.model.adapter_files import read_adapter_config
 from minipeft.quantization.nf4 import QUANTIZE_CHOICES
@@ -183,6 +185,8 @@ def config_from_args(args, model=None, tokenizer=None):
         else:
             parse = field.metadata["parse"]
             given[field_name] = parse(value) if parse else value
+            if parse is module_names and not given[field_name]:  # " , " or "re:": no name, not the method's default
+                raise UserError(f"{flag.flag} {value!r}: names no module; give module names or leave the flag out")
         if field.metadata.get("layer_spec"):  # "0-5,-1" -> [0, 1, 2, 3, 4, 5, 29]: needs the model's block count
             given[field_name] = parse_layer_spec(given[field_name], num_hidden_layers(model), flag.flag)
     given.update(method.variant_settings)  # DoRA: LoRA's config with use_dora=True, as peft records it
@@ -191,3 +195,24 @@ def config_from_args(args, model=None, tokenizer=None):
     if model is not None and hasattr(config, "check_model"):  # sizes against the model, before allocating
         config.check_model(model, flag_names(config_class))
     return config
+
+
+def check_method_flags_early(args) -> None:
+    """:func:`config_from_args` on the model built on the meta device from its config alone
+    (:func:`~minipeft.loading.streaming.base_model_on_meta`: shapes, no weight read), so that a flag that cannot
+    work (``--lora_alpha 0``, a layer the model lacks) ends the command at once, before minutes of loading and
+    the loader's progress bar. The full check runs again on the loaded model: what cannot be checked on the
+    meta device (an initialisation that reads weights) is left to it."""
+    if local_model_path(args.model) is None:  # a hub id: its config would be fetched twice (the network is slow)
+        return
+    try:
+        skeleton, tokenizer = base_model_on_meta(args.model)
+    except Exception:  # a model that does not build: the real load names what is wrong, in its own words
+        return
+    try:
+        config_from_args(args, skeleton, tokenizer)
+    except UserError:
+        raise
+    except Exception:  # a check that needs real weights: the check after loading makes it
+        return
+

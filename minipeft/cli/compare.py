@@ -36,15 +36,16 @@ import argparse
 import json
 import random
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
-from minipeft.cli import CommandLineParser
+from minipeft.cli import EXIT_TERMINATED, CommandLineParser
 from minipeft.cli.arguments import add_method_flags, unusable_flag
 from minipeft.cli.compare_method import MethodInterrupted, answer, compare_method, method_config
 from minipeft.cli.compare_report import describe_machine, markdown_report, markdown_table, plot_comparison
-from minipeft.core.bounds import model_positions, path_name, positive_int, seed_number
+from minipeft.core.bounds import file_name, model_positions, path_name, positive_int, seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
 from minipeft.data import build_dataloaders, DataConfig, load_records, resolve_dataset_path
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="held-out instructions answered before and after training (default 3; 0: none)")
     parser.add_argument("--generation_tokens", type=int, default=48,
                         help="most new tokens per answer (default 48)")
-    parser.add_argument("--report", type=path_name, default=None,
+    parser.add_argument("--report", type=file_name, default=None,
                         help="write the whole comparison as a Markdown page here (default: report.md in --output_dir)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier comparison's outputs (in --output_dir, and --report): only files "
@@ -273,10 +274,15 @@ def compare(args, methods: list, learning_rates: dict, device, output_dir: Path,
         try:
             row = compare_method(name, base_model, tokenizer, (train_loader, val_loader), args, template,
                                  learning_rates[name], device, speed_prompt, prompts)
-        except MethodInterrupted as stop:  # the finished methods' table, page and adapters stay as written
-            print(f"interrupted while training {stop.method}: {output_dir} holds the {len(rows)} finished "
-                  f"method(s)", file=sys.stderr)
-            return 128 + stop.signal_number  # 130 after Ctrl-C, 143 after SIGTERM, as train_llm.py
+        except (MethodInterrupted, KeyboardInterrupt, SystemExit) as stop:  # a signal in training, or around it
+            if isinstance(stop, SystemExit) and stop.code != EXIT_TERMINATED:
+                raise
+            number = getattr(stop, "signal_number", signal.SIGINT if isinstance(stop, KeyboardInterrupt) else
+                             signal.SIGTERM)
+            done = ", ".join(row["method"] for row in rows) if rows else "none"  # their table, page and adapters
+            print(f"interrupted while training {name} (left out of the table); the table and adapters in "
+                  f"{output_dir} hold the methods finished before it: {done}", file=sys.stderr)
+            return 128 + number  # 130 after Ctrl-C, 143 after SIGTERM, as train_llm.py
         rows.append(row)
         table = markdown_table(rows)  # rewritten after every method: a long run shows progress on disk
         write_text_atomically(output_dir / "comparison.md", table + "\n")
@@ -292,7 +298,7 @@ def compare(args, methods: list, learning_rates: dict, device, output_dir: Path,
                   "prompts": [{"instruction": record.instruction, "input": record.input, "reference": record.output,
                                "base_reply": reply} for record, reply in zip(held_out, base_replies)]}
         write_json_atomically(output_dir / "comparison.json", nonfinite_to_none(result))
-        write_output_file(report_path, markdown_report(result))  # recorded as minipeft's (see check_outputs)
+        write_output_file(report_path, markdown_report(result), "--report")  # recorded as minipeft's (see check_outputs)
     plot = plot_comparison(rows, output_dir / "comparison.png")
     print("\n" + table)
     print(f"\nwrote {output_dir / 'comparison.md'}, {output_dir / 'comparison.json'}, {report_path}"

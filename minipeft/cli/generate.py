@@ -11,15 +11,15 @@ docstring for what it does, in order).
 
 import argparse
 import json
-import os
 import sys
 
 import torch
 
 from minipeft.cli import CommandLineParser
 from minipeft.cli.arguments import add_quantize_arguments, check_quantize_arguments, resolve_quantize
-from minipeft.core.bounds import path_name, seed_number
+from minipeft.core.bounds import file_name, path_name, seed_number
 from minipeft.core.errors import UserError
+from minipeft.core.generation import check_generation_settings
 from minipeft.core.finite import finite_float
 from minipeft.loading.models import local_model_path, resolve_device
 from minipeft.files.safe_files import check_output_file, write_output_file
@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", type=path_name, default=None, help="adapter directory (any method)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="an instruction (repeat for several)")
-    source.add_argument("--prompts_file", type=path_name, help="prompts, one per line, or a JSON list of strings or "
-                                               "{\"instruction\", \"input\"} objects")
+    source.add_argument("--prompts_file", type=path_name, help="prompts, one per line, or a JSON list (or JSON "
+                                               "Lines) of strings or {\"instruction\", \"input\"} objects")
     parser.add_argument("--input", default="", help="the Alpaca \"input\" field for every --prompt")
     parser.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
                         help="prompt template; auto: the adapter's, else the tokenizer's chat template when it "
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=seed_number, default=None, help="seed for sampling")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per batch (default 8)")
     parser.add_argument("--no_stream", action="store_true", help="do not stream a single prompt's reply")
-    parser.add_argument("--output_file", type=path_name, default=None,
+    parser.add_argument("--output_file", type=file_name, default=None,
                         help="also write one JSON object per prompt (JSONL); an existing file only with --overwrite")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --output_file if minipeft wrote it (its .NAME.minipeft record) and it is unchanged")
@@ -74,20 +74,22 @@ def check_sampling_flags(args) -> None:
                         "(greedy decoding is the default)")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top_k {args.top_k}: keeps no token to sample from; give k >= 1, or leave --top_k out")
+    check_generation_settings(args.max_new_tokens, args.do_sample,  # what generation checks: before loading
+                              1.0 if args.temperature is None else args.temperature, args.top_k or 0,
+                              1.0 if args.top_p is None else args.top_p)
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be a positive integer, got {args.batch_size!r}")
 
 
 def main(argv=None) -> int:
     from transformers.utils import logging as transformers_logging
 
     args = build_parser().parse_args(argv)
-    check_sampling_flags(args)
     if args.max_new_tokens < 1:  # before the model loads
         raise UserError(f"--max_new_tokens {args.max_new_tokens}: asks for no new token; give 1 or more")
+    check_sampling_flags(args)
     if args.prompt and not all(text.strip() for text in args.prompt):
         raise UserError("--prompt: empty; give an instruction")
-    if args.output_file and args.output_file.endswith(("/", os.sep)):
-        raise UserError(f"--output_file {args.output_file}: names a folder; give a file name (one JSON object per "
-                        "prompt is written into it)")
     if args.input and not args.prompt:
         raise UserError("--input goes with --prompt; in --prompts_file give {\"instruction\", \"input\"} objects")
     prompts = ([Prompt(text, args.input) for text in args.prompt] if args.prompt
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
         rows = [{"instruction": prompt.instruction, "input": prompt.input, "response": text, "new_tokens": count}
                 for prompt, text, count in zip(prompts, result.texts, result.new_tokens)]
         write_output_file(args.output_file, "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
-                                                    for row in rows))  # JSON Lines
+                                                    for row in rows), "--output_file")  # JSON Lines
     print(f"generated {sum(result.new_tokens)} tokens for {len(prompts)} prompt(s) in {result.seconds:.2f} s "
           f"({result.tokens_per_second:.1f} tokens/s)", file=sys.stderr)
     return 0

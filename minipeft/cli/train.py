@@ -27,7 +27,7 @@ import torch
 
 from minipeft.cli import CommandLineParser
 from minipeft.cli.arguments import (add_method_arguments, add_quantize_arguments, check_quantize_arguments,
-                                    config_from_args)
+                                    check_method_flags_early, config_from_args)
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
 from minipeft.data import build_dataloaders
@@ -109,6 +109,11 @@ def warn_about_changed_settings(output_dir: Path, current: dict) -> None:
     changed = [f"--{key} {current[key]} (was {before[key]})" for key in differs if key not in RESUMABLE_CHANGES]
     if changed:
         print("note: resuming with settings that differ from the original run's: " + ", ".join(changed))
+    length = [f"--{key} {current[key]} (was {before[key]})" for key in ("max_steps", "epochs") if key in differs]
+    if length and (current.get("lr_schedule") != "constant" or current.get("warmup_ratio") is not None):
+        print(f"note: resuming with {', '.join(length)}: the {current.get('lr_schedule')} learning-rate schedule "
+              "is planned over the new length from the checkpoint on, so its later steps follow another curve "
+              "than the steps before (a run of the new length from the start would differ)")
     if "eval_max_batches" in before and current.get("eval_max_batches") != before["eval_max_batches"]:
         print(f"warning: --eval_max_batches {current.get('eval_max_batches')} (was {before['eval_max_batches']}): "
               "from here on the eval loss is measured on another set of batches than the eval loss before "
@@ -160,11 +165,21 @@ def main(argv=None) -> int:
         inputs = {"--dataset_path": data_config.dataset_path,
                   "--model": local_model_path(args.model)}
         check_cache_outside(data_config.cache_dir, config.output_dir)
+        if data_config.val_size == 0:  # (a split that leaves no record for validation is found after it)
+            check_needs_validation(config, "--val_size 0")
+        check_method_flags_early(args)  # before the output folder and minutes of loading
         # checked, created, locked and --resume resolved now, before minutes of loading (training/run_dir.py)
         with open_run_dir(config, context.is_main, RUN_OUTPUTS + CLI_OUTPUTS, inputs) as run_dir:
             return train_and_report(args, config, data_config, context, run_dir)
     finally:
         shutdown_distributed()
+
+
+def check_needs_validation(config: TrainingConfig, why: str) -> None:
+    """A flag that acts on the validation set, in a run without one (``why``), would silently do nothing."""
+    for flag in ("early_stopping_patience", "eval_every", "eval_max_batches"):
+        if getattr(config, flag):
+            raise UserError(f"--{flag} needs a validation set, and this run has none ({why})")
 
 
 def check_cache_outside(cache_dir, output_dir) -> None:
@@ -228,10 +243,9 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
     train_loader, val_loader, report = build_dataloaders(data_config, tokenizer, context.rank, context.world_size,
                                                          progress=context.is_main)
     say("\n".join(report.summary_lines()))
-    if val_loader is None:  # a flag that would silently do nothing is an error
-        for flag in ("early_stopping_patience", "eval_every", "eval_max_batches"):
-            if getattr(config, flag):
-                raise UserError(f"--{flag} needs a validation set, and this run has none (--val_size 0)")
+    if val_loader is None:
+        count = report.records_loaded
+        check_needs_validation(config, f"--val_size {data_config.val_size} of {count:,} record{'s' * (count != 1)}")
     torch.manual_seed(config.seed + context.rank)  # dropout: its own random stream on each process
 
     # 3) the settings, before training (a crashed run still says what it was)

@@ -154,12 +154,25 @@ def check_tokenizer(directory: Path) -> None:
         return
     from transformers import AutoTokenizer
 
+    for name in [name for name in present if name.endswith(".json")] + ["special_tokens_map.json"]:
+        path = directory / name  # which file is wrong, named before transformers trips over it somewhere
+        if path.is_file():
+            try:
+                value = loads_bounded(read_input_text(path, "--model"))
+            except ValueError as error:
+                raise UserError(f"--model {path}: not valid JSON ({error}); save the tokenizer again with "
+                                "tokenizer.save_pretrained") from None
+            if not isinstance(value, dict):
+                kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+                raise UserError(f"--model {path}: holds a JSON {kind}, not the object a tokenizer "
+                                "file is; save the tokenizer again with tokenizer.save_pretrained")
     try:
         AutoTokenizer.from_pretrained(directory)
     except (ValueError, OSError, ImportError, TypeError, KeyError, AttributeError, RuntimeError) as error:
         first_line = (str(error).splitlines() or [type(error).__name__])[0]
-        raise UserError(f"--model {directory / present[0]}: the tokenizer does not load ({first_line[:200]}); "
-                        "install what it names, or save the tokenizer again with tokenizer.save_pretrained") from None
+        raise UserError(f"--model {directory}: the tokenizer ({', '.join(present)}) does not load "
+                        f"({first_line[:200]}); install what it names, or save the tokenizer again with "
+                        "tokenizer.save_pretrained") from None
 
 
 def all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:

@@ -99,7 +99,7 @@ def summary_lines(summary: dict, result: TrainResult, method: str, learning_rate
                      f"({change:+.1%}); perplexity {state.eval_perplexity_before:.2f} -> {state.eval_perplexity:.2f}")
         if abs(change) < LOW_CHANGE:
             lines.append(low_change_hint(method, learning_rate))
-    lines.append(f"Trained {state.step} steps in {state.train_seconds:.1f} s "
+    lines.append(f"Trained {state.step} step{'s' * (state.step != 1)} in {state.train_seconds:.1f} s "
                  f"({significant(summary['train_tokens_per_s'] or 0)} tokens/s); generation "
                  f"{significant(summary['inference_tokens_per_s'])} tokens/s; "
                  f"peak memory {summary['peak_memory_mb']:,.0f} MB")
