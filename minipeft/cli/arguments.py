@@ -10,13 +10,16 @@ it. A flag of one method given with another method is an error, never silently i
 import dataclasses
 import typing
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
 from minipeft.core.layers import num_hidden_layers, parse_layer_spec
 from minipeft.core.options import flag_names, module_names
-from minipeft.loading.models import local_model_path
-from minipeft.loading.streaming import base_model_on_meta
+from minipeft.loading.checkpoint_dir import build_on_meta
+from minipeft.loading.models import local_model_path, local_tokenizer
 from minipeft.methods import METHODS
 from minipeft.model.adapter_files import read_adapter_config
 from minipeft.quantization.nf4 import QUANTIZE_CHOICES
@@ -198,15 +201,19 @@ def config_from_args(args, model=None, tokenizer=None):
 
 
 def check_method_flags_early(args) -> None:
-    """:func:`config_from_args` on the model built on the meta device from its config alone
-    (:func:`~minipeft.loading.streaming.base_model_on_meta`: shapes, no weight read), so that a flag that cannot
+    """:func:`config_from_args` on the model built on the meta device from its ``config.json`` alone
+    (:func:`~minipeft.loading.checkpoint_dir.build_on_meta`: shapes, no weight read), so that a flag that cannot
     work (``--lora_alpha 0``, a layer the model lacks) ends the command at once, before minutes of loading and
-    the loader's progress bar. The full check runs again on the loaded model: what cannot be checked on the
-    meta device (an initialisation that reads weights) is left to it."""
-    if local_model_path(args.model) is None:  # a hub id: its config would be fetched twice (the network is slow)
+    the loader's progress bar. Only for a model in a folder here (the built-in one, SmolLM2 once converted, a
+    checkpoint directory): a hub id's config would be fetched twice. The full check runs again on the loaded
+    model, and what cannot be checked on the meta device (an initialisation that reads weights) is left to it."""
+    folder = local_model_path(args.model)
+    if folder is None or not (Path(folder) / "config.json").is_file():
         return
     try:
-        skeleton, tokenizer = base_model_on_meta(args.model)
+        with torch.device("meta"):
+            skeleton = build_on_meta(Path(folder), torch.float32)
+        tokenizer = local_tokenizer(folder)
     except Exception:  # a model that does not build: the real load names what is wrong, in its own words
         return
     try:
@@ -215,4 +222,3 @@ def check_method_flags_early(args) -> None:
         raise
     except Exception:  # a check that needs real weights: the check after loading makes it
         return
-
