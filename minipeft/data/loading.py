@@ -166,7 +166,7 @@ def _read_csv(path: Path, text: str, separator: str, columns: tuple[str, str, st
             raise UserError(f"{path}: the header names column {column!r} {len(places)} times (columns "
                             f"{', '.join(map(str, places))}); rename all but one")
     return header, [(f"row {number}", dict(zip(header, row)) if len(row) == len(header) else
-             _Unparsable(f"has {len(row)} fields, the header has {len(header)}"))
+             _Unparsable(f"has {len(row)} field{'s' * (len(row) != 1)}, the header has {len(header)}"))
             for number, row in enumerate(rows, start=1)]
 
 
