@@ -53,8 +53,8 @@ from minipeft.data.tokenization import encode_prompt
 from minipeft.files.atomic import make_directory
 from minipeft.files.lock import check_unlocked, OutputLock
 from minipeft.files.manifest import is_ours, mark_as_ours, marker_problem
-from minipeft.files.safe_files import (check_apart, check_ours_to_replace, check_output_file, is_empty_directory,
-                                       write_json_atomically, write_output_file, write_text_atomically)
+from minipeft.files.safe_files import (check_apart, check_not_a_part, check_ours_to_replace, check_output_file,
+                                       is_empty_directory, write_json_atomically, write_output_file, write_text_atomically)
 from minipeft.inference.prompts import Prompt, resolve_template
 from minipeft.loading.models import load_model_and_tokenizer, resolve_device
 from minipeft.methods import METHODS
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(prog="python -m minipeft compare",
                                      description="Train several PEFT methods on the same model, data and budget "
                                                  "and write a comparison table (Markdown, JSON) and plot.")
-    parser.add_argument("--model", default="builtin", help="builtin | smollm2-135m | ... (default: builtin)")
+    parser.add_argument("--model", type=path_name, default="builtin", help="builtin | smollm2-135m | ... (default: builtin)")
     parser.add_argument("--dataset_path", default=None, help="Alpaca records (default: the built-in data set)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma list of methods, or all ({','.join(METHODS)}) "
@@ -179,9 +179,16 @@ def check_outputs(args, methods: list, report_path: Path) -> None:
         raise UserError(f"--output_dir {output_dir}: is a file, expected a directory")
     if output_dir.is_dir():
         check_unlocked(output_dir, "--output_dir")
+    check_unlocked(output_dir.parent, "--output_dir", output_dir)  # a new folder inside a running run's
+    check_not_a_part(output_dir, "--output_dir")  # a run's checkpoints/, another comparison's method
     if output_dir.is_dir() and not is_empty_directory(output_dir) and not is_ours(output_dir):
         raise UserError(f"--output_dir {output_dir}: holds files minipeft did not write "
                         f"({marker_problem(output_dir)}); refusing to write into it: choose another --output_dir")
+    other = [name for name in ("train_config.json", "adapter_config.json", "config.json", "trainer_state.json")
+             if (output_dir / name).exists()]
+    if other:  # minipeft's, but another kind of output: a comparison would mix with it
+        raise UserError(f"--output_dir {output_dir}: holds {other[0]}, a training run's, an adapter's or a model's "
+                        "folder, not a comparison's: choose another --output_dir")
     inside = report_path.parent.resolve() == output_dir.resolve()
     names = [*COMPARE_OUTPUTS, *methods, *([report_path.name] if inside else [])]
     found = [name for name in names if (output_dir / name).exists() or (output_dir / name).is_symlink()]

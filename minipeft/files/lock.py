@@ -121,3 +121,16 @@ def check_unlocked(directory, flag: str = "", named=None, own_lock_ok: bool = Fa
         raise UserError(f"{flag_and_path(named, flag)}: lies in {directory}, which another minipeft process (pid "
                         f"{pid} on {host}) is writing into; wait for it to finish, or choose another place (if no "
                         f"such process runs, delete {lock.path})") from None
+
+
+def holds_lock_above(path) -> bool:
+    """True when this process holds the :class:`OutputLock` of a folder that ``path`` lies in: ``path`` is then
+    part of the output this process is writing (a run's ``adapter/`` or ``checkpoints/step-N``, a method's run
+    inside compare's folder), not an output of its own that the user named inside another one."""
+    me = (os.getpid(), socket.gethostname())
+    for folder in Path(os.path.abspath(path)).parents:
+        lock = OutputLock(folder)
+        if lock.path.is_file() and not lock.path.is_symlink() and lock._owner() == me:
+            return True
+    return False
+

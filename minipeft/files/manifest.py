@@ -22,7 +22,7 @@ from pathlib import Path
 from minipeft.core.errors import UserError
 from minipeft.files.atomic import json_text, replace_file
 from minipeft.files.input_files import read_input_text
-from minipeft.files.lock import LOCK_NAME
+from minipeft.files.lock import LOCK_NAME, holds_lock_above
 
 MARKER_NAME = ".minipeft"  # in every directory minipeft writes: "this one may be replaced by minipeft"
 # A Markdown page minipeft writes starts with this comment (``compare --report``); it counts as minipeft's mark.
@@ -141,11 +141,21 @@ def _write_manifest(directory, manifest: dict) -> None:
 
 def mark_as_ours(directory) -> None:
     """Put the marker into ``directory`` (a directory minipeft created), and record the directory in its
-    parent's marker when the parent is minipeft's too."""
+    parent's marker when the parent is minipeft's too and the directory is part of it (:func:`record_as_part`)."""
     directory = Path(directory)
     if not is_ours(directory):
         _write_manifest(directory, {})
-    record_as_ours(directory)
+    record_as_part(directory)
+
+
+def record_as_part(directory) -> None:
+    """Record a directory minipeft wrote in its parent's marker only when it is a part of the output this process
+    is writing there (:func:`~minipeft.files.lock.holds_lock_above`: a run's ``adapter/``, a checkpoint) or was
+    recorded so before. An output the user named inside another one (``merge --out MODEL/inner``) stays unrecorded
+    there: replacing the outer output later then stops on it, instead of deleting it with the rest."""
+    directory = Path(directory)
+    if holds_lock_above(directory) or directory.name in (read_manifest(directory.parent) or {}):
+        record_as_ours(directory)
 
 
 def record_as_ours(path, appended: bool = False) -> None:

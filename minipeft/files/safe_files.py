@@ -31,11 +31,11 @@ from minipeft.core.errors import UserError
 from minipeft.files.atomic import (cannot_write, fsync_path, is_write_failure, json_text, make_directory,
                                    replace_file, usual_mode)
 from minipeft.files.input_files import flag_and_path
-from minipeft.files.lock import check_unlocked
+from minipeft.files.lock import check_unlocked, holds_lock_above
 from minipeft.files.manifest import (CHANGED, DIRECTORY, MARKER_NAME, NOT_RECORDED, SYMBOLIC_LINK, UNLISTED,
                                      file_identity, forget, foreign_files_and_why, is_older_marker, is_ours,
-                                     manifest_text, marker_problem, read_manifest, record_as_ours, sha256_of,
-                                     sidecar_of, written_as, wrote_file, wrote_output_file)
+                                     manifest_text, marker_problem, read_manifest, record_as_ours, record_as_part,
+                                     sha256_of, sidecar_of, written_as, wrote_file, wrote_output_file)
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -149,11 +149,26 @@ def check_ours_to_replace(path, flag: str = "") -> None:
         raise _not_ours(path.parent, flag, path, why)
 
 
+def check_not_a_part(path, flag: str) -> None:
+    """Refuse an output folder the user named that is a part of another output minipeft wrote (its parent's
+    marker records it: a run's ``adapter/`` or ``checkpoints/``, a method's run inside compare's folder), unless
+    this process writes that output: the two would mix, and replacing the other output would take this one along."""
+    path = Path(path)
+    if path.name in (read_manifest(path.parent) or {}) and (path.is_dir() or not path.exists()) \
+            and not holds_lock_above(path):
+        raise UserError(f"{flag_and_path(path, flag)}: is part of {path.parent}, an output minipeft wrote (its "
+                        f"{MARKER_NAME} records it); a new output there would mix with it: choose a folder outside it")
+
+
 def check_output_directory(path, flag: str, overwrite: bool) -> Path:
     """The rule for an output directory that is written whole (``merge --out``, ``pretrain --output_dir``): a
     new or empty one is written; an existing one is replaced only with ``overwrite`` and only when
     :func:`check_replaceable` accepts it; never inside a directory a running minipeft process holds."""
     path = Path(path)
+    check_not_a_part(path, flag)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):  # --overwrite would not help: say so first
+        what = "a symbolic link" if path.is_symlink() else "a file"
+        raise UserError(f"{flag_and_path(path, flag)}: is {what}, not a directory; choose a directory name")
     if (path.exists() or path.is_symlink()) and not is_empty_directory(path):
         if not overwrite:
             raise UserError(f"{flag_and_path(path, flag)}: already exists; choose another directory or pass "
@@ -254,7 +269,7 @@ def write_directory_atomically(final, write, flag: str = "") -> Path:
         raise
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
-    record_as_ours(final)
+    record_as_part(final)
     return final
 
 

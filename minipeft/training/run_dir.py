@@ -93,7 +93,12 @@ def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> No
     """A new run does not silently replace an earlier run's ``outputs``, and never files minipeft did not write."""
     output_dir = Path(config.output_dir)
     found = [name for name in outputs if (output_dir / name).exists()]
-    if config.resume or not found:
+    if config.resume:  # the run's files it rewrites must still be as it wrote them (its log is cut to the step)
+        for name in found:
+            if name not in ("checkpoints", "metrics.jsonl"):  # (read and checked by the resume itself)
+                check_ours_to_replace(output_dir / name, "--resume")
+        return
+    if not found:
         return
     recorded = read_manifest(output_dir) or {}
     foreign = [] if is_older_marker(output_dir) else [name for name in found if name not in recorded]
