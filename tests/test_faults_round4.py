@@ -265,3 +265,130 @@ def test_sigterm_during_compares_second_method_keeps_the_first_and_exits_143(tmp
     table = (out / "comparison.md").read_text()
     assert "| lora |" in table and "| ia3 |" not in table
     assert (out / "lora" / "adapter" / "adapter_config.json").is_file()
+
+
+# -- found in round five (545 commands at d9557e8) ---------------------------------------------------------------
+@pytest.mark.parametrize("name", ["train_config.json", "metrics.json"])
+def test_a_resume_never_replaces_a_run_file_the_user_edited(name, tmp_path, capsys):
+    """``--resume latest`` rewrote an edited ``train_config.json`` / ``metrics.json``, exit 0 (``--overwrite_output_dir``
+    already refused): the resume checks the run's own files before it writes."""
+    from minipeft.cli.train import main as train_main
+
+    out = tmp_path / "out"
+    data = write_records(tmp_path / "data.json", records(12))
+    assert train("--dataset_path", data, "--no_cache", "--max_steps", "2", "--save_every", "1", "--output_dir", out,
+                 capsys=capsys)[0] == 0
+    (out / name).write_text('{"mine": 1}\n')
+    before = digests(out)
+    code, _, err = in_process(train_main, "--output_dir", out, "--resume", "latest", "--max_steps", "3",
+                              capsys=capsys)
+    one_error(code, err, f"--resume {out}: holds {out / name}, which was changed after minipeft wrote it")
+    assert digests(out) == before
+
+
+def test_an_output_inside_another_output_is_refused_or_kept_apart(tmp_path, capsys):
+    """``train --output_dir RUN/adapter`` trained into the adapter, and ``merge --out MODEL/inner`` then lost
+    ``inner`` when MODEL was replaced with --overwrite (both exit 0)."""
+    from test_faults import MERGE
+
+    run_dir = tmp_path / "run"
+    assert train("--no_cache", "--output_dir", run_dir, capsys=capsys)[0] == 0
+    for part in ("adapter", "checkpoints"):
+        code, _, err = train("--no_cache", "--output_dir", run_dir / part, capsys=capsys)
+        one_error(code, err, f"--output_dir {run_dir / part}: is part of {run_dir}, an output minipeft wrote")
+    model, inner = tmp_path / "merged", tmp_path / "merged" / "inner"
+    assert in_process(MERGE, "--adapter", run_dir / "adapter", "--out", model, capsys=capsys)[0] == 0
+    assert in_process(MERGE, "--adapter", run_dir / "adapter", "--out", inner, capsys=capsys)[0] == 0
+    kept = digests(inner)
+    code, _, err = in_process(MERGE, "--adapter", run_dir / "adapter", "--out", model, "--overwrite", capsys=capsys)
+    one_error(code, err, f"--out {model}: holds {inner}")
+    assert digests(inner) == kept
+
+
+def test_compare_never_writes_into_a_run_or_a_running_runs_folder(tmp_path, capsys):
+    import os
+    import socket
+
+    from minipeft.cli import main as cli_main
+
+    run_dir = tmp_path / "run"
+    assert train("--no_cache", "--output_dir", run_dir, capsys=capsys)[0] == 0
+    before = digests(run_dir)
+    compare = lambda out: in_process(lambda argv: cli_main(["compare", *argv]), "--methods", "lora",  # noqa: E731
+                                     "--max_steps", "1", "--output_dir", out, "--overwrite", capsys=capsys)
+    one_error(*compare(run_dir)[::2], f"--output_dir {run_dir}: holds train_config.json, a training run's")
+    (run_dir / ".minipeft.lock").write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process, not us
+    one_error(*compare(run_dir / "cmp")[::2], f"--output_dir {run_dir / 'cmp'}: lies in {run_dir}, which another")
+    (run_dir / ".minipeft.lock").unlink()
+    assert digests(run_dir) == before and not (run_dir / "cmp").exists()
+
+
+def test_a_tokenizer_json_the_tokenizers_library_refuses_is_one_line(tmp_path, capsys):
+    """A vocabulary emptied in a valid ``tokenizer.json``: the tokenizers library raises a bare ``Exception``,
+    which came through as a traceback in train, data, generate and modify."""
+    from minipeft.cli.data import main as data_main
+    from test_faults_round2 import model_copy
+
+    def empty_vocabulary(directory):
+        tokenizer = json.loads((directory / "tokenizer.json").read_text())
+        tokenizer["model"]["vocab"] = {}
+        (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    model = model_copy(tmp_path, empty_vocabulary)
+    code, _, err = in_process(data_main, "--model", model, "--no_cache", "--num_samples", "1", capsys=capsys)
+    one_error(code, err, f"--model {model}: the tokenizer (tokenizer.json, tokenizer_config.json) does not load")
+
+
+def test_a_base_model_named_by_the_adapter_is_blamed_on_its_config_not_on_model(tmp_path, capsys):
+    from minipeft.cli.modify import main as modify_main
+    from test_faults_round2 import edit_json
+
+    adapter = tmp_path / "adapter"
+    assert in_process(modify_main, "--model", "builtin", "--table", "none", "--save_adapter", adapter,
+                      capsys=capsys)[0] == 0
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    edit_json(adapter / "adapter_config.json", lambda config: config.update(base_model_name_or_path=str(folder)))
+    code, _, err = in_process(GENERATE, "--adapter", adapter, "--prompt", "Hi", "--device", "cpu", capsys=capsys)
+    line = one_error(code, err, f"{adapter / 'adapter_config.json'}: \"base_model_name_or_path\" {folder}",
+                     "(or pass --model with the base model)")
+    assert not line.startswith("error: --model")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[null, null]", "record 0: is a JSON null, expected an object with 'instruction' and 'output'"),
+    ('["abc", "abc"]', "record 0: is a JSON string, expected an object"),
+])
+def test_records_that_are_not_objects_are_named_as_such_not_as_a_missing_column(text, fragment, tmp_path):
+    from minipeft.core.errors import UserError
+    from minipeft.data.loading import load_records
+
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    with pytest.raises(UserError) as error:
+        load_records(path)
+    assert fragment in str(error.value) and "--instruction_column" not in str(error.value)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["data", "--model", ""], "argument --model: an empty name"),
+    (["train", "--model", ""], "argument --model: an empty name"),
+    (["train", "--output_dir", "/"], "--output_dir /: holds minipeft's tokenization cache"),
+    (["pretrain", "--output_dir", "{file}", "--max_steps", "1"], "--output_dir {file}: is a file, not a directory"),
+    (["modify", "--model", "builtin", "--modification_type", "ia3", "--feedforward_modules", "nonexist"],
+     "feedforward_modules: nonexist not among the target modules ['c_attn', 'mlp.c_proj'] (target_modules, or "
+     "the method's default for the model)"),  # the defaults named as such
+])
+def test_round_five_messages_name_what_the_user_gave(argv, fragment, tmp_path, capsys):
+    from minipeft.cli import main as cli_main
+
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("mine\n")
+    argv = [arg.format(file=user_file) for arg in argv]
+    try:
+        code = cli_main(argv)
+    except SystemExit as exit_info:  # argparse's usage errors
+        code = exit_info.code
+    err = capsys.readouterr().err
+    line = one_error(code, err, fragment.format(file=user_file))
+    assert "--cache_dir" not in line and "--overwrite" not in line and user_file.read_text() == "mine\n"

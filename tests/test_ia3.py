@@ -63,7 +63,7 @@ def test_llama_defaults_follow_gqa_shapes(llama_tiny):
 
 
 def test_feedforward_modules_must_be_targets(gpt2_tiny):
-    with pytest.raises(UserError, match="^feedforward_modules: c_fc not in target_modules"):
+    with pytest.raises(UserError, match="^feedforward_modules: c_fc not among the target modules"):
         get_peft_model(gpt2_tiny, IA3Config(target_modules=["c_attn"], feedforward_modules=["c_fc"]))
 
 

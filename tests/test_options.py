@@ -121,7 +121,8 @@ def test_a_shared_flag_is_one_flag_naming_its_methods():
     ("--modification_type lora --lora_dropout 1.5", "--lora_dropout must be in [0, 1), got 1.5"),
     ("--modification_type lora --lora_rank 0", "--lora_rank must be a positive integer, got 0"),
     ("--modification_type ia3 --target_modules c_attn --feedforward_modules mlp.c_fc",
-     "--feedforward_modules: mlp.c_fc not in --target_modules ['c_attn']; feed-forward modules must also be targets"),
+     "--feedforward_modules: mlp.c_fc not among the target modules ['c_attn'] (--target_modules, or the method's "
+     "default for the model); feed-forward modules must also be targets"),
     ("--modification_type adapter --adapter_size 0", "--adapter_size must be a positive integer, got 0"),
     ("--modification_type adapter --adapter_size 8 --adapter_reduction_factor 4",
      "--adapter_size and --adapter_reduction_factor: give exactly one of the two (got 8 and 4.0)"),
@@ -140,7 +141,8 @@ def test_command_line_errors_name_the_flag(line, message, gpt2_small_meta):
     (dict(peft_type="LORA", r=8, lora_alpha=16, lora_dropout=1.5), "lora_dropout must be in [0, 1), got 1.5"),
     (dict(peft_type="LORA", r=8, lora_alpha=-2), "lora_alpha must be positive, got -2"),
     (dict(peft_type="IA3", target_modules=["c_attn"], feedforward_modules=["mlp.c_fc"]),
-     "feedforward_modules: mlp.c_fc not in target_modules ['c_attn']; feed-forward modules must also be targets"),
+     "feedforward_modules: mlp.c_fc not among the target modules ['c_attn'] (target_modules, or the method's "
+     "default for the model); feed-forward modules must also be targets"),
     (dict(peft_type="BOTTLENECK_ADAPTER", bottleneck_size=8, reduction_factor=4),
      "bottleneck_size and reduction_factor: give exactly one of the two (got 8 and 4)"),
     (dict(peft_type="BOTTLENECK_ADAPTER", activation="swish"), "activation must be one of relu, gelu, silu, tanh, "

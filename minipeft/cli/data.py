@@ -13,6 +13,7 @@ from minipeft.cli import CommandLineParser
 from minipeft.data.config import add_data_arguments, data_config_from_args
 from minipeft.data.pipeline import build_dataloaders
 from minipeft.data.report import describe_sample, padding_by_mode
+from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
 from minipeft.loading.models import SMOLLM2_NAME, TOKENIZER_FILES, smollm2_gguf_path, tokenizer_files
 
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python data_pipeline.py",
         description="Load, template, tokenize and batch instruction data; show samples, their loss mask, "
                     "and how much of each batch is padding.")
-    parser.add_argument("--model", default="builtin",
+    parser.add_argument("--model", type=path_name, default="builtin",
                         help="whose tokenizer to use: builtin, smollm2-135m, a local directory, or a Hugging Face "
                              "id in the local cache (default: %(default)s)")
     parser.add_argument("--num_samples", type=int, default=3, help="training samples to show (default: 3)")

@@ -23,8 +23,8 @@ from minipeft.core.generation import check_generation_settings
 from minipeft.core.finite import finite_float
 from minipeft.loading.models import local_model_path, resolve_device
 from minipeft.files.safe_files import check_output_file, write_output_file
-from minipeft.inference.prompts import (Prompt, generate_texts, load_for_generation, read_prompts_file,
-                                        resolve_model_name, resolve_template)
+from minipeft.inference.prompts import (Prompt, base_model_flag, blaming_the_adapters_base, generate_texts,
+                                        load_for_generation, read_prompts_file, resolve_model_name, resolve_template)
 
 
 TEMPLATE_CHOICES = ["auto", "alpaca", "plain", "chat", "none"]
@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(prog="python -m minipeft generate",
                                      description="Generate text with a base model and (optionally) an adapter.")
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", type=path_name, default=None,
                         help="builtin | smollm2-135m | gpt2 | a HF id or directory (default: the adapter's base "
                              "model, else builtin)")
     parser.add_argument("--adapter", type=path_name, default=None, help="adapter directory (any method)")
@@ -98,12 +98,13 @@ def main(argv=None) -> int:
     if args.output_file:  # before minutes of generating, not after
         check_output_file(args.output_file, "--output_file", args.overwrite,
                           {"--prompts_file": args.prompts_file, "--adapter": args.adapter,
-                           "--model" if args.model else "the adapter's base model": local_model_path(model_name)})
+                           base_model_flag(args.model, args.adapter): local_model_path(model_name)})
     transformers_logging.disable_progress_bar()
     resolve_quantize(args, args.adapter, log=lambda message: print(message, file=sys.stderr))
     check_quantize_arguments(args)
-    model, tokenizer = load_for_generation(model_name, args.adapter, DTYPES[args.dtype], resolve_device(args.device),
-                                           args.quantize, args.quantize_lm_head)
+    with blaming_the_adapters_base(args.model, args.adapter, model_name):
+        model, tokenizer = load_for_generation(model_name, args.adapter, DTYPES[args.dtype],
+                                               resolve_device(args.device), args.quantize, args.quantize_lm_head)
     template = resolve_template(args.template, args.adapter, model_name, tokenizer)
     stream = sys.stdout if len(prompts) == 1 and not args.no_stream else None
     print(f"model: {model_name}" + (f" + adapter {args.adapter}" if args.adapter else "") + f"; template: {template}; "

@@ -20,7 +20,8 @@ from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float
 from minipeft.files.safe_files import check_apart
 from minipeft.inference.merge import SAVE_DTYPES, check_not_merged_already, check_out_dir, export_merged_model
-from minipeft.inference.prompts import resolve_model_name, resolve_template
+from minipeft.inference.prompts import (base_model_flag, blaming_the_adapters_base, resolve_model_name,
+                                        resolve_template)
 from minipeft.loading.models import local_model_path
 from minipeft.loading.streaming import load_base_model
 from minipeft.methods import method_for_config
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(prog="python -m minipeft merge",
                                      description="Merge an adapter (LoRA, DoRA, IA3) into its base model and write "
                                                  "a standard Hugging Face model directory.")
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", type=path_name, default=None,
                         help="base model (default: the adapter's base_model_name_or_path, else builtin)")
     parser.add_argument("--adapter", type=path_name, required=True, help="adapter directory")
     parser.add_argument("--out", required=True, type=path_name, help="output directory (written atomically)")
@@ -69,14 +70,15 @@ def main(argv=None) -> int:
         raise UserError(f"--tolerance must be positive, got {args.tolerance}")
     transformers_logging.disable_progress_bar()
     model_name = resolve_model_name(args.model, args.adapter)
-    base = "--model" if args.model else "the adapter's base model"  # the user may not have named it
+    base = base_model_flag(args.model, args.adapter)  # the user may not have named it
     check_apart(args.out, "--out", {"--adapter": args.adapter, base: local_model_path(model_name)})
     check_out_dir(args.out, args.overwrite)  # before minutes of loading and merging, not after
     check_not_merged_already(model_name, args.adapter)
     check_mergeable(args.adapter)  # before loading the model
     resolve_quantize(args, args.adapter)
     check_quantize_arguments(args)
-    model, tokenizer = load_base_model(model_name, args.quantize, args.quantize_lm_head, dtype=torch.float32)
+    with blaming_the_adapters_base(args.model, args.adapter, model_name):
+        model, tokenizer = load_base_model(model_name, args.quantize, args.quantize_lm_head, dtype=torch.float32)
     if tokenizer is None:  # the merged folder is written with it, and the merge is checked on a tokenized batch
         raise UserError(f"--model {model_name}: has no tokenizer; merging needs one (tokenizer.save_pretrained)")
     peft_model = load_adapter(model, args.adapter)

@@ -28,13 +28,14 @@ import torch
 from minipeft.cli import CommandLineParser
 from minipeft.cli.arguments import (add_method_arguments, add_quantize_arguments, check_quantize_arguments,
                                     check_method_flags_early, config_from_args)
+from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
 from minipeft.data import build_dataloaders
-from minipeft.data.config import add_data_arguments, data_config_from_args, fit_max_length
+from minipeft.data.config import add_data_arguments, data_config_from_args, default_cache_dir, fit_max_length
 from minipeft.data.templates import resolve_template_name
 from minipeft.files.input_files import check_input_file, loads_json, read_input_text
-from minipeft.files.safe_files import write_json_atomically
+from minipeft.files.safe_files import check_not_a_part, write_json_atomically
 from minipeft.loading.models import local_model_path
 from minipeft.loading.streaming import load_base_model
 from minipeft.methods import default_learning_rate
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python train_llm.py",
         description="Fine-tune a causal language model with a parameter-efficient method. With no arguments: "
                     "LoRA on the built-in tiny GPT-2 and its instruction data, offline.")
-    parser.add_argument("--model", default="builtin",
+    parser.add_argument("--model", type=path_name, default="builtin",
                         help="builtin, gpt2, smollm2-135m, a Hugging Face id or a local directory "
                              "(default: %(default)s)")
     add_method_arguments(parser)
@@ -164,7 +165,9 @@ def main(argv=None) -> int:
             check_input_file(data_config.dataset_path, "--dataset_path")
         inputs = {"--dataset_path": data_config.dataset_path,
                   "--model": local_model_path(args.model)}
-        check_cache_outside(data_config.cache_dir, config.output_dir)
+        check_not_a_part(config.output_dir, "--output_dir")  # a run's adapter/ or checkpoints/, a model's folder
+        default_cache = data_config.cache_dir == default_cache_dir()
+        check_cache_outside(data_config.cache_dir, config.output_dir, default_cache)
         if data_config.val_size == 0:  # (a split that leaves no record for validation is found after it)
             check_needs_validation(config, "--val_size 0")
         check_method_flags_early(args)  # before the output folder and minutes of loading
@@ -182,12 +185,16 @@ def check_needs_validation(config: TrainingConfig, why: str) -> None:
             raise UserError(f"--{flag} needs a validation set, and this run has none ({why})")
 
 
-def check_cache_outside(cache_dir, output_dir) -> None:
+def check_cache_outside(cache_dir, output_dir, default_cache: bool = False) -> None:
     """The tokenized-data cache writes files no run records: inside the run's folder (``--cache_dir OUT/adapter``)
-    they made the adapter's folder foreign, and the run failed at its final save."""
+    they made the adapter's folder foreign, and the run failed at its final save. ``default_cache``: the user
+    gave no --cache_dir, so the --output_dir is what to change (``--output_dir /`` holds every folder)."""
     if cache_dir is None:
         return
     cache, out = (Path(os.path.realpath(path)) for path in (cache_dir, output_dir))
+    if (cache == out or out in cache.parents) and default_cache:
+        raise UserError(f"--output_dir {output_dir}: holds minipeft's tokenization cache ({cache_dir}), and a run's "
+                        "folder holds only the run's own files: choose another --output_dir")
     if cache == out or out in cache.parents:
         raise UserError(f"--cache_dir {cache_dir}: lies inside --output_dir {output_dir}, whose files are the run's "
                         "own; keep the cache outside it (or --no_cache)")

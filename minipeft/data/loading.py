@@ -95,7 +95,8 @@ def load_records(path, instruction_column: str = "instruction", input_column: st
         raise UserError(f"{path}: holds no records (an empty {kind})")
     found = sorted(set(header) if file_format == "csv" else
                    {key for _, row in rows if isinstance(row, dict) for key in row})
-    _check_columns(path, found, columns)
+    if file_format == "csv" or any(isinstance(row, dict) for _, row in rows):  # (else each row says what it is)
+        _check_columns(path, found, columns)
     loaded = LoadedRecords(str(path), file_format, found, records=[])
     for where, row in rows:
         for item in _records_from_row(where, row, columns):
@@ -245,7 +246,8 @@ def _make_record(where: str, row: dict, columns: tuple[str, str, str]):
 def _json_type(value) -> str:
     """The JSON name of a parsed value's type, for messages."""
     names = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "array"), (dict, "object"))
-    return next((name for kind, name in names if isinstance(value, kind)), type(value).__name__)
+    return next((name for kind, name in names if isinstance(value, kind)), "null" if value is None else
+                type(value).__name__)
 
 
 def _describe_surrogate(character: str) -> str:

@@ -28,6 +28,7 @@ What it does, in order:
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,26 @@ def resolve_model_name(model_flag, adapter_dir) -> str:
         if recorded:
             return recorded
     return "builtin"
+
+
+@contextmanager
+def blaming_the_adapters_base(model_flag, adapter_dir, model_name: str):
+    """Within: an error loading the base model names ``--model``; where no ``--model`` was given and the adapter's
+    ``adapter_config.json`` named the model (:func:`resolve_model_name`), the error names that field instead."""
+    try:
+        yield
+    except UserError as error:
+        named = f"--model {model_name}"
+        if model_flag or adapter_dir is None or not str(error).startswith(named):
+            raise
+        raise UserError(f"{Path(adapter_dir) / 'adapter_config.json'}: \"base_model_name_or_path\" {model_name}"
+                        f"{str(error)[len(named):]} (or pass --model with the base model)") from None
+
+
+def base_model_flag(model_flag, adapter_dir) -> str:
+    """How a message names the base model of generate and merge: the flag, or where it came from."""
+    return ("--model" if model_flag else "the adapter's base model" if adapter_dir is not None
+            else "the built-in model (--model's default)")
 
 
 def resolve_template(template_flag, adapter_dir, model_name: str, tokenizer) -> str:

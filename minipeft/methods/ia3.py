@@ -76,9 +76,9 @@ class IA3Config:
                                                                             (list, tuple, set)):
             outside = sorted(set(self.feedforward_modules) - set(self.target_modules))
             if outside:
-                raise UserError(f"{name('feedforward_modules')}: {', '.join(outside)} not in "
-                                f"{name('target_modules')} {sorted(self.target_modules)}; feed-forward modules "
-                                "must also be targets")
+                raise UserError(f"{name('feedforward_modules')}: {', '.join(outside)} not among the target modules "
+                                f"{sorted(self.target_modules)} ({name('target_modules')}, or the method's default "
+                                "for the model); feed-forward modules must also be targets")
 
 
 class IA3Linear(AdapterLayer):

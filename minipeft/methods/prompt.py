@@ -87,7 +87,8 @@ class PromptTuningConfig:
         if not text:
             raise UserError(f"{init_flag} text needs {text_flag} \"...\"")
         if tokenizer is None:
-            raise UserError(f"{init_flag} text needs the model's tokenizer, and this model has none")
+            flag = init_flag + " text" if given.get("prompt_tuning_init") else text_flag
+            raise UserError(f"{flag} needs the model's tokenizer, and this model has none")
         token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return cls(**{**given, "prompt_tuning_init": init, "prompt_tuning_init_token_ids": token_ids,
                       "tokenizer_name_or_path": getattr(tokenizer, "name_or_path", None) if token_ids else None})
