@@ -167,7 +167,7 @@ def test_merge_overwrite_never_deletes_the_adapter_its_run_or_a_users_files(run_
     (users / "notes.txt").write_text("keep me")
     before = digests(run_copy, data, users)
     cases = [(adapter, "--out", "is --adapter"), (run_copy, "--out", "contains --adapter"),
-             (adapter / "merged", "--out", "lies inside --adapter"), (data, "--out", "already exists"),
+             (adapter / "merged", "--out", "lies inside --adapter"), (data, "--out", "is a file, not a directory"),
              (users, "--out", "already exists")]
     for out, flag, message in cases:
         code, _, err = in_process(MERGE, "--adapter", adapter, "--out", out, capsys=capsys)

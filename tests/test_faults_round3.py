@@ -519,12 +519,12 @@ def test_overwrite_never_replaces_a_training_run_or_its_checkpoints_with_a_model
 
     copy, _ = resume_copy(checkpointed_run, tmp_path, capsys)
     before = digests(copy)
-    for target, what in ((copy, "it holds train_config.json, a training run's"),
-                         (copy / "checkpoints", "it holds no config.json")):
+    for target, what in ((copy, "is not a model folder (it holds train_config.json, a training run's"),
+                         (copy / "checkpoints", f"is part of {copy}, an output minipeft wrote")):
         argv = (["merge", "--adapter", str(checkpointed_run[0] / "adapter"), "--out", str(target)] if command == "merge"
                 else ["pretrain", "--max_steps", "1", "--num_documents", "100", "--output_dir", str(target)])
         code, _, err = in_process(lambda args: cli_main([*argv, *args]), "--overwrite", capsys=capsys)
-        one_error(code, err, f"{target}: is not a model folder ({what}")
+        one_error(code, err, f"{target}: {what}")
     assert digests(copy) == before
 
 

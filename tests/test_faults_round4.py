@@ -391,4 +391,4 @@ def test_round_five_messages_name_what_the_user_gave(argv, fragment, tmp_path, c
         code = exit_info.code
     err = capsys.readouterr().err
     line = one_error(code, err, fragment.format(file=user_file))
-    assert "--cache_dir" not in line and "--overwrite" not in line and user_file.read_text() == "mine\n"
+    assert "--cache_dir" not in line and "pass --overwrite" not in line and user_file.read_text() == "mine\n"

@@ -167,8 +167,9 @@ def check_output_directory(path, flag: str, overwrite: bool) -> Path:
     path = Path(path)
     check_not_a_part(path, flag)
     if path.is_symlink() or (path.exists() and not path.is_dir()):  # --overwrite would not help: say so first
-        what = "a symbolic link" if path.is_symlink() else "a file"
-        raise UserError(f"{flag_and_path(path, flag)}: is {what}, not a directory; choose a directory name")
+        what = "a symbolic link" if path.is_symlink() else "a file, not a directory"
+        raise UserError(f"{flag_and_path(path, flag)}: is {what}; refusing to replace it, --overwrite or not: "
+                        "choose a directory name")
     if (path.exists() or path.is_symlink()) and not is_empty_directory(path):
         if not overwrite:
             raise UserError(f"{flag_and_path(path, flag)}: already exists; choose another directory or pass "
