@@ -487,7 +487,7 @@ def test_a_warmup_longer_than_the_run_is_said(tmp_path, capsys):
                                 "1e-3", "--warmup_steps", "1000000000", "--output_dir", tmp_path / "out", capsys=capsys)
     assert code == 0, err
     assert ("note: --warmup_steps 1,000,000,000 is not shorter than the run's 2 steps: the learning rate never "
-            "reaches --learning_rate 0.001 (it ends at 2e-12)") in out + err
+            "reaches its peak 0.001 (it ends at 2e-12)") in out + err
 
 
 # -- every writing command honours the run lock ---------------------------------------------------------------------

@@ -21,24 +21,32 @@ def train(*args, capsys):
 
 # -- what users bring: data files ----------------------------------------------------------------------------------
 def test_an_edited_tokenization_cache_is_tokenized_again_not_trained_on(tmp_path, capsys):
-    """Ids beyond the vocabulary planted in ``tokenized-*.npz`` ended in an IndexError inside the embedding (and
-    left the run's folder behind): the cache's name is a hash of its inputs, not of its content."""
+    """Ids beyond the vocabulary planted in ``tokenized-*.npz`` ended in an IndexError inside the embedding (round
+    four), ids within it were trained on without a word (round six): the cache's name is a hash of its inputs,
+    so the file stores a digest of its content, and a content that passes the digest is still checked."""
+    from minipeft.data.tokenization import _content_digest
+
     data, cache = write_records(tmp_path / "data.json", records(12)), tmp_path / "cache"
     code, _, err = train("--dataset_path", data, "--cache_dir", cache, "--output_dir", tmp_path / "one", capsys=capsys)
     assert code == 0, err
     [cached] = cache.glob("tokenized-*.npz")
     with np.load(cached) as arrays:
         saved = {name: arrays[name] for name in arrays.files}
-    for edit, problem in ((lambda a: a["token_ids"].__setitem__(0, 10 ** 6), "token ids outside the tokenizer's"),
-                          (lambda a: a.update(offsets=a["offsets"][:-1]), "another number of records"),
-                          (lambda a: a["prompt_lengths"].__setitem__(0, 10 ** 6), "prompt lengths beyond")):
+    edits = [(lambda a: a["token_ids"].fill(7), False, "does not match its own digest"),  # within the vocabulary
+             (lambda a: a["token_ids"].__setitem__(0, 10 ** 6), False, "does not match its own digest"),
+             (lambda a: a["token_ids"].__setitem__(0, 10 ** 6), True, "holds token ids outside the tokenizer's"),
+             (lambda a: a.update(offsets=a["offsets"][:-1]), True, "holds another number of records"),
+             (lambda a: a["prompt_lengths"].__setitem__(0, 10 ** 6), True, "holds prompt lengths beyond")]
+    for index, (edit, new_digest, problem) in enumerate(edits):
         arrays = {name: value.copy() for name, value in saved.items()}
         edit(arrays)
+        if new_digest:  # (as another program writing the cache's layout would)
+            arrays["digest"] = _content_digest(arrays)
         np.savez(cached, **arrays)
-        out = tmp_path / f"run-{problem.split()[0]}"
-        code, _, err = train("--dataset_path", data, "--cache_dir", cache, "--output_dir", out, capsys=capsys)
+        code, _, err = train("--dataset_path", data, "--cache_dir", cache, "--output_dir", tmp_path / f"run{index}",
+                             capsys=capsys)
         assert code == 0 and "Traceback" not in err, err
-        assert f"warning: the tokenization cache {cached} holds {problem}" in err and "tokenizing again" in err
+        assert f"warning: the tokenization cache {cached}" in err and problem in err and "tokenizing again" in err
         with np.load(cached) as rewritten:  # the cache is good again
             assert all(np.array_equal(rewritten[name], saved[name]) for name in saved)
 
@@ -392,3 +400,80 @@ def test_round_five_messages_name_what_the_user_gave(argv, fragment, tmp_path, c
     err = capsys.readouterr().err
     line = one_error(code, err, fragment.format(file=user_file))
     assert "--cache_dir" not in line and "pass --overwrite" not in line and user_file.read_text() == "mine\n"
+
+
+# -- found in round six (510 commands at 83d4e50) ------------------------------------------------------------------
+def test_a_file_the_user_named_inside_a_runs_adapter_survives_the_runs_later_saves(tmp_path, capsys):
+    """``compare --report RUN/adapter/r.md`` (or any single-file output) was recorded as part of the adapter, and
+    the run's next save of the adapter (a resume) deleted it: such a file stays the user's wherever it lies."""
+    from minipeft.cli.train import main as train_main
+    from minipeft.files.manifest import foreign_files
+
+    data, out = write_records(tmp_path / "data.json", records(12)), tmp_path / "run"
+    assert train("--dataset_path", data, "--no_cache", "--max_steps", "2", "--save_every", "1", "--output_dir", out,
+                 capsys=capsys)[0] == 0
+    answers = out / "adapter" / "data.json"
+    from minipeft.cli.builtin_data import main as builtin_data_main
+
+    code, _, err = in_process(builtin_data_main, answers, capsys=capsys)
+    assert code == 0, err
+    assert answers in foreign_files(out / "adapter")
+    kept = digests(answers)
+    code, _, err = in_process(train_main, "--output_dir", out, "--resume", "latest", "--max_steps", "3",
+                              capsys=capsys)
+    assert code == 0, err
+    assert digests(answers) == kept
+
+
+def test_a_csv_quote_never_closed_is_refused_naming_the_line(tmp_path):
+    """It took the rest of the file into one cell: "Skipped 1 of 95 records", rows 96-100 gone unmentioned."""
+    from minipeft.core.errors import UserError
+    from minipeft.data.loading import load_records
+
+    path = tmp_path / "data.csv"
+    path.write_text("instruction,output\n" + "".join(f"Say {i},{i}\n" for i in range(5)) + '"Say x,x\nSay y,y\n')
+    with pytest.raises(UserError, match=r"data.csv: not a readable CSV file \(line 8: unexpected end of data\)"):
+        load_records(path)
+
+
+def test_a_warmup_the_user_did_not_give_is_not_named_as_a_flag(tmp_path, capsys):
+    """compare's own warmup (a ratio of 0.1) was named "--warmup_steps 1", a flag compare does not have."""
+    from minipeft.cli import main as cli_main
+
+    code, out, err = in_process(lambda argv: cli_main(["compare", *argv]), "--methods", "lora", "--max_steps", "1",
+                                "--max_records", "16", "--output_dir", tmp_path / "cmp", capsys=capsys)
+    assert code == 0, err
+    assert "note: the warmup of 1 step (warmup ratio 0.1) is not shorter than the run's 1 steps" in out + err
+    assert "--warmup_steps" not in out + err and "--learning_rate" not in out + err
+
+
+def test_plain_prompts_that_start_with_a_bracket_are_prompts(tmp_path):
+    """``[1] What is ...`` in a ``.txt`` file was refused as broken JSON; in a ``.json`` file it still is."""
+    from minipeft.core.errors import UserError
+    from minipeft.inference.prompts import read_prompts_file
+
+    text = "[1] What is the capital of Peru?\n[2] Say hi.\n"
+    (tmp_path / "prompts.txt").write_text(text)
+    assert [prompt.instruction for prompt in read_prompts_file(tmp_path / "prompts.txt")] == text.splitlines()
+    (tmp_path / "prompts.json").write_text(text)
+    with pytest.raises(UserError, match="prompts.json: not valid JSON"):
+        read_prompts_file(tmp_path / "prompts.json")
+
+
+def test_an_empty_resume_name_and_an_incomplete_latest_checkpoint_are_said(tmp_path, capsys):
+    """``--resume ''`` trained from scratch as if it were absent; a newest checkpoint that lost its
+    trainer_state.json was passed over in silence."""
+    from minipeft.cli.train import main as train_main
+
+    data, out = write_records(tmp_path / "data.json", records(12)), tmp_path / "run"
+    code, _, err = train("--dataset_path", data, "--no_cache", "--output_dir", out, "--resume", "", capsys=capsys)
+    one_error(code, err, "--resume '': an empty name")
+    assert not out.exists()
+    assert train("--dataset_path", data, "--no_cache", "--max_steps", "2", "--save_every", "1", "--output_dir", out,
+                 capsys=capsys)[0] == 0
+    (out / "checkpoints" / "step-2" / "trainer_state.json").unlink()
+    code, stdout, err = in_process(train_main, "--output_dir", out, "--resume", "latest", "--max_steps", "3",
+                                   capsys=capsys)
+    assert code == 0, err
+    assert f"note: --resume latest: {out / 'checkpoints' / 'step-2'} has no trainer_state.json (incomplete); " \
+           f"resuming from {out / 'checkpoints' / 'step-1'}" in err

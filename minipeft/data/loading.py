@@ -154,11 +154,11 @@ def _read_csv(path: Path, text: str, separator: str, columns: tuple[str, str, st
 
     limit = csv.field_size_limit(max(len(text), csv.field_size_limit()))  # a cell may be as long as the file
     try:
-        lines = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
+        lines = csv.reader(io.StringIO(text, newline=""), delimiter=separator, strict=True)
         header = next(lines, [])
         rows = [row for row in lines if any(cell.strip() for cell in row)]
-    except csv.Error as error:
-        raise UserError(f"{path}: not a readable CSV file ({error})") from None
+    except csv.Error as error:  # strict: a quote never closed would take the rest of the file into one cell
+        raise UserError(f"{path}: not a readable CSV file (line {lines.line_num}: {error})") from None
     finally:
         csv.field_size_limit(limit)
     for column in columns:

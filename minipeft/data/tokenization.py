@@ -44,7 +44,7 @@ from minipeft.data.templates import TEMPLATES, format_prompt, prompt_and_respons
 from minipeft.core.errors import UserError
 from minipeft.files.safe_files import write_file_atomically
 
-CACHE_VERSION = "minipeft-data-1"  # change when the layout or the meaning of a cache file changes
+CACHE_VERSION = "minipeft-data-2"  # change when the layout or the meaning of a cache file changes
 IGNORE_INDEX = -100  # label of a token that is not trained on (PyTorch cross_entropy's ignore_index)
 ENCODE_CHUNK = 4096  # texts per call to the tokenizer (and per step of the progress bar)
 PROGRESS_MIN_RECORDS = 10_000  # show a progress bar from this many records on
@@ -249,14 +249,31 @@ def tokenizer_fingerprint(tokenizer) -> str:
 _CACHE_ARRAYS = ("token_ids", "offsets", "prompt_lengths", "truncated", "response_cut")
 
 
+def _content_digest(arrays: dict) -> np.ndarray:
+    """sha256 of the cached arrays (dtype, shape and bytes of each), stored beside them: the file's name is a
+    hash of its inputs, so only this tells an edited file (ids swapped for others within the vocabulary)."""
+    digest = hashlib.sha256()
+    for name in _CACHE_ARRAYS:
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return np.frombuffer(digest.digest(), dtype=np.uint8)
+
+
 def _load_cache(path: Path) -> TokenizedRecords | None:
-    """The cached result, or None when there is none; an unreadable cache file is ignored and rewritten."""
+    """The cached result, or None when there is none; an unreadable cache file is ignored and rewritten, and one
+    whose content no longer matches its stored digest is said and rewritten."""
     if not path.is_file():
         return None
     try:
         with np.load(path) as arrays:
             loaded = {name: arrays[name] for name in _CACHE_ARRAYS}
+            stored = arrays["digest"] if "digest" in arrays.files else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    if stored is None or not np.array_equal(stored, _content_digest(loaded)):
+        print(f"warning: the tokenization cache {path} does not match its own digest: it was edited or damaged; "
+              "tokenizing again and rewriting it", file=sys.stderr)
         return None
     return TokenizedRecords(**loaded, cache_path=str(path), from_cache=True)
 
@@ -288,7 +305,8 @@ def _save_cache(path: Path, tokenized: TokenizedRecords) -> None:
     """Write to a temporary file and rename it, so a cache file is never half-written."""
     def write(temporary: str) -> None:
         with open(temporary, "wb") as handle:
-            np.savez(handle, **{name: getattr(tokenized, name) for name in _CACHE_ARRAYS})
+            arrays = {name: getattr(tokenized, name) for name in _CACHE_ARRAYS}
+            np.savez(handle, **arrays, digest=_content_digest(arrays))
 
     try:
         write_file_atomically(path, write)

@@ -64,9 +64,15 @@ def write_output_file(path, text: str, flag: str) -> Path:
     sidecar beside it (:func:`sidecar_of`) holding the file's sha256, so that an edited file is no longer taken
     for minipeft's (in a directory minipeft owns, its marker records both files as well), and the ``flag`` it
     was written as, so that one command's output never replaces another's (generate's answers a report)."""
-    path = write_text_atomically(path, text)
-    write_text_atomically(sidecar_of(path), json_text({"written_by": "minipeft", "file": path.name,
-                                                        "sha256": sha256_of(path), "as": flag}))
+    def text_of(content):
+        return lambda temporary: Path(temporary).write_text(content, encoding="utf-8")
+
+    path = replace_file(Path(path), text_of(text))
+    sidecar = replace_file(sidecar_of(path), text_of(json_text({"written_by": "minipeft", "file": path.name,
+                                                                 "sha256": sha256_of(path), "as": flag})))
+    if holds_lock_above(path):  # part of the output this process writes (compare's report in its own folder);
+        record_as_ours(path)  # else the user's file, even in a folder minipeft wrote: a later replacement of that
+        record_as_ours(sidecar)  # folder keeps it or stops on it, never deletes it with the folder's own files
     return path
 
 

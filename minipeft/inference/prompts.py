@@ -129,11 +129,8 @@ def read_prompts_file(path) -> list:
     path = Path(path)
     text = read_input_text(path, "--prompts_file")
     lines = [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
-    if text.lstrip().startswith("["):
-        try:
-            items = loads_bounded(text)
-        except json.JSONDecodeError as error:
-            raise UserError(f"--prompts_file {path}: starts with '[' but is not valid JSON ({error})") from None
+    items = _json_list(text, path)
+    if items is not None:
         prompts = [_prompt_of(item, path, f"item {index}") for index, item in enumerate(items)]
     elif path.suffix.lower() in (".jsonl", ".ndjson") or (lines and _json_object(lines[0][1])):
         prompts = []  # JSON Lines: a line of text would otherwise be fed to the model as a prompt, braces and all
@@ -149,6 +146,20 @@ def read_prompts_file(path) -> list:
     if not prompts:
         raise UserError(f"--prompts_file {path}: holds no prompt")
     return prompts
+
+
+def _json_list(text: str, path: Path):
+    """The items of a file that is a JSON list, or None: a file that starts with ``[`` and does not parse is a
+    JSON mistake in a ``.json`` file, and prompts of plain text in any other (``[1] What is ...``)."""
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        items = loads_bounded(text)
+    except json.JSONDecodeError as error:
+        if path.suffix.lower() == ".json":
+            raise UserError(f"--prompts_file {path}: not valid JSON ({error})") from None
+        return None
+    return items if isinstance(items, list) else None
 
 
 def _json_object(line: str) -> bool:

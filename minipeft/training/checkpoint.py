@@ -37,6 +37,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +266,11 @@ def resolve_resume(flag: str, output_dir: Path) -> Path:
     if not checkpoints:
         where = f"{path / 'checkpoints'}" if flag == "latest" else str(path)
         raise UserError(f"--resume {flag}: no checkpoint in {where} (expected step-N directories with {STATE_NAME})")
+    newer = sorted((folder for folder in (path / "checkpoints").iterdir() if (checkpoint_step(folder) or 0) >
+                    checkpoint_step(checkpoints[-1]) and not (folder / STATE_NAME).is_file()), key=checkpoint_step)
+    if newer:  # (a checkpoint is written whole: one without its state lost a file since)
+        print(f"note: --resume {flag}: {newer[-1]} has no {STATE_NAME} (incomplete); resuming from "
+              f"{checkpoints[-1]}, and the run will write its later checkpoints anew", file=sys.stderr)
     return checkpoints[-1]
 
 

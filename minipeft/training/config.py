@@ -119,6 +119,8 @@ class TrainingConfig:
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the flag when a value cannot work."""
+        if self.resume is not None and not str(self.resume).strip():  # (argparse would take it for "no --resume")
+            raise UserError(f"--resume {self.resume!r}: an empty name; give latest or a checkpoint folder")
         positive = ["epochs", "gradient_accumulation_steps", "log_every", "save_total_limit", "max_nonfinite_steps"]
         positive_or_none = ["max_steps", "eval_every", "eval_max_batches", "save_every", "num_threads"]
         for name in positive + positive_or_none:

@@ -40,7 +40,10 @@ def plan_lines(plan: RunPlan, config: TrainingConfig, train_loader, processes: i
                      f"{len(train_loader):,}")
     if plan.warmup_steps >= plan.total_steps > 0:  # the peak is never reached: say what the run gets
         peak = config.learning_rate * plan.total_steps / (plan.warmup_steps + 1)
-        lines.append(f"note: --warmup_steps {plan.warmup_steps:,} is not shorter than the run's "
-                     f"{plan.total_steps:,} steps: the learning rate never reaches --learning_rate "
+        warmup = (f"--warmup_steps {plan.warmup_steps:,}" if config.warmup_steps is not None else
+                  f"the warmup of {plan.warmup_steps:,} step{'s' * (plan.warmup_steps != 1)} (warmup ratio "
+                  f"{config.warmup_ratio:g})")
+        lines.append(f"note: {warmup} is not shorter than the run's "
+                     f"{plan.total_steps:,} steps: the learning rate never reaches its peak "
                      f"{config.learning_rate:g} (it ends at {peak:.3g})")
     return lines

@@ -93,9 +93,9 @@ def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> No
     """A new run does not silently replace an earlier run's ``outputs``, and never files minipeft did not write."""
     output_dir = Path(config.output_dir)
     found = [name for name in outputs if (output_dir / name).exists()]
-    if config.resume:  # the run's files it rewrites must still be as it wrote them (its log is cut to the step)
-        for name in found:
-            if name not in ("checkpoints", "metrics.jsonl"):  # (read and checked by the resume itself)
+    if config.resume:  # the run's files it rewrites must still be as it wrote them (its log is cut to the step;
+        for name in found:  # its folders are saved keeping a user's files, stopping on a file of its own edited)
+            if name != "metrics.jsonl" and (output_dir / name).is_file():
                 check_ours_to_replace(output_dir / name, "--resume")
         return
     if not found:
