@@ -54,7 +54,8 @@ from minipeft.files.atomic import make_directory
 from minipeft.files.lock import check_unlocked, OutputLock
 from minipeft.files.manifest import is_ours, mark_as_ours, marker_problem
 from minipeft.files.safe_files import (check_apart, check_not_a_part, check_ours_to_replace, check_output_file,
-                                       is_empty_directory, write_json_atomically, write_output_file, write_text_atomically)
+                                       is_empty_directory, write_json_atomically, write_output_file,
+                                       write_text_atomically)
 from minipeft.inference.prompts import Prompt, resolve_template
 from minipeft.loading.models import load_model_and_tokenizer, resolve_device
 from minipeft.methods import METHODS
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(prog="python -m minipeft compare",
                                      description="Train several PEFT methods on the same model, data and budget "
                                                  "and write a comparison table (Markdown, JSON) and plot.")
-    parser.add_argument("--model", type=path_name, default="builtin", help="builtin | smollm2-135m | ... (default: builtin)")
+    parser.add_argument("--model", type=path_name, default="builtin",
+                        help="builtin | smollm2-135m | ... (default: builtin)")
     parser.add_argument("--dataset_path", default=None, help="Alpaca records (default: the built-in data set)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma list of methods, or all ({','.join(METHODS)}) "
@@ -305,7 +307,7 @@ def compare(args, methods: list, learning_rates: dict, device, output_dir: Path,
                   "prompts": [{"instruction": record.instruction, "input": record.input, "reference": record.output,
                                "base_reply": reply} for record, reply in zip(held_out, base_replies)]}
         write_json_atomically(output_dir / "comparison.json", nonfinite_to_none(result))
-        write_output_file(report_path, markdown_report(result), "--report")  # recorded as minipeft's (see check_outputs)
+        write_output_file(report_path, markdown_report(result), "--report")  # minipeft's (see check_outputs)
     plot = plot_comparison(rows, output_dir / "comparison.png")
     print("\n" + table)
     print(f"\nwrote {output_dir / 'comparison.md'}, {output_dir / 'comparison.json'}, {report_path}"

@@ -255,13 +255,11 @@ def wrote_output_file(path) -> bool:
     path = Path(path)
     if path.is_symlink() or not path.is_file():
         return False
-    sidecar = sidecar_of(path)
-    if sidecar.is_file() and not sidecar.is_symlink():
-        try:
-            record = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            return False
-        return isinstance(record, dict) and record.get("sha256") == sha256_of(path)
+    record = _sidecar_record(path)
+    if record is not None:
+        return record.get("sha256") == sha256_of(path)
+    if sidecar_of(path).is_file() and not sidecar_of(path).is_symlink():  # a sidecar that does not read
+        return False
     if path.suffix == ".md":
         with open(path, encoding="utf-8", errors="replace") as file:
             head = [file.readline() for _ in range(5)]
@@ -274,15 +272,22 @@ def written_as(path) -> str | None:
     ``--output_file``, ``builtin-data``), or None where no sidecar says (a Markdown page told by its header is
     compare's ``--report``; a sidecar older than the field names none)."""
     path = Path(path)
+    if not sidecar_of(path).is_file() or sidecar_of(path).is_symlink():
+        return "--report" if path.suffix == ".md" else None
+    kind = (_sidecar_record(path) or {}).get("as")
+    return kind if isinstance(kind, str) else None
+
+
+def _sidecar_record(path: Path) -> dict | None:
+    """The JSON object of ``path``'s sidecar (:func:`sidecar_of`), or None: none, a link, or not an object."""
     sidecar = sidecar_of(path)
     if not sidecar.is_file() or sidecar.is_symlink():
-        return "--report" if path.suffix == ".md" else None
+        return None
     try:
         record = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    kind = record.get("as") if isinstance(record, dict) else None
-    return kind if isinstance(kind, str) else None
+    return record if isinstance(record, dict) else None
 
 
 def sidecar_of(path) -> Path:
