@@ -321,9 +321,22 @@ def test_a_method_setting_other_than_the_checkpoints_is_refused(checkpointed_run
     copy, resume = resume_copy(checkpointed_run, tmp_path, capsys, "--lora_alpha", "3")
     before = digests(copy)
     code, _, err = resume()
-    one_error(code, err, "the adapter was trained with lora_alpha = 16", "this run builds 3 (--lora_alpha)",
+    one_error(code, err, "the adapter was trained with lora_alpha = 16", "this run builds 3 (set by --lora_alpha)",
               "resume with the run's own method settings")
     assert digests(copy) == before
+
+
+def test_a_method_setting_of_another_type_in_the_checkpoint_is_named_as_the_files(checkpointed_run, tmp_path,
+                                                                                   capsys):
+    """``"r": "8"`` in a checkpoint's adapter config read as another rank "(--lora_rank)", a flag not given (round
+    six): the file's fields are checked by type first, naming the file and the field."""
+    copy, resume = resume_copy(checkpointed_run, tmp_path, capsys)
+    config = copy / "checkpoints" / "step-2" / "adapter" / "adapter_config.json"
+    edit_json(config, lambda values: values.update(r=str(values["r"])))
+    before = digests(copy)
+    code, _, err = resume()
+    one_error(code, err, f'{config}: "r" must be a positive integer, got \'8\'')
+    assert "--lora_rank" not in err and digests(copy) == before
 
 
 def test_a_data_file_changed_since_the_checkpoint_is_refused(checkpointed_run, tmp_path, capsys):
@@ -509,6 +522,9 @@ def tokenizer_needing_tiktoken(directory: Path) -> None:
     (config_edit(n_embd=10_000_000, n_layer=1000), "config.json", ["describes a model of", "GB of memory available",
                                                                    "n_embd 10,000,000"]),
     (config_edit(n_layer=1_000_000_000), "config.json", ["describes a model of at least", "n_layer 1,000,000,000"]),
+    (config_edit(model_type="llama", vocab_size=10_000_000), "config.json", [  # round six: GPT-2's sizes quoted
+        "describes a model of", "vocab_size 10,000,000, hidden_size 4,096", "num_hidden_layers 32",
+        "n_embd, n_head, n_layer, n_positions in it are not read by a llama model (\"model_type\"), which takes"]),
     (config_edit(model_type="no_such_architecture"), "config.json", ["no_such_architecture"]),
     (lambda directory: (directory / "config.json").write_text('{"a": ' + "[" * 5000 + "]" * 5000 + "}"),
      "config.json", ["not valid JSON", "nested deeper than 64 levels"]),

@@ -110,7 +110,7 @@ def check_model_fits(directory: Path, quantize: str, dtype: torch.dtype, values:
                         f"({first_line[:200]}); check its sizes") from None
     parameters = sum(parameter.numel() for parameter in model.parameters())
     if parameters * per_weight > available_memory_bytes():
-        _refuse_size(config_path, values, parameters, parameters * per_weight, quantize)
+        _refuse_size(config_path, values, parameters, parameters * per_weight, quantize, config=model.config)
 
 
 def parameters_at_least(values: dict) -> int:
@@ -124,11 +124,33 @@ def parameters_at_least(values: dict) -> int:
 
 
 def _refuse_size(config_path: Path, values: dict, parameters: int, needed: float, quantize: str,
-                 bound: str = "") -> None:
+                 bound: str = "", config=None) -> None:
+    """The refusal of a model too large, naming the sizes it is built from: ``config`` (the built model's) where
+    given, with the sizes ``config.json`` holds that its model type does not read (GPT-2's ``n_embd`` under
+    ``"model_type": "llama"``: the model took its own defaults); else the file's ``values``."""
     sizes = ", ".join(f"{key} {values[key]:,}" for key in ARCHITECTURE_SIZES if _is_int(values.get(key)))
+    unread = ""
+    if config is not None:
+        own, aliases = _config_fields(config)
+        used = {key: getattr(config, key, None) for key in ARCHITECTURE_SIZES if key in own}
+        sizes = ", ".join(f"{key} {value:,}" for key, value in used.items() if _is_int(value))
+        ignored = [key for key in ARCHITECTURE_SIZES if _is_int(values.get(key)) and own and key not in own | aliases]
+        if ignored:
+            unread = (f"; {', '.join(ignored)} in it {'is' if len(ignored) == 1 else 'are'} not read by a "
+                      f"{getattr(config, 'model_type', '?')} model (\"model_type\"), which takes its defaults")
     raise UserError(f"--model {config_path}: describes a model of {bound}{parameters:,} parameters, about "
                     f"{needed / 1e9:,.1f} GB{' in NF4' if quantize == 'nf4' else ''}, more than the "
-                    f"{available_memory_bytes() / 1e9:,.1f} GB of memory available ({sizes})")
+                    f"{available_memory_bytes() / 1e9:,.1f} GB of memory available ({sizes}){unread}")
+
+
+def _config_fields(config) -> tuple:
+    """``(fields, aliases)``: the fields a config class reads (its default instance's) and the other names its
+    ``attribute_map`` gives them; both empty when the class cannot be built without arguments."""
+    try:
+        own = set(type(config)().to_dict())
+    except Exception:  # noqa: BLE001 - a config class that needs arguments: nothing to tell apart
+        return set(), set()
+    return own, set(getattr(type(config), "attribute_map", {}))
 
 
 def check_weight_headers(directory: Path) -> None:

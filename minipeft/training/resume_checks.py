@@ -42,7 +42,7 @@ from minipeft.core.errors import UserError
 from minipeft.core.finite import first_nonfinite_tensor, is_finite_number
 from minipeft.core.options import flag_of
 from minipeft.files.safe_files import json_text
-from minipeft.model.adapter_files import CONFIG_NAME, config_to_dict, read_adapter_config
+from minipeft.model.adapter_files import CONFIG_NAME, config_from_dict, config_to_dict, read_adapter_config
 from minipeft.training.state import TrainState
 
 # What cuts the data into the same batches in the same order (besides the file): the run's flags of these names.
@@ -152,6 +152,7 @@ def check_same_method(directory: Path, saved_config: dict, method_config, config
         raise UserError(f"--resume {directory}: the checkpoint holds a {saved_config.get('peft_type')} adapter "
                         f"({config_path}), this run builds {now.get('peft_type')} "
                         "(--modification_type); resume with the run's own method, or start a new run")
+    config_from_dict(saved_config, str(config_path))  # each field of the file by its type, named as the file's
     for key in sorted(set(saved_config) | set(now)):
         if key in ("base_model_name_or_path", "inference_mode", "minipeft"):
             continue  # the base model: check_same_settings; the minipeft block: metadata, init token ids
@@ -159,7 +160,7 @@ def check_same_method(directory: Path, saved_config: dict, method_config, config
             flag = _flag_of(method_config, key)
             raise UserError(f"--resume {directory}: the adapter was trained with {key} = "
                             f"{saved_config.get(key)!r:.60} ({config_path}), this run "
-                            f"builds {now.get(key)!r:.60}{f' ({flag})' if flag else ''}; resume with the run's own "
+                            f"builds {now.get(key)!r:.60}{f' (set by {flag})' if flag else ''}; resume with the run's own "
                             "method settings, or start a new run")
 
 
