@@ -211,6 +211,36 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tmp_pa
     assert all(torch.equal(resumed_tensors[name], tensor) for name, tensor in whole_tensors.items())
 
 
+def test_a_prefix_mlp_run_resumes_bitwise_and_a_checkpoint_without_the_mlp_is_refused(tmp_path):
+    """``--prefix_projection``: the adapter file holds the MLP's output only (peft's form), so the checkpoint keeps
+    the MLP itself (``prompt_encoder.safetensors``); every checkpoint of such a run was refused (round seven)."""
+    batches, val_batches = make_batches(5, seed=11), make_batches(2, seed=12)
+    settings = dict(epochs=2, eval_every=3)
+
+    def model():
+        return tiny_peft_model("prefix", "--prefix_length", "3", "--prefix_projection")
+
+    whole = model()
+    train(whole, ListLoader(batches), val_batches, run_config(tmp_path / "whole", **settings))
+    interrupted = model()
+    result = train(interrupted, ListLoader(batches, interrupt_at=(1, 1)), val_batches,
+                   run_config(tmp_path / "split", **settings))
+    assert result.outcome == "interrupted"
+    checkpoint = tmp_path / "split" / "checkpoints" / f"step-{result.state.step}"
+    assert (checkpoint / "prompt_encoder.safetensors").is_file()
+    resumed = model()
+    result = train(resumed, ListLoader(batches), val_batches, run_config(tmp_path / "split", resume="latest",
+                                                                          **settings))
+    assert result.outcome == "finished" and result.state.step == 10
+    for name, tensor in whole.prompt_encoder.state_dict().items():  # the MLP itself, not only its output
+        assert torch.equal(resumed.prompt_encoder.state_dict()[name], tensor), name
+    checkpoint = tmp_path / "split" / "checkpoints" / "step-10"
+    (checkpoint / "prompt_encoder.safetensors").unlink()  # as a checkpoint of an earlier minipeft
+    with pytest.raises(UserError, match="no prompt_encoder.safetensors .* cannot be continued"):
+        train(model(), ListLoader(batches), val_batches, run_config(tmp_path / "split2", resume=str(checkpoint),
+                                                                    **settings))
+
+
 def test_a_checkpoint_saved_at_an_epochs_last_step_resumes_in_the_next_epoch(tmp_path):
     """A periodic checkpoint at the last step of an epoch (all its batches consumed; then the process is lost):
     the resumed run starts the next epoch and ends where the uninterrupted one does."""

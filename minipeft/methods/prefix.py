@@ -201,6 +201,25 @@ class PrefixEncoder(PromptEncoder):
         """``{"prompt_embeddings": E (n, 2L · token_dim)}``; with the MLP, its output (peft saves the same)."""
         return {"prompt_embeddings": self.prefix_embeddings().detach()}
 
+    def training_state(self) -> dict | None:
+        """What a training checkpoint needs beyond the adapter file: with the MLP, its own weights (``embedding``
+        and ``transform``; the file holds only their output, from which training cannot go on); else None."""
+        if not self.prefix_projection:
+            return None
+        return {name: tensor.detach() for name, tensor in self.state_dict().items()}
+
+    @torch.no_grad()
+    def load_training_state(self, state: dict, source: str) -> None:
+        """:meth:`training_state`'s tensors back into the MLP (every name, every shape, as saved)."""
+        own = self.state_dict()
+        for name in sorted(set(own) | set(state)):
+            if name not in state or name not in own or state[name].shape != own[name].shape:
+                problem = "missing" if name not in state else "unexpected" if name not in own else \
+                    f"of shape {list(state[name].shape)}, the MLP's is {list(own[name].shape)}"
+                raise UserError(f"{source}: tensor {name} is {problem} (was the checkpoint written with other "
+                                "--prefix_* flags?)")
+        self.load_state_dict(state)
+
     @torch.no_grad()
     def load_peft_state_dict(self, state: dict, source: str = "adapter_model.safetensors") -> None:
         if self.prefix_projection:

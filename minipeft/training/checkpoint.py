@@ -7,6 +7,8 @@ A checkpoint is a directory ``output_dir/checkpoints/step-N/``::
       adapter/adapter_model.safetensors
       optimizer.safetensors               AdamW's moments and step counts, one tensor per (parameter, key)
       rng_state.safetensors               torch (CPU, CUDA), Python and NumPy generator states, per process
+      prompt_encoder.safetensors          only for prefix tuning's MLP (--prefix_projection): its weights, which
+                                          the adapter file folds into the prefixes it produces
       trainer_state.json                  the rest: step, epoch, position in the epoch, best eval loss,
                                           optimizer hyper-parameters, grad-scaler scalars, RNG scalars,
                                           the data's fingerprint (data_fingerprint)
@@ -60,6 +62,7 @@ FORMAT = "minipeft-checkpoint/1"
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng_state.safetensors"
+ENCODER_NAME = "prompt_encoder.safetensors"  # a prompt encoder's training form, where its file holds another
 ADAPTER_DIR = "adapter"
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
 
@@ -164,13 +167,25 @@ def save_checkpoint(directory: Path, peft_model, optimizer, scaler, trainer_stat
         "data": data_fingerprint(adapter_metadata),  # what a resume must read again to continue this run
     }
 
+    encoder = _training_state(peft_model)
+
     def write(temporary: Path) -> None:
         peft_model.save_adapter(temporary / ADAPTER_DIR, adapter_tensors, **adapter_metadata)  # refuses an empty one
+        if encoder is not None:
+            save_file({name: tensor.to("cpu").contiguous() for name, tensor in encoder.items()},
+                      temporary / ENCODER_NAME, metadata={"format": "pt"})
         save_file(optimizer_tensors, temporary / OPTIMIZER_NAME, metadata={"format": "pt"})
         save_file(rng_tensors, temporary / RNG_NAME, metadata={"format": "pt"})
         (temporary / STATE_NAME).write_text(json_text(state, indent=1))  # written last
 
     return write_directory_atomically(directory, write)
+
+
+def _training_state(peft_model):
+    """The prompt encoder's tensors that the adapter file does not hold (:meth:`PrefixEncoder.training_state`:
+    the prefix MLP), or None."""
+    encoder = getattr(peft_model, "prompt_encoder", None)
+    return encoder.training_state() if hasattr(encoder, "training_state") else None
 
 
 def _read_tensors(path: Path) -> dict:
@@ -213,7 +228,20 @@ def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 
         raise UserError(f"--resume {directory}: {weights}: tensor {bad} holds NaN or infinity (minipeft saves "
                         "finite checkpoints only: the file was damaged or edited); resume from an earlier "
                         "checkpoint (--resume DIR)")
-    (load_adapter or load_peft_state_dict)(peft_model, adapter, str(weights))
+    if _training_state(peft_model) is None:
+        (load_adapter or load_peft_state_dict)(peft_model, adapter, str(weights))
+    else:  # the adapter file holds the MLP's output; training goes on from the MLP itself
+        encoder_path = directory / ENCODER_NAME
+        if not encoder_path.is_file():
+            raise UserError(f"--resume {directory}: no {ENCODER_NAME} (the prefix MLP's weights, which "
+                            f"--prefix_projection trains; its adapter holds only their output): this checkpoint "
+                            "cannot be continued; start a new run, or use its adapter as it is")
+        encoder = _read_tensors(encoder_path)
+        bad = first_nonfinite_tensor(encoder)
+        if bad is not None:
+            raise UserError(f"--resume {directory}: {encoder_path}: tensor {bad} holds NaN or infinity; resume "
+                            "from an earlier checkpoint (--resume DIR)")
+        peft_model.prompt_encoder.load_training_state(encoder, str(encoder_path))
     parameter_names = {id(parameter): name for name, parameter in peft_model.named_parameters()}
     optimizer_path = directory / OPTIMIZER_NAME
     optimizer_tensors = check_optimizer_files(_read_tensors(optimizer_path), state["optimizer"], optimizer_path,
