@@ -53,8 +53,8 @@ from minipeft.data.tokenization import encode_prompt
 from minipeft.files.atomic import make_directory
 from minipeft.files.lock import check_unlocked, OutputLock
 from minipeft.files.manifest import is_ours, mark_as_ours, marker_problem
-from minipeft.files.safe_files import (check_apart, check_not_a_part, check_ours_to_replace, check_output_file,
-                                       is_empty_directory, write_json_atomically, write_output_file,
+from minipeft.files.safe_files import (check_apart, check_folder_to_write_into, check_not_a_part, check_ours_to_replace,
+                                       check_output_file, is_empty_directory, write_json_atomically, write_output_file,
                                        write_text_atomically)
 from minipeft.inference.prompts import Prompt, resolve_template
 from minipeft.loading.models import load_model_and_tokenizer, resolve_device
@@ -176,9 +176,8 @@ def check_outputs(args, methods: list, report_path: Path) -> None:
     """
     output_dir = Path(args.output_dir)
     inputs = {"--dataset_path": args.dataset_path, "--model": args.model if Path(args.model).exists() else None}
+    check_folder_to_write_into(output_dir, "--output_dir")
     check_apart(output_dir, "--output_dir", inputs)  # records.json or a method's folder could replace an input
-    if (output_dir.exists() or output_dir.is_symlink()) and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir}: is a file, expected a directory")
     if output_dir.is_dir():
         check_unlocked(output_dir, "--output_dir")
     check_unlocked(output_dir.parent, "--output_dir", output_dir)  # a new folder inside a running run's

@@ -166,6 +166,22 @@ def check_not_a_part(path, flag: str) -> None:
                         f"{MARKER_NAME} records it); a new output there would mix with it: choose a folder outside it")
 
 
+def check_folder_to_write_into(path, flag: str) -> None:
+    """An output folder a command writes into (a run's, compare's) is absent or a folder, never a file nor a
+    symbolic link: minipeft trusts no marker reached through a link, so a run written through one could never be
+    resumed or replaced; the link's target is named instead."""
+    path = Path(path)
+    if path.is_symlink():
+        if not path.exists():
+            raise UserError(f"{flag_and_path(path, flag)}: is a symbolic link to {os.readlink(path)}, which does "
+                            "not exist")
+        raise UserError(f"{flag_and_path(path, flag)}: is a symbolic link (to {path.resolve()}); minipeft keeps the "
+                        "record of its files only in a folder reached without one (a run written through it could "
+                        f"not be resumed or replaced): give {flag} {path.resolve()}")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag_and_path(path, flag)}: is a file, expected a directory")
+
+
 def check_output_directory(path, flag: str, overwrite: bool) -> Path:
     """The rule for an output directory that is written whole (``merge --out``, ``pretrain --output_dir``): a
     new or empty one is written; an existing one is replaced only with ``overwrite`` and only when

@@ -1,0 +1,42 @@
+"""Fault injection, round seven (issue #26): each case is a misbehaviour that round's ~570 commands found, reduced
+to the smallest command that shows it. Helpers as in ``tests/test_faults.py``; every case runs through
+:func:`minipeft.cli.run`, as the scripts do.
+"""
+
+import json
+import os
+
+import pytest
+from test_faults import builtin_model_available, digests, in_process, one_error, records, write_records
+
+from minipeft.cli import main as cli_main
+from minipeft.cli.train import main as train_main
+
+pytestmark = pytest.mark.skipif(not builtin_model_available(), reason="the built-in model is not built")
+COMPARE = lambda argv: cli_main(["compare", *argv])  # noqa: E731
+
+
+def train(*args, capsys):
+    return in_process(train_main, "--max_steps", "1", "--num_threads", "1", "--max_records", "16", *args,
+                      capsys=capsys)
+
+
+# -- run folders ----------------------------------------------------------------------------------------------------
+def test_an_output_folder_that_is_a_symbolic_link_is_refused_naming_its_target(tmp_path, capsys):
+    """A run written through a linked --output_dir recorded none of its files (no marker is trusted through a link),
+    so it could never be resumed nor overwritten, by either path; a dangling link was called "a file"."""
+    real, link, dangling = tmp_path / "real", tmp_path / "link", tmp_path / "dangling"
+    real.mkdir()
+    link.symlink_to(real)
+    dangling.symlink_to(tmp_path / "missing")
+    for main in (train_main, COMPARE):
+        code, out, err = in_process(main, "--output_dir", link, "--max_steps", "1", capsys=capsys)
+        one_error(code, err, f"--output_dir {link}: is a symbolic link (to {real})", f"give --output_dir {real}")
+        code, out, err = in_process(main, "--output_dir", dangling, "--max_steps", "1", capsys=capsys)
+        one_error(code, err, f"--output_dir {dangling}: is a symbolic link to {tmp_path / 'missing'}, which does "
+                  "not exist")
+    assert list(real.iterdir()) == [] and not (tmp_path / "missing").exists()
+    code, _, err = train("--output_dir", real, capsys=capsys)  # the folder itself: a run that can be resumed
+    assert code == 0, err
+    code, out, err = train("--output_dir", real, "--resume", "latest", "--max_steps", "2", capsys=capsys)
+    assert code == 0 and "resumed from" in out, err
