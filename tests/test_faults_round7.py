@@ -40,3 +40,22 @@ def test_an_output_folder_that_is_a_symbolic_link_is_refused_naming_its_target(t
     assert code == 0, err
     code, out, err = train("--output_dir", real, "--resume", "latest", "--max_steps", "2", capsys=capsys)
     assert code == 0 and "resumed from" in out, err
+
+
+def test_a_resume_with_another_number_of_processes_is_refused_as_other_batches(tmp_path, capsys):
+    """A one-process run resumed under ``torchrun --nproc_per_node 2`` went on with twice the global batch and its
+    position applied to other batches, without a word; another --batch_size was refused. The number of processes is
+    part of the data's fingerprint (the trainer state's ``data``); here the checkpoint says 2 for a 1-process run."""
+    run = tmp_path / "run"
+    code, _, err = train("--output_dir", run, "--save_every", "1", "--max_steps", "2", capsys=capsys)
+    assert code == 0, err
+    state_path = run / "checkpoints" / "step-2" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    assert state["data"]["processes"] == 1
+    state["data"]["processes"] = 2
+    state_path.write_text(json.dumps(state))
+    before = digests(run)
+    code, _, err = train("--output_dir", run, "--resume", "latest", "--max_steps", "3", capsys=capsys)
+    one_error(code, err, "this run has 1 process, the run started with 2 (a step takes --batch_size × "
+              "--gradient_accumulation_steps × processes records)", "--resume_new_data")
+    assert digests(run) == before

@@ -265,7 +265,8 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
     adapter_metadata = {"base_model_name_or_path": args.model, "template": data_config.template,
                         "training": {key: value for key, value in arguments.items()
                                      if key in {field.name for field in fields(TrainingConfig)}
-                                     or key in DATA_FLAGS}}
+                                     or key in DATA_FLAGS},
+                        "processes": context.world_size}  # with the data settings, what cuts a step's batches
     if args.quantize != "none":  # generate and merge read it back, to rebuild the base the adapter was trained on
         adapter_metadata["quantization"] = {"quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head}
 

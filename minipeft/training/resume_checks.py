@@ -100,14 +100,15 @@ def file_sha256(path) -> str:
 
 def data_fingerprint(adapter_metadata: dict) -> dict:
     """What decides a run's batches, from the metadata its adapters are saved with (``template`` and the
-    ``training`` flags): ``dataset_path`` and its ``dataset_sha256`` (None for the built-in data), and the
-    :data:`DATA_SETTINGS` the run gave."""
+    ``training`` flags): ``dataset_path`` and its ``dataset_sha256`` (None for the built-in data), the
+    :data:`DATA_SETTINGS` the run gave, and its number of ``processes`` (each takes its share of a step's batch)."""
     training = adapter_metadata.get("training") or {}
     settings = {**training, "template": adapter_metadata.get("template")}
     path = training.get("dataset_path")
     sha256 = file_sha256(path) if path is not None and Path(path).is_file() else None
+    processes = {"processes": adapter_metadata["processes"]} if "processes" in adapter_metadata else {}
     return {"dataset_path": path, "dataset_sha256": sha256,
-            **{key: settings[key] for key in DATA_SETTINGS if key in settings}}
+            **{key: settings[key] for key in DATA_SETTINGS if key in settings}, **processes}
 
 
 def data_mismatch(saved: dict, current: dict | None) -> str | None:
@@ -121,6 +122,10 @@ def data_mismatch(saved: dict, current: dict | None) -> str | None:
             current.get("dataset_path"):
         return f"--dataset_path {saved['dataset_path']} changed since the run started (its sha256 was " \
                f"{str(saved.get('dataset_sha256'))[:12]}..., now {str(current.get('dataset_sha256'))[:12]}...)"
+    if "processes" in saved and "processes" in current and saved["processes"] != current["processes"]:
+        return (f"this run has {current['processes']} process{'es' * (current['processes'] != 1)}, the run started "
+                f"with {saved['processes']} (a step takes --batch_size × --gradient_accumulation_steps × processes "
+                "records)")
     for key in ("dataset_path", "dataset_sha256", *DATA_SETTINGS):
         if key in saved and key in current and saved[key] != current[key]:
             flag = "--dataset_path" if key == "dataset_sha256" else f"--{key}"
@@ -337,7 +342,7 @@ def check_state_file(state, source: str, expected_format: str) -> dict:
 def _fingerprint_problem(key: str, value) -> str | None:
     """What the data fingerprint's field ``key`` (:func:`data_fingerprint`) should be, or None when it is that."""
     whole = isinstance(value, int) and not isinstance(value, bool)
-    if key in ("batch_size", "max_length", "gradient_accumulation_steps"):
+    if key in ("batch_size", "max_length", "gradient_accumulation_steps", "processes"):
         return None if whole and 1 <= value < MAX_COUNT else "a positive integer"
     if key == "max_records":
         return None if value is None or whole and 1 <= value < MAX_COUNT else "null or a positive integer"
@@ -349,7 +354,8 @@ def _fingerprint_problem(key: str, value) -> str | None:
         return None if isinstance(value, bool) else "true or false"
     if key in ("dataset_path", "dataset_sha256", "template", "instruction_column", "input_column", "output_column"):
         return None if value is None or isinstance(value, str) else "null or a string"
-    return f"one of the fields a data fingerprint has ({', '.join(('dataset_path', 'dataset_sha256', *DATA_SETTINGS))})"
+    known = ("dataset_path", "dataset_sha256", *DATA_SETTINGS, "processes")
+    return f"one of the fields a data fingerprint has ({', '.join(known)})"
 
 
 # -- the tensors ---------------------------------------------------------------------------------------
