@@ -59,3 +59,37 @@ def test_a_resume_with_another_number_of_processes_is_refused_as_other_batches(t
     one_error(code, err, "this run has 1 process, the run started with 2 (a step takes --batch_size × "
               "--gradient_accumulation_steps × processes records)", "--resume_new_data")
     assert digests(run) == before
+
+
+def test_a_resume_on_another_base_names_the_model_and_unset_settings_are_not_none(tmp_path, capsys):
+    """Resuming with another --model was refused as another fan_in_fan_out (a consequence, not the cause); a
+    setting the run never had was "(it started with None)"; a quantization was a Python dict."""
+    import shutil
+
+    from minipeft.builtin import MODEL_DIR
+    from minipeft.training.resume_checks import _base_kind, changed_setting_message
+
+    model, run = shutil.copytree(MODEL_DIR, tmp_path / "model"), tmp_path / "run"
+    code, _, err = train("--model", model, "--output_dir", run, "--save_every", "1", "--max_steps", "2", capsys=capsys)
+    assert code == 0, err
+    before = digests(run)
+    code, _, err = train("--output_dir", run, "--resume", "latest", "--max_steps", "3", "--model", "builtin",
+                         capsys=capsys)  # before loading: the flag the user gave
+    one_error(code, err, f"--resume: --model builtin changes what the run computes (it started with {model}); "
+              "resume with the run's own --model (leave it out)")
+    config = run / "checkpoints" / "step-2" / "adapter" / "adapter_config.json"
+    values = json.loads(config.read_text())
+    values["base_model_name_or_path"] = "smollm2-135m"  # the checkpoint's own record, as if of another run
+    config.write_text(json.dumps(values))
+    code, _, err = train("--output_dir", run, "--resume", str(config.parent.parent), "--max_steps", "3", capsys=capsys)
+    one_error(code, err, f"the run trained on --model smollm2-135m, this run loads {model}; resume with the run's "
+              "own --model")
+    assert "fan_in_fan_out" not in err
+    config.write_text(json.dumps({**values, "base_model_name_or_path": str(model)}))
+    before = {path: digest for path, digest in before.items() if path != str(config)}
+    assert {path: digest for path, digest in digests(run).items() if path != str(config)} == before
+    assert changed_setting_message("--resume", "warmup_steps", 1, None).endswith(
+        "(it started without --warmup_steps); resume with the run's own --warmup_steps, or start a new run")
+    assert "(it started on the built-in data)" in changed_setting_message("--resume", "dataset_path", "a.json", None)
+    assert _base_kind(None) == "an unquantized base (--quantize none)"
+    assert _base_kind({"quantize": "nf4", "quantize_lm_head": False}) == "a base quantized to nf4"

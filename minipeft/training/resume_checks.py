@@ -53,6 +53,8 @@ DATA_FLAGS = ("dataset_path", *DATA_SETTINGS)  # ... and the file: what --resume
 # Training flags that change what a step computes (max_steps and epochs may grow: the run goes on longer).
 MATH_SETTINGS = ("learning_rate", "lr_schedule", "warmup_steps", "warmup_ratio", "min_lr", "weight_decay",
                  "max_grad_norm", "precision")
+# The base the adapter trains on: another one is another run (its adapter's shapes may even fit the new base).
+BASE_SETTINGS = ("model", "quantize", "quantize_lm_head")
 # Flags that may change between an interrupted run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = {"resume", "resume_new_data", "overwrite_output_dir", "max_steps", "epochs", "log_every",
                      "eval_every", "save_every", "save_total_limit", "early_stopping_patience", "cache_dir",
@@ -65,7 +67,8 @@ def refused_change(saved: dict, current: dict, new_data: bool = False) -> str | 
     refuses to change: one of :data:`MATH_SETTINGS` always, ``dataset_path`` or one of :data:`DATA_SETTINGS`
     unless ``new_data`` (``--resume_new_data``). None when every change is one a resume may make."""
     for key in sorted(set(saved) & set(current)):
-        if saved[key] != current[key] and (key in MATH_SETTINGS or key in DATA_FLAGS and not new_data):
+        if saved[key] != current[key] and (key in MATH_SETTINGS or key in BASE_SETTINGS
+                                           or key in DATA_FLAGS and not new_data):
             return key
     return None
 
@@ -74,7 +77,9 @@ def changed_setting_message(source: str, key: str, now, before, leave_out: bool 
     """The refusal of :func:`refused_change`'s ``key``: ``source`` says who refuses (``--resume DIR``);
     ``leave_out``: the flag was given on the command line, where leaving it out takes the run's own value."""
     remedy = " or pass --resume_new_data to continue on the new data" if key in DATA_FLAGS else ""
-    return (f"{source}: --{key} {now} changes what the run computes (it started with {before}); resume with the "
+    started = (f"it started with {before}" if before is not None else
+               "it started on the built-in data" if key == "dataset_path" else f"it started without --{key}")
+    return (f"{source}: --{key} {now} changes what the run computes ({started}); resume with the "
             f"run's own --{key}{' (leave it out)' if leave_out else ''}{remedy}, or start a new run")
 
 
@@ -120,6 +125,10 @@ def data_mismatch(saved: dict, current: dict | None) -> str | None:
         current = {**saved, "dataset_sha256": file_sha256(path)}
     if saved.get("dataset_sha256") != current.get("dataset_sha256") and saved.get("dataset_path") == \
             current.get("dataset_path"):
+        if saved.get("dataset_path") is None:  # the built-in data has no file to hash: the record was edited
+            sha256 = str(saved.get("dataset_sha256"))[:12]
+            return f"its data fingerprint names the built-in data with a sha256 ({sha256}...), which the " \
+                   "built-in data never has: the checkpoint's trainer_state.json was edited"
         return f"--dataset_path {saved['dataset_path']} changed since the run started (its sha256 was " \
                f"{str(saved.get('dataset_sha256'))[:12]}..., now {str(current.get('dataset_sha256'))[:12]}...)"
     if "processes" in saved and "processes" in current and saved["processes"] != current["processes"]:
@@ -143,9 +152,9 @@ def check_continues_the_run(directory: Path, adapter_dir: Path, state: dict, pef
     it the checks that need it (another data file or setting, :data:`MATH_SETTINGS`) are skipped.
     """
     saved_config = read_adapter_config(adapter_dir)
-    check_same_method(directory, saved_config, peft_model.peft_config, adapter_dir / CONFIG_NAME)
-    if current is not None:
+    if current is not None:  # the base first: on another model, the method's own settings differ as a consequence
         check_same_settings(directory, saved_config, current)
+    check_same_method(directory, saved_config, peft_model.peft_config, adapter_dir / CONFIG_NAME)
     check_same_data(directory, state.get("data"), None if current is None else data_fingerprint(current), new_data)
 
 
@@ -165,8 +174,8 @@ def check_same_method(directory: Path, saved_config: dict, method_config, config
             flag = _flag_of(method_config, key)
             raise UserError(f"--resume {directory}: the adapter was trained with {key} = "
                             f"{saved_config.get(key)!r:.60} ({config_path}), this run "
-                            f"builds {now.get(key)!r:.60}{f' (set by {flag})' if flag else ''}; resume with the run's own "
-                            "method settings, or start a new run")
+                            f"builds {now.get(key)!r:.60}{f' (set by {flag})' if flag else ''}; resume with the "
+                            "run's own method settings, or start a new run")
 
 
 def check_same_settings(directory: Path, saved_config: dict, current: dict) -> None:
@@ -178,10 +187,21 @@ def check_same_settings(directory: Path, saved_config: dict, current: dict) -> N
     key = refused_change(saved_training, training, new_data=True)  # the data: check_same_data, by its fingerprint
     if key is not None:
         raise UserError(changed_setting_message(f"--resume {directory}", key, training[key], saved_training[key]))
-    for key in ("base_model_name_or_path", "quantization"):
-        if saved_run.get(key) != current.get(key):
-            raise UserError(f"--resume {directory}: the run trained on {key} {saved_run.get(key)!r}, this run "
-                            f"loads {current.get(key)!r}; resume with the run's own --model and --quantize")
+    if saved_run.get("base_model_name_or_path") != current.get("base_model_name_or_path"):
+        raise UserError(f"--resume {directory}: the run trained on --model {saved_run.get('base_model_name_or_path')}, "
+                        f"this run loads {current.get('base_model_name_or_path')}; resume with the run's own --model")
+    if saved_run.get("quantization") != current.get("quantization"):
+        raise UserError(f"--resume {directory}: the run trained on {_base_kind(saved_run.get('quantization'))}, this "
+                        f"run loads {_base_kind(current.get('quantization'))}; resume with the run's own --quantize "
+                        "and --quantize_lm_head")
+
+
+def _base_kind(quantization) -> str:
+    """A base's quantization (an adapter's ``minipeft.quantization``: None, or the flags) in words."""
+    if not isinstance(quantization, dict):
+        return "an unquantized base (--quantize none)"
+    lm_head = " with --quantize_lm_head" if quantization.get("quantize_lm_head") else ""
+    return f"a base quantized to {quantization.get('quantize')}{lm_head}"
 
 
 def check_same_data(directory: Path, saved: dict, current: dict = None, new_data: bool = False) -> None:
