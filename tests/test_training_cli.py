@@ -118,6 +118,9 @@ def test_resume_with_only_the_output_dir_takes_the_runs_own_settings(tiny_run_in
     (["--modification_type", "prefix", "--gradient_checkpointing"], "--gradient_checkpointing cannot be used"),
     (["--val_size", "0", "--early_stopping_patience", "2"], "--early_stopping_patience needs a validation set"),
     (["--val_size", "0", "--eval_every", "2"], "--eval_every needs a validation set"),
+    (["--val_size", "0", "--eval_batch_size", "3"], "--eval_batch_size needs a validation set"),  # round seven
+    (["--lr_schedule", "constant", "--min_lr", "1e-5"], "--min_lr 1e-05: is where the linear and cosine schedules "
+                                                        "end; --lr_schedule constant keeps --learning_rate"),
 ])
 def test_user_mistakes_are_one_line_and_exit_status_2(tiny_run_inputs, tmp_path, capsys, extra, message):
     assert run(main, tiny_args(tiny_run_inputs, tmp_path, *extra)) == 2

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         default_cache = data_config.cache_dir == default_cache_dir()
         check_cache_outside(data_config.cache_dir, config.output_dir, default_cache)
         if data_config.val_size == 0:  # (a split that leaves no record for validation is found after it)
-            check_needs_validation(config, "--val_size 0")
+            check_needs_validation(config, data_config, "--val_size 0")
         check_method_flags_early(args)  # before the output folder and minutes of loading
         # checked, created, locked and --resume resolved now, before minutes of loading (training/run_dir.py)
         with open_run_dir(config, context.is_main, RUN_OUTPUTS + CLI_OUTPUTS, inputs) as run_dir:
@@ -178,10 +178,12 @@ def main(argv=None) -> int:
         shutdown_distributed()
 
 
-def check_needs_validation(config: TrainingConfig, why: str) -> None:
+def check_needs_validation(config: TrainingConfig, data_config, why: str) -> None:
     """A flag that acts on the validation set, in a run without one (``why``), would silently do nothing."""
-    for flag in ("early_stopping_patience", "eval_every", "eval_max_batches"):
-        if getattr(config, flag):
+    given = {flag: getattr(config, flag) for flag in ("early_stopping_patience", "eval_every", "eval_max_batches")}
+    given["eval_batch_size"] = data_config.eval_batch_size
+    for flag, value in given.items():
+        if value:
             raise UserError(f"--{flag} needs a validation set, and this run has none ({why})")
 
 
@@ -252,7 +254,8 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
     say("\n".join(report.summary_lines()))
     if val_loader is None:
         count = report.records_loaded
-        check_needs_validation(config, f"--val_size {data_config.val_size} of {count:,} record{'s' * (count != 1)}")
+        check_needs_validation(config, data_config,
+                               f"--val_size {data_config.val_size} of {count:,} record{'s' * (count != 1)}")
     torch.manual_seed(config.seed + context.rank)  # dropout: its own random stream on each process
 
     # 3) the settings, before training (a crashed run still says what it was)

@@ -141,6 +141,9 @@ class TrainingConfig:
             raise UserError(f"--early_stopping_patience {self.early_stopping_patience}: must be 0 (off) or more")
         if self.lr_schedule not in SCHEDULES:
             raise UserError(f"--lr_schedule {self.lr_schedule}: choose one of {', '.join(SCHEDULES)}")
+        if self.min_lr and self.lr_schedule == "constant":
+            raise UserError(f"--min_lr {self.min_lr}: is where the linear and cosine schedules end; --lr_schedule "
+                            "constant keeps --learning_rate throughout (drop --min_lr, or choose linear or cosine)")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
