@@ -93,3 +93,18 @@ def test_a_resume_on_another_base_names_the_model_and_unset_settings_are_not_non
     assert "(it started on the built-in data)" in changed_setting_message("--resume", "dataset_path", "a.json", None)
     assert _base_kind(None) == "an unquantized base (--quantize none)"
     assert _base_kind({"quantize": "nf4", "quantize_lm_head": False}) == "a base quantized to nf4"
+
+
+def test_a_restarted_run_does_not_say_its_schedule_changes_course(tmp_path, capsys):
+    """--resume latest of a run stopped before its first checkpoint starts over from step 0; a note still said the
+    schedule is re-planned "from the checkpoint on", next to the note that there is none."""
+    import shutil
+
+    run = tmp_path / "run"
+    code, _, err = train("--output_dir", run, capsys=capsys)
+    assert code == 0, err
+    for name in ("adapter", "best", "checkpoints"):  # as a run killed in its first step leaves it
+        shutil.rmtree(run / name, ignore_errors=True)
+    code, out, err = train("--output_dir", run, "--resume", "latest", "--max_steps", "2", capsys=capsys)
+    assert code == 0, err
+    assert "holds no checkpoint yet" in out + err and "schedule is planned over the new length" not in out + err

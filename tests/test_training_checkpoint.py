@@ -110,6 +110,7 @@ def test_resume_finds_the_newest_complete_checkpoint(tmp_path):
     assert resolve_resume("latest", tmp_path).name == "step-12"
     assert resolve_resume(str(tmp_path), tmp_path / "elsewhere").name == "step-12"
     assert resolve_resume(str(tmp_path / "checkpoints" / "step-3"), tmp_path).name == "step-3"
+    assert resolve_resume(str(tmp_path / "checkpoints"), tmp_path).name == "step-12"  # the folder of them (round 7)
     with pytest.raises(UserError, match="--resume .*: no checkpoint"):
         resolve_resume(str(tmp_path / "nothing"), tmp_path)
     prune_checkpoints(tmp_path / "checkpoints", keep_last=1, keep_steps=[3])

@@ -96,11 +96,12 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
     return TrainingConfig(**{field.name: getattr(args, field.name) for field in fields(TrainingConfig)})
 
 
-def warn_about_changed_settings(output_dir: Path, current: dict) -> None:
+def warn_about_changed_settings(output_dir: Path, current: dict, restarted: bool = False) -> None:
     """On --resume, before the model loads: refuse a setting that changes what a step computes or which batches
     it reads (the checkpoint could not continue the same run; what may change is decided in
     :mod:`minipeft.training.resume_checks`, which checks the checkpoint again, and the data file's hash, when it
-    resumes), and name the other settings that differ."""
+    resumes), and name the other settings that differ. ``restarted``: the run had no checkpoint and starts over
+    from step 0, so no schedule changes course."""
     before = saved_arguments(output_dir)
     refused = refused_change(before, current, new_data=bool(current.get("resume_new_data")))
     if refused is not None:
@@ -111,7 +112,8 @@ def warn_about_changed_settings(output_dir: Path, current: dict) -> None:
     if changed:
         print("note: resuming with settings that differ from the original run's: " + ", ".join(changed))
     length = [f"--{key} {current[key]} (was {before[key]})" for key in ("max_steps", "epochs") if key in differs]
-    if length and (current.get("lr_schedule") != "constant" or current.get("warmup_ratio") is not None):
+    if length and not restarted and (current.get("lr_schedule") != "constant"
+                                     or current.get("warmup_ratio") is not None):
         print(f"note: resuming with {', '.join(length)}: the {current.get('lr_schedule')} learning-rate schedule "
               "is planned over the new length from the checkpoint on, so its later steps follow another curve "
               "than the steps before (a run of the new length from the start would differ)")
@@ -211,7 +213,7 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
     output_dir = run_dir.path
     arguments = {key: value for key, value in vars(args).items()}
     if config.resume and context.is_main:
-        warn_about_changed_settings(output_dir, arguments)
+        warn_about_changed_settings(output_dir, arguments, run_dir.restarted)
     started = time.perf_counter()
 
     def base_and_method(dtype: torch.dtype, on_meta: bool = None):

@@ -285,11 +285,13 @@ def list_checkpoints(checkpoints_dir: Path) -> list:
 
 
 def resolve_resume(flag: str, output_dir: Path) -> Path:
-    """``--resume latest`` -> the newest checkpoint of ``output_dir``; a run directory -> its newest; else the
-    checkpoint directory itself."""
+    """``--resume latest`` -> the newest checkpoint of ``output_dir``; a run directory, or its ``checkpoints``
+    folder -> its newest; else the checkpoint directory itself."""
     path = Path(output_dir) if flag == "latest" else Path(flag)
     if (path / STATE_NAME).is_file():
         return path
+    if flag != "latest" and path.name == "checkpoints" and list_checkpoints(path):
+        path = path.parent  # the folder of a run's checkpoints: its newest, as for the run
     checkpoints = list_checkpoints(path / "checkpoints")
     if not checkpoints:
         where = f"{path / 'checkpoints'}" if flag == "latest" else str(path)
