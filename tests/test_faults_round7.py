@@ -108,3 +108,19 @@ def test_a_restarted_run_does_not_say_its_schedule_changes_course(tmp_path, caps
     code, out, err = train("--output_dir", run, "--resume", "latest", "--max_steps", "2", capsys=capsys)
     assert code == 0, err
     assert "holds no checkpoint yet" in out + err and "schedule is planned over the new length" not in out + err
+
+
+@pytest.mark.parametrize("name, advice", [("SIGINT", "(Ctrl-C again to stop at once)"),
+                                          ("SIGTERM", "(Ctrl-C (SIGINT) to stop at once)")])
+def test_a_stop_signal_says_what_stops_at_once(name, advice, capsys):
+    """SIGTERM (a scheduler, kill) and SIGHUP said "Ctrl-C again", as if the user had pressed it once."""
+    import signal
+
+    from minipeft.training.signals import StopRequest
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        StopRequest()._handle(getattr(signal, name), None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert f"{name}: finishing this step and saving a checkpoint {advice}" in capsys.readouterr().out

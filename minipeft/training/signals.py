@@ -43,8 +43,9 @@ class StopRequest:
         self.requested = True
         self.signal_number = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        at_once = "Ctrl-C again" if signum == signal.SIGINT else "Ctrl-C (SIGINT)"  # SIGTERM again: the same
         _say(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-             "(Ctrl-C again to stop at once)")
+             f"({at_once} to stop at once)")
 
     @contextmanager
     def installed(self):
