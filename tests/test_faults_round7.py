@@ -124,3 +124,18 @@ def test_a_stop_signal_says_what_stops_at_once(name, advice, capsys):
     finally:
         signal.signal(signal.SIGINT, previous)
     assert f"{name}: finishing this step and saving a checkpoint {advice}" in capsys.readouterr().out
+
+
+def test_a_resume_stops_before_training_on_an_edited_file_in_the_runs_adapter(tmp_path, capsys):
+    """An edited adapter/adapter_config.json stopped the resume at its final save, after all the training (and the
+    rotation of the checkpoints before it); it is found before the model loads now, and nothing is written."""
+    run = tmp_path / "run"
+    code, _, err = train("--output_dir", run, "--save_every", "1", "--max_steps", "2", capsys=capsys)
+    assert code == 0, err
+    edited = run / "adapter" / "adapter_config.json"
+    edited.write_text(edited.read_text().replace('"r": 8', '"r": 8 '))
+    before = digests(run)
+    code, out, err = train("--output_dir", run, "--resume", "latest", "--max_steps", "4", capsys=capsys)
+    one_error(code, err, f"--resume: {run / 'adapter'}: holds {edited}, which was changed after minipeft wrote it",
+              "the run saves adapter/ again")
+    assert "Training:" not in out and digests(run) == before

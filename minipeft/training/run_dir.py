@@ -29,8 +29,8 @@ from pathlib import Path
 from minipeft.core.errors import UserError
 from minipeft.files.atomic import make_directory
 from minipeft.files.lock import OutputLock, check_unlocked
-from minipeft.files.manifest import (MARKER_NAME, is_older_marker, is_ours, mark_as_ours, marker_problem,
-                                     read_manifest, record_as_ours)
+from minipeft.files.manifest import (CHANGED, MARKER_NAME, foreign_files_and_why, is_older_marker, is_ours,
+                                     mark_as_ours, marker_problem, read_manifest, record_as_ours)
 from minipeft.files.safe_files import (check_apart, check_folder_to_write_into, check_ours_to_replace,
                                        is_empty_directory, remove_our_directory)
 from minipeft.training.checkpoint import ADAPTER_DIR, list_checkpoints, resolve_resume
@@ -97,6 +97,8 @@ def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> No
         for name in found:  # its folders are saved keeping a user's files, stopping on a file of its own edited)
             if name != "metrics.jsonl" and (output_dir / name).is_file():
                 check_ours_to_replace(output_dir / name, "--resume")
+            elif name in (ADAPTER_DIR, "best") and (output_dir / name).is_dir():
+                check_no_edited_file(output_dir / name)
         return
     if not found:
         return
@@ -115,6 +117,16 @@ def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> No
                         "checkpoint to resume; pass --overwrite_output_dir to replace them, or another --output_dir")
     for name in found:  # the marker says minipeft made the folder, not that it wrote every file in it
         check_ours_to_replace(output_dir / name, "--output_dir")
+
+
+def check_no_edited_file(folder: Path) -> None:
+    """Before a resume trains: ``folder`` (the run's ``adapter/``, ``best/``), which its saves write again, holds no
+    file of the run's own that was edited since (a save keeps a user's files, but would have to replace that one:
+    it stopped there, after all the training)."""
+    for path, why in foreign_files_and_why(folder):
+        if why == CHANGED:
+            raise UserError(f"--resume: {folder}: holds {path}, which {why}; the run saves {folder.name}/ again, "
+                            "replacing it: move it out (or copy it elsewhere) first")
 
 
 def prepare_output_dir(output_dir: Path) -> None:
