@@ -374,7 +374,7 @@ def test_another_data_set_or_setting_is_refused_unless_new_data_is_asked_for(che
     with pytest.raises(UserError, match="--learning_rate 1.0 changes what the run computes"):
         check_same_settings(checkpoint, config, faster)
     check_same_settings(checkpoint, config, metadata)  # the run's own settings: nothing to say
-    with pytest.raises(UserError, match="base_model_name_or_path 'builtin', this run loads 'gpt2'"):
+    with pytest.raises(UserError, match="the run trained on --model builtin, this run loads gpt2; resume with the run's own --model"):
         check_same_settings(checkpoint, config, {**metadata, "base_model_name_or_path": "gpt2"})
 
 

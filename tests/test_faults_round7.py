@@ -139,3 +139,19 @@ def test_a_resume_stops_before_training_on_an_edited_file_in_the_runs_adapter(tm
     one_error(code, err, f"--resume: {run / 'adapter'}: holds {edited}, which was changed after minipeft wrote it",
               "the run saves adapter/ again")
     assert "Training:" not in out and digests(run) == before
+
+
+@pytest.mark.parametrize("name", ["adapter/adapter_model.safetensors", "optimizer.safetensors"])
+def test_a_checkpoint_file_swapped_in_from_another_checkpoint_is_refused(name, tmp_path, capsys):
+    """A file of the same shapes copied from step-1 into step-2 was resumed from silently, ending on another
+    adapter; the checkpoint's marker records each file's sha256."""
+    import shutil
+
+    run = tmp_path / "run"
+    code, _, err = train("--output_dir", run, "--save_every", "1", "--max_steps", "2", capsys=capsys)
+    assert code == 0, err
+    checkpoints = run / "checkpoints"
+    shutil.copyfile(checkpoints / "step-1" / name, checkpoints / "step-2" / name)
+    code, _, err = train("--output_dir", run, "--resume", "latest", "--max_steps", "3", capsys=capsys)
+    one_error(code, err, f"--resume {checkpoints / 'step-2'}: {checkpoints / 'step-2' / name} is not the file "
+              "minipeft wrote there (its sha256 differs from the checkpoint's record)")

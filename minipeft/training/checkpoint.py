@@ -53,7 +53,7 @@ from minipeft.core.finite import first_nonfinite_tensor, nonfinite_to_none
 from minipeft.files.input_files import read_input_text
 from minipeft.files.json_limits import loads_bounded
 from minipeft.files.atomic import json_text
-from minipeft.files.manifest import foreign_files
+from minipeft.files.manifest import changed_content, foreign_files
 from minipeft.files.safe_files import write_directory_atomically
 from minipeft.training.resume_checks import (check_continues_the_run, check_optimizer_files, check_rng_tensors,
                                              check_state_file, data_fingerprint, data_mismatch)
@@ -262,6 +262,14 @@ def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 
     prefix = f"rank{rank}."
     mine = {key[len(prefix):]: tensor for key, tensor in rng_tensors.items() if key.startswith(prefix)}
     check_rng_tensors(mine, directory / RNG_NAME, prefix)
+    # Last, once every file passed the checks that name what is wrong in it: a file of the right shapes and finite
+    # values that is still not the one written here (another checkpoint's, copied in). trainer_state.json is
+    # checked field by field, and against its folder's step, above.
+    changed = [path for path in changed_content(directory) if path.name != STATE_NAME]
+    changed += changed_content(directory / ADAPTER_DIR)
+    if changed:
+        raise UserError(f"--resume {directory}: {changed[0]} is not the file minipeft wrote there (its sha256 differs "
+                        "from the checkpoint's record); resume from another checkpoint")
     trainer = dict(state["trainer"])
     if new_data and data_mismatch(state.get("data") or {}, None if current is None else data_fingerprint(current)):
         trainer.update(batches_done=0, epoch_nll=0.0, epoch_target_tokens=0)  # the new data from its first batch
