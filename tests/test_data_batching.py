@@ -156,6 +156,41 @@ def test_best_fit_decreasing_packing_fills_bins_without_overflow(seed):
     assert len(bins) <= sequential
 
 
+def best_fit_with_a_list_per_size(lengths, max_length: int) -> list:
+    """The packing as first written (one list of bins per possible free size): the oracle of the bisect form."""
+    bins, bins_with_free = [], [[] for _ in range(max_length + 1)]
+    for index in np.argsort(-np.asarray(lengths), kind="stable").tolist():
+        length = int(lengths[index])
+        free = next((f for f in range(length, max_length + 1) if bins_with_free[f]), None)
+        if free is None:
+            bin_id, free = len(bins), max_length
+            bins.append([])
+        else:
+            bin_id = bins_with_free[free].pop()
+        bins[bin_id].append(index)
+        bins_with_free[free - length].append(bin_id)
+    return bins
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_packing_equals_the_list_per_size_form_and_its_memory_does_not_grow_with_max_length(seed):
+    """``data --max_length 100000000`` took gigabytes (and a MemoryError traceback under a limit) for 20 short
+    records: one list per possible free size. Now the free sizes that occur, kept sorted: the same bins."""
+    import tracemalloc
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 101, size=300)
+    assert pack_by_length(lengths, 100) == best_fit_with_a_list_per_size(lengths, 100)
+    assert pack_by_length(lengths, 173) == best_fit_with_a_list_per_size(lengths, 173)
+    tracemalloc.start()
+    try:
+        bins = pack_by_length(lengths, 10 ** 9)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert bins == [list(np.argsort(-lengths, kind="stable"))] and peak < 2 ** 20
+
+
 LENGTHS = np.random.default_rng(0).integers(5, 250, size=203)
 
 

@@ -22,6 +22,8 @@ Which records share a sequence is decided once, by best-fit decreasing bin packi
 into the fullest sequence it still fits); the sampler then shuffles the packed sequences every epoch.
 """
 
+import bisect
+
 import numpy as np
 from torch.utils.data import Dataset
 
@@ -31,24 +33,31 @@ from minipeft.data.batching import InstructionDataset
 def pack_by_length(lengths, max_length: int) -> list[list[int]]:
     """Group example indices into bins whose lengths sum to at most ``max_length`` (best-fit decreasing).
 
-    Every length must be <= ``max_length``. Free space is bucketed by size, so finding the fullest bin that
-    still fits an example costs at most ``max_length`` steps.
+    Every length must be <= ``max_length``. Open bins are bucketed by their free space, and the free sizes that
+    occur are kept sorted, so the fullest bin that still fits an example is one binary search away (memory grows
+    with the records, never with ``max_length``: a list per possible size took gigabytes at ``--max_length 1e8``).
     """
     lengths = np.asarray(lengths)
     if len(lengths) and lengths.max() > max_length:
         raise ValueError(f"an example of {lengths.max()} tokens does not fit in max_length {max_length}")
     bins: list[list[int]] = []
-    bins_with_free = [[] for _ in range(max_length + 1)]  # bins_with_free[f]: ids of bins with f tokens free
+    bins_with_free: dict[int, list[int]] = {}  # bins_with_free[f]: ids of open bins with f tokens free
+    free_sizes: list[int] = []  # the keys of bins_with_free, ascending
     for index in np.argsort(-lengths, kind="stable").tolist():
         length = int(lengths[index])
-        free = next((f for f in range(length, max_length + 1) if bins_with_free[f]), None)
-        if free is None:  # fits in no open bin: open a new one
+        at = bisect.bisect_left(free_sizes, length)  # the smallest free space that still fits
+        if at == len(free_sizes):  # fits in no open bin: open a new one
             bin_id, free = len(bins), max_length
             bins.append([])
         else:
+            free = free_sizes[at]
             bin_id = bins_with_free[free].pop()
+            if not bins_with_free[free]:
+                del bins_with_free[free], free_sizes[at]
         bins[bin_id].append(index)
-        bins_with_free[free - length].append(bin_id)
+        if free - length not in bins_with_free:
+            bisect.insort(free_sizes, free - length)
+        bins_with_free.setdefault(free - length, []).append(bin_id)
     return bins
 
 
