@@ -155,3 +155,41 @@ def test_a_checkpoint_file_swapped_in_from_another_checkpoint_is_refused(name, t
     code, _, err = train("--output_dir", run, "--resume", "latest", "--max_steps", "3", capsys=capsys)
     one_error(code, err, f"--resume {checkpoints / 'step-2'}: {checkpoints / 'step-2' / name} is not the file "
               "minipeft wrote there (its sha256 differs from the checkpoint's record)")
+
+
+# -- generate, merge, compare, data ---------------------------------------------------------------------------------
+GENERATE = lambda argv: cli_main(["generate", *argv])  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A LoRA adapter of the built-in model (one step)."""
+    run = tmp_path_factory.mktemp("round7") / "run"
+    from minipeft.cli import run as run_main
+
+    assert run_main(train_main, ["--max_steps", "1", "--num_threads", "1", "--max_records", "16", "--output_dir",
+                                 str(run)]) == 0
+    return run / "adapter"
+
+
+def test_a_chat_template_recorded_by_the_adapter_is_blamed_on_its_config_not_on_the_flag(adapter, tmp_path, capsys):
+    import shutil
+
+    copy = shutil.copytree(adapter, tmp_path / "adapter")
+    config = copy / "adapter_config.json"
+    values = json.loads(config.read_text())
+    values["minipeft"]["template"] = "chat"  # as an adapter trained with the chat template of another base
+    config.write_text(json.dumps(values))
+    code, _, err = in_process(GENERATE, "--adapter", copy, "--prompt", "Hi", "--max_new_tokens", "2", capsys=capsys)
+    one_error(code, err, f'{config}: "minipeft.template" is \'chat\', but this base\'s tokenizer has no chat '
+              "template", "pass --template alpaca or --template plain")
+    assert "--template chat" not in err
+    code, out, err = in_process(GENERATE, "--adapter", copy, "--prompt", "Hi", "--max_new_tokens", "2", "--template",
+                                "alpaca", capsys=capsys)
+    assert code == 0, err
+
+
+def test_an_adapter_flag_naming_a_file_says_it_is_a_file(adapter, capsys):
+    weights = adapter / "adapter_model.safetensors"
+    code, _, err = in_process(GENERATE, "--adapter", weights, "--prompt", "Hi", capsys=capsys)
+    one_error(code, err, f"{weights}: is a file, expected an adapter directory")

@@ -102,17 +102,22 @@ def resolve_template(template_flag, adapter_dir, model_name: str, tokenizer) -> 
     if adapter_dir is not None:
         recorded = adapter_metadata(adapter_dir).get("template")
         if recorded:
-            return known_template(recorded, f"{Path(adapter_dir) / 'adapter_config.json'}: \"minipeft.template\"")
+            return known_template(recorded, f"{Path(adapter_dir) / 'adapter_config.json'}: \"minipeft.template\"",
+                                  tokenizer)
     recorded = read_merge_info(model_name).get("template")  # a model written by `python -m minipeft merge`
     if recorded:
-        return known_template(recorded, f"{Path(model_name) / 'minipeft_merge.json'}: \"template\"")
+        return known_template(recorded, f"{Path(model_name) / 'minipeft_merge.json'}: \"template\"", tokenizer)
     return resolve_template_name("auto", tokenizer)
 
 
-def known_template(name, where: str) -> str:
-    """A template recorded in a file, checked here: the template's own error would blame --template."""
+def known_template(name, where: str, tokenizer=None) -> str:
+    """A template recorded in a file, checked here: the template's own error would blame --template, which the
+    user did not give (a recorded ``chat`` on a base whose tokenizer has no chat template included)."""
     if name not in (*TEMPLATES, "none"):
         raise UserError(f"{where} is {name!r:.80}, not a template ({', '.join(TEMPLATES)}, none); pass --template")
+    if name == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{where} is 'chat', but this base's tokenizer has no chat template (was the adapter "
+                        "trained on another base?); pass --template alpaca or --template plain")
     return name
 
 

@@ -220,7 +220,8 @@ def read_adapter_config(directory) -> dict:
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not directory.is_dir():
-        raise UserError(f"{directory}: no such adapter directory")
+        what = "is a file, expected an adapter directory" if directory.exists() else "no such adapter directory"
+        raise UserError(f"{directory}: {what}")
     if not config_path.exists():  # (a FIFO is there, not a file: read_input_text refuses it without opening it)
         raise UserError(f"{directory}: no {CONFIG_NAME} (is this an adapter directory?)")
     try:
