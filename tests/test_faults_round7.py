@@ -193,3 +193,10 @@ def test_an_adapter_flag_naming_a_file_says_it_is_a_file(adapter, capsys):
     weights = adapter / "adapter_model.safetensors"
     code, _, err = in_process(GENERATE, "--adapter", weights, "--prompt", "Hi", capsys=capsys)
     one_error(code, err, f"{weights}: is a file, expected an adapter directory")
+
+
+def test_compare_names_the_method_not_a_flag_it_does_not_have(tmp_path, capsys):
+    code, _, err = in_process(COMPARE, "--methods", "selective", "--freeze_layers", "0-3", "--no_train_final_norm",
+                              "--max_steps", "1", "--output_dir", tmp_path / "cmp", capsys=capsys)
+    line = one_error(code, err, "selective: these settings leave no parameter to train")
+    assert "--modification_type" not in line

@@ -121,7 +121,7 @@ def test_without_adapter_a_model_directory_runs_with_the_default_template(model_
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--prompt", "hi", "--temperature", "0.7"], "--temperature only apply when sampling; add --do_sample"),
+    (["--prompt", "hi", "--temperature", "0.7"], "--temperature only applies when sampling; add --do_sample"),
     (["--prompt", "hi", "--do_sample", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
     (["--prompt", "hi", "--max_new_tokens", "-1"], "--max_new_tokens -1: asks for no new token"),
     (["--prompt", "hi", "--batch_size", "0"], "--batch_size must be a positive integer"),

@@ -50,7 +50,7 @@ from minipeft.core.adapter_layer import AdapterLayer, adapter_layers
 from minipeft.core.layers import layer_features
 from minipeft.core.virtual_tokens import PromptEncoder
 from minipeft.fast.loss import positions_prepended
-from minipeft.methods import METHODS, method_for_config
+from minipeft.methods import METHODS, adapter_kind, method_for_config
 from minipeft.training.optimizer import added_linear_weights
 from minipeft.training.precision import adapter_added_parameters
 from tests.conftest import make_gpt2_tiny, make_llama_tiny, randomise_adapter
@@ -334,7 +334,7 @@ def test_merging_is_exact_or_refused(name, model):
     with torch.no_grad():
         before = peft_model(**inputs).logits
         if not method.mergeable:
-            with pytest.raises(UserError, match=f"a {name} adapter cannot be merged"):
+            with pytest.raises(UserError, match=f"{adapter_kind(name)} cannot be merged"):
                 peft_model.merge_adapter()
             for layer in adapter_layers(peft_model):
                 with pytest.raises(UserError, match="cannot be merged"):

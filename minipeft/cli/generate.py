@@ -70,8 +70,8 @@ def check_sampling_flags(args) -> None:
     """Sampling flags without ``--do_sample`` would be ignored: say so instead."""
     given = [f"--{name}" for name in ("temperature", "top_k", "top_p", "seed") if getattr(args, name) is not None]
     if given and not args.do_sample:
-        raise UserError(f"{', '.join(given)} only apply when sampling; add --do_sample "
-                        "(greedy decoding is the default)")
+        raise UserError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} when sampling; add "
+                        "--do_sample (greedy decoding is the default)")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top_k {args.top_k}: keeps no token to sample from; give k >= 1, or leave --top_k out")
     check_generation_settings(args.max_new_tokens, args.do_sample,  # what generation checks: before loading

@@ -24,7 +24,7 @@ from minipeft.inference.prompts import (base_model_flag, blaming_the_adapters_ba
                                         resolve_template)
 from minipeft.loading.models import local_model_path
 from minipeft.loading.streaming import load_base_model
-from minipeft.methods import method_for_config
+from minipeft.methods import adapter_kind, method_for_config
 from minipeft.model.adapter_files import CONFIG_NAME, adapter_fingerprint, config_from_dict, read_adapter_config
 from minipeft.model.peft_model import load_adapter
 from minipeft.quantization.nf4 import dequantize_model
@@ -60,7 +60,7 @@ def check_mergeable(adapter_dir) -> None:
     source = f"--adapter {Path(adapter_dir) / CONFIG_NAME}"
     method = method_for_config(config_from_dict(read_adapter_config(adapter_dir), source))
     if not method.mergeable:
-        raise UserError(f"{source}: a {method.name} adapter cannot be merged into the weights "
+        raise UserError(f"{source}: {adapter_kind(method.name)} cannot be merged into the weights "
                         f"({method.why_not_mergeable}); generate with it unmerged instead")
 
 

@@ -55,6 +55,12 @@ def default_learning_rate(name: str) -> float:
     return METHODS[name].learning_rate
 
 
+def adapter_kind(name: str) -> str:
+    """A method's adapter in words, for messages: "a lora adapter", "a bottleneck adapter" (not "a adapter
+    adapter")."""
+    return "a bottleneck adapter" if name == "adapter" else f"a {name} adapter"
+
+
 def method_for_config(config) -> Method:
     """The :class:`Method` a config object belongs to: of the methods with its config class, the one whose
     ``variant_settings`` the config matches, the most specific first (DoRA is LoRA with ``use_dora=True``, as in

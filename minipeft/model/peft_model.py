@@ -34,7 +34,7 @@ from minipeft.core.errors import UserError
 from minipeft.core.generation import generate
 from minipeft.core.inject import ModuleToSave, count_parameters, format_parameter_table, freeze
 from minipeft.core.inject import replace_module, wrap_modules_to_save
-from minipeft.methods import method_for_config
+from minipeft.methods import adapter_kind, method_for_config
 from minipeft.model.adapter_files import CONFIG_NAME, load_peft_state_dict, read_adapter
 from minipeft.model.adapter_files import save_adapter as write_adapter_files
 
@@ -136,7 +136,8 @@ class PeftModel(nn.Module):
     def _mergeable_layers(self):
         method = self.method
         if not method.mergeable:
-            raise UserError(f"a {method.name} adapter cannot be merged into the weights ({method.why_not_mergeable})")
+            raise UserError(f"{adapter_kind(method.name)} cannot be merged into the weights "
+                            f"({method.why_not_mergeable})")
         return adapter_layers(self.base_model)
 
     def merge_adapter(self) -> None:
@@ -210,7 +211,7 @@ def get_peft_model(model: nn.Module, config) -> PeftModel:
                 if parameter.requires_grad and id(parameter) in base_parameters]
     peft_model = PeftModel(model, config, prompt_encoder, in_place)
     if not peft_model.adapter_parameter_names:
-        raise UserError(f"--modification_type {method.name}: these settings leave no parameter to train")
+        raise UserError(f"{method.name}: these settings leave no parameter to train")  # (compare has --methods)
     return peft_model
 
 
