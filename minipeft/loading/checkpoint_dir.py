@@ -246,20 +246,20 @@ def match_names(model: nn.Module, stored: dict) -> tuple:
     return mapping, problems
 
 
-def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set,
-                 dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = None) -> None:
+def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set, dtype: torch.dtype = torch.float32,
+                 compute_dtype: torch.dtype = None, source: str = "--model") -> None:
     """Put one checkpoint tensor into a model built on the meta device; a weight of a layer in ``targets``
     is quantized on arrival (the layer becomes a :class:`Linear4bit`), so its float copy lives only here.
     Every other floating tensor is stored in ``dtype`` (the 4-bit codes are those of the weight as read);
-    the 4-bit layers compute in ``compute_dtype`` (None: the default)."""
+    the 4-bit layers compute in ``compute_dtype`` (None: the default); ``source`` names the file in messages."""
     module_name, _, attribute = name.rpartition(".")
     module = model.get_submodule(module_name)
     expected = getattr(module, attribute, None)
     if isinstance(expected, torch.Tensor) and tuple(expected.shape) != tuple(tensor.shape):
-        raise UserError(f"--model: tensor {name} has shape {list(tensor.shape)} in the weights, but config.json "
+        raise UserError(f"{source}: tensor {name} has shape {list(tensor.shape)} in the weights, but config.json "
                         f"describes {list(expected.shape)}; config.json and the weights disagree")
     if isinstance(expected, torch.Tensor) and expected.is_floating_point() and not tensor.is_floating_point():
-        raise UserError(f"--model: tensor {name} is stored as {str(tensor.dtype).replace('torch.', '')}, but the "
+        raise UserError(f"{source}: tensor {name} is stored as {str(tensor.dtype).replace('torch.', '')}, but the "
                         "model computes it in floating point; the checkpoint is damaged or not this model's")
     quantize = module_name in targets and attribute == "weight"
     if not quantize and tensor.is_floating_point():
@@ -324,7 +324,7 @@ def load_checkpoint_dir(directory, quantize: str = "none", quantize_lm_head: boo
         for name, tensor_info in sorted(stored.items(), key=lambda item: (str(item[1].file), item[1].begin)):
             handle = handles.get(tensor_info.file) or handles.setdefault(tensor_info.file, open(tensor_info.file, "rb"))
             place_tensor(model, mapping[name], read_tensor(tensor_info, handle).to(device), targets, dtype,
-                         compute_dtype)
+                         compute_dtype, f"--model {tensor_info.file}")
             if mapping[name] in quantized_targets:
                 release_freed_memory()  # the quantizer's temporaries, which would otherwise stay resident
     finally:
