@@ -200,3 +200,35 @@ def test_compare_names_the_method_not_a_flag_it_does_not_have(tmp_path, capsys):
                               "--max_steps", "1", "--output_dir", tmp_path / "cmp", capsys=capsys)
     line = one_error(code, err, "selective: these settings leave no parameter to train")
     assert "--modification_type" not in line
+
+
+def test_data_names_a_missing_model_folder_as_generate_does(tmp_path, capsys):
+    from minipeft.cli.data import main as data_main
+
+    missing = tmp_path / "nomodel"
+    code, _, err = in_process(data_main, "--model", missing, "--num_samples", "0", capsys=capsys)
+    one_error(code, err, f"--model {missing}: no such directory (a Hugging Face id looks like owner/name)")
+    code, _, err = in_process(data_main, "--model", tmp_path / "x.json", "--num_samples", "0", capsys=capsys)
+    assert code == 2 and "Repo id" not in err
+
+
+def test_an_output_file_in_a_run_folder_is_named_as_such_not_its_record(adapter, tmp_path, capsys):
+    """generate --output_file RUN/o.jsonl, then a command replacing RUN refused (rightly) naming the file's sidecar
+    record, ``.o.jsonl.minipeft``, as one "minipeft did not write": it wrote it a moment before."""
+    import shutil
+
+    run = tmp_path / "run"
+    code, _, err = train("--output_dir", run, capsys=capsys)
+    assert code == 0, err
+    answers = run / "o.jsonl"
+    code, _, err = in_process(GENERATE, "--adapter", run / "adapter", "--prompt", "Hi", "--max_new_tokens", "2",
+                              "--output_file", answers, capsys=capsys)
+    assert code == 0 and answers.is_file(), err
+    shutil.rmtree(run / "checkpoints")
+    before = digests(run)
+    for command in (["merge", "--adapter", adapter, "--out", run, "--overwrite"],
+                    ["pretrain", "--output_dir", run, "--max_steps", "1", "--overwrite"]):
+        code, _, err = in_process(lambda argv: cli_main([command[0], *argv]), *command[1:], capsys=capsys)
+        line = one_error(code, err, f"holds {answers}, which is an output minipeft wrote as --output_file")
+        assert ".o.jsonl.minipeft" not in line and "did not write" not in line
+    assert digests(run) == before

@@ -15,7 +15,8 @@ from minipeft.data.pipeline import build_dataloaders
 from minipeft.data.report import describe_sample, padding_by_mode
 from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
-from minipeft.loading.models import SMOLLM2_NAME, TOKENIZER_FILES, smollm2_gguf_path, tokenizer_files
+from minipeft.loading.models import (SMOLLM2_NAME, TOKENIZER_FILES, check_hub_id_shape, smollm2_gguf_path,
+                                     tokenizer_files)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +50,8 @@ def load_tokenizer(name: str):
             raise UserError(f"--model {name}: has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}); save it beside "
                             "the model with tokenizer.save_pretrained")
         check_tokenizer(Path(name))  # a damaged tokenizer.json is named as such (a KeyError traceback otherwise)
+    else:
+        check_hub_id_shape(name)  # (a missing folder was reported in the hub's words about repo ids)
     try:
         return AutoTokenizer.from_pretrained(name, local_files_only=not Path(name).exists())
     except (OSError, ValueError) as error:

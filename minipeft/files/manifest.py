@@ -236,6 +236,11 @@ def _foreign(directory: Path, manifest: dict, prefix: str, unlisted: str) -> lis
             continue  # what a killed write left: minipeft's, deleted by remove_incomplete
         if entry.is_symlink():
             found.append((entry, SYMBOLIC_LINK))
+        elif relative not in manifest and is_sidecar_beside_its_file(entry):
+            found.append((entry, f"is minipeft's record of {entry.parent / entry.name[1:-len(MARKER_NAME)]}, an "
+                                 "output the user named (it is not part of this folder)"))
+        elif relative not in manifest and wrote_output_file(entry):
+            found.append((entry, _other_output(entry)))
         elif relative not in manifest:
             found.append((entry, unlisted))
         elif not _unchanged(entry, manifest[relative]):
@@ -245,6 +250,20 @@ def _foreign(directory: Path, manifest: dict, prefix: str, unlisted: str) -> lis
             found += (_foreign(entry, own, "", _unlisted(entry)) if own is not None else
                       _foreign(entry, manifest, relative + "/", unlisted))
     return found
+
+
+def is_sidecar_beside_its_file(path: Path) -> bool:
+    """``.NAME.minipeft`` beside ``NAME``: the record of an output file the user named (:func:`sidecar_of`)."""
+    name = path.name
+    return name.startswith(".") and name.endswith(MARKER_NAME) and len(name) > len(MARKER_NAME) + 1 \
+        and (path.parent / name[1:-len(MARKER_NAME)]).is_file()
+
+
+def _other_output(path: Path) -> str:
+    """Why an output file another command wrote inside a folder is not that folder's (a reason, as
+    :data:`NOT_RECORDED`): it is the user's, named as an output of its own."""
+    flag = written_as(path)
+    return f"is an output minipeft wrote as {flag or 'its own file'} (the user named it: it is not part of this folder)"
 
 
 def wrote_file(path) -> bool:

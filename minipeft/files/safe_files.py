@@ -34,7 +34,8 @@ from minipeft.files.input_files import flag_and_path
 from minipeft.files.lock import check_unlocked, holds_lock_above
 from minipeft.files.manifest import (CHANGED, DIRECTORY, MARKER_NAME, NOT_RECORDED, SYMBOLIC_LINK, UNLISTED,
                                      file_identity, forget, foreign_files_and_why, is_older_marker, is_ours,
-                                     manifest_text, marker_problem, read_manifest, record_as_ours, record_as_part,
+                                     is_sidecar_beside_its_file, manifest_text, marker_problem, read_manifest,
+                                     record_as_ours, record_as_part,
                                      sha256_of, sidecar_of, written_as, wrote_file, wrote_output_file)
 
 
@@ -130,8 +131,8 @@ def check_replaceable(path, flag: str = "", foreign_files_stop: bool = True) -> 
                         "refusing to replace or delete it: choose another directory or empty this one yourself")
     check_unlocked(path, flag)
     foreign = foreign_files_and_why(path) if foreign_files_stop else []
-    if foreign:
-        raise _not_ours(path, flag, *foreign[0])
+    if foreign:  # named by the file the user asked for, not by its sidecar record
+        raise _not_ours(path, flag, *sorted(foreign, key=lambda item: is_sidecar_beside_its_file(item[0]))[0])
 
 
 def _not_ours(directory: Path, flag: str, path: Path, why: str) -> UserError:

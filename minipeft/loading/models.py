@@ -194,6 +194,15 @@ def tokenizer_files(directory) -> list:
     return [name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()]
 
 
+def check_hub_id_shape(name: str) -> None:
+    """A ``--model`` that is no local directory is a hub id, so it looks like one: a file, or a path (``./x``,
+    ``/x``, ``a/b/c``), is named as what it is, not passed to the hub's own complaint about repo ids."""
+    if Path(name).exists():
+        raise UserError(f"--model {name}: is a file, expected a model directory or a Hugging Face id")
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise UserError(f"--model {name}: no such directory (a Hugging Face id looks like owner/name)")
+
+
 def local_tokenizer(directory):
     """The tokenizer saved in ``directory``, or None when it holds no tokenizer file (``from_pretrained`` would
     build an empty one from config.json that turns every text into nothing)."""
@@ -215,10 +224,7 @@ def _load_pretrained(name: str, dtype):
             raise UserError(f"--model {name}: its weights cannot be read ({str(error).splitlines()[0][:200]}); the "
                             "checkpoint is damaged (download or save it again)") from None
         return model, local_tokenizer(Path(name))
-    if Path(name).exists():
-        raise UserError(f"--model {name}: is a file, expected a model directory or a Hugging Face id")
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
-        raise UserError(f"--model {name}: no such directory (a Hugging Face id looks like owner/name)")
+    check_hub_id_shape(name)
     try:
         cached_config = try_to_load_from_cache(name, "config.json")
     except HFValidationError:
