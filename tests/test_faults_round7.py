@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from test_faults import builtin_model_available, digests, in_process, one_error, records, write_records
+from test_faults import builtin_model_available, digests, in_process, one_error
 
 from minipeft.cli import main as cli_main
 from minipeft.cli.train import main as train_main
