@@ -253,3 +253,26 @@ def test_a_new_conversion_deletes_only_other_copies_unused_for_a_day(tmp_path):
         os.utime(folder, (long_ago, long_ago))
     assert prune_conversions(kept) == [old]
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(p.name for p in (kept, recent, users))
+
+
+# -- round eight (on the fixes above) --------------------------------------------------------------------------------
+def test_a_runs_folder_that_is_a_symbolic_link_is_never_written_through(tmp_path, capsys):
+    """A run whose checkpoints/ was linked to another run's resumed into that run: it wrote step-2 there and pruned
+    that run's checkpoints; a linked adapter/ was found only at the final save."""
+    import shutil
+
+    other, run = tmp_path / "other", tmp_path / "run"
+    code, _, err = train("--output_dir", other, "--save_every", "1", "--max_steps", "2", capsys=capsys)
+    assert code == 0, err
+    shutil.copytree(other, run)
+    for name in ("checkpoints", "adapter"):
+        shutil.rmtree(run / name)
+        (run / name).symlink_to(other / name)
+        before = digests(other)
+        for flags in (["--resume", "latest", "--max_steps", "3"], ["--overwrite_output_dir"]):
+            code, out, err = train("--output_dir", run, *flags, capsys=capsys)
+            one_error(code, err, f"--output_dir {run}: its {name} is a symbolic link (to {other / name}), which "
+                      "minipeft never writes")
+            assert "Training:" not in out and digests(other) == before
+        (run / name).unlink()
+        shutil.copytree(other / name, run / name)

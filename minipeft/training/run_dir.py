@@ -22,6 +22,7 @@ On leaving it releases the lock, and a directory it created that holds nothing (
 anything) is removed. The other processes of a distributed run write nothing: they only resolve ``--resume``.
 """
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,12 @@ def resume_point(config: TrainingConfig, output_dir: Path) -> RunDir:
 def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> None:
     """A new run does not silently replace an earlier run's ``outputs``, and never files minipeft did not write."""
     output_dir = Path(config.output_dir)
-    found = [name for name in outputs if (output_dir / name).exists()]
+    found = [name for name in outputs if (output_dir / name).exists() or (output_dir / name).is_symlink()]
+    links = [name for name in found if (output_dir / name).is_symlink()]
+    if links:  # a run writes through none: its checkpoints/ linked to another run's would write into that one
+        raise UserError(f"--output_dir {output_dir}: its {links[0]} is a symbolic link (to "
+                        f"{os.path.realpath(output_dir / links[0])}), which minipeft never writes; refusing to write "
+                        "or delete through it: remove the link, or choose another --output_dir")
     if config.resume:  # the run's files it rewrites must still be as it wrote them (its log is cut to the step;
         for name in found:  # its folders are saved keeping a user's files, stopping on a file of its own edited)
             if name != "metrics.jsonl" and (output_dir / name).is_file():
