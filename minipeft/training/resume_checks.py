@@ -41,6 +41,7 @@ import torch
 from minipeft.core.errors import UserError
 from minipeft.core.finite import first_nonfinite_tensor, is_finite_number
 from minipeft.core.options import flag_of
+from minipeft.files.manifest import changed_content
 from minipeft.files.safe_files import json_text
 from minipeft.model.adapter_files import CONFIG_NAME, config_from_dict, config_to_dict, read_adapter_config
 from minipeft.training.state import TrainState
@@ -152,6 +153,10 @@ def check_continues_the_run(directory: Path, adapter_dir: Path, state: dict, pef
     it the checks that need it (another data file or setting, :data:`MATH_SETTINGS`) are skipped.
     """
     saved_config = read_adapter_config(adapter_dir)
+    config_from_dict(saved_config, str(adapter_dir / CONFIG_NAME))  # each field by its type, named as the file's
+    if adapter_dir / CONFIG_NAME in changed_content(adapter_dir):  # before its values are compared with the flags'
+        raise UserError(f"--resume {directory}: {adapter_dir / CONFIG_NAME} is not the file minipeft wrote there "
+                        "(its sha256 differs from the checkpoint's record); resume from another checkpoint")
     if current is not None:  # the base first: on another model, the method's own settings differ as a consequence
         check_same_settings(directory, saved_config, current)
     check_same_method(directory, saved_config, peft_model.peft_config, adapter_dir / CONFIG_NAME)
@@ -166,7 +171,6 @@ def check_same_method(directory: Path, saved_config: dict, method_config, config
         raise UserError(f"--resume {directory}: the checkpoint holds a {saved_config.get('peft_type')} adapter "
                         f"({config_path}), this run builds {now.get('peft_type')} "
                         "(--modification_type); resume with the run's own method, or start a new run")
-    config_from_dict(saved_config, str(config_path))  # each field of the file by its type, named as the file's
     for key in sorted(set(saved_config) | set(now)):
         if key in ("base_model_name_or_path", "inference_mode", "minipeft"):
             continue  # the base model: check_same_settings; the minipeft block: metadata, init token ids
