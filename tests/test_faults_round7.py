@@ -287,3 +287,26 @@ def test_a_checkpoints_adapter_config_edited_or_swapped_is_named_not_blamed_on_f
     line = one_error(code, err, f"{config} is not the file minipeft wrote there (its sha256 differs from the "
                      "checkpoint's record)")
     assert "--lora_alpha" not in line
+
+
+@pytest.mark.parametrize("edit", ["append", "in place", "replace"])
+def test_a_metrics_log_the_user_edited_stops_overwrite_output_dir(edit, tmp_path, capsys):
+    """metrics.jsonl was recorded by its name only (minipeft appends to it), so --overwrite_output_dir replaced a
+    log the user had appended to, edited or rewritten. Each checkpoint and the end of a run record what it holds;
+    a run's own later appends, or a line a kill cut short, still pass."""
+    run = tmp_path / "run"
+    code, _, err = train("--output_dir", run, "--max_steps", "2", capsys=capsys)
+    assert code == 0, err
+    log = run / "metrics.jsonl"
+    text = log.read_text()
+    with open(log, "a") as file:  # what a killed run's later steps leave: more records and a cut one
+        file.write('{"kind": "train", "step": 3}\n{"kind": "tr')
+    code, _, err = train("--output_dir", run, "--max_steps", "1", "--overwrite_output_dir", capsys=capsys)
+    assert code == 0, err
+    text = log.read_text()
+    log.write_text({"append": text + "my notes\n", "in place": text.replace('"step": 1', '"step": 7', 1),
+                    "replace": "my notes\n"}[edit])
+    before = digests(run)
+    code, _, err = train("--output_dir", run, "--max_steps", "1", "--overwrite_output_dir", capsys=capsys)
+    one_error(code, err, f"holds {log}, which was changed after minipeft wrote it")
+    assert digests(run) == before

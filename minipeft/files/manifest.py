@@ -38,7 +38,9 @@ MARKDOWN_HEADER = "<!-- Written by `python -m minipeft"
 # directory) is vouched for by its name alone. An older marker still (plain text, :func:`is_older_marker`) vouches
 # for no file: it says minipeft created the directory, not which files in it are minipeft's, so taking every file
 # for minipeft's could delete one the user put there since; each stops the command (:data:`UNLISTED`).
-APPENDED = {"appended": True}  # the identity of a file minipeft keeps appending to (metrics.jsonl): its name only
+# The identity of a file minipeft keeps appending to (metrics.jsonl): its name, and from the first record point on
+# (record_appended) the size and sha256 of what it held then, which later appends keep as their start.
+APPENDED = {"appended": True}
 DIRECTORY = {"directory": True}  # the identity of a folder minipeft made: its content answers for itself
 # Files up to this size are identified by their sha256 (about 10 ms each); larger ones by size and modification time.
 HASHED_FILE_BYTES = 16 * 2**20
@@ -64,8 +66,10 @@ def file_identity(path) -> dict:
 def _unchanged(path: Path, identity) -> bool:
     """True when ``path`` still matches the ``identity`` its manifest recorded (None or :data:`APPENDED`: a name
     alone, which the name answers for; :data:`DIRECTORY`: still a folder, whose content is checked apart)."""
-    if not isinstance(identity, dict) or identity == APPENDED:
+    if not isinstance(identity, dict):
         return True
+    if identity.get("appended") is True:
+        return _appended_to(path, identity)
     if identity == DIRECTORY:
         return path.is_dir()
     try:
@@ -89,6 +93,35 @@ def changed_content(directory) -> list:
     return [directory / name for name, identity in sorted(manifest.items())
             if isinstance(identity, dict) and "sha256" in identity and (directory / name).exists()
             and not _unchanged(directory / name, identity)]
+
+
+def _appended_to(path: Path, identity: dict) -> bool:
+    """A log minipeft appends to is unchanged when it still starts with the bytes recorded at its last record point
+    (their size and sha256) and what follows is more records: lines that each hold a JSON object, the last one
+    perhaps cut short by a kill. Before a first record point its name answers for it."""
+    if "size" not in identity:
+        return True
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    size = identity["size"]
+    if not stat.S_ISREG(info.st_mode) or not isinstance(size, int) or info.st_size < size:
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(min(2**20, size - file.tell())) if file.tell() < size else b"", b""):
+            digest.update(block)
+        rest = file.read().split(b"\n")
+    if digest.hexdigest() != identity.get("sha256"):
+        return False
+    for line in rest[:-1]:
+        try:
+            if not isinstance(json.loads(line), dict):
+                return False
+        except ValueError:
+            return False
+    return rest[-1] == b"" or rest[-1].startswith(b"{")  # (a line a kill cut short)
 
 
 def marker_problem(directory):
@@ -179,12 +212,26 @@ def record_as_ours(path, appended: bool = False) -> None:
     manifest = read_manifest(path.parent)
     if manifest is None or path.name in (MARKER_NAME, LOCK_NAME):
         return
-    if appended or manifest.get(path.name) == APPENDED:
-        identity = APPENDED
+    recorded = manifest.get(path.name)
+    if appended or isinstance(recorded, dict) and recorded.get("appended") is True:
+        identity = APPENDED  # (rewritten whole: what it held at a record point is no longer its start)
     else:
         identity = (None if path.is_symlink() else file_identity(path) if path.is_file() else
                     DIRECTORY if path.is_dir() else None)
     if path.name not in manifest or manifest[path.name] != identity:
+        _write_manifest(path.parent, {**manifest, path.name: identity})
+
+
+def record_appended(path) -> None:
+    """A record point of a file minipeft appends to (recorded as such, :data:`APPENDED`): what it holds now, by size
+    and sha256, so that an edit of it is seen (:func:`_appended_to`) while later appends are not taken for one."""
+    path = Path(path)
+    manifest = read_manifest(path.parent)
+    if manifest is None or not path.is_file() or path.is_symlink():
+        return
+    recorded = manifest.get(path.name)
+    if isinstance(recorded, dict) and recorded.get("appended") is True:
+        identity = {**APPENDED, "size": path.stat().st_size, "sha256": sha256_of(path)}
         _write_manifest(path.parent, {**manifest, path.name: identity})
 
 

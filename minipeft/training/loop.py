@@ -344,6 +344,7 @@ def save_training_state(run: TrainingRun) -> None:
         return
     save_checkpoint(run.checkpoints_dir / f"step-{state.step}", run.model, run.optimizer, run.scaler,
                     asdict(state), rng_states, run.adapter_metadata, adapter, optimizer_state)
+    run.metrics.mark()  # (with each checkpoint: the log's lines so far are the run's)
     kept = prune_checkpoints(run.checkpoints_dir, run.config.save_total_limit, keep_steps=[state.best_step])
     for path in set(kept) - run.kept_checkpoints:
         say(run, f"warning: {path} holds files minipeft did not write; kept (delete it yourself when done)",
@@ -361,6 +362,7 @@ def finish(run: TrainingRun, stop: StopRequest) -> TrainResult:
         if run.context.all_reduce_sum([failure is not None])[0]:  # every process fails together
             raise UserError(f"training failed: {failure or 'on another process'}")
         save_adapter_to(run, run.output_dir / "adapter", tensors, step=run.state.step)
+        run.metrics.mark()
     run.context.barrier()
     return TrainResult(outcome=run.outcome, signal=stop.signal_number, state=run.state, plan=run.plan,
                        last_checkpoint=run.checkpoints_dir / f"step-{run.state.step}")

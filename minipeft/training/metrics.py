@@ -23,7 +23,7 @@ import torch
 from minipeft.fast import fast_generation
 from minipeft.files.json_limits import loads_bounded
 from minipeft.files.atomic import cannot_write
-from minipeft.files.manifest import record_as_ours
+from minipeft.files.manifest import record_appended, record_as_ours
 from minipeft.files.safe_files import write_file_atomically, write_text_atomically
 from minipeft.quantization.nf4 import has_4bit_layers
 
@@ -57,6 +57,13 @@ class MetricsLog:
         else:  # a resumed run keeps the curve up to its checkpoint, so it continues without a seam
             kept = [record for record in read_metrics(self.path) if record["step"] <= resume_step]
             write_text_atomically(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+            self.mark()
+
+    def mark(self) -> None:
+        """A record point: the marker notes what the log holds now (its size and sha256), so that an edit of
+        these lines is seen later (``--overwrite_output_dir`` stops on it) and appends after them are not."""
+        if self.enabled:
+            record_appended(self.path)
 
     def write(self, record: dict) -> None:
         """Append one record; a NaN or infinite number is written as null (JSON has no NaN)."""
