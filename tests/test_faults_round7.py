@@ -310,3 +310,14 @@ def test_a_metrics_log_the_user_edited_stops_overwrite_output_dir(edit, tmp_path
     code, _, err = train("--output_dir", run, "--max_steps", "1", "--overwrite_output_dir", capsys=capsys)
     one_error(code, err, f"holds {log}, which was changed after minipeft wrote it")
     assert digests(run) == before
+
+
+def test_data_refuses_padding_every_batch_beyond_memory(tmp_path, capsys):
+    """data --max_length 1e9 --padding max_length built a padded batch of 15 GB (killed by the kernel, or a numpy
+    traceback under a limit); data has no model whose positions would cap --max_length."""
+    from minipeft.cli.data import main as data_main
+
+    code, _, err = in_process(data_main, "--max_length", "1000000000", "--padding", "max_length", "--no_cache",
+                              "--num_samples", "0", capsys=capsys)
+    one_error(code, err, "--max_length 1,000,000,000 with --padding max_length: every batch is padded to it",
+              "GB of memory available")

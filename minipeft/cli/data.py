@@ -58,11 +58,30 @@ def load_tokenizer(name: str):
         raise UserError(f"--model {name}: no tokenizer found locally ({str(error).splitlines()[0]})") from None
 
 
+def check_padded_batches_fit(config) -> None:
+    """``--padding max_length`` pads every batch to ``--max_length``, which ``data`` (no model, so no positions to
+    cap it at) takes as given: a batch's three int64 arrays of ``batch × max_length`` are refused when they would
+    take more than half the memory available (``--max_length 1000000000`` asked for 15 GB, then the kernel's
+    out-of-memory killer or a numpy traceback)."""
+    if config.padding != "max_length":
+        return
+    from minipeft.loading.checkpoint_dir import available_memory_bytes
+
+    rows = max(config.batch_size, config.eval_batch_size or 0)
+    needed = 3 * 8 * rows * config.max_length  # input_ids, attention_mask, labels
+    if needed > available_memory_bytes() / 2:
+        raise UserError(f"--max_length {config.max_length:,} with --padding max_length: every batch is padded to it, "
+                        f"{rows} × {config.max_length:,} tokens take {needed / 1e9:,.1f} GB, more than half the "
+                        f"{available_memory_bytes() / 1e9:,.1f} GB of memory available; lower --max_length, or "
+                        "pad each batch to its longest record (--padding longest)")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_samples < 0:
         raise UserError(f"--num_samples {args.num_samples}: must be 0 or more")
     config = data_config_from_args(args)
+    check_padded_batches_fit(config)
     tokenizer = load_tokenizer(args.model)
     train_loader, _, report = build_dataloaders(config, tokenizer)
     print("\n".join(report.summary_lines()))
