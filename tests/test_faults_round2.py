@@ -526,6 +526,8 @@ def tokenizer_needing_tiktoken(directory: Path) -> None:
         "describes a model of", "vocab_size 10,000,000, hidden_size 4,096", "num_hidden_layers 32",
         "n_embd, n_head, n_layer, n_positions in it are not read by a llama model (\"model_type\"), which takes"]),
     (config_edit(model_type="no_such_architecture"), "config.json", ["no_such_architecture"]),
+    (config_edit(n_layer=2), "", [  # round eight: the model ran without blocks 2 and 3, exit 0
+        "the weights hold block 3 (transformer.h.3.", "but config.json describes 2 layers"]),
     (config_edit(vocab_size=100), "model.safetensors", [  # round seven: "--model: tensor ..." named no folder
         "has shape [3063, 160] in the weights, but config.json describes [100, 160]"]),
     (lambda directory: (directory / "config.json").write_text('{"a": ' + "[" * 5000 + "]" * 5000 + "}"),

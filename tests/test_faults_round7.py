@@ -321,3 +321,22 @@ def test_data_refuses_padding_every_batch_beyond_memory(tmp_path, capsys):
                               "--num_samples", "0", capsys=capsys)
     one_error(code, err, "--max_length 1,000,000,000 with --padding max_length: every batch is padded to it",
               "GB of memory available")
+
+
+def test_a_tokenizer_with_ids_past_the_models_embedding_is_refused(tmp_path, capsys):
+    """A consistent model folder (vocab_size 100, 100 embedding rows) with another model's tokenizer beside it
+    (3,063 tokens): generate ended in an IndexError inside the embedding."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from minipeft.builtin import MODEL_DIR
+
+    model = tmp_path / "model"
+    AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, num_key_value_heads=1, vocab_size=100,
+                                                 bos_token_id=0, eos_token_id=0)).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(MODEL_DIR / name, model)
+    code, _, err = in_process(GENERATE, "--model", model, "--prompt", "Hi", "--max_new_tokens", "2", capsys=capsys)
+    one_error(code, err, f"--model {model}: its tokenizer has 3,063 tokens, but the model's embedding has 100 rows")

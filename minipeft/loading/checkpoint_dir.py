@@ -37,6 +37,7 @@ checkpoint that loads there loads here; only the memory guarantee is lost.
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from torch import nn
 from minipeft.core.c_heap import release_freed_memory
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
+from minipeft.core.layers import num_hidden_layers
 from minipeft.files.input_files import check_regular_files, read_input_text
 from minipeft.files.json_limits import loads_bounded
 from minipeft.loading.models import StrictDataclassError, _load_pretrained, local_tokenizer, validation_reason
@@ -222,6 +224,24 @@ def rebuild_rotary_buffers(model: nn.Module) -> list:
     return [name for name, buffer in model.named_buffers() if buffer.is_meta and name not in persistent]
 
 
+BLOCK_INDEX = re.compile(r"\.(?:h|layers|blocks)\.(\d+)\.")  # transformer.h.5.attn..., model.layers.5.mlp...
+
+
+def check_no_extra_blocks(directory, model: nn.Module, unknown: list) -> None:
+    """Weights of blocks past the layers ``config.json`` describes (a lowered ``num_hidden_layers``): transformers'
+    loader drops them with a note, and the model runs without them, as if nothing were wrong."""
+    try:
+        layers = num_hidden_layers(model)
+    except (AttributeError, TypeError, ValueError):
+        return
+    beyond = [(int(match.group(1)), name) for name in unknown for match in [BLOCK_INDEX.search(name)]
+              if match and int(match.group(1)) >= layers]
+    if beyond:
+        index, name = max(beyond)
+        raise UserError(f"--model {directory}: the weights hold block {index} ({name}), but config.json describes "
+                        f"{layers} layers; config.json and the weights disagree (a changed layer count)")
+
+
 def match_names(model: nn.Module, stored: dict) -> tuple:
     """``(file name -> model name, problems)``: a file's names are the model's, or lack/carry the base
     model's prefix (``transformer.``, ``model.``). ``problems`` says what does not match."""
@@ -300,6 +320,7 @@ def load_checkpoint_dir(directory, quantize: str = "none", quantize_lm_head: boo
         return _load_pretrained(str(directory), dtype)
     model = build_on_meta(directory, dtype)
     mapping, problems = match_names(model, stored)
+    check_no_extra_blocks(directory, model, [name for name in stored if name not in mapping])
     lacking = sorted({name for name, _ in model.named_parameters()} - set(mapping.values()))
     if lacking:  # from_pretrained would start them at random and say so only in a note: a model nobody trained
         raise UserError(f"--model {directory}: config.json describes {len(lacking)} parameter(s) the weights lack "

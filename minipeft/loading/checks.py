@@ -204,6 +204,16 @@ def all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
     return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
 
 
+def check_tokenizer_fits(model: torch.nn.Module, tokenizer, directory) -> None:
+    """The tokenizer beside the weights gives no id past the model's embedding (another model's tokenizer copied
+    beside them, or embeddings resized without it): such an id indexed nothing, an IndexError in generate."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer is not None and len(tokenizer) > rows:
+        raise UserError(f"--model {directory}: its tokenizer has {len(tokenizer):,} tokens, but the model's embedding "
+                        f"has {rows:,} rows (config.json: vocab_size); the tokenizer and the model do not belong "
+                        "together")
+
+
 def check_weights_finite(model: torch.nn.Module, directory) -> None:
     """After loading: the first floating tensor holding NaN or infinity, named with the file it came from."""
     tensors = dict(model.named_parameters())

@@ -14,7 +14,7 @@ from minipeft.builtin import MODEL_DIR
 from minipeft.core.errors import UserError
 from minipeft.core.inject import replace_module
 from minipeft.loading.checkpoint_dir import build_on_meta, load_checkpoint_dir, place_tensor
-from minipeft.loading.checks import check_config, check_model_directory, check_weights_finite
+from minipeft.loading.checks import check_config, check_model_directory, check_tokenizer_fits, check_weights_finite
 from minipeft.loading.models import SMOLLM2_NAME, load_model_and_tokenizer, local_tokenizer, smollm2_gguf_path
 from minipeft.quantization.nf4 import Linear4bit, quantizable_layers, quantize_model
 from minipeft.quantization.nf4_format import BLOCKSIZE
@@ -165,6 +165,7 @@ def load_base_model(name: str, quantize: str = "none", quantize_lm_head: bool = 
         model, tokenizer = load_checkpoint_dir(name, quantize, quantize_lm_head, dtype, log,
                                                compute_dtype=compute_dtype)
         check_weights_finite(model, name)
+        check_tokenizer_fits(model, tokenizer, name)
         names = [layer for layer, module in model.named_modules() if isinstance(module, Linear4bit)]
         if quantize == "none":
             return model, tokenizer
