@@ -340,3 +340,14 @@ def test_a_tokenizer_with_ids_past_the_models_embedding_is_refused(tmp_path, cap
         shutil.copy(MODEL_DIR / name, model)
     code, _, err = in_process(GENERATE, "--model", model, "--prompt", "Hi", "--max_new_tokens", "2", capsys=capsys)
     one_error(code, err, f"--model {model}: its tokenizer has 3,063 tokens, but the model's embedding has 100 rows")
+
+
+def test_a_null_field_is_named_as_null_and_a_doubled_method_is_said(tmp_path, capsys):
+    from minipeft.cli.compare import parse_methods
+    from minipeft.data.loading import load_records
+
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}] * 3 + [{"instruction": None, "output": "b"}]))
+    assert load_records(path, max_invalid_fraction=0.5).skipped == [("record 3", "field 'instruction' is null")]
+    assert parse_methods("lora,ia3,lora") == ["lora", "ia3"]
+    assert "note: --methods names lora more than once; each method runs once" in capsys.readouterr().err

@@ -74,6 +74,9 @@ def parse_methods(text: str) -> list:
     if unknown or not names:
         raise UserError(f"--methods {text}: unknown method {', '.join(unknown) or '(none given)'}; "
                         f"choose from {', '.join(METHODS)} (or all)")
+    if len(set(names)) < len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        print(f"note: --methods names {', '.join(twice)} more than once; each method runs once", file=sys.stderr)
     return list(dict.fromkeys(names))
 
 

@@ -230,7 +230,7 @@ def _make_record(where: str, row: dict, columns: tuple[str, str, str]):
         if value is None and column == input_column:
             value = ""
         if value is None:
-            return where, f"no {column!r} field"
+            return where, f"field {column!r} is null" if column in row else f"no {column!r} field"
         if not isinstance(value, str):
             return where, f"field {column!r} is a JSON {_json_type(value)}, expected a string"
         bad = _LONE_SURROGATE.search(value)
