@@ -15,6 +15,7 @@ from minipeft.data.pipeline import build_dataloaders
 from minipeft.data.report import describe_sample, padding_by_mode
 from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
+from minipeft.loading.checkpoint_dir import available_memory_bytes
 from minipeft.loading.models import (SMOLLM2_NAME, TOKENIZER_FILES, check_hub_id_shape, smollm2_gguf_path,
                                      tokenizer_files)
 
@@ -65,8 +66,6 @@ def check_padded_batches_fit(config) -> None:
     out-of-memory killer or a numpy traceback)."""
     if config.padding != "max_length":
         return
-    from minipeft.loading.checkpoint_dir import available_memory_bytes
-
     rows = max(config.batch_size, config.eval_batch_size or 0)
     needed = 3 * 8 * rows * config.max_length  # input_ids, attention_mask, labels
     if needed > available_memory_bytes() / 2:
