@@ -289,7 +289,7 @@ def test_a_checkpoints_adapter_config_edited_or_swapped_is_named_not_blamed_on_f
     assert "--lora_alpha" not in line
 
 
-@pytest.mark.parametrize("edit", ["append", "in place", "replace"])
+@pytest.mark.parametrize("edit", ["append", "append a record of another form", "in place", "replace"])
 def test_a_metrics_log_the_user_edited_stops_overwrite_output_dir(edit, tmp_path, capsys):
     """metrics.jsonl was recorded by its name only (minipeft appends to it), so --overwrite_output_dir replaced a
     log the user had appended to, edited or rewritten. Each checkpoint and the end of a run record what it holds;
@@ -304,7 +304,8 @@ def test_a_metrics_log_the_user_edited_stops_overwrite_output_dir(edit, tmp_path
     code, _, err = train("--output_dir", run, "--max_steps", "1", "--overwrite_output_dir", capsys=capsys)
     assert code == 0, err
     text = log.read_text()
-    log.write_text({"append": text + "my notes\n", "in place": text.replace('"step": 1', '"step": 7', 1),
+    log.write_text({"append": text + "my notes\n", "append a record of another form": text + '{"note": 1}\n',
+                    "in place": text.replace('"step": 1', '"step": 7', 1),
                     "replace": "my notes\n"}[edit])
     before = digests(run)
     code, _, err = train("--output_dir", run, "--max_steps", "1", "--overwrite_output_dir", capsys=capsys)
@@ -351,3 +352,19 @@ def test_a_null_field_is_named_as_null_and_a_doubled_method_is_said(tmp_path, ca
     assert load_records(path, max_invalid_fraction=0.5).skipped == [("record 3", "field 'instruction' is null")]
     assert parse_methods("lora,ia3,lora") == ["lora", "ia3"]
     assert "note: --methods names lora more than once; each method runs once" in capsys.readouterr().err
+
+
+# -- round nine ------------------------------------------------------------------------------------------------------
+def test_a_checkpoint_of_another_method_swapped_in_whole_names_the_method(tmp_path, capsys):
+    """A prompt-tuning run's whole step-2 (marker included) put into a LoRA run was refused as another learning
+    rate (its first differing setting) rather than as another method."""
+    import shutil
+
+    lora, prompt = tmp_path / "lora", tmp_path / "prompt"
+    for run, flags in ((lora, []), (prompt, ["--modification_type", "prompt"])):
+        code, _, err = train("--output_dir", run, "--save_every", "1", "--max_steps", "2", *flags, capsys=capsys)
+        assert code == 0, err
+    shutil.rmtree(lora / "checkpoints" / "step-2")
+    shutil.copytree(prompt / "checkpoints" / "step-2", lora / "checkpoints" / "step-2")
+    code, _, err = train("--output_dir", lora, "--resume", "latest", "--max_steps", "3", capsys=capsys)
+    one_error(code, err, "the checkpoint holds a PROMPT_TUNING adapter", "this run builds LORA")

@@ -97,8 +97,10 @@ def changed_content(directory) -> list:
 
 def _appended_to(path: Path, identity: dict) -> bool:
     """A log minipeft appends to is unchanged when it still starts with the bytes recorded at its last record point
-    (their size and sha256) and what follows is more records: lines that each hold a JSON object, the last one
-    perhaps cut short by a kill. Before a first record point its name answers for it."""
+    (their size and sha256) and what follows is more of its records: lines that each hold a JSON object with a
+    ``kind`` and a whole ``step`` (what a run killed after its last checkpoint appended), the last one perhaps cut
+    short by the kill. A line of the user's own after them is a change. Before a first record point its name
+    answers for it."""
     if "size" not in identity:
         return True
     try:
@@ -117,9 +119,10 @@ def _appended_to(path: Path, identity: dict) -> bool:
         return False
     for line in rest[:-1]:
         try:
-            if not isinstance(json.loads(line), dict):
-                return False
+            record = json.loads(line)
         except ValueError:
+            return False
+        if not (isinstance(record, dict) and isinstance(record.get("kind"), str) and type(record.get("step")) is int):
             return False
     return rest[-1] == b"" or rest[-1].startswith(b"{")  # (a line a kill cut short)
 

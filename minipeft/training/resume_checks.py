@@ -157,20 +157,27 @@ def check_continues_the_run(directory: Path, adapter_dir: Path, state: dict, pef
     if adapter_dir / CONFIG_NAME in changed_content(adapter_dir):  # before its values are compared with the flags'
         raise UserError(f"--resume {directory}: {adapter_dir / CONFIG_NAME} is not the file minipeft wrote there "
                         "(its sha256 differs from the checkpoint's record); resume from another checkpoint")
-    if current is not None:  # the base first: on another model, the method's own settings differ as a consequence
+    check_same_method_type(directory, saved_config, peft_model.peft_config, adapter_dir / CONFIG_NAME)  # most basic
+    if current is not None:  # then the base: on another model, the method's own settings differ as a consequence
         check_same_settings(directory, saved_config, current)
     check_same_method(directory, saved_config, peft_model.peft_config, adapter_dir / CONFIG_NAME)
     check_same_data(directory, state.get("data"), None if current is None else data_fingerprint(current), new_data)
 
 
+def check_same_method_type(directory: Path, saved_config: dict, method_config, config_path: Path) -> None:
+    """The checkpoint's adapter is of the method this run builds (another method: said so, before any of its
+    settings, its learning rate included, is compared)."""
+    now = config_to_dict(method_config).get("peft_type")
+    if saved_config.get("peft_type") != now:
+        raise UserError(f"--resume {directory}: the checkpoint holds a {saved_config.get('peft_type')} adapter "
+                        f"({config_path}), this run builds {now} (--modification_type); resume with the run's own "
+                        "method, or start a new run")
+
+
 def check_same_method(directory: Path, saved_config: dict, method_config, config_path: Path) -> None:
     """The method settings the checkpoint's adapter was trained with (``saved_config``, read from
-    ``config_path``) are the ones this run builds."""
+    ``config_path``) are the ones this run builds (of the same method: :func:`check_same_method_type`)."""
     now = json.loads(json_text(config_to_dict(method_config)))
-    if saved_config.get("peft_type") != now.get("peft_type"):  # another method: say so, not its first field
-        raise UserError(f"--resume {directory}: the checkpoint holds a {saved_config.get('peft_type')} adapter "
-                        f"({config_path}), this run builds {now.get('peft_type')} "
-                        "(--modification_type); resume with the run's own method, or start a new run")
     for key in sorted(set(saved_config) | set(now)):
         if key in ("base_model_name_or_path", "inference_mode", "minipeft"):
             continue  # the base model: check_same_settings; the minipeft block: metadata, init token ids
