@@ -368,3 +368,37 @@ def test_a_checkpoint_of_another_method_swapped_in_whole_names_the_method(tmp_pa
     shutil.copytree(prompt / "checkpoints" / "step-2", lora / "checkpoints" / "step-2")
     code, _, err = train("--output_dir", lora, "--resume", "latest", "--max_steps", "3", capsys=capsys)
     one_error(code, err, "the checkpoint holds a PROMPT_TUNING adapter", "this run builds LORA")
+
+
+def test_a_report_that_is_part_of_another_comparisons_folder_is_never_replaced(tmp_path, capsys):
+    """compare --report A/report.md --overwrite replaced comparison A's own report (its Markdown header passed it
+    as compare's --report), and A's own --overwrite then stopped on it for good."""
+    fast = ["--methods", "ia3", "--max_steps", "1", "--max_records", "16", "--generation_prompts", "0",
+            "--speed_tokens", "2"]
+    first, second = tmp_path / "A", tmp_path / "B"
+    code, _, err = in_process(COMPARE, *fast, "--output_dir", first, capsys=capsys)
+    assert code == 0, err
+    before = digests(first)
+    code, _, err = in_process(COMPARE, *fast, "--output_dir", second, "--report", first / "report.md", "--overwrite",
+                              capsys=capsys)
+    one_error(code, err, f"--report {first / 'report.md'}: already exists and is part of {first}, a folder minipeft "
+              "wrote")
+    assert digests(first) == before
+    code, _, err = in_process(COMPARE, *fast, "--output_dir", first, "--overwrite", capsys=capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("value, kind", [({"a": [1, 2]}, "an object"), (True, "a boolean"), ([1, 2], "an array"),
+                                         (5, "a number")])
+def test_a_prompts_file_input_that_is_not_text_is_refused(value, kind, tmp_path):
+    """generate made str() of it the prompt ("{'a': [1, 2]}", "True"), text the user never wrote; data and train
+    refuse the same field."""
+    from minipeft.core.errors import UserError
+    from minipeft.inference.prompts import read_prompts_file
+
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"instruction": "x", "input": "fine"}, {"instruction": "y", "input": value}]))
+    with pytest.raises(UserError, match=f'item 1: "input" is {kind}, expected a string'):
+        read_prompts_file(path)
+    path.write_text(json.dumps([{"instruction": "x", "input": None}]))
+    assert [(prompt.instruction, prompt.input) for prompt in read_prompts_file(path)] == [("x", "")]

@@ -97,6 +97,10 @@ def check_output_file(path, flag: str, overwrite: bool, inputs: dict = None) -> 
                             + ("is part of a folder minipeft wrote (an adapter, a run, a model)" if part else
                                "minipeft did not write it (or it was changed since)")
                             + "; refusing to replace it, --overwrite or not: choose a new name")
+        if path.name in (read_manifest(path.parent) or {}) and not holds_lock_above(path):
+            raise UserError(f"{flag_and_path(path, flag)}: already exists and is part of {path.parent}, a folder "
+                            "minipeft wrote (its .minipeft records it); refusing to replace it, --overwrite or not: "
+                            "choose a new name")  # (compare's report.md in another comparison's folder)
         kind = written_as(path)
         if kind is not None and kind != flag:
             raise UserError(f"{flag_and_path(path, flag)}: already exists and minipeft wrote it as {kind}, another "

@@ -176,11 +176,17 @@ def _json_object(line: str) -> bool:
 
 
 def _prompt_of(item, path: Path, where: str) -> Prompt:
-    """The :class:`Prompt` of one JSON item: a string, or an object with an ``instruction`` string."""
+    """The :class:`Prompt` of one JSON item: a string, or an object with an ``instruction`` string and an
+    ``input`` string (or none, or null: no input, as in Alpaca)."""
     if isinstance(item, str):
         return Prompt(item)
     if isinstance(item, dict) and isinstance(item.get("instruction"), str):
-        return Prompt(item["instruction"], str(item.get("input") or ""))
+        given = item.get("input")
+        if given is not None and not isinstance(given, str):  # str() made [1, 2] or True a prompt nobody wrote
+            kind = ("a boolean" if isinstance(given, bool) else "an array" if isinstance(given, list) else
+                    "an object" if isinstance(given, dict) else "a number")
+            raise UserError(f"--prompts_file {path}: {where}: \"input\" is {kind}, expected a string")
+        return Prompt(item["instruction"], given or "")
     raise UserError(f"--prompts_file {path}: {where} is neither a string nor an object with an \"instruction\" "
                     "string")
 
