@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="an instruction (repeat for several)")
     source.add_argument("--prompts_file", type=path_name, help="prompts, one per line, or a JSON list (or JSON "
-                                               "Lines) of strings or {\"instruction\", \"input\"} objects")
+                                               "Lines) of strings or {\"instruction\", \"input\"} objects, or a "
+                                               ".csv/.tsv of records (instruction, input columns)")
     parser.add_argument("--input", default="", help="the Alpaca \"input\" field for every --prompt")
     parser.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
                         help="prompt template; auto: the adapter's, else the tokenizer's chat template when it "

@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     check_mergeable(args.adapter)  # before loading the model
     resolve_quantize(args, args.adapter)
     check_quantize_arguments(args)
+    if args.requantize and args.quantize != "nf4":
+        raise UserError("--requantize quantizes the merged weights of an NF4 base again, and this base is not "
+                        "quantized (no --quantize nf4, and the adapter records none): merge without --requantize")
     with blaming_the_adapters_base(args.model, args.adapter, model_name):
         model, tokenizer = load_base_model(model_name, args.quantize, args.quantize_lm_head, dtype=torch.float32)
     if tokenizer is None:  # the merged folder is written with it, and the merge is checked on a tokenized batch

@@ -19,7 +19,7 @@ from minipeft.model.adapter_files import config_to_dict
 from minipeft.cli import CommandLineParser
 from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
-from minipeft.cli.arguments import add_method_arguments, config_from_args
+from minipeft.cli.arguments import add_method_arguments, check_method_flags_early, config_from_args
 from minipeft.loading.checkpoint_dir import checkpoint_tensors
 from minipeft.loading.checks import check_model_directory
 from minipeft.loading.models import load_model_for_counting, local_model_path
@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quantize = check_quantize_arguments(args)
     check_not_quantized_folder(args.model)
+    check_method_flags_early(args)  # a flag that cannot work ends the command before loading and its progress bar
     if args.save_adapter:
         check_save_adapter(args.save_adapter)
         # a folder inside the model's own (even through a link to it) is never written

@@ -82,7 +82,7 @@ def load_records(path, instruction_column: str = "instruction", input_column: st
 
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        file_format, (header, rows) = "csv", _read_csv(path, text, "\t" if suffix == ".tsv" else ",", columns)
+        file_format, (header, rows) = "csv", read_csv_rows(path, text, "\t" if suffix == ".tsv" else ",", columns)
     elif suffix in (".jsonl", ".ndjson") or (suffix != ".json" and text.lstrip().startswith("{")):
         file_format, rows = "jsonl", _read_json_lines(path, text)
     elif text.lstrip().startswith("[") or suffix == ".json":
@@ -137,14 +137,14 @@ def _read_json_lines(path: Path, text: str):
         try:
             rows.append((f"line {number}", loads_bounded(line)))
         except json.JSONDecodeError as error:
-            rows.append((f"line {number}", _Unparsable(f"not valid JSON (column {error.colno}: {error.msg}"
+            rows.append((f"line {number}", Unparsable(f"not valid JSON (column {error.colno}: {error.msg}"
                                                        f"{_bad_byte_hint(line, error.pos)})")))
         except RecursionError:
-            rows.append((f"line {number}", _Unparsable("JSON nested too deeply")))
+            rows.append((f"line {number}", Unparsable("JSON nested too deeply")))
     return rows
 
 
-def _read_csv(path: Path, text: str, separator: str, columns: tuple[str, str, str]):
+def read_csv_rows(path: Path, text: str, separator: str, columns: tuple[str, ...]):
     """Every cell read as text; rows numbered from 1 after the header, blank lines skipped.
 
     A row whose number of fields differs from the header's is a skipped record (its cells cannot be told
@@ -167,11 +167,11 @@ def _read_csv(path: Path, text: str, separator: str, columns: tuple[str, str, st
             raise UserError(f"{path}: the header names column {column!r} {len(places)} times (columns "
                             f"{', '.join(map(str, places))}); rename all but one")
     return header, [(f"row {number}", dict(zip(header, row)) if len(row) == len(header) else
-             _Unparsable(f"has {len(row)} field{'s' * (len(row) != 1)}, the header has {len(header)}"))
+             Unparsable(f"has {len(row)} field{'s' * (len(row) != 1)}, the header has {len(header)}"))
             for number, row in enumerate(rows, start=1)]
 
 
-class _Unparsable:
+class Unparsable:
     """Stands in for a JSON Lines record that did not parse; carries the reason."""
 
     def __init__(self, reason: str):
@@ -196,7 +196,7 @@ def _check_columns(path: Path, found: list[str], columns: tuple[str, str, str]) 
 
 def _records_from_row(where: str, row, columns: tuple[str, str, str]):
     """Yield a :class:`Record`, or ``(where, why)`` for a row that cannot be one; seed tasks yield one per instance."""
-    if isinstance(row, _Unparsable):
+    if isinstance(row, Unparsable):
         yield where, row.reason
         return
     if not isinstance(row, dict):

@@ -38,6 +38,7 @@ import torch
 from minipeft.core.errors import UserError
 from minipeft.core.generation import check_generation_settings, generate
 from minipeft.data.batching import left_pad
+from minipeft.data.loading import Unparsable, read_csv_rows
 from minipeft.data.templates import TEMPLATES, resolve_template_name
 from minipeft.data.tokenization import Prompt, encode_prompts, pad_token_id
 from minipeft.fast import fast_generation
@@ -126,7 +127,8 @@ def known_template(name, where: str, tokenizer=None) -> str:
 def read_prompts_file(path) -> list:
     """Prompts from a file: a JSON list (of strings, or of ``{"instruction", "input"}`` objects), JSON Lines
     (one such string or object per line: a ``.jsonl``/``.ndjson`` file, or one whose first line is a JSON
-    object), or else one prompt per line (blank lines skipped).
+    object), a ``.csv``/``.tsv`` file with an ``instruction`` column (and ``input``, optional: Alpaca records,
+    as ``data`` reads them), or else one prompt per line (blank lines skipped).
 
     Raises:
         UserError: naming the file (and the item or line) when it cannot be read or holds no prompt.
@@ -134,8 +136,10 @@ def read_prompts_file(path) -> list:
     path = Path(path)
     text = read_input_text(path, "--prompts_file")
     lines = [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
-    items = _json_list(text, path)
-    if items is not None:
+    items = None if path.suffix.lower() in (".csv", ".tsv") else _json_list(text, path)
+    if path.suffix.lower() in (".csv", ".tsv"):  # records, as data and train read the same file: not lines of text
+        prompts = _csv_prompts(path, text)
+    elif items is not None:
         prompts = [_prompt_of(item, path, f"item {index}") for index, item in enumerate(items)]
     elif path.suffix.lower() in (".jsonl", ".ndjson") or (lines and _json_object(lines[0][1])):
         prompts = []  # JSON Lines: a line of text would otherwise be fed to the model as a prompt, braces and all
@@ -151,6 +155,20 @@ def read_prompts_file(path) -> list:
     if not prompts:
         raise UserError(f"--prompts_file {path}: holds no prompt")
     return prompts
+
+
+def _csv_prompts(path: Path, text: str) -> list:
+    """The prompts of a CSV (or TSV) file of Alpaca records: each row's ``instruction`` and ``input`` cells."""
+    separator = "\t" if path.suffix.lower() == ".tsv" else ","
+    header, rows = read_csv_rows(path, text, separator, ("instruction", "input"))
+    if "instruction" not in header:
+        shown = ", ".join(header[:10]) or "none"
+        raise UserError(f"--prompts_file {path}: no 'instruction' column (columns found: {shown}); a CSV prompts "
+                        "file holds Alpaca records (instruction, and input if any), one per row")
+    for where, row in rows:
+        if isinstance(row, Unparsable):
+            raise UserError(f"--prompts_file {path}: {where} {row.reason}")
+    return [_prompt_of(row, path, where) for where, row in rows]
 
 
 def _json_list(text: str, path: Path):

@@ -131,7 +131,13 @@ def checkpoint_tensors(directory: Path) -> dict:
                             f"listed in {INDEX_FILE} are absent); download or copy the whole checkpoint")
         tensors = {}
         for shard in shards:
-            tensors.update(read_header(directory / shard))
+            for name, stored in read_header(directory / shard).items():
+                if name in tensors:  # which copy is the weight? neither is taken over the other in silence
+                    placed = weight_map.get(name, "neither")
+                    raise UserError(f"--model {directory / shard}: holds tensor {name}, which "
+                                    f"{tensors[name].file.name} holds too ({INDEX_FILE} names {placed}); a checkpoint "
+                                    "stores each tensor once")
+                tensors[name] = stored
         unlisted = sorted(set(weight_map) - set(tensors))
         if unlisted:
             raise UserError(f"--model {directory / weight_map[unlisted[0]]}: has no tensor {unlisted[0]} although "

@@ -7,8 +7,8 @@ file (and the field or tensor):
    a device would never end (:func:`~minipeft.files.input_files.check_regular_files`, ``stat`` only).
 1. ``config.json``: within the JSON bounds (:mod:`minipeft.files.json_limits`); every number finite; the
    architecture's sizes (``hidden_size``, ``n_head``, ``vocab_size``, ...) whole numbers ≥ 1; an epsilon
-   (``rms_norm_eps``, ``layer_norm_epsilon``) in (0, 1); a dropout in [0, 1]. A NaN epsilon would load and
-   answer NaN; a size of -5 or 0 dies in a traceback inside transformers.
+   (``rms_norm_eps``, ``layer_norm_epsilon``) in (0, 1); a dropout in [0, 1]; ``torch_dtype`` a floating
+   dtype. A NaN epsilon would load and answer NaN; a size of -5 or 0 dies in a traceback inside transformers.
 2. the size of the model it describes, counted on the ``meta`` device (no memory), against the memory
    available (:func:`~minipeft.loading.checkpoint_dir.available_memory_bytes`): ``hidden_size`` 10,000,000 is
    refused here, before transformers' fallback loader would try to allocate it.
@@ -37,6 +37,8 @@ from minipeft.loading.models import tokenizer_files
 ARCHITECTURE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_head", "n_layer",
                       "n_positions", "n_ctx", "n_inner", "d_model", "ffn_dim", "num_layers", "num_heads")
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def check_model_directory(directory, quantize: str = "none", dtype: torch.dtype = torch.float32) -> None:
@@ -71,6 +73,10 @@ def check_config(config_path: Path) -> dict:
             continue
         if problem is not None:
             raise UserError(f'--model {config_path}: "{field}" must be {problem}, got {value!r:.60}')
+    for field in ("torch_dtype", "dtype"):  # the weights' dtype: "int8" would be read as floats in silence
+        if values.get(field) not in (None, "auto", *FLOAT_DTYPES):
+            raise UserError(f'--model {config_path}: "{field}" must be a floating-point dtype '
+                            f'({", ".join(FLOAT_DTYPES)}), got {values[field]!r:.60}')
     return values
 
 

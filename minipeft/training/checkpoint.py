@@ -53,7 +53,7 @@ from minipeft.core.finite import first_nonfinite_tensor, nonfinite_to_none
 from minipeft.files.input_files import read_input_text
 from minipeft.files.json_limits import loads_bounded
 from minipeft.files.atomic import json_text
-from minipeft.files.manifest import changed_content, foreign_files
+from minipeft.files.manifest import changed_content, foreign_files, marker_problem
 from minipeft.files.safe_files import write_directory_atomically
 from minipeft.training.resume_checks import (check_continues_the_run, check_optimizer_files, check_rng_tensors,
                                              check_state_file, data_fingerprint, data_mismatch)
@@ -216,6 +216,10 @@ def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 
         state = check_state_file(loads_bounded(read_input_text(state_path)), str(state_path), FORMAT)
     except json.JSONDecodeError as error:
         raise UserError(f"{state_path}: not valid JSON ({error})") from None
+    unmarked = marker_problem(directory)
+    if unmarked is not None:  # its record of each file's sha256 is what tells the checkpoint from an edited copy
+        raise UserError(f"--resume {directory}: {unmarked} (minipeft writes one into every checkpoint, recording "
+                        "its files): it cannot be told from an edited copy; resume from another checkpoint")
     named_step = checkpoint_step(directory)
     if named_step is not None and named_step != state["trainer"]["step"]:  # a state file copied from another one
         raise UserError(f"{state_path}: \"step\" is {state['trainer']['step']}, but its folder is step "
@@ -263,10 +267,9 @@ def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 
     mine = {key[len(prefix):]: tensor for key, tensor in rng_tensors.items() if key.startswith(prefix)}
     check_rng_tensors(mine, directory / RNG_NAME, prefix)
     # Last, once every file passed the checks that name what is wrong in it: a file of the right shapes and finite
-    # values that is still not the one written here (another checkpoint's, copied in). trainer_state.json is
-    # checked field by field, and against its folder's step, above.
-    changed = [path for path in changed_content(directory) if path.name != STATE_NAME]
-    changed += changed_content(directory / ADAPTER_DIR)
+    # values that is still not the one written here (another checkpoint's, copied in; a trainer_state.json whose
+    # "batches_done" was edited within its range).
+    changed = changed_content(directory) + changed_content(directory / ADAPTER_DIR)
     if changed:
         raise UserError(f"--resume {directory}: {changed[0]} is not the file minipeft wrote there (its sha256 differs "
                         "from the checkpoint's record); resume from another checkpoint")

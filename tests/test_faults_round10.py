@@ -1,0 +1,144 @@
+"""Fault injection, round ten (issue #26): the cases round nine left as doubtful, and what round ten found, each
+reduced to the smallest command that shows it. Helpers as in ``tests/test_faults.py``; every case runs through
+:func:`minipeft.cli.run`, as the scripts do.
+"""
+
+import json
+
+import pytest
+from test_faults import builtin_model_available, in_process, one_error
+
+from minipeft.cli import main as cli_main
+from minipeft.cli.train import main as train_main
+
+pytestmark = pytest.mark.skipif(not builtin_model_available(), reason="the built-in model is not built")
+GENERATE = lambda argv: cli_main(["generate", *argv])  # noqa: E731
+MERGE = lambda argv: cli_main(["merge", *argv])  # noqa: E731
+MODIFY = lambda argv: cli_main(["modify", *argv])  # noqa: E731
+
+
+def train(*args, capsys):
+    return in_process(train_main, "--max_steps", "1", "--num_threads", "1", "--max_records", "16", *args,
+                      capsys=capsys)
+
+
+def tiny_llama(folder, **config_changes):
+    """A two-block Llama written with ``save_pretrained`` (random weights), its config.json then changed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(folder,
+                                                                                              max_shard_size="20KB")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, **config_changes)))
+    return folder
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tamper", ["delete the marker", "edit batches_done"])
+def test_a_checkpoint_that_cannot_be_told_from_an_edited_copy_is_not_resumed(tamper, tmp_path, capsys):
+    """trainer_state.json's "batches_done" edited from 2 to 1 (in range) went on from the wrong place in the data,
+    exit 0, once the checkpoint's .minipeft was deleted; with it, trainer_state.json was left out of its sha256
+    check."""
+    run = tmp_path / "run"
+    code, _, err = train("--output_dir", run, "--save_every", "1", "--max_steps", "2", capsys=capsys)
+    assert code == 0, err
+    step = run / "checkpoints" / "step-2"
+    state = json.loads((step / "trainer_state.json").read_text())
+    assert state["trainer"]["batches_done"] == 2
+    state["trainer"]["batches_done"] = 1
+    (step / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    if tamper == "delete the marker":
+        (step / ".minipeft").unlink()
+        expected = "no .minipeft marker (minipeft writes one into every checkpoint"
+    else:
+        expected = f"{step / 'trainer_state.json'} is not the file minipeft wrote there"
+    code, _, err = train("--output_dir", run, "--resume", "latest", "--max_steps", "3", capsys=capsys)
+    one_error(code, err, f"--resume {step}", expected)
+    code, _, err = train("--output_dir", tmp_path / "again", "--resume", run / "checkpoints" / "step-1",
+                         "--max_steps", "3", capsys=capsys)
+    assert code == 0, err  # the earlier checkpoint, untouched, still continues the run (into a new folder)
+
+
+# -- merge, modify, generate ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A LoRA adapter of the built-in model (one step, float base)."""
+    from minipeft.cli import run as run_main
+
+    run = tmp_path_factory.mktemp("round10") / "run"
+    assert run_main(train_main, ["--max_steps", "1", "--num_threads", "1", "--max_records", "16", "--output_dir",
+                                 str(run)]) == 0
+    return run / "adapter"
+
+
+def test_requantize_on_a_float_base_is_refused(adapter, tmp_path, capsys):
+    """merge --requantize on an adapter trained on a float base quantized the merged model to NF4, a model that
+    never existed, exit 0 (the help says "to NF4 again")."""
+    code, _, err = in_process(MERGE, "--adapter", adapter, "--out", tmp_path / "merged", "--requantize",
+                              capsys=capsys)
+    one_error(code, err, "--requantize quantizes the merged weights of an NF4 base again, and this base is not "
+                         "quantized")
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [(["--lora_rank", "0"], "--lora_rank must be a positive integer"),
+                                             (["--lora_dropout", "1"], "--lora_dropout must be in [0, 1)")])
+def test_modify_refuses_a_method_flag_before_loading_the_model(flags, fragment, capsys, monkeypatch):
+    """modify loaded the model (transformers' progress bar on stderr) before saying a flag could not work."""
+    import minipeft.cli.modify as modify
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(modify, "load_model_for_counting", never)
+    code, _, err = in_process(MODIFY, "--model", "builtin", *flags, capsys=capsys)
+    one_error(code, err, fragment)
+
+
+def test_a_csv_prompts_file_is_read_as_records_as_data_reads_it(tmp_path):
+    """generate read a .csv as lines of text: its header became prompt 1 and each row 'Say 19,,Number 19.'."""
+    from minipeft.core.errors import UserError
+    from minipeft.inference.prompts import read_prompts_file
+
+    path = tmp_path / "prompts.csv"
+    path.write_text('instruction,input,output\nSay 19,,Number 19.\n"Add, please","1, 2",3\n')
+    assert [(prompt.instruction, prompt.input) for prompt in read_prompts_file(path)] == [
+        ("Say 19", ""), ("Add, please", "1, 2")]
+    tsv = tmp_path / "prompts.tsv"
+    tsv.write_text("instruction\nName a colour\n")
+    assert [prompt.instruction for prompt in read_prompts_file(tsv)] == ["Name a colour"]
+    path.write_text("question,answer\nwhy,because\n")
+    with pytest.raises(UserError, match=r"prompts.csv: no 'instruction' column \(columns found: question, answer\)"):
+        read_prompts_file(path)
+    path.write_text("instruction,input\nfine,\ntoo,many,fields\n")
+    with pytest.raises(UserError, match="prompts.csv: row 2 has 3 fields, the header has 2"):
+        read_prompts_file(path)
+
+
+# -- model folders ----------------------------------------------------------------------------------------------------
+def test_a_tensor_stored_in_two_shards_is_refused_naming_both(tmp_path, capsys):
+    """A shard holding a (zeroed) copy of another shard's tensor was loaded, the copy taken, exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama(tmp_path / "llama")
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.embed_tokens.weight"
+    other = sorted(set(index.values()) - {index[name]})[-1]
+    tensors = load_file(model / other)
+    tensors[name] = load_file(model / index[name])[name] * 0
+    save_file(tensors, model / other, metadata={"format": "pt"})
+    code, _, err = in_process(GENERATE, "--model", model, "--prompt", "hi", "--max_new_tokens", "1", capsys=capsys)
+    one_error(code, err, f"holds tensor {name}, which", "a checkpoint stores each tensor once")
+
+
+@pytest.mark.parametrize("value", ["int8", "uint8", 5])
+def test_a_config_whose_dtype_is_not_floating_point_is_refused(value, tmp_path, capsys):
+    """"torch_dtype": "int8" in config.json was accepted in silence (the weights read as floats)."""
+    model = tiny_llama(tmp_path / "llama", torch_dtype=value)
+    code, _, err = in_process(GENERATE, "--model", model, "--prompt", "hi", "--max_new_tokens", "1", capsys=capsys)
+    one_error(code, err, f'--model {model / "config.json"}: "torch_dtype" must be a floating-point dtype')
+    tiny_llama(tmp_path / "fine", torch_dtype="bfloat16")
+    code, _, err = in_process(GENERATE, "--model", tmp_path / "fine", "--prompt", "hi", "--max_new_tokens", "1",
+                              capsys=capsys)
+    assert "torch_dtype" not in err  # (no tokenizer: refused for that, not for its dtype)
