@@ -60,6 +60,20 @@ def test_a_checkpoint_that_cannot_be_told_from_an_edited_copy_is_not_resumed(tam
     assert code == 0, err  # the earlier checkpoint, untouched, still continues the run (into a new folder)
 
 
+def test_a_saved_position_the_run_cannot_reach_is_refused_even_where_no_record_names_the_file(tmp_path):
+    """The position checks behind the sha256 record (a checkpoint an older minipeft wrote records none): an epoch
+    count beyond the step count, more batches than an epoch of this data."""
+    from minipeft.core.errors import UserError
+    from minipeft.training.resume_checks import check_position_fits
+    from minipeft.training.state import TrainState
+
+    with pytest.raises(UserError, match="epoch 1000000000000 with only 2 steps"):
+        check_position_fits(TrainState(step=2, epoch=10 ** 12), tmp_path, "latest", 4, 10)
+    with pytest.raises(UserError, match="is 9 batches into epoch 0, but this run's data gives only 4 batches"):
+        check_position_fits(TrainState(step=2, batches_done=9), tmp_path, "latest", 4, 10)
+    check_position_fits(TrainState(step=2, epoch=1, batches_done=1), tmp_path, "latest", 4, 10)  # fits
+
+
 # -- merge, modify, generate ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
