@@ -110,10 +110,14 @@ def _appended_to(path: Path, identity: dict) -> bool:
     size = identity["size"]
     if not stat.S_ISREG(info.st_mode) or not isinstance(size, int) or info.st_size < size:
         return False
-    digest = hashlib.sha256()
+    digest, left = hashlib.sha256(), size
     with open(path, "rb") as file:
-        for block in iter(lambda: file.read(min(2**20, size - file.tell())) if file.tell() < size else b"", b""):
+        while left > 0:  # the recorded start, a block at a time
+            block = file.read(min(2**20, left))
+            if not block:
+                return False
             digest.update(block)
+            left -= len(block)
         rest = file.read().split(b"\n")
     if digest.hexdigest() != identity.get("sha256"):
         return False

@@ -11,8 +11,9 @@
 - :mod:`~minipeft.training.evaluation`: eval loss and perplexity over the validation set;
 - :mod:`~minipeft.training.signals`: Ctrl-C and SIGTERM: finish the step, checkpoint, return;
 - :mod:`~minipeft.training.checkpoint`: atomic checkpoints and exact resume;
-- :mod:`~minipeft.training.resume_checks`: what a resume checks first (a damaged checkpoint, another run's
-  settings or data) and what may change on resume;
+- :mod:`~minipeft.training.resume_checks`: what a resume checks first (another run's settings or data, a
+  file swapped in) and what may change on resume;
+- :mod:`~minipeft.training.state_checks`: a checkpoint's saved state and tensors, field by field;
 - :mod:`~minipeft.training.metrics`: the log line, ``metrics.jsonl``, the loss curve;
 - :mod:`~minipeft.training.report`: a finished run's summary (``metrics.json``) and closing lines;
 - :mod:`~minipeft.training.distributed`: devices and DistributedDataParallel;

@@ -55,8 +55,9 @@ from minipeft.files.json_limits import loads_bounded
 from minipeft.files.atomic import json_text
 from minipeft.files.manifest import changed_content, foreign_files, marker_problem
 from minipeft.files.safe_files import write_directory_atomically
-from minipeft.training.resume_checks import (check_continues_the_run, check_optimizer_files, check_rng_tensors,
-                                             check_state_file, data_fingerprint, data_mismatch)
+from minipeft.training.resume_checks import (check_continues_the_run, data_fingerprint, data_mismatch,
+                                             refuse_changed_file)
+from minipeft.training.state_checks import check_optimizer_files, check_rng_tensors, check_state_file
 
 FORMAT = "minipeft-checkpoint/1"
 STATE_NAME = "trainer_state.json"
@@ -271,8 +272,7 @@ def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 
     # "batches_done" was edited within its range).
     changed = changed_content(directory) + changed_content(directory / ADAPTER_DIR)
     if changed:
-        raise UserError(f"--resume {directory}: {changed[0]} is not the file minipeft wrote there (its sha256 differs "
-                        "from the checkpoint's record); resume from another checkpoint")
+        refuse_changed_file(directory, changed[0])
     trainer = dict(state["trainer"])
     if new_data and data_mismatch(state.get("data") or {}, None if current is None else data_fingerprint(current)):
         trainer.update(batches_done=0, epoch_nll=0.0, epoch_target_tokens=0)  # the new data from its first batch
