@@ -4,6 +4,7 @@ reduced to the smallest command that shows it. Helpers as in ``tests/test_faults
 """
 
 import json
+import shutil
 
 import pytest
 from test_faults import builtin_model_available, in_process, one_error
@@ -60,6 +61,24 @@ def test_a_checkpoint_that_cannot_be_told_from_an_edited_copy_is_not_resumed(tam
     assert code == 0, err  # the earlier checkpoint, untouched, still continues the run (into a new folder)
 
 
+def test_resume_new_data_is_the_commands_own_and_not_inherited_by_later_resumes(tmp_path, capsys):
+    """Once a --resume_new_data resume had finished a run, every later --resume latest took the flag from
+    train_config.json: another --batch_size or --dataset_path was accepted, exit 0, and recorded as the run's."""
+    run = tmp_path / "run"
+    code, _, err = train("--output_dir", run, "--save_every", "1", "--max_steps", "3", "--batch_size", "4",
+                         capsys=capsys)
+    assert code == 0, err
+    shutil.rmtree(run / "checkpoints" / "step-3")  # as if stopped after step 2: the new-data resume ends the run
+    code, _, err = train("--output_dir", run, "--resume", "latest", "--resume_new_data", "--max_steps", "3",
+                         capsys=capsys)
+    assert code == 0, err
+    recorded = (run / "train_config.json").read_text()
+    code, _, err = train("--output_dir", run, "--resume", "latest", "--max_steps", "3", "--batch_size", "2",
+                         capsys=capsys)
+    one_error(code, err, "--batch_size 2 changes what the run computes (it started with 4)")
+    assert (run / "train_config.json").read_text() == recorded
+
+
 def test_a_saved_position_the_run_cannot_reach_is_refused_even_where_no_record_names_the_file(tmp_path):
     """The position checks behind the sha256 record (a checkpoint an older minipeft wrote records none): an epoch
     count beyond the step count, more batches than an epoch of this data."""
@@ -108,6 +127,18 @@ def test_modify_refuses_a_method_flag_before_loading_the_model(flags, fragment, 
     monkeypatch.setattr(modify, "load_model_for_counting", never)
     code, _, err = in_process(MODIFY, "--model", "builtin", *flags, capsys=capsys)
     one_error(code, err, fragment)
+
+
+def test_ia3_feedforward_modules_outside_the_default_targets_are_refused_before_loading(capsys, monkeypatch):
+    """The check ran on the loaded model, after transformers' progress bar, naming "feedforward_modules" (no
+    --), since the family's default targets were filled in only then."""
+    import minipeft.cli.modify as modify
+
+    monkeypatch.setattr(modify, "load_model_for_counting", lambda *args: pytest.fail("the model was loaded"))
+    code, _, err = in_process(MODIFY, "--model", "builtin", "--modification_type", "ia3", "--feedforward_modules",
+                              "c_fc", capsys=capsys)
+    one_error(code, err, "--feedforward_modules: c_fc not among the target modules ['c_attn', 'mlp.c_proj'] "
+                         "(--target_modules, or the method's default")
 
 
 def test_a_csv_prompts_file_is_read_as_records_as_data_reads_it(tmp_path):

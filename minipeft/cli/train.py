@@ -135,19 +135,24 @@ def saved_arguments(output_dir: Path) -> dict:
     return arguments if isinstance(arguments, dict) else {}
 
 
+# What one command asks for, not what the run is: a resume never takes these from the run it continues (an
+# earlier --resume_new_data inherited would let every later resume change the data and batch settings silently).
+NOT_INHERITED = ("resume", "resume_new_data", "overwrite_output_dir", "output_dir")
+
+
 def parse_arguments(argv=None) -> argparse.Namespace:
     """The command line; with ``--resume``, every flag not given again takes the interrupted run's value.
 
     ``python train_llm.py --output_dir run --resume latest`` therefore continues the run as it was started
     (its method, rank, data, learning rate, ...), and a flag given again overrides it (and is named in a note
-    when that changes what the run computes).
+    when that changes what the run computes). The flags of :data:`NOT_INHERITED` are the command's own.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:
         known = set(vars(args))
         saved = {key: value for key, value in saved_arguments(Path(args.output_dir)).items()
-                 if key in known and key not in ("resume", "overwrite_output_dir", "output_dir")}
+                 if key in known and key not in NOT_INHERITED}
         parser.set_defaults(**saved)
         args = parser.parse_args(argv)
     return args

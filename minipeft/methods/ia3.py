@@ -19,7 +19,7 @@ IA3 learns one scaling vector ``l`` per adapted layer and multiplies activations
   copies kept at merge time, so it is exact (dividing by ``l`` again would not be).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -79,6 +79,12 @@ class IA3Config:
                 raise UserError(f"{name('feedforward_modules')}: {', '.join(outside)} not among the target modules "
                                 f"{sorted(self.target_modules)} ({name('target_modules')}, or the method's default "
                                 "for the model); feed-forward modules must also be targets")
+
+    def check_model(self, model: nn.Module, name=str) -> None:
+        """The feed-forward modules against the targets ``model`` gets when none are named (its family's), before
+        the model loads: the command line names the flags."""
+        if self.target_modules is None and isinstance(self.feedforward_modules, (list, tuple, set)):
+            replace(self, target_modules=default_target_modules(model, DEFAULT_TARGETS)).validate(name)
 
 
 class IA3Linear(AdapterLayer):
