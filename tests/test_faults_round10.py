@@ -161,6 +161,35 @@ def test_a_csv_prompts_file_is_read_as_records_as_data_reads_it(tmp_path):
         read_prompts_file(path)
 
 
+@pytest.mark.parametrize("name, text, expected", [
+    ("list.json", '["x", "y"]', [("x", ""), ("y", "")]),
+    ("lines.txt", "bom line\nsecond\n", [("bom line", ""), ("second", "")]),
+    ("lines.jsonl", '{"instruction": "a"}\n', [("a", "")]),
+    ("rows.csv", "instruction,input\nb,c\n", [("b", "c")]),
+])
+def test_a_prompts_file_with_a_byte_order_mark_reads_as_without_it(name, text, expected, tmp_path):
+    """Notepad's and Excel's UTF-8 byte-order mark made a JSON list ONE prompt (its source text, exit 0), went to
+    the model as part of a text file's first prompt, and was "not valid JSON" in JSON Lines; data read them all."""
+    from minipeft.inference.prompts import read_prompts_file
+
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [(prompt.instruction, prompt.input) for prompt in read_prompts_file(path)] == expected
+
+
+def test_a_json_prompts_file_of_json_lines_reads_its_strings_not_their_quotes(tmp_path):
+    """A .json file holding JSON Lines of strings fell back to lines of text: the prompts kept their quotes."""
+    from minipeft.core.errors import UserError
+    from minipeft.inference.prompts import read_prompts_file
+
+    path = tmp_path / "prompts.json"
+    path.write_text('"a"\n"b"\n')
+    assert [prompt.instruction for prompt in read_prompts_file(path)] == ["a", "b"]
+    path.write_text("a prompt in a .json file\n")
+    with pytest.raises(UserError, match="line 1 is not valid JSON .*a JSON prompts file holds a list, or one JSON"):
+        read_prompts_file(path)
+
+
 # -- model folders ----------------------------------------------------------------------------------------------------
 def test_a_tensor_stored_in_two_shards_is_refused_naming_both(tmp_path, capsys):
     """A shard holding a (zeroed) copy of another shard's tensor was loaded, the copy taken, exit 0."""

@@ -102,10 +102,11 @@ def read_input_bytes(path, flag: str = "") -> bytes:
 
 
 def read_input_text(path, flag: str = "", encoding: str = "utf-8") -> str:
-    """The text of a regular file (see :func:`read_input_bytes`); bytes that are not ``encoding`` are an error."""
+    """The text of a regular file (see :func:`read_input_bytes`); bytes that are not ``encoding`` are an error.
+    A UTF-8 file's leading byte-order mark (what Notepad and Excel write) is not part of its text."""
     data = read_input_bytes(path, flag)
     try:
-        return data.decode(encoding)
+        return data.decode("utf-8-sig" if encoding == "utf-8" else encoding)
     except UnicodeDecodeError as error:
         raise UserError(f"{flag_and_path(path, flag)}: not {encoding} text (byte 0x{data[error.start]:02x} at offset "
                         f"{error.start})") from None

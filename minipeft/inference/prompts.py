@@ -126,9 +126,10 @@ def known_template(name, where: str, tokenizer=None) -> str:
 
 def read_prompts_file(path) -> list:
     """Prompts from a file: a JSON list (of strings, or of ``{"instruction", "input"}`` objects), JSON Lines
-    (one such string or object per line: a ``.jsonl``/``.ndjson`` file, or one whose first line is a JSON
-    object), a ``.csv``/``.tsv`` file with an ``instruction`` column (and ``input``, optional: Alpaca records,
-    as ``data`` reads them), or else one prompt per line (blank lines skipped).
+    (one such string or object per line: a ``.jsonl``/``.ndjson`` file, a ``.json`` file that is not a list, or
+    one whose first line is a JSON object), a ``.csv``/``.tsv`` file with an ``instruction`` column (and
+    ``input``, optional: Alpaca records, as ``data`` reads them), or else one prompt per line (blank lines
+    skipped). A UTF-8 byte-order mark is not part of the first prompt.
 
     Raises:
         UserError: naming the file (and the item or line) when it cannot be read or holds no prompt.
@@ -141,14 +142,14 @@ def read_prompts_file(path) -> list:
         prompts = _csv_prompts(path, text)
     elif items is not None:
         prompts = [_prompt_of(item, path, f"item {index}") for index, item in enumerate(items)]
-    elif path.suffix.lower() in (".jsonl", ".ndjson") or (lines and _json_object(lines[0][1])):
+    elif path.suffix.lower() in (".jsonl", ".ndjson", ".json") or (lines and _json_object(lines[0][1])):
         prompts = []  # JSON Lines: a line of text would otherwise be fed to the model as a prompt, braces and all
         for number, line in lines:
             try:
                 item = loads_bounded(line)
             except json.JSONDecodeError as error:
-                raise UserError(f"--prompts_file {path}: line {number} is not valid JSON ({error.msg}); a JSON Lines "
-                                "file holds one JSON string or object per line") from None
+                raise UserError(f"--prompts_file {path}: line {number} is not valid JSON ({error.msg}); a JSON prompts "
+                                "file holds a list, or one JSON string or object per line (JSON Lines)") from None
             prompts.append(_prompt_of(item, path, f"line {number}"))
     else:
         prompts = [Prompt(line) for line in text.splitlines() if line.strip()]
