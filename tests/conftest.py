@@ -80,6 +80,19 @@ def sample_batch():
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A LoRA adapter of the built-in model, one training step (``train_llm.py --max_steps 1``); for modules whose
+    tests skip without the built-in model."""
+    from minipeft.cli import run
+    from minipeft.cli.train import main as train_main
+
+    folder = tmp_path_factory.mktemp("adapter") / "run"
+    assert run(train_main, ["--max_steps", "1", "--num_threads", "1", "--max_records", "16", "--output_dir",
+                            str(folder)]) == 0
+    return folder / "adapter"
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir():
     if not SHARED_DATA.is_dir():

@@ -94,17 +94,6 @@ def test_a_saved_position_the_run_cannot_reach_is_refused_even_where_no_record_n
 
 
 # -- merge, modify, generate ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    """A LoRA adapter of the built-in model (one step, float base)."""
-    from minipeft.cli import run as run_main
-
-    run = tmp_path_factory.mktemp("round10") / "run"
-    assert run_main(train_main, ["--max_steps", "1", "--num_threads", "1", "--max_records", "16", "--output_dir",
-                                 str(run)]) == 0
-    return run / "adapter"
-
-
 def test_requantize_on_a_float_base_is_refused(adapter, tmp_path, capsys):
     """merge --requantize on an adapter trained on a float base quantized the merged model to NF4, a model that
     never existed, exit 0 (the help says "to NF4 again")."""

@@ -158,17 +158,6 @@ def test_a_checkpoint_file_swapped_in_from_another_checkpoint_is_refused(name, t
 GENERATE = lambda argv: cli_main(["generate", *argv])  # noqa: E731
 
 
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    """A LoRA adapter of the built-in model (one step)."""
-    run = tmp_path_factory.mktemp("round7") / "run"
-    from minipeft.cli import run as run_main
-
-    assert run_main(train_main, ["--max_steps", "1", "--num_threads", "1", "--max_records", "16", "--output_dir",
-                                 str(run)]) == 0
-    return run / "adapter"
-
-
 def test_a_chat_template_recorded_by_the_adapter_is_blamed_on_its_config_not_on_the_flag(adapter, tmp_path, capsys):
     import shutil
 
