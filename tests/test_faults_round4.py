@@ -384,8 +384,8 @@ def test_records_that_are_not_objects_are_named_as_such_not_as_a_missing_column(
     (["train", "--output_dir", "/"], "--output_dir /: holds minipeft's tokenization cache"),
     (["pretrain", "--output_dir", "{file}", "--max_steps", "1"], "--output_dir {file}: is a file, not a directory"),
     (["modify", "--model", "builtin", "--modification_type", "ia3", "--feedforward_modules", "nonexist"],
-     "feedforward_modules: nonexist not among the target modules ['c_attn', 'mlp.c_proj'] (target_modules, or "
-     "the method's default for the model)"),  # the defaults named as such
+     "--feedforward_modules: nonexist not among the target modules ['c_attn', 'mlp.c_proj'] (--target_modules, "
+     "or the method's default for the model)"),  # the defaults named as such; the flags as flags (round ten)
 ])
 def test_round_five_messages_name_what_the_user_gave(argv, fragment, tmp_path, capsys):
     from minipeft.cli import main as cli_main
