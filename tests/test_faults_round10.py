@@ -5,6 +5,7 @@ reduced to the smallest command that shows it. Helpers as in ``tests/test_faults
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from test_faults import builtin_model_available, in_process, one_error
@@ -205,3 +206,36 @@ def test_a_config_whose_dtype_is_not_floating_point_is_refused(value, tmp_path, 
     code, _, err = in_process(GENERATE, "--model", tmp_path / "fine", "--prompt", "hi", "--max_new_tokens", "1",
                               capsys=capsys)
     assert "torch_dtype" not in err  # (no tokenizer: refused for that, not for its dtype)
+
+
+# -- round eleven -----------------------------------------------------------------------------------------------------
+DATA = lambda argv: cli_main(["data", *argv])  # noqa: E731
+
+
+@pytest.mark.parametrize("where", ["the model folder", "below the model folder", "an adapter folder",
+                                   "the package"])
+def test_the_tokenization_cache_never_goes_into_a_model_an_adapter_or_the_package(where, adapter, tmp_path,
+                                                                                   capsys):
+    """data --cache_dir wrote its .npz into the --model folder (rewriting its .minipeft record to list it), into
+    an adapter folder, and into minipeft's own built-in model (a tracked file changed), exit 0."""
+    import minipeft
+    from minipeft.builtin import MODEL_DIR
+    from test_faults import digests
+
+    model = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, model)
+    package = Path(minipeft.__file__).parent
+    cache, fragment = {
+        "the model folder": (model, f"--cache_dir {model}: is the folder --model reads"),
+        "below the model folder": (model / "sub", f"lies inside {model}, the folder --model reads"),
+        "an adapter folder": (adapter, "is a folder minipeft wrote"),
+        "the package": (package / "builtin", f"lies inside {package}, minipeft's own package"),
+    }[where]
+    before = digests(model, adapter, package / "builtin")
+    for command in (DATA, train_main):
+        argv = ["--model", model, "--cache_dir", cache, "--max_records", "16"]
+        if command is train_main:
+            argv += ["--max_steps", "1", "--output_dir", tmp_path / "run"]
+        code, _, err = in_process(command, *argv, capsys=capsys)
+        one_error(code, err, fragment)
+    assert digests(model, adapter, package / "builtin") == before and not (model / "sub").exists()

@@ -16,8 +16,8 @@ from minipeft.data.report import describe_sample, padding_by_mode
 from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
 from minipeft.loading.checkpoint_dir import available_memory_bytes
-from minipeft.loading.models import (SMOLLM2_NAME, TOKENIZER_FILES, check_hub_id_shape, smollm2_gguf_path,
-                                     tokenizer_files)
+from minipeft.loading.models import (SMOLLM2_NAME, TOKENIZER_FILES, check_hub_id_shape, local_model_path,
+                                     smollm2_gguf_path, tokenizer_files)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_samples < 0:
         raise UserError(f"--num_samples {args.num_samples}: must be 0 or more")
-    config = data_config_from_args(args)
+    config = data_config_from_args(args, local_model_path(args.model))
     check_padded_batches_fit(config)
     tokenizer = load_tokenizer(args.model)
     train_loader, _, report = build_dataloaders(config, tokenizer)

@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     """Parse; check the inputs and open ``--output_dir`` (before any loading); train and report. The exit status."""
     args = parse_arguments(argv)
     config = training_config_from_args(args)
-    data_config = data_config_from_args(args)
+    data_config = data_config_from_args(args, local_model_path(args.model))
     if config.sharding == "fsdp":
         check_can_shard(args.modification_type)  # before starting processes talking
     context = init_distributed(config.device, config.sharding)

@@ -15,6 +15,7 @@ from minipeft.core.bounds import seed_number
 from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float, require_finite
 from minipeft.core.options import add_setting_flags, setting
+from minipeft.files.manifest import is_ours
 
 
 def default_cache_dir() -> str:
@@ -179,12 +180,30 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def data_config_from_args(args: argparse.Namespace) -> DataConfig:
-    """The :class:`DataConfig` described by the parsed flags of :func:`add_data_arguments`."""
+def data_config_from_args(args: argparse.Namespace, model_folder=None) -> DataConfig:
+    """The :class:`DataConfig` described by the parsed flags of :func:`add_data_arguments`; ``model_folder``: the
+    folder ``--model`` reads, if any (see :func:`check_cache_dir`)."""
     values = {item.name: getattr(args, item.name) for item in fields(DataConfig)}
     if getattr(args, "no_cache", False):
         values["cache_dir"] = None
     cache = values["cache_dir"]
     if cache is not None and (not str(cache).strip() or (Path(cache).exists() and not Path(cache).is_dir())):
         raise UserError(f"--cache_dir {cache!r}: not a folder; give a folder name, or --no_cache")
+    if cache is not None:
+        check_cache_dir(cache, model_folder)
     return DataConfig(**values)
+
+
+def check_cache_dir(cache, model_folder=None) -> None:
+    """The tokenization cache writes files that no folder records, so it never goes into (or below) a folder
+    minipeft wrote (a model, an adapter, a run: its ``.minipeft`` record would list a file it did not write, or
+    a replacement of the folder would delete the cache), the ``--model`` folder, or minipeft's own package."""
+    real = Path(os.path.realpath(cache))
+    places = {Path(os.path.realpath(__file__)).parents[1]: "minipeft's own package"}
+    if model_folder is not None:
+        places[Path(os.path.realpath(model_folder))] = "the folder --model reads"
+    for folder in (real, *real.parents):
+        why = places.get(folder) or ("a folder minipeft wrote" if is_ours(folder) else None)
+        if why is not None:
+            where = "is" if folder == real else f"lies inside {folder},"
+            raise UserError(f"--cache_dir {cache}: {where} {why}; keep the cache outside it (or --no_cache)")
