@@ -158,8 +158,9 @@ def export_merged_model(peft_model, tokenizer, out_dir, template: str = "alpaca"
         requantized_difference = (real_position_logits(merged, batch) - unmerged_logits).abs().max().item()
         dequantize_model(merged)  # the float32 values of the 4-bit weights: a plain model that loads anywhere
         log(f"requantize: the merged linear layers are NF4 again; max |logit(requantized) - logit(base + adapter)| "
-            f"= {requantized_difference:.2e} (the rounding of merging into a 4-bit base; written as float32 "
-            "values of the 4-bit weights)")
+            f"= {requantized_difference:.2e} (quantizing again rounds: the merged weights to NF4 codes, and each "
+            "block's scale to 8 bits anew, which moves even a weight ΔW left unchanged; written as float32 values "
+            "of the 4-bit weights)")
 
     merged.to(save_dtype)
 
