@@ -163,6 +163,12 @@ def worker(out: Path) -> None:
     raise AssertionError("rank 1 was to be killed in step 5")
 
 
+# One validation batch (2 records): rank 1 has none, and its forwards must still join rank 0's all-gathers (a
+# run with an odd number of validation batches hung in its first evaluation: round eleven).
+CLI_FLAGS = ["--device", "cpu", "--max_steps", "2", "--max_records", "24", "--val_size", "2", "--batch_size", "2",
+             "--no_cache", "--precision", "fp32"]
+
+
 def after_the_restart(out: Path) -> None:
     """The workers torchrun started again: resume the killed run, then ``train_llm.py --sharding fsdp`` (last:
     the command line ends the process group). Ranks may be dealt anew by the new rendezvous.
@@ -181,9 +187,7 @@ def after_the_restart(out: Path) -> None:
     saved = sorted(path.name for path in (out / "killed" / "checkpoints").glob("step-*"))
     (out / f"killed_checkpoints.{fsdp.rank}").write_text(" ".join(saved))  # what the kill left
     train_tiny(out / "killed", fsdp, resume="latest")
-    exit_status = main(["--sharding", "fsdp", "--device", "cpu", "--max_steps", "2", "--max_records", "24",
-                        "--val_size", "4", "--batch_size", "2", "--no_cache", "--precision", "fp32",
-                        "--output_dir", str(out / "cli")])
+    exit_status = main(["--sharding", "fsdp", *CLI_FLAGS, "--output_dir", str(out / "cli")])
     (out / f"cli_exit.{fsdp.rank}").write_text(str(exit_status))
 
 
@@ -338,12 +342,19 @@ def test_a_sharded_checkpoint_resumes_on_one_process(runs, tmp_path):
     assert max_difference(adapter(tmp_path / "run"), adapter(out / "fsdp")) <= 2e-4
 
 
-def test_train_llm_runs_sharded_and_only_rank_0_writes(runs):
+def test_train_llm_runs_sharded_and_only_rank_0_writes(runs, tmp_path):
     out, results, _ = runs
     assert [(out / f"cli_exit.{rank}").read_text() for rank in (0, 1)] == ["0", "0"]
     summary = json.loads((out / "cli" / "metrics.json").read_text())
     assert summary["steps"] == 2 and summary["world_size"] == 2
     assert (out / "cli" / "adapter" / "adapter_model.safetensors").is_file()
+    from minipeft.cli import run
+    from minipeft.cli.train import main
+
+    assert run(main, [*CLI_FLAGS, "--output_dir", str(tmp_path / "one")]) == 0  # the same run in one process
+    sharded, alone = (read_records(folder / "metrics.jsonl", "eval")[0] for folder in (out / "cli", tmp_path / "one"))
+    assert sharded["step"] == alone["step"] == 0 and sharded["eval_tokens"] == alone["eval_tokens"]
+    assert sharded["eval_loss"] == pytest.approx(alone["eval_loss"], rel=1e-6)  # rank 1's idle forwards add nothing
 
 
 # -- bad input: one error line, exit 2 (in-process, no launch) ----------------------------------------------

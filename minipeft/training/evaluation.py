@@ -25,6 +25,10 @@ def evaluate(model, loader, context: DistributedContext, autocast, max_batches: 
     n_batches = max_batches if n_batches is None else min(max_batches or n_batches, n_batches)
     batches = tqdm(itertools.islice(loader, max_batches), total=n_batches, desc="eval", unit="batch", leave=False,
                    dynamic_ncols=True, disable=True if not context.is_main else None)
+    # FSDP gathers each block's weights inside forward, a collective every process must join, but validation
+    # batches are not padded (each record counts once), so a process may have fewer: it then runs forwards on one
+    # masked token, which add nothing, until it has run as many as the process with the most.
+    most = max(context.all_gather_objects(n_batches or 0)) if context.is_sharded and context.is_distributed else 0
     started, n_tokens = time.perf_counter(), 0
     for batch in batches:
         batch = {key: value.to(context.device) for key, value in batch.items()}
@@ -34,6 +38,12 @@ def evaluate(model, loader, context: DistributedContext, autocast, max_batches: 
         total_targets += n_targets
         n_tokens += int(batch["attention_mask"].sum())
         batches.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - started):,.0f}")
+    idle = {"input_ids": torch.zeros((1, 1), dtype=torch.long, device=context.device),
+            "attention_mask": torch.ones((1, 1), dtype=torch.long, device=context.device),
+            "labels": torch.full((1, 1), -100, dtype=torch.long, device=context.device)}
+    for _ in range(most - (n_batches or 0)):
+        with autocast:
+            loss_sum(model, idle)
     model.train(was_training)
     total_nll, total_targets = context.all_reduce_sum([total_nll.item(), total_targets.item()])
     if total_targets == 0:
