@@ -5,6 +5,7 @@ reduced to the smallest command that shows it. Helpers as in ``tests/test_faults
 
 import json
 import shutil
+import unittest.mock
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,8 @@ def tiny_llama(folder, **config_changes):
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("tamper", ["delete the marker", "edit batches_done"])
+@pytest.mark.parametrize("tamper", ["delete the marker", "edit batches_done", "empty the marker",
+                                    "garble the marker"])
 def test_a_checkpoint_that_cannot_be_told_from_an_edited_copy_is_not_resumed(tamper, tmp_path, capsys):
     """trainer_state.json's "batches_done" edited from 2 to 1 (in range) went on from the wrong place in the data,
     exit 0, once the checkpoint's .minipeft was deleted; with it, trainer_state.json was left out of its sha256
@@ -54,6 +56,9 @@ def test_a_checkpoint_that_cannot_be_told_from_an_edited_copy_is_not_resumed(tam
     if tamper == "delete the marker":
         (step / ".minipeft").unlink()
         expected = "no .minipeft marker (minipeft writes one into every checkpoint"
+    elif tamper in ("empty the marker", "garble the marker"):  # (round eleven: read as an older minipeft's)
+        (step / ".minipeft").write_text("{}" if tamper == "empty the marker" else "garbage")
+        expected = "its .minipeft marker records no sha256 of trainer_state.json"
     else:
         expected = f"{step / 'trainer_state.json'} is not the file minipeft wrote there"
     code, _, err = train("--output_dir", run, "--resume", "latest", "--max_steps", "3", capsys=capsys)
@@ -257,3 +262,46 @@ def test_quantizing_a_dequantized_layer_again_moves_it_only_through_the_double_q
         once = Linear4bit(layer, double_quant, torch.float32).to_dense(torch.float32)
         twice = Linear4bit(once, double_quant, torch.float32).to_dense(torch.float32)
         assert torch.equal(once.weight, twice.weight) is not moves
+
+
+def test_a_checkpoint_deletion_killed_part_way_leaves_a_folder_the_next_run_deletes(tmp_path, capsys):
+    """A SIGKILL inside the deletion of an old checkpoint (renamed .old-step-N-PID) removed its .minipeft first
+    (rmtree's order): the rest stayed for good, and --overwrite_output_dir then said minipeft did not write it.
+    The marker now goes last, so what a kill leaves still says it is minipeft's."""
+    from minipeft.files.safe_files import delete_marker_last
+
+    run = tmp_path / "run"
+    code, _, err = train("--output_dir", run, "--save_every", "1", "--max_steps", "2", capsys=capsys)
+    assert code == 0, err
+    doomed = run / "checkpoints" / ".old-step-1-99999"
+    shutil.copytree(run / "checkpoints" / "step-2", doomed)
+    deleted = []
+    real_unlink = Path.unlink
+
+    def unlink_then_die(self, *args, **kwargs):  # the kill, just before the marker would go
+        if self.name == ".minipeft" and self.parent == doomed:
+            raise KeyboardInterrupt
+        deleted.append(self.name)
+        return real_unlink(self, *args, **kwargs)
+
+    with unittest.mock.patch.object(Path, "unlink", unlink_then_die):
+        with pytest.raises(KeyboardInterrupt):
+            delete_marker_last(doomed)
+    assert deleted and (doomed / ".minipeft").exists() and sorted(p.name for p in doomed.iterdir()) == [".minipeft"]
+    (run / "..minipeft.abc123.tmp").write_text("{")  # a marker rewrite a kill cut short
+    code, _, err = train("--output_dir", run, "--resume", "latest", "--max_steps", "3", capsys=capsys)
+    assert code == 0, err
+    assert not doomed.exists() and not (run / "..minipeft.abc123.tmp").exists()
+
+
+def test_resume_latest_of_a_run_killed_before_it_made_its_folder_starts_it(tmp_path, capsys):
+    """A run killed while Python imported (no folder yet): its --resume latest said "no checkpoint in ...", exit 2,
+    where docs/training.md promises that a loop of --resume latest always gets there."""
+    code, out, err = train("--output_dir", tmp_path / "run", "--resume", "latest", capsys=capsys)
+    assert code == 0, err
+    assert "holds no checkpoint yet (the run stopped before its first, or before it began); starting it over" in out
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("a user's folder, no run in it")
+    code, _, err = train("--output_dir", tmp_path / "notes", "--resume", "latest", capsys=capsys)
+    one_error(code, err, "--resume latest: no checkpoint in")  # a folder of other files is no run to start

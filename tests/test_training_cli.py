@@ -110,7 +110,7 @@ def test_resume_with_only_the_output_dir_takes_the_runs_own_settings(tiny_run_in
 
 @pytest.mark.parametrize("extra, message", [
     (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a CUDA GPU"),
-    (["--resume", "latest"], "--resume latest: no checkpoint in"),
+    (["--resume", "no-such-run"], "--resume no-such-run: no checkpoint in no-such-run"),  # (latest: starts over)
     (["--lora_rank", "0"], "--lora_rank"),
     (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: must be a positive integer"),
     (["--warmup_steps", "2", "--warmup_ratio", "0.1"], "give one of them, not both"),

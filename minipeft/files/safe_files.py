@@ -222,6 +222,31 @@ def check_model_folder(path: Path, flag: str) -> None:
                         "model folder minipeft wrote: choose another directory")
 
 
+def delete_marker_last(path) -> None:
+    """Delete the directory ``path`` (minipeft's, out of sight as ``.old-*`` or ``.tmp-*``) with its ``.minipeft``
+    marker last: a process killed part way through leaves a folder that still says it is minipeft's, which the
+    next run deletes (:func:`remove_incomplete`), never one that looks like the user's. Errors are ignored, as
+    ``shutil.rmtree(..., ignore_errors=True)`` does."""
+    path = Path(path)
+    try:
+        entries = [entry for entry in path.iterdir() if entry.name != MARKER_NAME]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
+        except OSError:
+            pass
+    try:
+        (path / MARKER_NAME).unlink(missing_ok=True)  # last
+        path.rmdir()
+    except OSError:  # (something appeared meanwhile, or could not be deleted)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def remove_our_directory(path, flag: str = "") -> None:
     """Delete a directory minipeft wrote (refuses anything else, see :func:`check_replaceable`)."""
     path = Path(path)
@@ -230,7 +255,7 @@ def remove_our_directory(path, flag: str = "") -> None:
     check_replaceable(path, flag)
     doomed = path.with_name(f".old-{path.name}-{os.getpid()}")
     os.rename(path, doomed)  # first out of sight (atomic), so a kill never leaves half of it
-    shutil.rmtree(doomed, ignore_errors=True)
+    delete_marker_last(doomed)
     forget(path)
 
 
@@ -296,19 +321,23 @@ def write_directory_atomically(final, write, flag: str = "") -> Path:
             raise cannot_write(final, error) from None
         raise
     if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
+        delete_marker_last(previous)
     record_as_part(final)
     return final
 
 
 def remove_incomplete(directory) -> None:
     """Delete the ``.tmp-*`` / ``.old-*`` directories that a killed minipeft process left in ``directory``
-    (those holding the marker, or empty: a user's own ``.tmp-notes/`` stays)."""
+    (those holding the marker, or empty: a user's own ``.tmp-notes/`` stays), and the temporary file of a marker
+    it was rewriting (``..minipeft.<random>.tmp``, :func:`~minipeft.files.atomic.replace_file`'s name)."""
     if Path(directory).is_dir():
         for path in Path(directory).iterdir():
             leftover = path.name.startswith((".tmp-", ".old-")) and path.is_dir()
             if leftover and (is_ours(path) or is_empty_directory(path)):
-                shutil.rmtree(path, ignore_errors=True)
+                delete_marker_last(path)
+            elif path.name.startswith(f".{MARKER_NAME}.") and path.name.endswith(".tmp") and path.is_file() \
+                    and not path.is_symlink():
+                path.unlink(missing_ok=True)
 
 
 # -- outputs apart from inputs --------------------------------------------------------------------------------------

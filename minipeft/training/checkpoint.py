@@ -38,7 +38,6 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -53,8 +52,8 @@ from minipeft.core.finite import first_nonfinite_tensor, nonfinite_to_none
 from minipeft.files.input_files import read_input_text
 from minipeft.files.json_limits import loads_bounded
 from minipeft.files.atomic import json_text
-from minipeft.files.manifest import changed_content, foreign_files, marker_problem
-from minipeft.files.safe_files import write_directory_atomically
+from minipeft.files.manifest import MARKER_NAME, changed_content, foreign_files, marker_problem, read_manifest
+from minipeft.files.safe_files import delete_marker_last, write_directory_atomically
 from minipeft.training.resume_checks import (check_continues_the_run, data_fingerprint, data_mismatch,
                                              refuse_changed_file)
 from minipeft.training.state_checks import check_optimizer_files, check_rng_tensors, check_state_file
@@ -217,8 +216,13 @@ def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 
         state = check_state_file(loads_bounded(read_input_text(state_path)), str(state_path), FORMAT)
     except json.JSONDecodeError as error:
         raise UserError(f"{state_path}: not valid JSON ({error})") from None
+    # Its record of each file's sha256 is what tells the checkpoint from an edited copy: without one (no marker,
+    # or one that records no file: damaged, or an older minipeft's) it cannot be checked.
     unmarked = marker_problem(directory)
-    if unmarked is not None:  # its record of each file's sha256 is what tells the checkpoint from an edited copy
+    identity = (read_manifest(directory) or {}).get(STATE_NAME)
+    if unmarked is None and not (isinstance(identity, dict) and "sha256" in identity):
+        unmarked = f"its {MARKER_NAME} marker records no sha256 of {STATE_NAME}"
+    if unmarked is not None:
         raise UserError(f"--resume {directory}: {unmarked} (minipeft writes one into every checkpoint, recording "
                         "its files): it cannot be told from an edited copy; resume from another checkpoint")
     named_step = checkpoint_step(directory)
@@ -330,5 +334,5 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int, keep_steps=()) -> l
             continue
         doomed = path.with_name(f".old-{path.name}-{os.getpid()}")
         os.rename(path, doomed)  # first out of sight (atomic), so a kill never leaves half a checkpoint
-        shutil.rmtree(doomed, ignore_errors=True)
+        delete_marker_last(doomed)  # (its marker last: a kill inside leaves a folder the next run deletes)
     return kept

@@ -163,7 +163,7 @@ def resume_or_start_fresh(run: TrainingRun, run_dir: RunDir, train_loader) -> No
                      "dropout will differ from the original run")
     if run_dir.restarted:
         say(run, f"note: --resume {config.resume}: {output_dir} holds no checkpoint yet (the run stopped before its "
-                 "first); starting it over from step 0")
+                 "first, or before it began); starting it over from step 0")
     if context.is_main:
         prepare_output_dir(checkpoints_dir)
         remove_incomplete(checkpoints_dir)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from minipeft.core.errors import UserError
 from minipeft.files.atomic import make_directory
-from minipeft.files.lock import OutputLock, check_unlocked
+from minipeft.files.lock import LOCK_NAME, OutputLock, check_unlocked
 from minipeft.files.manifest import (CHANGED, MARKER_NAME, foreign_files_and_why, is_older_marker, is_ours,
                                      mark_as_ours, marker_problem, read_manifest, record_as_ours)
 from minipeft.files.safe_files import (check_apart, check_folder_to_write_into, check_ours_to_replace,
@@ -80,12 +80,15 @@ def open_run_dir(config: TrainingConfig, is_main: bool = True, outputs: tuple = 
 def resume_point(config: TrainingConfig, output_dir: Path) -> RunDir:
     """The opened directory with the checkpoint ``--resume`` names (an error if there is none), except that
     ``--resume latest`` in a run of minipeft's that stopped before its first checkpoint (killed while loading or
-    in its first steps: a record, no checkpoint, no final adapter) starts that run over: step 0 is where it is."""
+    in its first steps: a record, no checkpoint, no final adapter), or before it made its folder (killed while
+    Python imported), starts that run over: step 0 is where it is. Every process decides alike, whether or not
+    rank 0 has made the folder yet (then holding only its marker and lock)."""
     if not config.resume:
         return RunDir(output_dir)
     started = any((output_dir / name).is_file() for name in ("metrics.jsonl", "train_config.json"))
-    if (config.resume == "latest" and started and is_ours(output_dir) and not (output_dir / ADAPTER_DIR).exists()
-            and not list_checkpoints(output_dir / "checkpoints")):
+    unmade = not output_dir.is_dir() or {path.name for path in output_dir.iterdir()} <= {MARKER_NAME, LOCK_NAME}
+    if (config.resume == "latest" and (unmade or started and is_ours(output_dir))
+            and not (output_dir / ADAPTER_DIR).exists() and not list_checkpoints(output_dir / "checkpoints")):
         return RunDir(output_dir, restarted=True)
     return RunDir(output_dir, resolve_resume(config.resume, output_dir))
 
