@@ -150,7 +150,7 @@ def test_a_kill_while_writing_leaves_a_loadable_checkpoint(tmp_path, where, coun
 
             safe_files.fsync_path = die_at("fsync", safe_files.fsync_path)
             checkpoint.save_file = die_at("mid_write", checkpoint.save_file)
-            checkpoint.shutil.rmtree = die_at("rmtree", checkpoint.shutil.rmtree)
+            safe_files.shutil.rmtree = die_at("rmtree", safe_files.shutil.rmtree)  # (pruning: delete_marker_last)
             save(checkpoints / "step-2", second_model, second_optimizer, 2)
             prune_checkpoints(checkpoints, keep_last=1)
         finally:
