@@ -4,6 +4,7 @@ reduced to the smallest command that shows it. Helpers as in ``tests/test_faults
 """
 
 import json
+import os
 import shutil
 import unittest.mock
 from pathlib import Path
@@ -305,3 +306,37 @@ def test_resume_latest_of_a_run_killed_before_it_made_its_folder_starts_it(tmp_p
     (tmp_path / "notes" / "mine.txt").write_text("a user's folder, no run in it")
     code, _, err = train("--output_dir", tmp_path / "notes", "--resume", "latest", capsys=capsys)
     one_error(code, err, "--resume latest: no checkpoint in")  # a folder of other files is no run to start
+
+
+# -- round twelve -----------------------------------------------------------------------------------------------------
+def test_under_torchrun_every_process_stops_on_a_refusal_with_its_line_not_a_traceback(tmp_path):
+    """A resume refused for a changed flag stopped rank 0 only (it alone compares with train_config.json): rank 1
+    went on into a collective and died in a gloo traceback. --fsdp_cpu_offload on the CPU: FSDP's RuntimeError
+    "Cannot access accelerator device" in both processes."""
+    import subprocess
+    import sys
+
+    from test_training_fsdp import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+
+    def torchrun(*flags):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), str(root / "train_llm.py"), "--max_records", "16", "--batch_size", "2",
+                   "--no_cache", "--device", "cpu", *map(str, flags)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        return done.returncode, done.stdout + done.stderr
+
+    code, out = torchrun("--max_steps", "2", "--save_every", "1", "--output_dir", tmp_path / "run")
+    assert code == 0, out[-3000:]
+    for flags, line in (
+            (["--max_steps", "3", "--val_size", "3", "--output_dir", tmp_path / "run", "--resume", "latest"],
+             "error: --resume: --val_size 3 changes what the run computes (it started with 0.1)"),
+            (["--max_steps", "1", "--sharding", "fsdp", "--fsdp_cpu_offload", "--output_dir", tmp_path / "offload"],
+             "error: --fsdp_cpu_offload keeps a GPU run's pieces in host memory; this run computes on the CPU")):
+        code, out = torchrun(*flags)
+        assert code != 0 and out.count(line) == 2, out[-3000:]  # each process's own line (the README says so)
+        assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out, out[-3000:]
+    assert not (tmp_path / "offload").exists()
+

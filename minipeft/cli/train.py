@@ -52,7 +52,7 @@ from minipeft.training.resume_checks import (DATA_FLAGS, RESUMABLE_CHANGES, chan
                                              refused_change)
 from minipeft.training.report import plan_record, quantization_cost_line, run_summary, summary_lines
 from minipeft.training.run_dir import RUN_OUTPUTS, open_run_dir
-from minipeft.training.sharding import check_can_shard, load_sharded
+from minipeft.training.sharding import check_can_shard, check_offload_device, load_sharded
 
 # What this command writes into --output_dir besides what the training loop writes.
 CLI_OUTPUTS = ("metrics.json", "train_config.json", "loss_curve.png")
@@ -167,6 +167,7 @@ def main(argv=None) -> int:
         check_can_shard(args.modification_type)  # before starting processes talking
     context = init_distributed(config.device, config.sharding)
     try:
+        check_offload_device(config.fsdp_cpu_offload, context.device)  # before the folder and minutes of loading
         check_quantize_arguments(args)
         if data_config.dataset_path is not None:  # a FIFO or /dev/zero: refused before anything
             check_input_file(data_config.dataset_path, "--dataset_path")
@@ -217,8 +218,16 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
 
     output_dir = run_dir.path
     arguments = {key: value for key, value in vars(args).items()}
-    if config.resume and context.is_main:
-        warn_about_changed_settings(output_dir, arguments, run_dir.restarted)
+    if config.resume:  # rank 0 compares with the run's record; every process stops on its refusal, not only rank 0
+        refusal = None  # (the others would go on alone into a collective and die in a traceback)
+        if context.is_main:
+            try:
+                warn_about_changed_settings(output_dir, arguments, run_dir.restarted)
+            except UserError as error:
+                refusal = str(error)
+        refusal = context.all_gather_objects(refusal)[0]
+        if refusal is not None:
+            raise UserError(refusal)
     started = time.perf_counter()
 
     def base_and_method(dtype: torch.dtype, on_meta: bool = None):

@@ -61,6 +61,14 @@ def check_can_shard(method: str) -> None:
                         "use --sharding ddp (its adapter is tiny and lives outside the blocks)")
 
 
+def check_offload_device(cpu_offload: bool, device: torch.device) -> None:
+    """``--fsdp_cpu_offload`` on a run that computes on the CPU is refused (FSDP's offload policy asks for an
+    accelerator: a ``RuntimeError`` deep inside the first forward otherwise)."""
+    if cpu_offload and device.type == "cpu":
+        raise UserError("--fsdp_cpu_offload keeps a GPU run's pieces in host memory; this run computes on the CPU, "
+                        "where they are already: leave the flag out")
+
+
 def shard_model(peft_model: nn.Module, device: torch.device, world_size: int, precision: str,
                 cpu_offload: bool = False) -> nn.Module:
     """``fully_shard`` each transformer block, then the root, in place; returns the model (now an FSDPModule).
@@ -69,6 +77,7 @@ def shard_model(peft_model: nn.Module, device: torch.device, world_size: int, pr
     float32 (integers, such as NF4 codes, are never cast). ``cpu_offload``: pieces, gradients and the optimizer
     step live in host memory, and each unit is copied to the device when it computes.
     """
+    check_offload_device(cpu_offload, device)
     for layer in peft_model.modules():
         if isinstance(layer, Linear4bit):
             layer.store_codes_as_parameters()  # buffers are not sharded; frozen uint8 parameters are
