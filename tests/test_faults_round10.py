@@ -340,3 +340,18 @@ def test_under_torchrun_every_process_stops_on_a_refusal_with_its_line_not_a_tra
         assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out, out[-3000:]
     assert not (tmp_path / "offload").exists()
 
+
+
+def test_another_runs_checkpoint_is_not_continued_in_a_folder_holding_a_run(tmp_path, capsys):
+    """Run B's checkpoint resumed into run A's folder was compared with A's record (the folder's) and then with
+    B's (the checkpoint's): each refusal named the other run's data file, so neither could pass."""
+    code, _, err = train("--output_dir", tmp_path / "B", "--save_every", "1", "--max_steps", "2", capsys=capsys)
+    assert code == 0, err
+    code, _, err = train("--output_dir", tmp_path / "A", capsys=capsys)
+    assert code == 0, err
+    step = tmp_path / "B" / "checkpoints" / "step-2"
+    code, _, err = train("--output_dir", tmp_path / "A", "--resume", step, "--max_steps", "3", capsys=capsys)
+    one_error(code, err, f"continues the run in {tmp_path / 'B'}, but --output_dir {tmp_path / 'A'} holds another "
+                         f"run; continue it in its own folder (--output_dir {tmp_path / 'B'}), or into a new one")
+    code, _, err = train("--output_dir", tmp_path / "C", "--resume", step, "--max_steps", "3", capsys=capsys)
+    assert code == 0, err  # a new folder takes it

@@ -90,7 +90,14 @@ def resume_point(config: TrainingConfig, output_dir: Path) -> RunDir:
     if (config.resume == "latest" and (unmade or started and is_ours(output_dir))
             and not (output_dir / ADAPTER_DIR).exists() and not list_checkpoints(output_dir / "checkpoints")):
         return RunDir(output_dir, restarted=True)
-    return RunDir(output_dir, resolve_resume(config.resume, output_dir))
+    checkpoint = resolve_resume(config.resume, output_dir)
+    owner = checkpoint.parent.parent  # <run>/checkpoints/step-N
+    another_run = not (owner.is_dir() and os.path.samefile(owner, output_dir))
+    if started and another_run:  # its flags are another run's record: each would be compared with the wrong one
+        raise UserError(f"--resume {config.resume}: continues the run in {owner}, but --output_dir {output_dir} "
+                        "holds another run; continue it in its own folder (--output_dir "
+                        f"{owner}), or into a new one")
+    return RunDir(output_dir, checkpoint)
 
 
 def check_output_dir(config: TrainingConfig, outputs: tuple = RUN_OUTPUTS) -> None:
