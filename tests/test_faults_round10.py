@@ -355,3 +355,27 @@ def test_another_runs_checkpoint_is_not_continued_in_a_folder_holding_a_run(tmp_
                          f"run; continue it in its own folder (--output_dir {tmp_path / 'B'}), or into a new one")
     code, _, err = train("--output_dir", tmp_path / "C", "--resume", step, "--max_steps", "3", capsys=capsys)
     assert code == 0, err  # a new folder takes it
+
+
+@pytest.mark.parametrize("header", [b'{"a":1}', b"[1, 2]", b'"text"', b"null",
+                                    b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": "0-8"}}'])
+def test_a_weights_file_whose_header_is_not_tensors_is_one_line(header, tmp_path, capsys):
+    """A safetensors header of another JSON shape ended in AttributeError in read_header (generate, merge)."""
+    import struct
+
+    model = tiny_llama(tmp_path / "llama")
+    shard = sorted(model.glob("model-*.safetensors"))[0]
+    shard.write_bytes(struct.pack("<Q", len(header)) + header)
+    code, _, err = in_process(GENERATE, "--model", model, "--prompt", "hi", "--max_new_tokens", "1", capsys=capsys)
+    one_error(code, err, f"--model {shard}: not a safetensors file")
+
+
+def test_a_prompts_file_of_utf16_without_its_mark_is_refused(tmp_path):
+    """UTF-16LE without a byte-order mark decoded as "UTF-8" prompts with a NUL after every letter, answered, exit 0."""
+    from minipeft.core.errors import UserError
+    from minipeft.inference.prompts import read_prompts_file
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("Name a colour.\n".encode("utf-16-le"))
+    with pytest.raises(UserError, match="holds NUL bytes at offset 1, which no prompt has: a UTF-16 file"):
+        read_prompts_file(path)

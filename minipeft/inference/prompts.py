@@ -136,6 +136,9 @@ def read_prompts_file(path) -> list:
     """
     path = Path(path)
     text = read_input_text(path, "--prompts_file")
+    if "\x00" in text:  # UTF-16 without its byte-order mark decodes as "UTF-8" with a NUL after every letter
+        raise UserError(f"--prompts_file {path}: holds NUL bytes at offset {text.index(chr(0)):,}, which no prompt "
+                        "has: a UTF-16 file? save it as UTF-8")
     lines = [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
     items = None if path.suffix.lower() in (".csv", ".tsv") else _json_list(text, path)
     if path.suffix.lower() in (".csv", ".tsv"):  # records, as data and train read the same file: not lines of text

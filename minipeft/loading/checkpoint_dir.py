@@ -91,11 +91,17 @@ def read_header(path: Path) -> dict:
             header = json.loads(handle.read(length))
     except (struct.error, ValueError, UnicodeDecodeError) as error:
         raise UserError(f"--model {path}: not a safetensors file ({error})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"--model {path}: not a safetensors file (its header is a JSON {type(header).__name__}, "
+                        "not an object of tensors)")
     start = 8 + length
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if not _is_tensor_entry(info):
+            raise UserError(f"--model {path}: not a safetensors file (its header's entry {name!r:.80} is not a "
+                            'tensor: {"dtype", "shape", "data_offsets"})')
         if info.get("dtype") not in SAFETENSORS_DTYPES:
             raise UserError(f"--model {path}: tensor {name} has dtype {info.get('dtype')}, which minipeft does "
                             f"not read ({', '.join(SAFETENSORS_DTYPES)})")
@@ -103,6 +109,16 @@ def read_header(path: Path) -> dict:
         tensors[name] = StoredTensor(name, path, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]),
                                      start + begin, start + end)
     return tensors
+
+
+def _is_tensor_entry(info) -> bool:
+    """A safetensors header entry: a dtype name, a shape of sizes ≥ 0, and two byte offsets, begin ≤ end."""
+    def sizes(value, count=None):
+        return (isinstance(value, list) and (count is None or len(value) == count)
+                and all(type(item) is int and item >= 0 for item in value))
+
+    return (isinstance(info, dict) and isinstance(info.get("dtype"), str) and sizes(info.get("shape"))
+            and sizes(info.get("data_offsets"), 2) and info["data_offsets"][0] <= info["data_offsets"][1])
 
 
 def checkpoint_tensors(directory: Path) -> dict:
