@@ -92,8 +92,9 @@ def resume_point(config: TrainingConfig, output_dir: Path) -> RunDir:
         return RunDir(output_dir, restarted=True)
     checkpoint = resolve_resume(config.resume, output_dir)
     owner = checkpoint.parent.parent  # <run>/checkpoints/step-N
-    another_run = not (owner.is_dir() and os.path.samefile(owner, output_dir))
-    if started and another_run:  # its flags are another run's record: each would be compared with the wrong one
+    # (started: output_dir exists, so samefile can compare; its flags are another run's record otherwise, and each
+    # would be compared with the wrong one)
+    if started and not (owner.is_dir() and os.path.samefile(owner, output_dir)):
         raise UserError(f"--resume {config.resume}: continues the run in {owner}, but --output_dir {output_dir} "
                         "holds another run; continue it in its own folder (--output_dir "
                         f"{owner}), or into a new one")
