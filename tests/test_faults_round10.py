@@ -5,6 +5,7 @@ reduced to the smallest command that shows it. Helpers as in ``tests/test_faults
 
 import json
 import os
+import re
 import shutil
 import unittest.mock
 from pathlib import Path
@@ -370,12 +371,90 @@ def test_a_weights_file_whose_header_is_not_tensors_is_one_line(header, tmp_path
     one_error(code, err, f"--model {shard}: not a safetensors file")
 
 
-def test_a_prompts_file_of_utf16_without_its_mark_is_refused(tmp_path):
-    """UTF-16LE without a byte-order mark decoded as "UTF-8" prompts with a NUL after every letter, answered, exit 0."""
+@pytest.mark.parametrize("encoding, fragment", [
+    ("utf-16-le", "holds NUL bytes (the first at offset 1), which no text has: a UTF-16 file? save it as UTF-8"),
+    ("utf-16", "is UTF-16 text (it starts with UTF-16's byte-order mark); save it as UTF-8")])
+@pytest.mark.parametrize("name", ["prompts.txt", "prompts.csv", "data.json", "data.csv"])
+def test_a_utf16_file_is_refused_as_utf16_with_or_without_its_mark(name, encoding, fragment, tmp_path):
+    """UTF-16 without its byte-order mark was read as UTF-8 with a NUL after every letter: prompts answered, exit
+    0 (round twelve); data blamed on "no 'instruction' column". With its mark: "not utf-8 text (byte 0xff)"."""
     from minipeft.core.errors import UserError
+    from minipeft.data.loading import load_records
     from minipeft.inference.prompts import read_prompts_file
 
-    path = tmp_path / "prompts.txt"
-    path.write_bytes("Name a colour.\n".encode("utf-16-le"))
-    with pytest.raises(UserError, match="holds NUL bytes at offset 1, which no prompt has: a UTF-16 file"):
-        read_prompts_file(path)
+    path = tmp_path / name
+    text = ("instruction,output\nName a colour.,Red.\n" if name.endswith(".csv") else
+            json.dumps([{"instruction": "Name a colour.", "output": "Red."}]))
+    path.write_bytes(text.encode(encoding))
+    read = read_prompts_file if name.startswith("prompts") else load_records
+    with pytest.raises(UserError, match=re.escape(fragment)) as raised:
+        read(path)
+    assert str(path) in str(raised.value)
+
+
+# --- round thirteen ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, text, where", [
+    ("p.json", '[""]', "item 0"), ("p.json", '["ok", "  "]', "item 1"),
+    ("p.json", '[{"instruction": "   ", "input": "x"}]', "item 0"), ("p.jsonl", '"ok"\n{"instruction": ""}', "line 2"),
+    ("p.csv", "instruction,input\nok,\n\t,x\n", "row 2")])
+def test_a_prompts_file_with_an_empty_instruction_is_refused_naming_the_item(name, text, where, tmp_path, capsys):
+    """An empty or blank instruction in a JSON, JSON Lines or CSV prompts file was answered (a reply to nothing,
+    written as a row), exit 0, where ``--prompt ''`` is refused."""
+    path = tmp_path / name
+    path.write_text(text)
+    code, _, err = in_process(GENERATE, "--prompts_file", path, "--max_new_tokens", "1", "--no_stream",
+                              capsys=capsys)
+    one_error(code, err, f"--prompts_file {path}: {where}: the instruction is empty")
+
+
+def test_a_sharded_runs_resume_on_one_process_names_the_runs_flag_not_the_users(tmp_path, capsys, monkeypatch):
+    """``--resume latest`` of an FSDP run without torchrun blamed "--sharding fsdp: start the run with torchrun", a
+    flag the user never typed (it is the run's, from train_config.json)."""
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "run"
+    code, _, err = train("--output_dir", run, "--save_every", "1", capsys=capsys)
+    assert code == 0, err
+    record = json.loads((run / "train_config.json").read_text())
+    record["arguments"]["sharding"] = "fsdp"  # (as a torchrun --sharding fsdp run records it)
+    (run / "train_config.json").write_text(json.dumps(record))
+    code, _, err = train("--output_dir", run, "--resume", "latest", capsys=capsys)
+    one_error(code, err, f"--resume: the run in {run} was started sharded (--sharding fsdp, from its "
+                         "train_config.json); continue it under torchrun as it was started, or on one process with "
+                         "--sharding ddp")
+    code, _, err = train("--output_dir", run, "--resume", "latest", "--sharding", "fsdp", capsys=capsys)
+    one_error(code, err, "--sharding fsdp: start the run with torchrun")  # given: the user's flag
+
+
+@pytest.mark.parametrize("interrupt, status", [(KeyboardInterrupt, 130), (SystemExit(143), 143)])
+def test_an_interrupt_while_the_summary_is_written_says_what_is_missing_and_a_resume_writes_it(
+        interrupt, status, tmp_path, capsys):
+    """Ctrl-C or SIGTERM after the last step (while metrics.json and the curve were written) exited with a bare
+    "interrupted", or with nothing at all (SIGTERM), where mid-run it names the way on."""
+    run = tmp_path / "run"
+    with unittest.mock.patch("minipeft.cli.train.nonfinite_to_none", side_effect=interrupt):  # metrics.json's
+        code, _, err = train("--output_dir", run, capsys=capsys)
+    assert code == status
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted after the last step: the adapter is saved in {run / 'adapter'}; the summary (metrics.json, "
+        f"train_config.json's plan, loss_curve.png) may be missing: write it with --resume latest --output_dir {run}")
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "metrics.json").exists()
+    code, _, err = train("--output_dir", run, "--resume", "latest", capsys=capsys)
+    assert code == 0, err
+    assert "plan" in json.loads((run / "train_config.json").read_text())
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 1
+
+
+def test_a_runs_file_reached_through_a_link_to_its_folder_is_named_as_part_of_it(tmp_path, capsys):
+    """``generate --output_file LINK/metrics.json --overwrite`` (LINK a link to a run) said "minipeft did not write
+    it": the run's marker is not trusted through a link, but the file is the run's all the same."""
+    run = tmp_path / "run"
+    code, _, err = train("--output_dir", run, capsys=capsys)
+    assert code == 0, err
+    (tmp_path / "link").symlink_to(run)
+    before = (run / "metrics.json").read_bytes()
+    code, _, err = in_process(GENERATE, "--prompt", "hi", "--max_new_tokens", "1", "--no_stream", "--overwrite",
+                              "--output_file", tmp_path / "link" / "metrics.json", capsys=capsys)
+    one_error(code, err, "already exists and is part of a folder minipeft wrote (an adapter, a run, a model)")
+    assert (run / "metrics.json").read_bytes() == before

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from minipeft.cli import CommandLineParser
+from minipeft.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, CommandLineParser
 from minipeft.cli.arguments import (add_method_arguments, add_quantize_arguments, check_quantize_arguments,
                                     check_method_flags_early, config_from_args)
 from minipeft.core.bounds import path_name
@@ -164,6 +164,7 @@ def main(argv=None) -> int:
     config = training_config_from_args(args)
     data_config = data_config_from_args(args, local_model_path(args.model))
     if config.sharding == "fsdp":
+        check_sharded_resume(args, argv)
         check_can_shard(args.modification_type)  # before starting processes talking
     context = init_distributed(config.device, config.sharding)
     try:
@@ -184,6 +185,17 @@ def main(argv=None) -> int:
             return train_and_report(args, config, data_config, context, run_dir)
     finally:
         shutdown_distributed()
+
+
+def check_sharded_resume(args, argv) -> None:
+    """A resume of a sharded run outside torchrun, with no ``--sharding`` given: the flag is the run's (from its
+    ``train_config.json``), so the refusal says so and how to go on, rather than blaming a flag nobody typed."""
+    if not args.resume or {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
+        return
+    if build_parser().parse_args(argv).sharding != "fsdp":  # inherited, not given
+        raise UserError(f"--resume: the run in {args.output_dir} was started sharded (--sharding fsdp, from its "
+                        "train_config.json); continue it under torchrun as it was started, or on one process with "
+                        "--sharding ddp (a sharded run's checkpoints are a one-process run's: docs/sharding.md)")
 
 
 def check_needs_validation(config: TrainingConfig, data_config, why: str) -> None:
@@ -299,21 +311,36 @@ def train_and_report(args, config: TrainingConfig, data_config, context, run_dir
         return 128 + (result.signal or signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM
 
     # 5) the summary: metrics.json, train_config.json with the resolved plan, the loss curve, what went where
-    inference_batch = next(iter(val_loader if val_loader is not None else train_loader))
-    summary = run_summary(result, peft_model, stats, args.model, args.modification_type, inference_batch, context,
-                          output_dir, started)
-    cost_line = None
-    if args.quantize == "nf4":  # after the peak memory was read: the float copy is not the run's
-        del peft_model, model
-        cost_line, cost_fields = quantization_cost_line(args.model, args.quantize_lm_head, precision, val_loader,
-                                                        context.device, stats.total)
-        summary.update(cost_fields)
-    write_json_atomically(output_dir / "metrics.json", nonfinite_to_none(summary))
-    run_config["plan"] = plan_record(result.plan)
-    write_json_atomically(output_dir / "train_config.json", nonfinite_to_none(run_config))
-    curve = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
-                            title=f"{args.modification_type} on {args.model}, lr {config.learning_rate:g}")
-    for line in summary_lines(summary, result, args.modification_type, config.learning_rate, output_dir,
-                              cost_line, curve):
-        say(line)
+    try:  # (the adapter is saved: an interrupt now loses only the summary, which a resume writes)
+        inference_batch = next(iter(val_loader if val_loader is not None else train_loader))
+        summary = run_summary(result, peft_model, stats, args.model, args.modification_type, inference_batch, context,
+                              output_dir, started)
+        cost_line = None
+        if args.quantize == "nf4":  # after the peak memory was read: the float copy is not the run's
+            del peft_model, model
+            cost_line, cost_fields = quantization_cost_line(args.model, args.quantize_lm_head, precision, val_loader,
+                                                            context.device, stats.total)
+            summary.update(cost_fields)
+        write_json_atomically(output_dir / "metrics.json", nonfinite_to_none(summary))
+        run_config["plan"] = plan_record(result.plan)
+        write_json_atomically(output_dir / "train_config.json", nonfinite_to_none(run_config))
+        curve = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
+                                title=f"{args.modification_type} on {args.model}, lr {config.learning_rate:g}")
+        for line in summary_lines(summary, result, args.modification_type, config.learning_rate, output_dir,
+                                  cost_line, curve):
+            say(line)
+    except KeyboardInterrupt:
+        return summary_interrupted(output_dir, EXIT_INTERRUPTED)
+    except SystemExit as leaving:  # SIGTERM (handle_signals_after_loading)
+        if leaving.code != EXIT_TERMINATED:
+            raise
+        return summary_interrupted(output_dir, EXIT_TERMINATED)
     return 0
+
+
+def summary_interrupted(output_dir: Path, status: int) -> int:
+    """Ctrl-C or SIGTERM after the last step, while the summary is written: say what is missing, and the way on."""
+    print(f"interrupted after the last step: the adapter is saved in {output_dir / 'adapter'}; the summary "
+          "(metrics.json, train_config.json's plan, loss_curve.png) may be missing: write it with --resume latest "
+          f"--output_dir {output_dir}", file=sys.stderr)
+    return status

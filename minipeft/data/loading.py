@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minipeft.core.errors import UserError
-from minipeft.files.input_files import duplicate_keys, read_input_bytes
+from minipeft.files.input_files import duplicate_keys, read_input_bytes, refuse_utf16
 from minipeft.files.json_limits import loads_bounded
 
 SHOWN_REASONS = 5  # how many skip reasons an error message or a report quotes
@@ -75,6 +75,7 @@ def load_records(path, instruction_column: str = "instruction", input_column: st
     path = Path(path)
     columns = (instruction_column, input_column, output_column)
     raw = read_input_bytes(path)  # a regular file within the size limit: never /dev/zero or a FIFO
+    refuse_utf16(raw, path)  # (else read as UTF-8 with a NUL by every letter: "no 'instruction' column")
     text = raw.decode("utf-8-sig", errors="surrogateescape")
     if not text.strip():
         raise UserError(f"{path}: holds no records (the file is empty); expected Alpaca records "

@@ -101,10 +101,24 @@ def read_input_bytes(path, flag: str = "") -> bytes:
     return data
 
 
+def refuse_utf16(data: bytes, path, flag: str = "") -> None:
+    """Refuse UTF-16 (or UTF-32) where UTF-8 text is read: by its byte-order mark, or, without one, by the NUL
+    bytes it puts beside every ASCII letter (no text minipeft reads holds a NUL; JSON cannot)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{flag_and_path(path, flag)}: is UTF-16 text (it starts with UTF-16's byte-order mark); "
+                        "save it as UTF-8")
+    if (offset := data.find(b"\x00")) >= 0:
+        raise UserError(f"{flag_and_path(path, flag)}: holds NUL bytes (the first at offset {offset:,}), which no "
+                        "text has: a UTF-16 file? save it as UTF-8")
+
+
 def read_input_text(path, flag: str = "", encoding: str = "utf-8") -> str:
     """The text of a regular file (see :func:`read_input_bytes`); bytes that are not ``encoding`` are an error.
-    A UTF-8 file's leading byte-order mark (what Notepad and Excel write) is not part of its text."""
+    A UTF-8 file's leading byte-order mark (what Notepad and Excel write) is not part of its text; UTF-16 is
+    refused as such (:func:`refuse_utf16`)."""
     data = read_input_bytes(path, flag)
+    if encoding == "utf-8":
+        refuse_utf16(data, path, flag)
     try:
         return data.decode("utf-8-sig" if encoding == "utf-8" else encoding)
     except UnicodeDecodeError as error:

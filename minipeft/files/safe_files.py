@@ -92,7 +92,8 @@ def check_output_file(path, flag: str, overwrite: bool, inputs: dict = None) -> 
             raise UserError(f"{flag_and_path(path, flag)}: is a symbolic link or not a regular file; refusing to "
                             "replace it: choose a new name")
         if not wrote_output_file(path):
-            part = wrote_file(path)  # one file of a folder minipeft wrote: replacing it would break the folder
+            part = wrote_file(path) or wrote_file(path.resolve())  # one file of a folder minipeft wrote (reached
+            # through a link to it, too): replacing it would break the folder
             raise UserError(f"{flag_and_path(path, flag)}: already exists and "
                             + ("is part of a folder minipeft wrote (an adapter, a run, a model)" if part else
                                "minipeft did not write it (or it was changed since)")

@@ -135,15 +135,11 @@ def read_prompts_file(path) -> list:
         UserError: naming the file (and the item or line) when it cannot be read or holds no prompt.
     """
     path = Path(path)
-    text = read_input_text(path, "--prompts_file")
-    if "\x00" in text:  # UTF-16 without its byte-order mark decodes as "UTF-8" with a NUL after every letter
-        raise UserError(f"--prompts_file {path}: holds NUL bytes at offset {text.index(chr(0)):,}, which no prompt "
-                        "has: a UTF-16 file? save it as UTF-8")
+    text = read_input_text(path, "--prompts_file")  # (UTF-16 refused, with or without its byte-order mark)
     lines = [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
-    items = None if path.suffix.lower() in (".csv", ".tsv") else _json_list(text, path)
     if path.suffix.lower() in (".csv", ".tsv"):  # records, as data and train read the same file: not lines of text
         prompts = _csv_prompts(path, text)
-    elif items is not None:
+    elif (items := _json_list(text, path)) is not None:
         prompts = [_prompt_of(item, path, f"item {index}") for index, item in enumerate(items)]
     elif path.suffix.lower() in (".jsonl", ".ndjson", ".json") or (lines and _json_object(lines[0][1])):
         prompts = []  # JSON Lines: a line of text would otherwise be fed to the model as a prompt, braces and all
@@ -200,6 +196,9 @@ def _json_object(line: str) -> bool:
 def _prompt_of(item, path: Path, where: str) -> Prompt:
     """The :class:`Prompt` of one JSON item: a string, or an object with an ``instruction`` string and an
     ``input`` string (or none, or null: no input, as in Alpaca)."""
+    instruction = item if isinstance(item, str) else item.get("instruction") if isinstance(item, dict) else None
+    if isinstance(instruction, str) and not instruction.strip():  # as --prompt '' is: a reply to nothing
+        raise UserError(f"--prompts_file {path}: {where}: the instruction is empty; give one, or leave the item out")
     if isinstance(item, str):
         return Prompt(item)
     if isinstance(item, dict) and isinstance(item.get("instruction"), str):
