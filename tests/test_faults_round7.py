@@ -231,14 +231,16 @@ def test_a_new_conversion_deletes_only_other_copies_unused_for_a_day(tmp_path):
     old = tmp_path / f"{SMOLLM2_NAME}-538-1600000000000000000-transformers-5.24.0"
     recent = tmp_path / f"{SMOLLM2_NAME}-538-1650000000000000000-transformers-5.25.0"
     users = tmp_path / f"{SMOLLM2_NAME}-mine"
-    for folder in (kept, old, recent, users):
+    killed = tmp_path / f".tmp-{old.name}-x1y2z3"  # what a kill while writing (or deleting) a copy leaves
+    writing = tmp_path / f".tmp-{kept.name}-a1b2c3"  # another process writing one now
+    for folder in (kept, old, recent, users, killed, writing):
         folder.mkdir()
         (folder / "config.json").write_text("{}")
     long_ago = time.time() - UNUSED_CONVERSION_SECONDS - 60
-    for folder in (old, users):
+    for folder in (old, users, killed):
         os.utime(folder, (long_ago, long_ago))
-    assert prune_conversions(kept) == [old]
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(p.name for p in (kept, recent, users))
+    assert sorted(prune_conversions(kept)) == sorted([old, killed])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(p.name for p in (kept, recent, users, writing))
 
 
 # -- round eight (on the fixes above) --------------------------------------------------------------------------------

