@@ -42,7 +42,7 @@ def tiny_llama(folder, **config_changes):
 
 # -- checkpoints ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tamper", ["delete the marker", "edit batches_done", "empty the marker",
-                                    "garble the marker"])
+                                    "garble the marker", "leave trainer_state.json out of the record"])
 def test_a_checkpoint_that_cannot_be_told_from_an_edited_copy_is_not_resumed(tamper, tmp_path, capsys):
     """trainer_state.json's "batches_done" edited from 2 to 1 (in range) went on from the wrong place in the data,
     exit 0, once the checkpoint's .minipeft was deleted; with it, trainer_state.json was left out of its sha256
@@ -60,6 +60,11 @@ def test_a_checkpoint_that_cannot_be_told_from_an_edited_copy_is_not_resumed(tam
         expected = "no .minipeft marker (minipeft writes one into every checkpoint"
     elif tamper in ("empty the marker", "garble the marker"):  # (round eleven: read as an older minipeft's)
         (step / ".minipeft").write_text("{}" if tamper == "empty the marker" else "garbage")
+        expected = "its .minipeft marker is not minipeft's record of its files (damaged, or an older minipeft's)"
+    elif tamper == "leave trainer_state.json out of the record":
+        marker = json.loads((step / ".minipeft").read_text())
+        marker["files"].remove("trainer_state.json")
+        (step / ".minipeft").write_text(json.dumps(marker))
         expected = "its .minipeft marker records no sha256 of trainer_state.json"
     else:
         expected = f"{step / 'trainer_state.json'} is not the file minipeft wrote there"

@@ -52,7 +52,8 @@ from minipeft.core.finite import first_nonfinite_tensor, nonfinite_to_none
 from minipeft.files.input_files import read_input_text
 from minipeft.files.json_limits import loads_bounded
 from minipeft.files.atomic import json_text
-from minipeft.files.manifest import MARKER_NAME, changed_content, foreign_files, marker_problem, read_manifest
+from minipeft.files.manifest import (MARKER_NAME, changed_content, foreign_files, is_older_marker, marker_problem,
+                                     read_manifest)
 from minipeft.files.safe_files import delete_marker_last, write_directory_atomically
 from minipeft.training.resume_checks import (check_continues_the_run, data_fingerprint, data_mismatch,
                                              refuse_changed_file)
@@ -221,7 +222,9 @@ def load_checkpoint(directory: Path, peft_model, optimizer, scaler, rank: int = 
     unmarked = marker_problem(directory)
     identity = (read_manifest(directory) or {}).get(STATE_NAME)
     if unmarked is None and not (isinstance(identity, dict) and "sha256" in identity):
-        unmarked = f"its {MARKER_NAME} marker records no sha256 of {STATE_NAME}"
+        unmarked = (f"its {MARKER_NAME} marker is not minipeft's record of its files (damaged, or an older "
+                    "minipeft's)" if is_older_marker(directory) else
+                    f"its {MARKER_NAME} marker records no sha256 of {STATE_NAME}")
     if unmarked is not None:
         raise UserError(f"--resume {directory}: {unmarked} (minipeft writes one into every checkpoint, recording "
                         "its files): it cannot be told from an edited copy; resume from another checkpoint")
