@@ -463,3 +463,43 @@ def test_a_runs_file_reached_through_a_link_to_its_folder_is_named_as_part_of_it
                               "--output_file", tmp_path / "link" / "metrics.json", capsys=capsys)
     one_error(code, err, "already exists and is part of a folder minipeft wrote (an adapter, a run, a model)")
     assert (run / "metrics.json").read_bytes() == before
+
+
+# --- round fourteen ------------------------------------------------------------------------------------------
+
+def test_an_adapter_saved_by_modify_on_a_4bit_base_records_it_as_a_trained_one_does(tmp_path, capsys):
+    """``modify --quantize nf4 --save_adapter DIR`` wrote no record of the 4-bit base: generate and merge then
+    used the float base in silence, and ``merge --requantize`` was refused ("the adapter records none")."""
+    saved = tmp_path / "adapter"
+    code, _, err = in_process(MODIFY, "--model", "builtin", "--table", "none", "--quantize", "nf4", "--save_adapter", saved,
+                              capsys=capsys)
+    assert code == 0, err
+    record = json.loads((saved / "adapter_config.json").read_text())["minipeft"]
+    assert record["quantization"] == {"quantize": "nf4", "quantize_lm_head": False}
+    code, out, err = in_process(GENERATE, "--adapter", saved, "--prompt", "hi", "--max_new_tokens", "1",
+                                "--no_stream", capsys=capsys)
+    assert code == 0, err
+    assert "NF4" in out + err  # the base rebuilt in 4 bits, as for a trained adapter
+    code, _, err = in_process(MERGE, "--adapter", saved, "--out", tmp_path / "merged", "--requantize", capsys=capsys)
+    assert code == 0, err
+
+
+def test_an_output_file_under_a_file_is_refused_before_the_work(tmp_path, capsys):
+    """``generate --output_file d/a.json/x.jsonl`` (``d/a.json`` a file) generated every prompt, then failed."""
+    (tmp_path / "a.json").write_text("{}")
+    target = tmp_path / "a.json" / "x.jsonl"
+    with unittest.mock.patch("minipeft.cli.generate.load_for_generation", side_effect=AssertionError) as load:
+        code, _, err = in_process(GENERATE, "--prompt", "hi", "--output_file", target, capsys=capsys)
+    one_error(code, err, f"--output_file {target}: {tmp_path / 'a.json'} is a file, not a folder to write into")
+    assert not load.called
+
+
+def test_the_batching_line_does_not_claim_a_rounding_that_max_length_stops():
+    """``--padding max_length --pad_to_multiple_of 7`` (max_length 256) printed "rounded up to a multiple of 7"
+    beside batches 256 wide: the rounding never goes past --max_length."""
+    from minipeft.data.config import DataConfig
+    from minipeft.data.report import describe_batching
+
+    line = describe_batching(DataConfig(padding="max_length", max_length=256, pad_to_multiple_of=7))
+    assert "padded to 256, not rounded to a multiple of 7 (never past --max_length)" in line
+    assert "rounded up to a multiple of 8," in describe_batching(DataConfig(max_length=256, pad_to_multiple_of=8))

@@ -149,7 +149,10 @@ def main(argv=None) -> int:
         print("\n".join(base_memory.lines()))
         print(cost_line)
     if args.save_adapter:
-        peft_model.save_adapter(args.save_adapter, base_model_name_or_path=args.model)
+        metadata = {"base_model_name_or_path": args.model}
+        if quantize:  # as a trained adapter records it: generate and merge rebuild the 4-bit base it was made on
+            metadata["quantization"] = {"quantize": "nf4", "quantize_lm_head": args.quantize_lm_head}
+        peft_model.save_adapter(args.save_adapter, **metadata)
         print(f"Adapter written to {args.save_adapter}")
     return 0
 

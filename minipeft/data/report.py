@@ -108,8 +108,11 @@ def describe_batching(config) -> str:
     if config.packing:
         parts.append(f"packed into sequences of up to {config.max_length}")
     parts.append("padded to the longest" if config.padding == "longest" else f"padded to {config.max_length}")
-    if config.pad_to_multiple_of:
-        parts.append(f"rounded up to a multiple of {config.pad_to_multiple_of}")
+    if config.pad_to_multiple_of and config.padding == "max_length" and config.max_length % config.pad_to_multiple_of:
+        parts.append(f"not rounded to a multiple of {config.pad_to_multiple_of} (never past --max_length)")
+    elif config.pad_to_multiple_of:
+        parts.append(f"rounded up to a multiple of {config.pad_to_multiple_of}"
+                     + (" (never past --max_length)" if config.max_length % config.pad_to_multiple_of else ""))
     parts.append(f"{config.padding_side} padding")
     if config.group_by_length:
         parts.append("grouped by length")

@@ -87,6 +87,9 @@ def check_output_file(path, flag: str, overwrite: bool, inputs: dict = None) -> 
     check_apart(path, flag, inputs or {})
     if path.is_dir() and not path.is_symlink():
         raise UserError(f"{flag_and_path(path, flag)}: is a directory, expected a file name")
+    folder = next((parent for parent in path.parents if parent.exists()), None)  # (else found after the work)
+    if folder is not None and not folder.is_dir():
+        raise UserError(f"{flag_and_path(path, flag)}: {folder} is a file, not a folder to write into")
     if path.exists() or path.is_symlink():
         if path.is_symlink() or not path.is_file():
             raise UserError(f"{flag_and_path(path, flag)}: is a symbolic link or not a regular file; refusing to "
