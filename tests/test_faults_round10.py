@@ -503,3 +503,22 @@ def test_the_batching_line_does_not_claim_a_rounding_that_max_length_stops():
     line = describe_batching(DataConfig(padding="max_length", max_length=256, pad_to_multiple_of=7))
     assert "padded to 256, not rounded to a multiple of 7 (never past --max_length)" in line
     assert "rounded up to a multiple of 8," in describe_batching(DataConfig(max_length=256, pad_to_multiple_of=8))
+
+
+def test_a_run_is_not_written_into_a_model_folder_or_minipefts_package(adapter, tmp_path, capsys):
+    """``train --output_dir MERGED`` (a folder ``merge`` wrote) put the run's files beside the model, exit 0; a later
+    ``merge --overwrite`` of it then said "not a model folder". ``--output_dir minipeft/builtin`` wrote a run into
+    the package."""
+    from minipeft.files.safe_files import PACKAGE_DIR
+
+    merged = tmp_path / "merged"
+    code, _, err = in_process(MERGE, "--adapter", adapter, "--out", merged, capsys=capsys)
+    assert code == 0, err
+    before = sorted(path.name for path in merged.iterdir())
+    code, _, err = train("--output_dir", merged, capsys=capsys)
+    one_error(code, err, f"--output_dir {merged}: is a model folder minipeft wrote (merge, pretrain)")
+    assert sorted(path.name for path in merged.iterdir()) == before
+    for inside in (PACKAGE_DIR / "builtin", PACKAGE_DIR / "builtin" / "new-run"):
+        code, _, err = train("--output_dir", inside, capsys=capsys)
+        one_error(code, err, f"--output_dir {inside}: lies in minipeft's own package")
+        assert not (PACKAGE_DIR / "builtin" / "new-run").exists()

@@ -57,7 +57,8 @@ def test_a_resume_with_another_number_of_processes_is_refused_as_other_batches(t
     before = digests(run)
     code, _, err = train("--output_dir", run, "--resume", "latest", "--max_steps", "3", capsys=capsys)
     one_error(code, err, "this run has 1 process, the run started with 2 (a step takes --batch_size × "
-              "--gradient_accumulation_steps × processes records)", "--resume_new_data")
+              "--gradient_accumulation_steps × processes records): continue it as it was started, with torchrun "
+              "--nproc_per_node=2; or pass --resume_new_data to go on with this number of processes")
     assert digests(run) == before
 
 

@@ -16,6 +16,7 @@ from minipeft.core.errors import UserError
 from minipeft.core.finite import finite_float, require_finite
 from minipeft.core.options import add_setting_flags, setting
 from minipeft.files.manifest import is_ours
+from minipeft.files.safe_files import PACKAGE_DIR
 
 
 def default_cache_dir() -> str:
@@ -209,7 +210,7 @@ def check_cache_dir(cache, model_folder=None, output_dir=None, default_cache: bo
         if real == out or out in real.parents:
             raise UserError(f"--cache_dir {cache}: lies inside --output_dir {output_dir}, whose files are the run's "
                             "own; keep the cache outside it (or --no_cache)")
-    places = {Path(os.path.realpath(__file__)).parents[1]: "minipeft's own package"}
+    places = {PACKAGE_DIR: "minipeft's own package"}
     if model_folder is not None:
         places[Path(os.path.realpath(model_folder))] = "the folder --model reads"
     for folder in (real, *real.parents):

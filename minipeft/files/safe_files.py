@@ -175,6 +175,23 @@ def check_not_a_part(path, flag: str) -> None:
                         f"{MARKER_NAME} records it); a new output there would mix with it: choose a folder outside it")
 
 
+# minipeft's own package folder: no output of a run or cache goes into it (pretrain writes its model there alone)
+PACKAGE_DIR = Path(os.path.realpath(__file__)).parents[1]
+
+
+def check_run_folder_place(path, flag: str) -> None:
+    """A run's folder (``--output_dir``) is not minipeft's own package, nor a model folder minipeft wrote (merge,
+    pretrain: its marker records a ``config.json``): the run's files would mix with the model's, and a later
+    ``merge --overwrite`` of the folder would find it "not a model folder"."""
+    real = Path(os.path.realpath(path))
+    if real == PACKAGE_DIR or PACKAGE_DIR in real.parents:
+        raise UserError(f"{flag_and_path(path, flag)}: lies in minipeft's own package ({PACKAGE_DIR}); choose a "
+                        "folder outside it")
+    if "config.json" in (read_manifest(path) or {}):
+        raise UserError(f"{flag_and_path(path, flag)}: is a model folder minipeft wrote (merge, pretrain); a run's "
+                        "files would mix with the model's: choose another folder")
+
+
 def check_folder_to_write_into(path, flag: str) -> None:
     """An output folder a command writes into (a run's, compare's) is absent or a folder, never a file nor a
     symbolic link: minipeft trusts no marker reached through a link, so a run written through one could never be

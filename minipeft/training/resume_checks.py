@@ -218,6 +218,11 @@ def check_same_data(directory: Path, saved: dict, current: dict = None, new_data
     """The resuming run reads the data the checkpoint's run read, cut the same way (:func:`data_fingerprint`;
     ``current`` None: the file the checkpoint names is unchanged), unless ``new_data``."""
     mismatch = data_mismatch(saved, current) if isinstance(saved, dict) else None
+    if mismatch is not None and not new_data and mismatch.startswith("this run has"):  # the data is the same
+        started = saved["processes"]
+        how = "torchrun --nproc_per_node=" + str(started) if started > 1 else "one process (no torchrun)"
+        raise UserError(f"--resume {directory}: {mismatch}: continue it as it was started, with {how}; or pass "
+                        "--resume_new_data to go on with this number of processes, from the first batch of the data")
     if mismatch is not None and not new_data:
         raise UserError(f"--resume {directory}: {mismatch}: the checkpoint's position in the data would point "
                         "into other batches; resume with the original data and settings, or pass "

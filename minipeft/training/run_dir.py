@@ -33,7 +33,7 @@ from minipeft.files.lock import LOCK_NAME, OutputLock, check_unlocked
 from minipeft.files.manifest import (CHANGED, MARKER_NAME, foreign_files_and_why, is_older_marker, is_ours,
                                      mark_as_ours, marker_problem, read_manifest, record_as_ours)
 from minipeft.files.safe_files import (check_apart, check_folder_to_write_into, check_ours_to_replace,
-                                       is_empty_directory, remove_our_directory)
+                                       check_run_folder_place, is_empty_directory, remove_our_directory)
 from minipeft.training.checkpoint import ADAPTER_DIR, list_checkpoints, resolve_resume
 from minipeft.training.config import TrainingConfig
 
@@ -57,6 +57,7 @@ def open_run_dir(config: TrainingConfig, is_main: bool = True, outputs: tuple = 
     of the files the run reads, which the directory may hold but not be."""
     output_dir = Path(config.output_dir)
     check_folder_to_write_into(output_dir, "--output_dir")
+    check_run_folder_place(output_dir, "--output_dir")
     if inputs:  # a data file in the run's folder is fine: a run writes only its own names
         check_apart(output_dir, "--output_dir", inputs, may_contain=True)
     if not is_main:  # (only rank 0 writes; the others would race with its first files)
