@@ -57,9 +57,9 @@ def open_run_dir(config: TrainingConfig, is_main: bool = True, outputs: tuple = 
     of the files the run reads, which the directory may hold but not be."""
     output_dir = Path(config.output_dir)
     check_folder_to_write_into(output_dir, "--output_dir")
-    check_run_folder_place(output_dir, "--output_dir")
     if inputs:  # a data file in the run's folder is fine: a run writes only its own names
         check_apart(output_dir, "--output_dir", inputs, may_contain=True)
+    check_run_folder_place(output_dir, "--output_dir")
     if not is_main:  # (only rank 0 writes; the others would race with its first files)
         yield resume_point(config, output_dir)
         return
