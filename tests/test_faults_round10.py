@@ -522,3 +522,29 @@ def test_a_run_is_not_written_into_a_model_folder_or_minipefts_package(adapter, 
         code, _, err = train("--output_dir", inside, capsys=capsys)
         one_error(code, err, f"--output_dir {inside}: lies in minipeft's own package")
         assert not (PACKAGE_DIR / "builtin" / "new-run").exists()
+
+
+# --- round fifteen -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_packing_with_virtual_tokens_is_refused_naming_the_flags_before_the_run(method, tmp_path, capsys):
+    """``--modification_type prefix --packing`` stopped at the first batch with "position_ids: packed batches ...",
+    naming no flag."""
+    code, _, err = train("--output_dir", tmp_path / "run", "--modification_type", method, "--packing",
+                         capsys=capsys)
+    one_error(code, err, f"--packing with --modification_type {method}: its virtual tokens come once per row")
+    assert not (tmp_path / "run").exists()
+
+
+def test_under_torchrun_only_rank_0_says_a_signal_arrived(monkeypatch, capsys):
+    """Every process of a torchrun launch gets Ctrl-C: each printed "SIGINT: finishing this step ..."."""
+    import signal
+
+    from minipeft.training.signals import StopRequest
+
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        stop = StopRequest()
+        stop._handle(signal.SIGTERM, None)
+        assert stop.requested and stop.signal_number == signal.SIGTERM  # every process stops, whoever says so
+        assert ("SIGTERM: finishing this step" in capsys.readouterr().out) == said

@@ -272,7 +272,8 @@ def test_overwrite_output_dir_over_a_run_with_older_markers_says_how_to_proceed(
     for marker in run_copy.rglob(MARKER_NAME):
         marker.write_text(OLDER_MARKER_TEXT)
     refused(train_main, *TINY_RUN, "--output_dir", run_copy, "--overwrite_output_dir", capsys=capsys,
-            fragments=["--output_dir", "an older minipeft's (plain text)", "delete it yourself"], keep=[run_copy])
+            fragments=["--output_dir", "is no record of its files (an older minipeft's plain text, or edited)",
+                       "delete it yourself"], keep=[run_copy])
 
 
 def test_a_file_put_where_minipeft_wrote_a_folder_is_the_users(tmp_path):

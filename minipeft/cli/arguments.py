@@ -200,6 +200,17 @@ def config_from_args(args, model=None, tokenizer=None):
     return config
 
 
+def check_packing(args) -> None:
+    """``--packing`` puts several sequences in a row; prompt and prefix tuning put their virtual tokens once per
+    row, before its first sequence only (the check in :mod:`minipeft.core.virtual_tokens` would stop the first
+    batch, naming no flag)."""
+    method = METHODS.get(getattr(args, "modification_type", None))
+    if getattr(args, "packing", False) and method is not None and \
+            "num_virtual_tokens" in {item.name for item in dataclasses.fields(method.config_class)}:
+        raise UserError(f"--packing with --modification_type {method.name}: its virtual tokens come once per row, "
+                        "before the row's first sequence only, and a packed row holds several: turn --packing off")
+
+
 def check_method_flags_early(args) -> None:
     """:func:`config_from_args` on the model built on the meta device from its ``config.json`` alone
     (:func:`~minipeft.loading.checkpoint_dir.build_on_meta`: shapes, no weight read), so that a flag that cannot

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from minipeft.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, CommandLineParser
-from minipeft.cli.arguments import (add_method_arguments, add_quantize_arguments, check_quantize_arguments,
-                                    check_method_flags_early, config_from_args)
+from minipeft.cli.arguments import (add_method_arguments, add_quantize_arguments, check_method_flags_early,
+                                    check_packing, check_quantize_arguments, config_from_args)
 from minipeft.core.bounds import path_name
 from minipeft.core.errors import UserError
 from minipeft.core.finite import nonfinite_to_none
@@ -182,6 +182,7 @@ def main(argv=None) -> int:
         if data_config.val_size == 0:  # (a split that leaves no record for validation is found after it)
             check_needs_validation(config, data_config, "--val_size 0")
         check_method_flags_early(args)  # before the output folder and minutes of loading
+        check_packing(args)
         # checked, created, locked and --resume resolved now, before minutes of loading (training/run_dir.py)
         with open_run_dir(config, context.is_main, RUN_OUTPUTS + CLI_OUTPUTS, inputs) as run_dir:
             return train_and_report(args, config, data_config, context, run_dir)

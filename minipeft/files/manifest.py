@@ -254,8 +254,8 @@ def forget(path) -> None:
 NOT_RECORDED = f"minipeft did not write (not in its {MARKER_NAME} record)"
 CHANGED = f"was changed after minipeft wrote it (it no longer matches its {MARKER_NAME} record)"
 SYMBOLIC_LINK = "is a symbolic link, which minipeft never writes"
-UNLISTED = (f"minipeft may have written, but its {MARKER_NAME} marker is an older minipeft's (plain text) and lists "
-            "no file, so minipeft cannot tell its own files from yours")
+UNLISTED = (f"minipeft may have written, but its {MARKER_NAME} marker is no record of its files (an older "
+            "minipeft's plain text, or edited) and lists no file, so minipeft cannot tell its own files from yours")
 
 
 def foreign_files_and_why(directory) -> list:

@@ -7,6 +7,7 @@ written, signals wait for the write to end (:meth:`StopRequest.deferred`): a sec
 first one's checkpoint is written leaves that checkpoint whole, and the run resumable from it.
 """
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -24,6 +25,8 @@ def _stop_signals() -> tuple:
 
 
 def _say(text: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every process gets the signal; one of them says so
+        return
     try:
         tqdm.write(text)
     except OSError:  # after SIGHUP the terminal may be gone: the checkpoint matters, not the message
