@@ -378,9 +378,10 @@ def test_a_weights_file_whose_header_is_not_tensors_is_one_line(header, tmp_path
 
 @pytest.mark.parametrize("encoding, fragment", [
     ("utf-16-le", "holds NUL bytes (the first at offset 1), which no text has: a UTF-16 file? save it as UTF-8"),
-    ("utf-16", "is UTF-16 text (it starts with UTF-16's byte-order mark); save it as UTF-8")])
+    ("utf-16", "is UTF-16 text (it starts with UTF-16's byte-order mark); save it as UTF-8"),
+    ("utf-32", "is UTF-32 text (it starts with UTF-32's byte-order mark); save it as UTF-8")])
 @pytest.mark.parametrize("name", ["prompts.txt", "prompts.csv", "data.json", "data.csv"])
-def test_a_utf16_file_is_refused_as_utf16_with_or_without_its_mark(name, encoding, fragment, tmp_path):
+def test_a_utf16_or_utf32_file_is_refused_as_such_with_or_without_its_mark(name, encoding, fragment, tmp_path):
     """UTF-16 without its byte-order mark was read as UTF-8 with a NUL after every letter: prompts answered, exit
     0 (round twelve); data blamed on "no 'instruction' column". With its mark: "not utf-8 text (byte 0xff)"."""
     from minipeft.core.errors import UserError
@@ -548,3 +549,16 @@ def test_under_torchrun_only_rank_0_says_a_signal_arrived(monkeypatch, capsys):
         stop._handle(signal.SIGTERM, None)
         assert stop.requested and stop.signal_number == signal.SIGTERM  # every process stops, whoever says so
         assert ("SIGTERM: finishing this step" in capsys.readouterr().out) == said
+
+
+@pytest.mark.parametrize("command", ["modify", "generate"])
+def test_a_config_whose_vocab_size_disagrees_with_the_weights_is_one_line_naming_both(command, tmp_path, capsys):
+    """``modify`` (transformers' from_pretrained for a small folder) printed transformers' ten-line load report and
+    blamed ``ignore_mismatched_sizes`` and "download it again"; generate named config.json and the weights."""
+    model = tiny_llama(tmp_path / "llama", vocab_size=100)
+    argv = (["--model", model, "--table", "none"] if command == "modify" else
+            ["--model", model, "--prompt", "hi", "--max_new_tokens", "1"])
+    code, out, err = in_process(MODIFY if command == "modify" else GENERATE, *argv, capsys=capsys)
+    one_error(code, err, "has shape", "in the weights, but config.json describes", "config.json and the weights "
+                         "disagree")
+    assert "LOAD REPORT" not in out + err and "ignore_mismatched_sizes" not in err

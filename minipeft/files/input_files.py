@@ -104,9 +104,10 @@ def read_input_bytes(path, flag: str = "") -> bytes:
 def refuse_utf16(data: bytes, path, flag: str = "") -> None:
     """Refuse UTF-16 (or UTF-32) where UTF-8 text is read: by its byte-order mark, or, without one, by the NUL
     bytes it puts beside every ASCII letter (no text minipeft reads holds a NUL; JSON cannot)."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise UserError(f"{flag_and_path(path, flag)}: is UTF-16 text (it starts with UTF-16's byte-order mark); "
-                        "save it as UTF-8")
+    for name, marks in (("UTF-32", (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")), ("UTF-16", (b"\xff\xfe", b"\xfe\xff"))):
+        if data.startswith(marks):  # (UTF-32 first: its little-endian mark begins with UTF-16's)
+            raise UserError(f"{flag_and_path(path, flag)}: is {name} text (it starts with {name}'s byte-order "
+                            "mark); save it as UTF-8")
     if (offset := data.find(b"\x00")) >= 0:
         raise UserError(f"{flag_and_path(path, flag)}: holds NUL bytes (the first at offset {offset:,}), which no "
                         "text has: a UTF-16 file? save it as UTF-8")

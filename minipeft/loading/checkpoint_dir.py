@@ -288,6 +288,17 @@ def match_names(model: nn.Module, stored: dict) -> tuple:
     return mapping, problems
 
 
+def check_shapes(model: nn.Module, stored: dict, mapping: dict) -> None:
+    """Every stored tensor has the shape ``config.json`` gives it in ``model`` (built on the meta device), read
+    from the headers before any weight is (a changed ``vocab_size``: transformers' load report, ten lines)."""
+    expected = model.state_dict()
+    for name, target in mapping.items():
+        shape = tuple(expected[target].shape) if target in expected else None
+        if shape is not None and shape != tuple(stored[name].shape):
+            raise UserError(f"--model {stored[name].file}: tensor {name} has shape {list(stored[name].shape)} in the "
+                            f"weights, but config.json describes {list(shape)}; config.json and the weights disagree")
+
+
 def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, targets: set, dtype: torch.dtype = torch.float32,
                  compute_dtype: torch.dtype = None, source: str = "--model") -> None:
     """Put one checkpoint tensor into a model built on the meta device; a weight of a layer in ``targets``
@@ -343,6 +354,7 @@ def load_checkpoint_dir(directory, quantize: str = "none", quantize_lm_head: boo
     model = build_on_meta(directory, dtype)
     mapping, problems = match_names(model, stored)
     check_no_extra_blocks(directory, model, [name for name in stored if name not in mapping])
+    check_shapes(model, stored, mapping)
     lacking = sorted({name for name, _ in model.named_parameters()} - set(mapping.values()))
     if lacking:  # from_pretrained would start them at random and say so only in a note: a model nobody trained
         raise UserError(f"--model {directory}: config.json describes {len(lacking)} parameter(s) the weights lack "

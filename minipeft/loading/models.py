@@ -258,9 +258,13 @@ def _load_pretrained(name: str, dtype):
         check_regular_files(name, "--model")  # a FIFO in a file's place would block transformers' read forever
         if not (Path(name) / "config.json").is_file():
             raise UserError(f"--model {name}: the directory has no config.json (is it a model directory?)")
-        from minipeft.loading.checkpoint_dir import build_on_meta  # (it imports this module)
+        # (imported here: checkpoint_dir imports this module)
+        from minipeft.loading.checkpoint_dir import build_on_meta, check_shapes, checkpoint_tensors, match_names
 
-        build_on_meta(Path(name), dtype)  # config.json's own mistakes named as such, before any weight is read
+        skeleton = build_on_meta(Path(name), dtype)  # config.json's own mistakes named, before any weight is read
+        stored = checkpoint_tensors(Path(name))  # (None: PyTorch .bin files, no header to read)
+        if stored is not None:  # config.json and the weights disagree: named, not transformers' load report
+            check_shapes(skeleton, stored, match_names(skeleton, stored)[0])
         try:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         except (OSError, RuntimeError, ValueError, EOFError) as error:  # a damaged pytorch_model.bin, ...

@@ -58,12 +58,18 @@ HOULSBY_TARGETS = {
     "llama": ["self_attn.o_proj", "mlp.down_proj"],
     "mistral": ["self_attn.o_proj", "mlp.down_proj"],
     "qwen2": ["self_attn.o_proj", "mlp.down_proj"],
+    "qwen3": ["self_attn.o_proj", "mlp.down_proj"],
+    "gemma": ["self_attn.o_proj", "mlp.down_proj"],
+    "gemma2": ["self_attn.o_proj", "mlp.down_proj"],
 }
 PFEIFFER_TARGETS = {
     "gpt2": ["mlp.c_proj"],
     "llama": ["mlp.down_proj"],
     "mistral": ["mlp.down_proj"],
     "qwen2": ["mlp.down_proj"],
+    "qwen3": ["mlp.down_proj"],
+    "gemma": ["mlp.down_proj"],
+    "gemma2": ["mlp.down_proj"],
 }
 
 

@@ -37,13 +37,19 @@ DEFAULT_TARGETS = {
     "gpt2": ["c_attn", "mlp.c_proj"],
     "llama": ["k_proj", "v_proj", "down_proj"],
     "mistral": ["k_proj", "v_proj", "down_proj"],
-    "qwen2": ["k_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],  # (peft's: q, not k, for these families)
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
 }
 DEFAULT_FEEDFORWARD = {
     "gpt2": ["mlp.c_proj"],
     "llama": ["down_proj"],
     "mistral": ["down_proj"],
     "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
 }
 
 

@@ -43,6 +43,9 @@ DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
     "gpt_neox": ["query_key_value"],
     "opt": ["q_proj", "v_proj"],
 }
