@@ -261,7 +261,7 @@ def test_an_older_plain_text_marker_vouches_for_no_file_and_says_how_to_proceed(
     assert is_older_marker(folder) and read_manifest(folder) == {}
     assert foreign_files_and_why(folder) == [(folder / "config.json", UNLISTED)]
     with pytest.raises(UserError, match=f"--out {folder}: holds {folder / 'config.json'}, which minipeft may have "
-                                        "written, but its .minipeft marker is an older minipeft's .*if nothing in "
+                                        "written, but its .minipeft marker is no record of its files .*if nothing in "
                                         f"{folder} is yours, delete it yourself, else choose another directory"):
         check_replaceable(folder, "--out")
     assert not is_older_marker(minipeft_folder(tmp_path / "new", {"a.json": b"{}"}))
