@@ -428,7 +428,7 @@ def test_a_sharded_runs_resume_on_one_process_names_the_runs_flag_not_the_users(
     code, _, err = train("--output_dir", run, "--resume", "latest", capsys=capsys)
     one_error(code, err, f"--resume: the run in {run} was started sharded (--sharding fsdp, from its "
                          "train_config.json); continue it under torchrun as it was started, or on one process with "
-                         "--sharding ddp")
+                         "--sharding ddp --resume_new_data")
     code, _, err = train("--output_dir", run, "--resume", "latest", "--sharding", "fsdp", capsys=capsys)
     one_error(code, err, "--sharding fsdp: start the run with torchrun")  # given: the user's flag
 
@@ -562,3 +562,58 @@ def test_a_config_whose_vocab_size_disagrees_with_the_weights_is_one_line_naming
     one_error(code, err, "has shape", "in the weights, but config.json describes", "config.json and the weights "
                          "disagree")
     assert "LOAD REPORT" not in out + err and "ignore_mismatched_sizes" not in err
+
+
+# --- round sixteen -------------------------------------------------------------------------------------------
+COMPARE = lambda argv: cli_main(["compare", *argv])  # noqa: E731
+QUICK_COMPARE = ("--methods", "lora", "--max_steps", "1", "--eval_max_batches", "1", "--generation_tokens", "2",
+                 "--speed_tokens", "2")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (("--max_records", "16", "--template", "chat"), "--template chat: the tokenizer"),
+    (("--max_records", "1"), "--max_records: 1 usable record(s); compare needs at least 2 (one to train on, one "
+                             "held out to evaluate)")])
+def test_a_compare_refused_after_reading_the_data_leaves_no_folder_to_block_the_rerun(flags, fragment, tmp_path,
+                                                                                       capsys):
+    """A compare refused once it had sampled the records left ``.minipeft`` and ``records.json``: the corrected
+    command was then refused as "holds an earlier comparison's outputs". ``--max_records 1`` blamed ``--val_size``,
+    a flag not given (and ``--val_size 1``, as advised, was refused too)."""
+    out = tmp_path / "cmp"
+    code, _, err = in_process(COMPARE, *QUICK_COMPARE, *flags, "--output_dir", out, capsys=capsys)
+    one_error(code, err, fragment)
+    assert not out.exists()
+
+
+def test_sighup_once_the_work_is_done_is_ignored_like_the_other_stop_signals():
+    """A SIGHUP after the last output killed compare and train with 129, where SIGTERM at that moment was ignored
+    (the README: a signal once the work is done and the outputs are complete changes nothing)."""
+    import signal
+
+    from minipeft.cli import ignore_late_interrupts
+
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    before = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    try:
+        ignore_late_interrupts()
+        assert all(signal.getsignal(getattr(signal, name)) is signal.SIG_IGN for name in names)
+    finally:
+        for name, handler in before.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def test_a_generation_speed_not_measured_is_not_printed_as_zero(tmp_path):
+    """A sharded run's summary said "generation 0 tokens/s" beside ``"inference_tokens_per_s": null``."""
+    from types import SimpleNamespace
+
+    from minipeft.training.report import summary_lines
+
+    state = SimpleNamespace(eval_loss=None, eval_loss_before=None, step=2, train_seconds=0.5, best_step=None)
+    summary = {"train_tokens_per_s": 3525.0, "inference_tokens_per_s": None, "peak_memory_mb": 444.0,
+               "adapter_size_bytes": 1}
+    line = next(line for line in summary_lines(summary, SimpleNamespace(state=state), "lora", 1e-3, tmp_path)
+                if line.startswith("Trained"))
+    assert "generation not measured (sharded)" in line and "0 tokens/s" not in line.replace("3,525 tokens/s", "")
+    summary["inference_tokens_per_s"] = 263.4
+    assert "generation 263 tokens/s" in summary_lines(summary, SimpleNamespace(state=state), "lora", 1e-3,
+                                                        tmp_path)[1]

@@ -52,11 +52,12 @@ def handle_signals_after_loading() -> None:
 
 
 def ignore_late_interrupts() -> None:
-    """The command's work is done and its exit status decided: a Ctrl-C or SIGTERM arriving now (a second
-    Ctrl-C just after the first's checkpoint was saved, say) changes nothing. Without this, one landing while
-    Python shuts down kills the process by the signal instead of the status the command chose."""
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, signal.SIG_IGN)
+    """The command's work is done and its exit status decided: a Ctrl-C, SIGTERM or SIGHUP arriving now (a second
+    Ctrl-C just after the first's checkpoint was saved, a terminal closed) changes nothing. Without this, one
+    landing while Python shuts down kills the process by the signal instead of the status the command chose."""
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # (no SIGHUP on Windows)
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def run(main, argv=None, leaving: bool = False) -> int:

@@ -52,10 +52,10 @@ from minipeft.data import build_dataloaders, DataConfig, load_records, resolve_d
 from minipeft.data.tokenization import encode_prompt
 from minipeft.files.atomic import make_directory
 from minipeft.files.lock import check_unlocked, OutputLock
-from minipeft.files.manifest import is_ours, mark_as_ours, marker_problem
+from minipeft.files.manifest import MARKER_NAME, is_ours, mark_as_ours, marker_problem
 from minipeft.files.safe_files import (check_apart, check_folder_to_write_into, check_not_a_part, check_ours_to_replace,
-                                       check_output_file, is_empty_directory, write_json_atomically, write_output_file,
-                                       write_text_atomically)
+                                       check_output_file, is_empty_directory, remove_our_directory,
+                                       write_json_atomically, write_output_file, write_text_atomically)
 from minipeft.inference.prompts import Prompt, resolve_template
 from minipeft.loading.models import load_model_and_tokenizer, resolve_device
 from minipeft.methods import METHODS
@@ -234,12 +234,18 @@ def main(argv=None) -> int:
     output_dir = Path(args.output_dir)
     report_path = Path(args.report) if args.report else output_dir / "report.md"
     check_outputs(args, methods, report_path)
-    new = not output_dir.exists() or is_empty_directory(output_dir)
+    created = not output_dir.exists()
+    new = created or is_empty_directory(output_dir)
     make_directory(output_dir)
     if new:
         mark_as_ours(output_dir)
-    with OutputLock(output_dir, "--output_dir"):  # one minipeft process at a time writes into output_dir
-        return compare(args, methods, learning_rates, device, output_dir, report_path, started, argv)
+    try:
+        with OutputLock(output_dir, "--output_dir"):  # one minipeft process at a time writes into output_dir
+            return compare(args, methods, learning_rates, device, output_dir, report_path, started, argv)
+    except BaseException:  # refused (or stopped) before any method ran: no folder left to block the rerun
+        if created and {path.name for path in output_dir.iterdir()} <= {MARKER_NAME, "records.json"}:
+            remove_our_directory(output_dir)
+        raise
 
 
 def compare(args, methods: list, learning_rates: dict, device, output_dir: Path, report_path: Path, started: float,
@@ -262,8 +268,13 @@ def compare(args, methods: list, learning_rates: dict, device, output_dir: Path,
     data_config = DataConfig(dataset_path=dataset_path, template=template, max_length=args.max_length,
                              batch_size=args.batch_size, seed=args.seed, val_size=args.val_size or 0.1)
     train_loader, val_loader, report = build_dataloaders(data_config, tokenizer)
+    if val_loader is None and report.records_loaded < 2:
+        raise UserError(f"{'--max_records' if args.max_records is not None else '--dataset_path'}: "
+                        f"{report.records_loaded} usable record(s); compare needs at least 2 (one to train on, one "
+                        "held out to evaluate)")
     if val_loader is None:
-        raise UserError("--val_size: no record is held out for evaluation; give --val_size N with N >= 1")
+        raise UserError(f"--val_size {args.val_size or 0.1}: holds out no record of {report.records_loaded}; give "
+                        "--val_size N with N >= 1")
     print("\n".join(report.summary_lines()))
     speed_prompt = next(iter(val_loader))["input_ids"][:1, :16].to(device)
     # the shortest held-out prompts (quick to answer on a CPU) that fit the model's positions with the answer

@@ -198,7 +198,8 @@ def check_sharded_resume(args, argv) -> None:
     if build_parser().parse_args(argv).sharding != "fsdp":  # inherited, not given
         raise UserError(f"--resume: the run in {args.output_dir} was started sharded (--sharding fsdp, from its "
                         "train_config.json); continue it under torchrun as it was started, or on one process with "
-                        "--sharding ddp (a sharded run's checkpoints are a one-process run's: docs/sharding.md)")
+                        "--sharding ddp --resume_new_data (its checkpoints are a one-process run's, but a step of "
+                        "several processes is not one process's: it goes on from the first batch; docs/sharding.md)")
 
 
 def check_needs_validation(config: TrainingConfig, data_config, why: str) -> None:

@@ -99,10 +99,11 @@ def summary_lines(summary: dict, result: TrainResult, method: str, learning_rate
                      f"({change:+.1%}); perplexity {state.eval_perplexity_before:.2f} -> {state.eval_perplexity:.2f}")
         if abs(change) < LOW_CHANGE:
             lines.append(low_change_hint(method, learning_rate))
+    speed = summary["inference_tokens_per_s"]  # None: not measured (a sharded model generates only all together)
     lines.append(f"Trained {state.step} step{'s' * (state.step != 1)} in {state.train_seconds:.1f} s "
                  f"({significant(summary['train_tokens_per_s'] or 0)} tokens/s); generation "
-                 f"{significant(summary['inference_tokens_per_s'])} tokens/s; "
-                 f"peak memory {summary['peak_memory_mb']:,.0f} MB")
+                 + ("not measured (sharded)" if speed is None else f"{significant(speed)} tokens/s")
+                 + f"; peak memory {summary['peak_memory_mb']:,.0f} MB")
     if cost_line is not None:
         lines.append(cost_line)
     lines.append(f"adapter:      {output_dir / 'adapter'}/ ({summary['adapter_size_bytes']:,} bytes)")
