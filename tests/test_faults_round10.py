@@ -617,3 +617,28 @@ def test_a_generation_speed_not_measured_is_not_printed_as_zero(tmp_path):
     summary["inference_tokens_per_s"] = 263.4
     assert "generation 263 tokens/s" in summary_lines(summary, SimpleNamespace(state=state), "lora", 1e-3,
                                                         tmp_path)[1]
+
+
+def test_another_output_inside_a_folder_is_named_as_minipefts_not_as_the_users(adapter, tmp_path, capsys):
+    """``merge --out MERGED/inner`` (kept apart inside an earlier merge's folder), then ``merge --out MERGED
+    --overwrite``: refused, rightly, but saying MERGED/inner is something "minipeft did not write"."""
+    merged = tmp_path / "merged"
+    for out in (merged, merged / "inner"):
+        code, _, err = in_process(MERGE, "--adapter", adapter, "--out", out, capsys=capsys)
+        assert code == 0, err
+    code, _, err = in_process(MERGE, "--adapter", adapter, "--out", merged, "--overwrite", capsys=capsys)
+    one_error(code, err, f"{merged / 'inner'}, which is another output minipeft wrote (it has its own .minipeft "
+                         "record), not part of this folder")
+    assert (merged / "inner" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["data", "train", "modify"])
+def test_a_mistyped_flag_points_to_the_help_of_the_command_the_user_ran(command, capsys):
+    """``python -m minipeft data --bogus`` pointed to ``python data_pipeline.py --help`` (and modify's to
+    ``modify_llm.py --help``, without python)."""
+    from minipeft.cli import CommandLineParser
+
+    with pytest.raises(SystemExit) as leaving:  # (argparse's exit: the process ends there)
+        cli_main([command, "--bogus"])
+    assert leaving.value.code == 2 and CommandLineParser.invoked_as is None  # (set for that command only)
+    assert capsys.readouterr().err.splitlines()[-1] == f"(see python -m minipeft {command} --help)"

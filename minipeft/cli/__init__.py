@@ -26,8 +26,10 @@ EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE  # 141: the reader of stdout left (``| h
 class CommandLineParser(argparse.ArgumentParser):
     """argparse, except that a usage mistake prints one ``error:`` line and where to look, not the whole usage."""
 
+    invoked_as = None  # "python -m minipeft data" when the command came through the package, not its script
+
     def error(self, message: str):
-        self.exit(EXIT_USER_ERROR, f"error: {message}\n(see {self.prog} --help)\n")
+        self.exit(EXIT_USER_ERROR, f"error: {message}\n(see {CommandLineParser.invoked_as or self.prog} --help)\n")
 
 
 # command name -> (module holding ``main(argv) -> int``, one-line help)
@@ -126,5 +128,9 @@ def main(argv=None, leaving: bool = False) -> int:
             return stdout_closed()
         return 0
     module_name, _ = COMMANDS[argv[0]]
-    # the import goes inside run(): Ctrl-C while torch and transformers load is exit 130 too, not a traceback
-    return run(lambda arguments: importlib.import_module(module_name).main(arguments), argv[1:], leaving)
+    CommandLineParser.invoked_as = f"python -m minipeft {argv[0]}"  # (the scripts' parsers are named for them)
+    try:
+        # the import goes inside run(): Ctrl-C while torch and transformers load is exit 130 too, not a traceback
+        return run(lambda arguments: importlib.import_module(module_name).main(arguments), argv[1:], leaving)
+    finally:
+        CommandLineParser.invoked_as = None

@@ -35,7 +35,7 @@ from minipeft.files.safe_files import check_apart, is_empty_directory
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandLineParser(prog="modify_llm.py", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="python modify_llm.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=path_name, default="gpt2",
                         help="gpt2 (default), smollm2-135m, builtin, a Hugging Face id or a local directory")
     add_method_arguments(parser)

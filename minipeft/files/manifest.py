@@ -296,6 +296,9 @@ def _foreign(directory: Path, manifest: dict, prefix: str, unlisted: str) -> lis
                                  "output the user named (it is not part of this folder)"))
         elif relative not in manifest and wrote_output_file(entry):
             found.append((entry, _other_output(entry)))
+        elif relative not in manifest and entry.is_dir() and is_ours(entry):  # (merge --out FOLDER/inner)
+            found.append((entry, f"is another output minipeft wrote (it has its own {MARKER_NAME} record), not part "
+                                 "of this folder"))
         elif relative not in manifest:
             found.append((entry, unlisted))
         elif not _unchanged(entry, manifest[relative]):
