@@ -642,3 +642,23 @@ def test_a_mistyped_flag_points_to_the_help_of_the_command_the_user_ran(command,
         cli_main([command, "--bogus"])
     assert leaving.value.code == 2 and CommandLineParser.invoked_as is None  # (set for that command only)
     assert capsys.readouterr().err.splitlines()[-1] == f"(see python -m minipeft {command} --help)"
+
+
+# --- round seventeen -----------------------------------------------------------------------------------------
+
+def test_a_csv_row_of_spaces_is_a_record_and_every_row_keeps_its_number(tmp_path):
+    """A row whose cells held only spaces was dropped without a word and not counted: every later row was named
+    one too low ("row 3: the instruction is empty" for row 4), and data said "Skipped 1 of 3 records"."""
+    from minipeft.core.errors import UserError
+    from minipeft.data.loading import load_records
+    from minipeft.inference.prompts import read_prompts_file
+
+    path = tmp_path / "p.csv"
+    path.write_text('instruction,input\nOne,\n,\n"   ",\n\nTwo,\n')  # rows 1-4 (row 2 empty cells; a blank line)
+    with pytest.raises(UserError, match=re.escape(f"--prompts_file {path}: row 3: the instruction is empty")):
+        read_prompts_file(path)
+    data = tmp_path / "d.csv"
+    data.write_text('instruction,output\nOne,1\n"   ",\n,,\nTwo,2\nThree,3\nFour,4\n')
+    loaded = load_records(data, max_invalid_fraction=0.5)
+    assert [record.instruction for record in loaded.records] == ["One", "Two", "Three", "Four"]
+    assert [where for where, _ in loaded.skipped] == ["row 2"]

@@ -146,7 +146,9 @@ def _read_json_lines(path: Path, text: str):
 
 
 def read_csv_rows(path: Path, text: str, separator: str, columns: tuple[str, ...]):
-    """Every cell read as text; rows numbered from 1 after the header, blank lines skipped.
+    """Every cell read as text; rows numbered from 1 after the header, blank lines skipped. A row of empty cells
+    (what spreadsheets write at the end) is skipped but counted, so that every later row keeps its number; a row
+    of cells holding only spaces is a record, which its reader refuses or skips by name.
 
     A row whose number of fields differs from the header's is a skipped record (its cells cannot be told
     apart: one comma too many would shift every later column into the wrong field), and a header that names
@@ -157,7 +159,7 @@ def read_csv_rows(path: Path, text: str, separator: str, columns: tuple[str, ...
     try:
         lines = csv.reader(io.StringIO(text, newline=""), delimiter=separator, strict=True)
         header = next(lines, [])
-        rows = [row for row in lines if any(cell.strip() for cell in row)]
+        rows = [(number, row) for number, row in enumerate((row for row in lines if row), start=1) if any(row)]
     except csv.Error as error:  # strict: a quote never closed would take the rest of the file into one cell
         raise UserError(f"{path}: not a readable CSV file (line {lines.line_num}: {error})") from None
     finally:
@@ -169,7 +171,7 @@ def read_csv_rows(path: Path, text: str, separator: str, columns: tuple[str, ...
                             f"{', '.join(map(str, places))}); rename all but one")
     return header, [(f"row {number}", dict(zip(header, row)) if len(row) == len(header) else
              Unparsable(f"has {len(row)} field{'s' * (len(row) != 1)}, the header has {len(header)}"))
-            for number, row in enumerate(rows, start=1)]
+            for number, row in rows]
 
 
 class Unparsable:
